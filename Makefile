@@ -24,6 +24,10 @@ build: ## Build the static binary bin/tether.
 test: ## Run every test with the race detector.
 	$(GO) test -race -count=1 -timeout 15m ./...
 
+.PHONY: e2e
+e2e: ## Multi-host tests on the real Docker Engine (hosts as containers; needs docker and busybox-static).
+	TETHER_E2E=1 $(GO) test -count=1 -timeout 30m -v ./e2e/... 2>&1 | tee e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok)|failover after|Error|_test.go'; test $${PIPESTATUS[0]} -eq 0
+
 .PHONY: demo
 demo: build ## Run the three-node demo: replicate a volume, kill its primary, fail over.
 	$(BIN)/tether demo
@@ -60,7 +64,7 @@ check: $(TOOLS)/staticcheck ## gofmt, go vet, staticcheck, go.mod tidiness, gene
 	@echo "check: ok"
 
 .PHONY: ci
-ci: check test demo ## What CI runs: check, tests, demo.
+ci: check test demo e2e ## What CI runs: check, tests, the demo, the Docker end-to-end tests.
 
 .PHONY: clean
 clean: ## Remove build outputs.

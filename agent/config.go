@@ -1,0 +1,176 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+
+	"github.com/tether-io/tether/cluster"
+)
+
+// Version is the agent's version, set at build time with -ldflags.
+var Version = "dev"
+
+// Default addresses (see DESIGN.md: ports).
+const (
+	DefaultGossipAddr = ":7660"
+	DefaultRPCAddr    = ":7661"
+	DefaultHTTPAddr   = "127.0.0.1:7662"
+	DefaultDataDir    = "/var/lib/tether"
+	// SocketName is the control socket's file name inside the data dir.
+	SocketName = "tether.sock"
+)
+
+// Config is what an agent needs to run.
+type Config struct {
+	NodeName string
+	DataDir  string
+	// GossipAddr and RPCAddr are bind addresses (host:port; port 0 picks
+	// one). HTTPAddr may be empty to serve no HTTP.
+	GossipAddr string
+	RPCAddr    string
+	HTTPAddr   string
+	// AdvertiseIP is the address other agents reach this one at; empty means
+	// the bind host, or when that is unspecified, this host's first
+	// non-loopback IPv4 address.
+	AdvertiseIP     string
+	Join            []string
+	BootstrapExpect int
+	Logger          *slog.Logger
+	Timing          cluster.Timing
+}
+
+var nodeNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
+
+// Validate checks the configuration and fills defaults.
+func (c *Config) Validate() error {
+	if c.NodeName == "" {
+		return errors.New("a node name is required (--node-name)")
+	}
+	if !nodeNameRE.MatchString(c.NodeName) {
+		return fmt.Errorf("node name %q is invalid: use letters, digits, '.', '_' or '-', at most 63 characters, starting with a letter or digit", c.NodeName)
+	}
+	if c.DataDir == "" {
+		c.DataDir = DefaultDataDir
+	}
+	abs, err := filepath.Abs(c.DataDir)
+	if err != nil {
+		return fmt.Errorf("data dir %q: %w", c.DataDir, err)
+	}
+	c.DataDir = abs
+	if c.GossipAddr == "" {
+		c.GossipAddr = DefaultGossipAddr
+	}
+	if c.RPCAddr == "" {
+		c.RPCAddr = DefaultRPCAddr
+	}
+	for flag, addr := range map[string]string{"--gossip-addr": c.GossipAddr, "--rpc-addr": c.RPCAddr} {
+		if err := checkHostPort(addr); err != nil {
+			return fmt.Errorf("%s %q: %w", flag, addr, err)
+		}
+	}
+	if c.HTTPAddr != "" {
+		if err := checkHostPort(c.HTTPAddr); err != nil {
+			return fmt.Errorf("--http-addr %q: %w", c.HTTPAddr, err)
+		}
+	}
+	if c.AdvertiseIP != "" && net.ParseIP(c.AdvertiseIP) == nil {
+		return fmt.Errorf("--advertise %q is not an IP address", c.AdvertiseIP)
+	}
+	if c.BootstrapExpect < 0 {
+		return fmt.Errorf("--bootstrap-expect %d: must be 0 or more", c.BootstrapExpect)
+	}
+	for _, j := range c.Join {
+		if j == "" {
+			return errors.New("--join: empty address")
+		}
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return nil
+}
+
+func checkHostPort(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("want host:port: %w", err)
+	}
+	if host != "" && net.ParseIP(host) == nil && host != "localhost" {
+		return fmt.Errorf("host %q is not an IP address", host)
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p < 0 || p > 65535 {
+		return fmt.Errorf("port %q is not a number between 0 and 65535", port)
+	}
+	return nil
+}
+
+// SocketPath is the control socket of an agent whose data dir is dataDir.
+func SocketPath(dataDir string) string {
+	return filepath.Join(dataDir, SocketName)
+}
+
+// advertiseHost picks the IP to tell peers for a bind host.
+func advertiseHost(bindHost, override string) (string, error) {
+	if override != "" {
+		return override, nil
+	}
+	if bindHost == "localhost" {
+		return "127.0.0.1", nil
+	}
+	if ip := net.ParseIP(bindHost); ip != nil && !ip.IsUnspecified() {
+		return bindHost, nil
+	}
+	if ip := defaultRouteIP(); ip != "" {
+		return ip, nil
+	}
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return "", fmt.Errorf("listing interface addresses to pick one to advertise: %w", err)
+	}
+	for _, a := range addrs {
+		ipn, ok := a.(*net.IPNet)
+		if !ok || ipn.IP.IsLoopback() || ipn.IP.To4() == nil || ipn.IP.IsLinkLocalUnicast() {
+			continue
+		}
+		return ipn.IP.String(), nil
+	}
+	return "", errors.New("no non-loopback IPv4 address to advertise: pass --advertise")
+}
+
+// defaultRouteIP is the IPv4 address of the interface that holds the default
+// route (from /proc/net/route), so that a host with docker0 or other bridges
+// advertises the address its peers can reach; "" when it cannot tell.
+func defaultRouteIP() string {
+	b, err := os.ReadFile("/proc/net/route")
+	if err != nil {
+		return ""
+	}
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) < 2 || f[1] != "00000000" {
+			continue
+		}
+		ifc, err := net.InterfaceByName(f[0])
+		if err != nil {
+			return ""
+		}
+		addrs, err := ifc.Addrs()
+		if err != nil {
+			return ""
+		}
+		for _, a := range addrs {
+			if ipn, ok := a.(*net.IPNet); ok && ipn.IP.To4() != nil && !ipn.IP.IsLoopback() {
+				return ipn.IP.String()
+			}
+		}
+	}
+	return ""
+}

@@ -1,0 +1,264 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/raft"
+)
+
+// defaultApplyTimeout bounds a Raft apply when ctx has no deadline.
+const defaultApplyTimeout = 10 * time.Second
+
+// forwardRetryDelay is how long Apply waits before asking again for a leader.
+const forwardRetryDelay = 100 * time.Millisecond
+
+// Raft roles reported in Member.RaftRole.
+const (
+	RoleLeader   = "leader"
+	RoleVoter    = "voter"
+	RoleNonvoter = "nonvoter"
+	RoleNone     = "none"
+)
+
+// IsLeader reports whether this node is the Raft leader.
+func (c *Cluster) IsLeader() bool {
+	return c.ready.Load() && c.raft.State() == raft.Leader
+}
+
+// Leader returns the leader's name and RPC address, or "" when none is known.
+func (c *Cluster) Leader() (name, rpcAddr string) {
+	if !c.ready.Load() {
+		return "", ""
+	}
+	addr, id := c.raft.LeaderWithID()
+	return string(id), string(addr)
+}
+
+// RaftState returns this node's Raft state (follower, candidate, leader,
+// shutdown) and the index of its last log entry.
+func (c *Cluster) RaftState() (state string, lastIndex uint64) {
+	if !c.ready.Load() {
+		return "none", 0
+	}
+	return strings.ToLower(c.raft.State().String()), c.raft.LastIndex()
+}
+
+// Members lists every node this one knows of, dead and left included,
+// sorted by name.
+func (c *Cluster) Members() []Member {
+	members := c.members.list()
+	roles := map[string]string{}
+	if c.ready.Load() {
+		if f := c.raft.GetConfiguration(); f.Error() == nil {
+			for _, s := range f.Configuration().Servers {
+				roles[string(s.ID)] = RoleVoter
+				if s.Suffrage != raft.Voter {
+					roles[string(s.ID)] = RoleNonvoter
+				}
+			}
+		}
+	}
+	leader, _ := c.Leader()
+	for i := range members {
+		role, ok := roles[members[i].Name]
+		switch {
+		case !ok:
+			role = RoleNone
+		case members[i].Name == leader:
+			role = RoleLeader
+		}
+		members[i].RaftRole = role
+	}
+	return members
+}
+
+// Volumes returns this node's copy of the catalog, sorted by name, with
+// State computed from membership.
+func (c *Cluster) Volumes() []Volume {
+	vols := c.fsm.list()
+	health, _ := c.members.health()
+	for i := range vols {
+		vols[i].State = VolumeState(vols[i], health)
+	}
+	return vols
+}
+
+// Volume returns one volume from this node's copy of the catalog.
+func (c *Cluster) Volume(name string) (Volume, bool) {
+	v, ok := c.fsm.get(name)
+	if !ok {
+		return Volume{}, false
+	}
+	health, _ := c.members.health()
+	v.State = VolumeState(v, health)
+	return v, true
+}
+
+// Apply runs cmd through Raft: directly on the leader, otherwise through
+// Config.Forward. While no leader is known (or the one asked is no longer
+// leader) it retries until ctx ends. A refusal by the catalog is returned
+// as the error, with the index it was refused at.
+func (c *Cluster) Apply(ctx context.Context, cmd Command) (uint64, error) {
+	b, err := Encode(cmd)
+	if err != nil {
+		return 0, err
+	}
+	if !c.ready.Load() {
+		return 0, fmt.Errorf("%w: not started", ErrShutdown)
+	}
+	for {
+		idx, retry, err := c.applyOnce(ctx, b)
+		if !retry {
+			if err == nil {
+				// Read your writes: a caller that reads the catalog of this
+				// node next must see its own change.
+				err = c.waitApplied(ctx, idx)
+			}
+			return idx, err
+		}
+		select {
+		case <-ctx.Done():
+			return 0, fmt.Errorf("cluster: applying catalog change: %w (gave up: %w)", err, ctx.Err())
+		case <-c.ctx.Done():
+			return 0, ErrShutdown
+		case <-time.After(forwardRetryDelay):
+		}
+	}
+}
+
+// waitApplied waits until this node's catalog has applied index idx.
+func (c *Cluster) waitApplied(ctx context.Context, idx uint64) error {
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for c.fsm.appliedIndex() < idx {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("cluster: change committed at index %d but not yet applied on this node: %w", idx, ctx.Err())
+		case <-c.ctx.Done():
+			return ErrShutdown
+		case <-t.C:
+		}
+	}
+	return nil
+}
+
+// applyOnce tries once; retry is set when no leader took the command.
+func (c *Cluster) applyOnce(ctx context.Context, b []byte) (idx uint64, retry bool, err error) {
+	if c.IsLeader() {
+		idx, err = c.raftApply(ctx, b)
+		return idx, errors.Is(err, ErrNotLeader), err
+	}
+	name, addr := c.Leader()
+	if addr == "" || name == c.cfg.NodeName {
+		return 0, true, ErrNoLeader
+	}
+	if c.cfg.Forward == nil {
+		return 0, false, fmt.Errorf("%w: %s leads and this node has no way to forward", ErrNotLeader, name)
+	}
+	idx, err = c.cfg.Forward(ctx, addr, b)
+	return idx, errors.Is(err, ErrNotLeader) || errors.Is(err, ErrNoLeader), err
+}
+
+// ApplyEncoded is the leader's side of Forward: it applies an encoded
+// command, or returns ErrNotLeader on any other node.
+func (c *Cluster) ApplyEncoded(ctx context.Context, b []byte) (uint64, error) {
+	if !c.IsLeader() {
+		return 0, ErrNotLeader
+	}
+	if _, err := Decode(b); err != nil {
+		return 0, err
+	}
+	return c.raftApply(ctx, b)
+}
+
+// applyLocal applies cmd on this node, which must be the leader.
+func (c *Cluster) applyLocal(cmd Command) (uint64, error) {
+	b, err := Encode(cmd)
+	if err != nil {
+		return 0, err
+	}
+	return c.raftApply(context.Background(), b)
+}
+
+// raftApply appends b to the Raft log and waits for the FSM's answer.
+func (c *Cluster) raftApply(ctx context.Context, b []byte) (uint64, error) {
+	timeout := defaultApplyTimeout
+	if d, ok := ctx.Deadline(); ok {
+		timeout = max(time.Until(d), time.Millisecond)
+	}
+	f := c.raft.Apply(b, timeout)
+	if err := f.Error(); err != nil {
+		if errors.Is(err, raft.ErrNotLeader) || errors.Is(err, raft.ErrLeadershipTransferInProgress) {
+			return 0, fmt.Errorf("%w: %w", ErrNotLeader, err)
+		}
+		if errors.Is(err, raft.ErrRaftShutdown) {
+			return 0, ErrShutdown
+		}
+		return 0, fmt.Errorf("cluster: committing catalog change: %w", err)
+	}
+	if err, ok := f.Response().(error); ok && err != nil {
+		return f.Index(), err
+	}
+	return f.Index(), nil
+}
+
+// CreateVolume places a new volume among the alive members (this node
+// preferred as primary) and adds it to the catalog in epoch 1.
+func (c *Cluster) CreateVolume(ctx context.Context, name string, replicas int) (Volume, error) {
+	if err := ValidateName(name); err != nil {
+		return Volume{}, err
+	}
+	if err := ValidateReplicas(replicas); err != nil {
+		return Volume{}, err
+	}
+	if _, ok := c.fsm.get(name); ok {
+		return Volume{}, fmt.Errorf("%w: %q", ErrVolumeExists, name)
+	}
+	alive, _ := c.members.alive()
+	primary, others, err := Place(c.cfg.NodeName, alive, c.load(), replicas)
+	if err != nil {
+		return Volume{}, fmt.Errorf("cluster: placing volume %q: %w", name, err)
+	}
+	v := Volume{
+		Name:         name,
+		Replicas:     replicas,
+		Primary:      primary,
+		ReplicaNodes: others,
+		Epoch:        1,
+		CreatedAt:    time.Now().UTC(),
+	}
+	if _, err := c.Apply(ctx, CreateVolume{Volume: v}); err != nil {
+		return Volume{}, err
+	}
+	v.Progress = map[string]Progress{}
+	health, _ := c.members.health()
+	v.State = VolumeState(v, health)
+	return v, nil
+}
+
+// load counts the volumes each node holds a copy of.
+func (c *Cluster) load() map[string]int {
+	load := map[string]int{}
+	for _, v := range c.fsm.list() {
+		load[v.Primary]++
+		for _, r := range v.ReplicaNodes {
+			load[r]++
+		}
+	}
+	return load
+}
+
+// ReportProgress records that node holds batch (epoch, seq), cut at cut,
+// of volume durably.
+func (c *Cluster) ReportProgress(ctx context.Context, volume, node string, epoch, seq uint64, cut time.Time) error {
+	var cutNano int64
+	if !cut.IsZero() {
+		cutNano = cut.UnixNano()
+	}
+	_, err := c.Apply(ctx, UpdateProgress{Name: volume, Node: node, Epoch: epoch, Seq: seq, CutUnixNano: cutNano})
+	return err
+}

@@ -1,0 +1,337 @@
+package cluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+)
+
+// DefaultGossipPort is used for Join addresses given without a port.
+const DefaultGossipPort = 7660
+
+// Config configures a Cluster.
+type Config struct {
+	NodeName string
+	// DataDir holds the Raft state, in DataDir/raft (raft-boltdb log and
+	// stable store, file snapshots).
+	DataDir string
+	// GossipBind is the host:port memberlist binds; port 0 picks one.
+	GossipBind string
+	// GossipAdvertise is the host:port others reach our gossip at; by
+	// default the bind address (a non-loopback IP when binding 0.0.0.0).
+	GossipAdvertise string
+	// RPCAdvertise is the host:port of our RPC listener (gRPC and Raft);
+	// it goes into the memberlist node meta and is our Raft address.
+	RPCAdvertise string
+	// Join lists other agents' gossip addresses (host[:port], default port
+	// 7660). Joining is retried in the background until one answers.
+	Join []string
+	// BootstrapExpect forms Raft once this many servers are alive (see the
+	// package comment); 0 never bootstraps and waits to be added.
+	BootstrapExpect int
+	RaftLayer       raft.StreamLayer
+	// Forward runs an encoded command on the leader at leaderRPCAddr (the
+	// agent does it over gRPC Peer.Apply). It should return an error
+	// wrapping ErrNotLeader when that node is no longer the leader (so
+	// Apply retries), and the leader's refusal rebuilt with ParseError.
+	Forward func(ctx context.Context, leaderRPCAddr string, cmd []byte) (index uint64, err error)
+	Version string
+	Logger  *slog.Logger
+	Timing  Timing
+}
+
+// Timing holds the failure-detection and consensus timings; zero fields
+// take the defaults.
+type Timing struct {
+	ProbeInterval     time.Duration // memberlist, default 500ms
+	ProbeTimeout      time.Duration // memberlist, default 200ms
+	SuspicionMult     int           // memberlist, default 3
+	GossipInterval    time.Duration // memberlist, default 100ms
+	RaftHeartbeat     time.Duration // default 1s
+	RaftElection      time.Duration // default 1s
+	RaftLeaderLease   time.Duration // default 500ms
+	FailoverGrace     time.Duration // default 0: fail over as soon as the primary is dead
+	ReconcileInterval time.Duration // default 1s
+}
+
+func (t Timing) withDefaults() Timing {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&t.ProbeInterval, 500*time.Millisecond)
+	def(&t.ProbeTimeout, 200*time.Millisecond)
+	def(&t.GossipInterval, 100*time.Millisecond)
+	def(&t.RaftHeartbeat, time.Second)
+	def(&t.RaftElection, time.Second)
+	def(&t.RaftLeaderLease, 500*time.Millisecond)
+	def(&t.ReconcileInterval, time.Second)
+	if t.SuspicionMult <= 0 {
+		t.SuspicionMult = 3
+	}
+	if t.FailoverGrace < 0 {
+		t.FailoverGrace = 0
+	}
+	return t
+}
+
+// Cluster is one node's view of and part in the control plane.
+type Cluster struct {
+	cfg    Config
+	timing Timing
+	logger *slog.Logger
+	fsm    *fsm
+
+	changes     chan struct{}
+	bootstrapCh chan struct{}
+	reconcileCh chan struct{}
+	raftNotify  chan bool
+
+	members *membership
+
+	// gossipMu orders our own gossip announcements (meta updates, leave);
+	// left is set once we have left, after which we announce nothing.
+	gossipMu sync.Mutex
+	left     bool
+
+	// Set by Start, which then sets ready; read them only after ready.
+	ready      atomic.Bool
+	ml         *memberlist.Memberlist
+	raft       *raft.Raft
+	transport  *raft.NetworkTransport
+	store      *raftboltdb.BoltStore
+	gossipAddr string
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	lifeMu   sync.Mutex
+	started  bool
+	shutdown bool
+}
+
+// New checks cfg and builds a Cluster; Start runs it.
+func New(cfg Config) (*Cluster, error) {
+	switch {
+	case cfg.NodeName == "":
+		return nil, errors.New("cluster: node name is required")
+	case cfg.DataDir == "":
+		return nil, errors.New("cluster: data directory is required")
+	case cfg.RPCAdvertise == "":
+		return nil, errors.New("cluster: rpc advertise address is required")
+	case cfg.RaftLayer == nil:
+		return nil, errors.New("cluster: raft stream layer is required")
+	case cfg.BootstrapExpect < 0:
+		return nil, fmt.Errorf("cluster: bootstrap-expect %d is negative", cfg.BootstrapExpect)
+	}
+	if _, _, err := net.SplitHostPort(cfg.RPCAdvertise); err != nil {
+		return nil, fmt.Errorf("cluster: rpc advertise address %q: %w", cfg.RPCAdvertise, err)
+	}
+	if cfg.GossipBind == "" {
+		cfg.GossipBind = fmt.Sprintf("0.0.0.0:%d", DefaultGossipPort)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	logger := cfg.Logger
+	c := &Cluster{
+		cfg:         cfg,
+		timing:      cfg.Timing.withDefaults(),
+		logger:      logger,
+		changes:     make(chan struct{}, 1),
+		bootstrapCh: make(chan struct{}, 1),
+		reconcileCh: make(chan struct{}, 1),
+		raftNotify:  make(chan bool, 16),
+	}
+	c.ctx, c.cancel = context.WithCancel(context.Background())
+	c.fsm = newFSM(logger.With("component", "fsm"), func() { notify(c.changes) })
+	c.members = newMembership(cfg.NodeName, func() {
+		notify(c.changes)
+		notify(c.bootstrapCh)
+		notify(c.reconcileCh)
+	})
+	return c, nil
+}
+
+// notify signals ch without blocking; signals coalesce.
+func notify(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// Start creates the Raft node and the memberlist, and starts joining,
+// bootstrapping and the leadership monitor in the background. They run
+// until Shutdown (ctx only bounds the background join retries).
+func (c *Cluster) Start(ctx context.Context) error {
+	c.lifeMu.Lock()
+	defer c.lifeMu.Unlock()
+	if c.started || c.shutdown {
+		return errors.New("cluster: Start called twice or after Shutdown")
+	}
+	hasState, err := c.setupRaft()
+	if err != nil {
+		return err
+	}
+	if err := c.setupMemberlist(hasState); err != nil {
+		c.stopRaft()
+		return err
+	}
+	c.started = true
+	c.ready.Store(true)
+	c.goRun(c.monitorLeadership)
+	if len(c.cfg.Join) > 0 {
+		c.goRun(func() { c.joinLoop(ctx) })
+	}
+	if !hasState {
+		c.goRun(c.formLoop)
+	}
+	c.logger.Info("cluster started", "gossip", c.gossipAddr, "rpc", c.cfg.RPCAdvertise, "existing_raft_state", hasState)
+	return nil
+}
+
+func (c *Cluster) goRun(f func()) {
+	c.wg.Add(1)
+	go func() {
+		defer c.wg.Done()
+		f()
+	}()
+}
+
+// setupRaft opens the stores and starts the Raft node.
+func (c *Cluster) setupRaft() (hasState bool, err error) {
+	dir := filepath.Join(c.cfg.DataDir, "raft")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return false, fmt.Errorf("cluster: creating raft directory: %w", err)
+	}
+	hl := newHCLog(c.logger, "raft")
+	store, err := raftboltdb.NewBoltStore(filepath.Join(dir, "raft.db"))
+	if err != nil {
+		return false, fmt.Errorf("cluster: opening raft store in %s: %w", dir, err)
+	}
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(dir, 2, hl.Named("snapshot"))
+	if err != nil {
+		_ = store.Close()
+		return false, fmt.Errorf("cluster: opening raft snapshots in %s: %w", dir, err)
+	}
+	hasState, err = raft.HasExistingState(store, store, snaps)
+	if err != nil {
+		_ = store.Close()
+		return false, fmt.Errorf("cluster: reading raft state: %w", err)
+	}
+	logs, err := raft.NewLogCache(512, store)
+	if err != nil {
+		_ = store.Close()
+		return false, fmt.Errorf("cluster: raft log cache: %w", err)
+	}
+	transport := raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
+		Stream:  c.cfg.RaftLayer,
+		MaxPool: 3,
+		Timeout: 10 * time.Second,
+		Logger:  hl.Named("net"),
+	})
+	conf := raft.DefaultConfig()
+	conf.LocalID = raft.ServerID(c.cfg.NodeName)
+	conf.HeartbeatTimeout = c.timing.RaftHeartbeat
+	conf.ElectionTimeout = c.timing.RaftElection
+	conf.LeaderLeaseTimeout = c.timing.RaftLeaderLease
+	conf.NotifyCh = c.raftNotify
+	conf.Logger = hl
+	r, err := raft.NewRaft(conf, c.fsm, logs, store, snaps, transport)
+	if err != nil {
+		_ = transport.Close()
+		_ = store.Close()
+		return false, fmt.Errorf("cluster: starting raft: %w", err)
+	}
+	c.raft, c.transport, c.store = r, transport, store
+	return hasState, nil
+}
+
+// stopRaft shuts Raft down and closes its transport and store.
+func (c *Cluster) stopRaft() {
+	if err := c.raft.Shutdown().Error(); err != nil {
+		c.logger.Warn("raft shutdown failed", "error", err)
+	}
+	_ = c.transport.Close()
+	if err := c.store.Close(); err != nil {
+		c.logger.Warn("closing raft store failed", "error", err)
+	}
+}
+
+// Shutdown stops the node. With leave, it first tells the cluster it is
+// leaving (members see it as left, not dead) and hands off Raft
+// leadership; without, it just stops, as a crash would. It waits for all
+// goroutines.
+func (c *Cluster) Shutdown(leave bool) error {
+	c.lifeMu.Lock()
+	defer c.lifeMu.Unlock()
+	if c.shutdown {
+		return nil
+	}
+	c.shutdown = true
+	if !c.started {
+		c.cancel()
+		return nil
+	}
+	if leave {
+		c.leave()
+	}
+	c.cancel()
+	c.stopRaft()
+	c.wg.Wait()
+	var errs []error
+	if err := c.ml.Shutdown(); err != nil {
+		errs = append(errs, fmt.Errorf("cluster: stopping memberlist: %w", err))
+	}
+	c.logger.Info("cluster stopped", "left", leave)
+	return errors.Join(errs...)
+}
+
+// leave announces a graceful departure.
+func (c *Cluster) leave() {
+	const timeout = 3 * time.Second
+	c.gossipMu.Lock()
+	defer c.gossipMu.Unlock()
+	c.left = true
+	c.members.setLeaving()
+	if err := c.ml.UpdateNode(timeout); err != nil {
+		c.logger.Warn("announcing leave failed", "error", err)
+	}
+	if c.IsLeader() {
+		if err := c.raft.LeadershipTransfer().Error(); err != nil {
+			c.logger.Warn("handing off raft leadership failed", "error", err)
+		}
+	}
+	if err := c.ml.Leave(timeout); err != nil {
+		c.logger.Warn("leaving the gossip cluster failed", "error", err)
+	}
+}
+
+// NodeName is this node's name (its Raft server ID).
+func (c *Cluster) NodeName() string { return c.cfg.NodeName }
+
+// GossipAddr is the host:port other members reach our gossip at.
+func (c *Cluster) GossipAddr() string {
+	if !c.ready.Load() {
+		return ""
+	}
+	return c.gossipAddr
+}
+
+// Changes receives a signal (coalesced) after every catalog change and
+// every membership change.
+func (c *Cluster) Changes() <-chan struct{} { return c.changes }

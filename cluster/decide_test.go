@@ -1,0 +1,160 @@
+package cluster
+
+import (
+	"errors"
+	"reflect"
+	"testing"
+	"time"
+)
+
+func TestPlace(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		local       string
+		alive       []string
+		load        map[string]int
+		n           int
+		wantPrimary string
+		wantReplica []string
+		wantErr     error
+	}{
+		{"local preferred", "b", []string{"a", "b", "c"}, nil, 3, "b", []string{"a", "c"}, nil},
+		{"single copy", "c", []string{"a", "b", "c"}, nil, 1, "c", nil, nil},
+		{"least loaded replicas", "a", []string{"a", "b", "c", "d"}, map[string]int{"b": 5, "c": 1, "d": 0}, 3, "a", []string{"d", "c"}, nil},
+		{"local not alive: least loaded primary", "z", []string{"a", "b", "c"}, map[string]int{"a": 2, "b": 1, "c": 1}, 2, "b", []string{"c"}, nil},
+		{"local loaded still primary", "a", []string{"a", "b"}, map[string]int{"a": 9}, 2, "a", []string{"b"}, nil},
+		{"duplicates ignored", "a", []string{"a", "a", "b"}, nil, 2, "a", []string{"b"}, nil},
+		{"too few alive", "a", []string{"a", "b"}, nil, 3, "", nil, ErrNotEnoughNodes},
+		{"duplicates do not count", "a", []string{"a", "a", "a"}, nil, 2, "", nil, ErrNotEnoughNodes},
+		{"zero replicas", "a", []string{"a"}, nil, 0, "", nil, ErrInvalidReplicas},
+		{"too many replicas", "a", []string{"a", "b", "c", "d", "e", "f", "g", "h"}, nil, 8, "", nil, ErrInvalidReplicas},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p, r, err := Place(tc.local, tc.alive, tc.load, tc.n)
+			if !errors.Is(err, tc.wantErr) {
+				t.Fatalf("error = %v, want %v", err, tc.wantErr)
+			}
+			if p != tc.wantPrimary || !reflect.DeepEqual(r, tc.wantReplica) {
+				t.Fatalf("Place = %q %q, want %q %q", p, r, tc.wantPrimary, tc.wantReplica)
+			}
+		})
+	}
+}
+
+func TestChooseFailover(t *testing.T) {
+	prog := func(pairs ...any) map[string]Progress {
+		m := map[string]Progress{}
+		for i := 0; i < len(pairs); i += 3 {
+			m[pairs[i].(string)] = Progress{Epoch: uint64(pairs[i+1].(int)), Seq: uint64(pairs[i+2].(int))}
+		}
+		return m
+	}
+	base := Volume{Name: "db", Replicas: 3, Primary: "a", ReplicaNodes: []string{"b", "c"}, Epoch: 4}
+	with := func(p map[string]Progress) Volume { v := base.clone(); v.Progress = p; return v }
+	alive := map[string]string{"a": HealthDead, "b": HealthAlive, "c": HealthAlive}
+	for _, tc := range []struct {
+		name   string
+		v      Volume
+		health map[string]string
+		want   string // new primary, "" for none
+	}{
+		{"primary alive", base, map[string]string{"a": HealthAlive, "b": HealthAlive, "c": HealthAlive}, ""},
+		{"primary suspect", base, map[string]string{"a": HealthSuspect, "b": HealthAlive, "c": HealthAlive}, ""},
+		{"primary unknown", base, map[string]string{"b": HealthAlive, "c": HealthAlive}, ""},
+		{"tie goes to smaller name", base, alive, "b"},
+		{"higher seq wins", with(prog("b", 4, 3, "c", 4, 9)), alive, "c"},
+		{"higher epoch beats seq", with(prog("b", 4, 1, "c", 3, 99)), alive, "b"},
+		{"equal progress smaller name", with(prog("b", 4, 2, "c", 4, 2)), alive, "b"},
+		{"only alive replicas", with(prog("b", 4, 9)), map[string]string{"a": HealthLeft, "b": HealthDead, "c": HealthAlive}, "c"},
+		{"suspect replica skipped", base, map[string]string{"a": HealthDead, "b": HealthSuspect, "c": HealthAlive}, "c"},
+		{"no live replica", base, map[string]string{"a": HealthDead, "b": HealthDead, "c": HealthLeft}, ""},
+		{"single copy volume", Volume{Name: "x", Replicas: 1, Primary: "a", Epoch: 1}, alive, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cmd, ok := ChooseFailover(tc.v, tc.health)
+			if tc.want == "" {
+				if ok {
+					t.Fatalf("unexpected failover %+v", cmd)
+				}
+				return
+			}
+			if !ok || cmd.Primary != tc.want {
+				t.Fatalf("ChooseFailover = %+v %v, want primary %q", cmd, ok, tc.want)
+			}
+			if cmd.Epoch != tc.v.Epoch+1 || cmd.ExpectEpoch != tc.v.Epoch || cmd.Name != tc.v.Name {
+				t.Fatalf("epochs/name wrong: %+v", cmd)
+			}
+			var wantReplicas []string
+			for _, r := range tc.v.ReplicaNodes {
+				if r != tc.want {
+					wantReplicas = append(wantReplicas, r)
+				}
+			}
+			wantReplicas = append(wantReplicas, tc.v.Primary)
+			if !reflect.DeepEqual(cmd.ReplicaNodes, wantReplicas) {
+				t.Fatalf("replicas = %q, want %q (old primary last)", cmd.ReplicaNodes, wantReplicas)
+			}
+		})
+	}
+}
+
+func TestFailoversGrace(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 0, 10, 0, time.UTC)
+	vols := []Volume{
+		{Name: "a", Primary: "n1", ReplicaNodes: []string{"n2"}, Epoch: 1},
+		{Name: "b", Primary: "n2", ReplicaNodes: []string{"n1"}, Epoch: 1},
+		{Name: "c", Primary: "n3", ReplicaNodes: []string{"n2"}, Epoch: 7},
+	}
+	health := map[string]string{"n1": HealthDead, "n2": HealthAlive, "n3": HealthLeft}
+	since := map[string]time.Time{"n1": now.Add(-10 * time.Second), "n3": now.Add(-time.Second)}
+	names := func(cmds []SetPrimary) []string {
+		var out []string
+		for _, c := range cmds {
+			out = append(out, c.Name)
+		}
+		return out
+	}
+	if got := names(Failovers(vols, health, since, now, 0)); !reflect.DeepEqual(got, []string{"a", "c"}) {
+		t.Fatalf("no grace: %q", got)
+	}
+	if got := names(Failovers(vols, health, since, now, 5*time.Second)); !reflect.DeepEqual(got, []string{"a"}) {
+		t.Fatalf("5s grace: %q", got)
+	}
+	if got := names(Failovers(vols, health, since, now, time.Minute)); got != nil {
+		t.Fatalf("1m grace: %q", got)
+	}
+}
+
+func TestVolumeState(t *testing.T) {
+	v := Volume{Primary: "a", ReplicaNodes: []string{"b", "c"}}
+	for _, tc := range []struct {
+		health map[string]string
+		want   string
+	}{
+		{map[string]string{"a": HealthAlive, "b": HealthAlive, "c": HealthAlive}, StateHealthy},
+		{map[string]string{"a": HealthAlive, "b": HealthAlive, "c": HealthDead}, StateDegraded},
+		{map[string]string{"a": HealthAlive, "b": HealthAlive}, StateDegraded},
+		{map[string]string{"a": HealthSuspect, "b": HealthAlive, "c": HealthAlive}, StateDegraded},
+		{map[string]string{"a": HealthDead, "b": HealthAlive, "c": HealthAlive}, StateNoPrimary},
+		{map[string]string{"a": HealthLeft, "b": HealthAlive, "c": HealthAlive}, StateNoPrimary},
+	} {
+		if got := VolumeState(v, tc.health); got != tc.want {
+			t.Errorf("VolumeState(%v) = %s, want %s", tc.health, got, tc.want)
+		}
+	}
+}
+
+func TestValidateName(t *testing.T) {
+	long := "a"
+	for len(long) < 128 {
+		long += "b"
+	}
+	for name, ok := range map[string]bool{
+		"db": true, "A.b_c-9": true, "9": true, long: true, long + "c": false,
+		"": false, "-x": false, ".x": false, "_x": false, "a/b": false, "a b": false, "ä": false,
+	} {
+		if err := ValidateName(name); (err == nil) != ok {
+			t.Errorf("ValidateName(%q) = %v, want ok=%v", name, err, ok)
+		}
+	}
+}

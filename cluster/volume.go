@@ -1,0 +1,100 @@
+package cluster
+
+import (
+	"fmt"
+	"maps"
+	"regexp"
+	"slices"
+	"time"
+)
+
+// Volume states, computed from membership (never stored).
+const (
+	StateHealthy   = "healthy"
+	StateDegraded  = "degraded"
+	StateNoPrimary = "no-primary"
+)
+
+// MaxReplicas bounds Volume.Replicas (which counts the primary).
+const MaxReplicas = 7
+
+// Volume is the catalog's record of a volume.
+type Volume struct {
+	Name string `json:"name"`
+	// Replicas counts every copy, the primary's included.
+	Replicas int    `json:"replicas"`
+	Primary  string `json:"primary"`
+	// ReplicaNodes are the nodes holding a copy, the primary excluded.
+	ReplicaNodes []string  `json:"replica_nodes"`
+	Epoch        uint64    `json:"epoch"`
+	CreatedAt    time.Time `json:"created_at"`
+	// State is healthy, degraded or no-primary; filled by Cluster from
+	// membership, empty in the FSM.
+	State string `json:"state,omitempty"`
+	// Progress is the last durable batch per node, as reported.
+	Progress map[string]Progress `json:"progress,omitempty"`
+}
+
+// Progress is the last batch a node holds durably.
+type Progress struct {
+	Epoch uint64    `json:"epoch"`
+	Seq   uint64    `json:"seq"`
+	Cut   time.Time `json:"cut"`
+}
+
+// after reports whether p is strictly ahead of q in (Epoch, Seq).
+func (p Progress) after(q Progress) bool {
+	if p.Epoch != q.Epoch {
+		return p.Epoch > q.Epoch
+	}
+	return p.Seq > q.Seq
+}
+
+// clone returns a deep copy of v.
+func (v Volume) clone() Volume {
+	v.ReplicaNodes = slices.Clone(v.ReplicaNodes)
+	if v.Progress != nil {
+		v.Progress = maps.Clone(v.Progress)
+	}
+	return v
+}
+
+// participant reports whether node is the primary or a replica of v.
+func (v Volume) participant(node string) bool {
+	return v.Primary == node || slices.Contains(v.ReplicaNodes, node)
+}
+
+var volumeNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
+
+// ValidateName checks a volume name: a letter or digit, then up to 127
+// letters, digits, '_', '.' or '-'.
+func ValidateName(name string) error {
+	if !volumeNameRE.MatchString(name) {
+		return fmt.Errorf("%w: %q (want a letter or digit, then up to 127 of [A-Za-z0-9_.-])", ErrInvalidName, name)
+	}
+	return nil
+}
+
+// ValidateReplicas checks a replica count (primary included).
+func ValidateReplicas(n int) error {
+	if n < 1 || n > MaxReplicas {
+		return fmt.Errorf("%w: %d (want 1 to %d, the primary included)", ErrInvalidReplicas, n, MaxReplicas)
+	}
+	return nil
+}
+
+// validateNodes checks that primary is set and the replica list has no
+// duplicates, no empty names and not the primary.
+func validateNodes(primary string, replicas []string) error {
+	if primary == "" {
+		return fmt.Errorf("%w: empty primary", ErrInvalidCommand)
+	}
+	seen := map[string]bool{primary: true}
+	for _, r := range replicas {
+		if r == "" || seen[r] {
+			return fmt.Errorf("%w: replica list %q repeats a node, names the primary %q or has an empty name", ErrInvalidCommand, replicas, primary)
+		}
+		seen[r] = true
+	}
+	return nil
+}

@@ -1,0 +1,80 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/tether-io/tether/agent"
+)
+
+func newAgentCmd(g *globals) *cobra.Command {
+	cfg := agent.Config{}
+	var logLevel, logFormat string
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Run the tether agent on this host",
+		Long: `Run the tether agent: join the cluster, serve the volumes this host holds and
+replicate them. Run one on every Docker host.
+
+Example, on each of three hosts:
+  tether agent --node-name h1 --join 10.0.0.11 --join 10.0.0.12 --bootstrap-expect 3`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			logger, err := newLogger(logLevel, logFormat)
+			if err != nil {
+				return err
+			}
+			cfg.DataDir = g.dataDir
+			cfg.Logger = logger
+			if cfg.NodeName == "" {
+				h, err := os.Hostname()
+				if err != nil {
+					return fmt.Errorf("no --node-name and no hostname: %w", err)
+				}
+				cfg.NodeName = h
+			}
+			a, err := agent.New(cfg)
+			if err != nil {
+				return err
+			}
+			if err := a.Start(cmd.Context()); err != nil {
+				return err
+			}
+			<-cmd.Context().Done()
+			logger.Info("signal received, leaving the cluster")
+			a.Shutdown()
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.NodeName, "node-name", "", "this node's unique name (default: the hostname)")
+	f.StringVar(&cfg.GossipAddr, "gossip-addr", agent.DefaultGossipAddr, "gossip (memberlist) bind address, TCP and UDP")
+	f.StringVar(&cfg.RPCAddr, "rpc-addr", agent.DefaultRPCAddr, "RPC bind address (gRPC and Raft)")
+	f.StringVar(&cfg.HTTPAddr, "http-addr", agent.DefaultHTTPAddr, "HTTP address for /healthz and /v1/status (empty: off)")
+	f.StringVar(&cfg.AdvertiseIP, "advertise", "", "IP address other agents reach this one at (default: the bind address, or the default route's)")
+	f.StringSliceVar(&cfg.Join, "join", nil, "gossip address HOST[:PORT] of another agent (repeatable)")
+	f.IntVar(&cfg.BootstrapExpect, "bootstrap-expect", 0, "form the Raft cluster once this many agents have joined (the first agents; 0 = join an existing cluster)")
+	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&logFormat, "log-format", "text", "text or json")
+	return cmd
+}
+
+func newLogger(level, format string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(strings.ToUpper(level))); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	default:
+		return nil, fmt.Errorf("--log-format %q: want text or json", format)
+	}
+}

@@ -1,0 +1,85 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/tether-io/tether/proto/tetherpb"
+)
+
+func newMembersCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "members",
+		Short: "List the cluster's members with their health and Raft role",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.client(cmd, func(ctx context.Context, c tetherpb.ControlClient) error {
+				resp, err := c.Members(ctx, &tetherpb.MembersRequest{})
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(stdout(cmd), resp)
+				}
+				w := table(stdout(cmd))
+				fmt.Fprintln(w, "NAME\tGOSSIP\tRPC\tHEALTH\tRAFT\tVERSION")
+				for _, m := range resp.Members {
+					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, m.GossipAddr, m.RpcAddr, m.Health, m.RaftRole, m.Version)
+				}
+				return w.Flush()
+			})
+		},
+	}
+}
+
+func newStatusCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "status",
+		Short: "Show this agent's state: Raft, and the volumes it serves",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.client(cmd, func(ctx context.Context, c tetherpb.ControlClient) error {
+				resp, err := c.Status(ctx, &tetherpb.StatusRequest{})
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(stdout(cmd), resp)
+				}
+				w := table(stdout(cmd))
+				leader := resp.Leader
+				if leader == "" {
+					leader = "(none known)"
+				}
+				fmt.Fprintf(w, "Node:\t%s\n", resp.Node)
+				fmt.Fprintf(w, "Version:\t%s\n", resp.Version)
+				fmt.Fprintf(w, "Data dir:\t%s\n", resp.DataDir)
+				fmt.Fprintf(w, "Raft:\t%s, last index %d, leader %s\n", resp.RaftState, resp.RaftLastIndex, leader)
+				fmt.Fprintf(w, "Replica of:\t%s\n", orNone(strings.Join(resp.ReplicaOf, ", ")))
+				if len(resp.PrimaryOf) == 0 {
+					fmt.Fprintf(w, "Primary of:\t(none)\n")
+				}
+				if err := w.Flush(); err != nil {
+					return err
+				}
+				for _, vs := range resp.PrimaryOf {
+					fmt.Fprintf(stdout(cmd), "\nPrimary of %s (epoch %d, batch %d):\n", vs.Name, vs.Epoch, vs.Seq)
+					if err := printReplicaTable(stdout(cmd), vs); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+		},
+	}
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "(none)"
+	}
+	return s
+}

@@ -1,0 +1,162 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tether-io/tether/internal/testutil"
+	"github.com/tether-io/tether/proto/tetherpb"
+	"github.com/tether-io/tether/replication"
+)
+
+const workload = `
+mkdir -p /var/lib/tether/volumes/vol/data/%[1]s/sub/deeper
+for i in 1 2 3 4 5; do echo "row $i of %[1]s" > /var/lib/tether/volumes/vol/data/%[1]s/sub/deeper/f$i; done
+dd if=/dev/urandom of=/var/lib/tether/volumes/vol/data/%[1]s/blob bs=64k count=16 2>/dev/null
+echo config > /var/lib/tether/volumes/vol/data/%[1]s/conf.tmp
+mv /var/lib/tether/volumes/vol/data/%[1]s/conf.tmp /var/lib/tether/volumes/vol/data/%[1]s/conf
+chmod 600 /var/lib/tether/volumes/vol/data/%[1]s/conf
+ln -s conf /var/lib/tether/volumes/vol/data/%[1]s/conf.link
+rm /var/lib/tether/volumes/vol/data/%[1]s/sub/deeper/f5
+`
+
+func sameTree(want, got string) error {
+	a, err := replication.Manifest(want)
+	if err != nil {
+		return err
+	}
+	b, err := replication.Manifest(got)
+	if err != nil {
+		return err
+	}
+	if d := replication.DiffManifests(a, b); len(d) > 0 {
+		return fmt.Errorf("%s differs from %s: %s", got, want, strings.Join(d, "; "))
+	}
+	return nil
+}
+
+// createAndFill creates volume "vol" on h1 and waits until both replicas
+// hold what a workload wrote on the primary.
+func createAndFill(t *testing.T, tp *topo) *tetherpb.Volume {
+	t.Helper()
+	var v tetherpb.Volume
+	if err := tp.ctl(tp.host("h1"), &v, "volume", "create", "vol", "--replicas", "3"); err != nil {
+		t.Fatal(err)
+	}
+	if v.Primary != "h1" || len(v.ReplicaNodes) != 2 || v.Epoch != 1 {
+		t.Fatalf("created %+v; want primary h1, two replicas, epoch 1", &v)
+	}
+	primary := tp.host("h1")
+	testutil.Eventually(t, 20*time.Second, "the primary's volume directory exists", func() bool {
+		_, err := os.Stat(primary.volumeDir("vol"))
+		return err == nil
+	})
+	tp.sh(primary, fmt.Sprintf(workload, "before"))
+	for _, r := range v.ReplicaNodes {
+		testutil.EventuallyErr(t, 30*time.Second, func() error {
+			return sameTree(primary.volumeDir("vol"), tp.host(r).volumeDir("vol"))
+		})
+	}
+	return &v
+}
+
+// waitFailover waits until via reports a primary other than old in a newer
+// epoch, and returns the record.
+func waitFailover(t *testing.T, tp *topo, via *host, old *tetherpb.Volume) *tetherpb.Volume {
+	t.Helper()
+	var nv *tetherpb.Volume
+	testutil.EventuallyErr(t, 60*time.Second, func() error {
+		vi, err := tp.inspect(via, "vol")
+		if err != nil {
+			return err
+		}
+		if vi.Volume.Epoch <= old.Epoch || vi.Volume.Primary == old.Primary || vi.Volume.Primary == "" {
+			return fmt.Errorf("still primary %q at epoch %d", vi.Volume.Primary, vi.Volume.Epoch)
+		}
+		nv = vi.Volume
+		return nil
+	})
+	if nv.Epoch != old.Epoch+1 || !slices.Contains(old.ReplicaNodes, nv.Primary) {
+		t.Fatalf("after failover %+v; want a former replica at epoch %d", nv, old.Epoch+1)
+	}
+	return nv
+}
+
+// TestKillPrimaryHost kills the container of the volume's primary (host
+// death): a replica is promoted in epoch 2 holding everything the primary
+// had replicated, and replicates to the survivor.
+func TestKillPrimaryHost(t *testing.T) {
+	requireE2E(t)
+	tp := startTopo(t, 3)
+	v := createAndFill(t, tp)
+	before, err := replication.Manifest(tp.host("h1").volumeDir("vol"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	mustDocker(t, "kill", tp.host("h1").container)
+	nv := waitFailover(t, tp, tp.host(v.ReplicaNodes[0]), v)
+	t.Logf("failover after host kill: %s promoted at epoch %d in %s", nv.Primary, nv.Epoch, time.Since(killed).Round(time.Millisecond))
+	np := tp.host(nv.Primary)
+	got, err := replication.Manifest(np.volumeDir("vol"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := replication.DiffManifests(before, got); len(d) > 0 {
+		t.Fatalf("the promoted copy differs from the dead primary's: %v", d)
+	}
+	tp.sh(np, fmt.Sprintf(workload, "after"))
+	survivor := v.ReplicaNodes[0]
+	if survivor == nv.Primary {
+		survivor = v.ReplicaNodes[1]
+	}
+	testutil.EventuallyErr(t, 30*time.Second, func() error {
+		return sameTree(np.volumeDir("vol"), tp.host(survivor).volumeDir("vol"))
+	})
+}
+
+// TestIsolatedPrimary disconnects the primary's host from the network: the
+// majority promotes a replica; what the isolated old primary writes in its
+// old epoch never reaches the new primary; when the network heals, the old
+// primary steps down and resynchronises as a replica.
+func TestIsolatedPrimary(t *testing.T) {
+	requireE2E(t)
+	tp := startTopo(t, 3)
+	v := createAndFill(t, tp)
+	old := tp.host("h1")
+	tp.disconnect(old)
+	nv := waitFailover(t, tp, tp.host(v.ReplicaNodes[0]), v)
+	np := tp.host(nv.Primary)
+
+	// The isolated node still believes it is primary; what it writes now
+	// belongs to the old epoch.
+	tp.sh(old, "echo stale > /var/lib/tether/volumes/vol/data/stale-epoch-write")
+	tp.sh(np, fmt.Sprintf(workload, "after"))
+
+	tp.reconnect(old)
+	// Healed: h1 follows the catalog, stops serving as primary and becomes a
+	// replica of the new primary, whose tree it converges to.
+	testutil.EventuallyErr(t, 90*time.Second, func() error {
+		return sameTree(np.volumeDir("vol"), old.volumeDir("vol"))
+	})
+	if _, err := os.Lstat(filepath.Join(np.volumeDir("vol"), "stale-epoch-write")); err == nil {
+		t.Fatal("a write of the old epoch reached the new primary")
+	}
+	for _, h := range tp.hosts {
+		testutil.EventuallyErr(t, 30*time.Second, func() error {
+			vi, err := tp.inspect(h, "vol")
+			if err != nil {
+				return err
+			}
+			if vi.Volume.Primary != nv.Primary || vi.Volume.Epoch != nv.Epoch {
+				return fmt.Errorf("%s sees primary %s epoch %d; want %s epoch %d", h.name, vi.Volume.Primary, vi.Volume.Epoch, nv.Primary, nv.Epoch)
+			}
+			return nil
+		})
+	}
+}

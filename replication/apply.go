@@ -1,0 +1,543 @@
+package replication
+
+import (
+	"bytes"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/tether-io/tether/proto/tetherpb"
+)
+
+// errBadBatch is wrapped by every refusal of a malformed batch.
+var errBadBatch = errors.New("invalid batch")
+
+// applyOp is one validated operation of a batch received by a replica.
+type applyOp struct {
+	kind   tetherpb.FileOp_Kind
+	path   string
+	to     string // RENAME: new path
+	mode   fs.FileMode
+	mtime  time.Time
+	target string // SYMLINK: link target, stored verbatim and never followed
+	staged string // FILE: where its contents wait in the stage directory
+}
+
+// incoming is a file whose chunks are still arriving.
+type incoming struct {
+	path   string
+	f      *os.File
+	staged string
+	size   uint64
+}
+
+// batch collects the operations of one batch on a replica until its Commit
+// arrives. File contents go to the stage directory, outside the volume.
+type batch struct {
+	stage  string
+	ops    []applyOp
+	nondir map[string]struct{} // paths this batch made files or symlinks
+	open   *incoming
+	nfiles int
+}
+
+func newBatch(stage string) *batch {
+	return &batch{stage: stage, nondir: map[string]struct{}{}}
+}
+
+// add validates op and appends it to the batch.
+func (b *batch) add(op *tetherpb.FileOp) error {
+	if b.open != nil && op.GetKind() != tetherpb.FileOp_KIND_FILE {
+		return fmt.Errorf("%w: file %q is incomplete when a %s op arrives", errBadBatch, b.open.path, op.GetKind())
+	}
+	switch op.GetKind() {
+	case tetherpb.FileOp_KIND_FILE:
+		return b.addFileChunk(op)
+	case tetherpb.FileOp_KIND_MKDIR:
+		p, err := b.checkNew(op.GetPath(), true)
+		if err != nil {
+			return err
+		}
+		delete(b.nondir, p)
+		b.ops = append(b.ops, applyOp{kind: op.GetKind(), path: p, mode: fromWireMode(op.GetMode()), mtime: time.Unix(0, op.GetMtimeUnixNano())})
+	case tetherpb.FileOp_KIND_SYMLINK:
+		p, err := b.checkNew(op.GetPath(), false)
+		if err != nil {
+			return err
+		}
+		t := op.GetLinkTarget()
+		if len(t) == 0 || bytes.IndexByte(t, 0) >= 0 {
+			return fmt.Errorf("%w: symlink %q has an empty target or one with a NUL byte", errBadBatch, p)
+		}
+		b.nondir[p] = struct{}{}
+		b.ops = append(b.ops, applyOp{kind: op.GetKind(), path: p, target: string(t), mtime: time.Unix(0, op.GetMtimeUnixNano())})
+	case tetherpb.FileOp_KIND_DELETE:
+		p, err := checkPath(op.GetPath(), false)
+		if err != nil {
+			return err
+		}
+		delete(b.nondir, p)
+		b.ops = append(b.ops, applyOp{kind: op.GetKind(), path: p})
+	case tetherpb.FileOp_KIND_RENAME:
+		p, err := checkPath(op.GetPath(), false)
+		if err != nil {
+			return err
+		}
+		to, err := b.checkNew(op.GetNewPath(), false)
+		if err != nil {
+			return err
+		}
+		if _, ok := b.nondir[p]; ok {
+			delete(b.nondir, p)
+			b.nondir[to] = struct{}{}
+		}
+		b.ops = append(b.ops, applyOp{kind: op.GetKind(), path: p, to: to})
+	default:
+		return fmt.Errorf("%w: unknown op kind %d", errBadBatch, op.GetKind())
+	}
+	return nil
+}
+
+// checkNew validates the path of an op that creates something: besides being
+// well formed, it must not lie below a path this batch made a file or
+// symlink (that would ask the replica to write through a symlink).
+func (b *batch) checkNew(raw []byte, allowRoot bool) (string, error) {
+	p, err := checkPath(raw, allowRoot)
+	if err != nil {
+		return "", err
+	}
+	for _, a := range ancestorsOf(p) {
+		if _, ok := b.nondir[a]; ok {
+			return "", fmt.Errorf("%w: %q lies below %q, which this batch made a file or symlink", errBadBatch, p, a)
+		}
+	}
+	return p, nil
+}
+
+func (b *batch) addFileChunk(op *tetherpb.FileOp) error {
+	if b.open == nil {
+		p, err := b.checkNew(op.GetPath(), false)
+		if err != nil {
+			return err
+		}
+		if op.GetOffset() != 0 {
+			return fmt.Errorf("%w: file %q starts at offset %d", errBadBatch, p, op.GetOffset())
+		}
+		b.nfiles++
+		staged := filepath.Join(b.stage, strconv.Itoa(b.nfiles))
+		f, err := os.OpenFile(staged, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+		if err != nil {
+			return fmt.Errorf("stage file contents: %w", err)
+		}
+		b.open = &incoming{path: p, f: f, staged: staged}
+	} else if string(op.GetPath()) != b.open.path || op.GetOffset() != b.open.size {
+		return fmt.Errorf("%w: chunk of %q at offset %d while %q is incomplete at offset %d",
+			errBadBatch, op.GetPath(), op.GetOffset(), b.open.path, b.open.size)
+	}
+	in := b.open
+	if _, err := in.f.Write(op.GetData()); err != nil {
+		return fmt.Errorf("stage file contents: %w", err)
+	}
+	in.size += uint64(len(op.GetData()))
+	if op.GetMore() {
+		return nil
+	}
+	b.open = nil
+	if err := in.f.Close(); err != nil {
+		return fmt.Errorf("stage file contents: %w", err)
+	}
+	b.nondir[in.path] = struct{}{}
+	b.ops = append(b.ops, applyOp{kind: tetherpb.FileOp_KIND_FILE, path: in.path, staged: in.staged,
+		mode: fromWireMode(op.GetMode()), mtime: time.Unix(0, op.GetMtimeUnixNano())})
+	return nil
+}
+
+// complete returns an error when the batch cannot be committed yet.
+func (b *batch) complete() error {
+	if b.open != nil {
+		return fmt.Errorf("%w: commit while file %q is incomplete", errBadBatch, b.open.path)
+	}
+	return nil
+}
+
+// discard drops the staged contents of the batch.
+func (b *batch) discard() {
+	if b.open != nil {
+		_ = b.open.f.Close()
+		b.open = nil
+	}
+	for _, op := range b.ops {
+		if op.staged != "" {
+			_ = os.Remove(op.staged)
+		}
+	}
+	for i := 1; i <= b.nfiles; i++ {
+		_ = os.Remove(filepath.Join(b.stage, strconv.Itoa(i)))
+	}
+	b.ops, b.nfiles = nil, 0
+	clear(b.nondir)
+}
+
+// named returns every path a full batch keeps, with their ancestors.
+func (b *batch) named() map[string]struct{} {
+	keep := map[string]struct{}{}
+	for _, op := range b.ops {
+		p := op.path
+		if op.kind == tetherpb.FileOp_KIND_DELETE {
+			continue
+		}
+		if op.kind == tetherpb.FileOp_KIND_RENAME {
+			p = op.to
+		}
+		keep[p] = struct{}{}
+		for _, a := range ancestorsOf(p) {
+			keep[a] = struct{}{}
+		}
+	}
+	return keep
+}
+
+// applier applies a committed batch to a volume through an os.Root, so no
+// path can leave the volume, and never writes through a symlink: every
+// ancestor of a written path is checked (and replaced) to be a real
+// directory.
+type applier struct {
+	root     *os.Root
+	verified map[string]struct{} // directories known to be real in this batch
+	touched  map[string]struct{} // directories to fsync
+	dirMeta  map[string]applyOp  // directory modes and mtimes, set at the end
+}
+
+// applyBatch applies b to the volume rooted at root and makes it durable.
+// A full batch first removes everything it does not name.
+func applyBatch(root *os.Root, b *batch, full bool) error {
+	a := &applier{root: root, verified: map[string]struct{}{}, touched: map[string]struct{}{}, dirMeta: map[string]applyOp{}}
+	if full {
+		if err := a.prune(rootPath, b.named()); err != nil {
+			return fmt.Errorf("remove what the primary no longer has: %w", err)
+		}
+	}
+	for _, op := range b.ops {
+		if err := a.apply(op); err != nil {
+			return fmt.Errorf("%s %q: %w", op.kind, op.path, err)
+		}
+	}
+	if err := a.finishDirs(); err != nil {
+		return err
+	}
+	return a.syncTouched()
+}
+
+func (a *applier) apply(op applyOp) error {
+	switch op.kind {
+	case tetherpb.FileOp_KIND_DELETE:
+		return a.remove(op.path)
+	case tetherpb.FileOp_KIND_MKDIR:
+		a.dirMeta[op.path] = op
+		return a.ensureDir(op.path)
+	case tetherpb.FileOp_KIND_FILE:
+		return a.placeFile(op)
+	case tetherpb.FileOp_KIND_SYMLINK:
+		return a.placeSymlink(op)
+	case tetherpb.FileOp_KIND_RENAME:
+		return a.rename(op.path, op.to)
+	}
+	return fmt.Errorf("%w: unknown op kind %d", errBadBatch, op.kind)
+}
+
+// prune removes, below dir, every entry not in keep.
+func (a *applier) prune(dir string, keep map[string]struct{}) error {
+	entries, err := readDirRoot(a.root, dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		rel := joinRel(dir, e.Name())
+		if _, ok := keep[rel]; !ok {
+			if err := a.root.RemoveAll(rel); err != nil {
+				return err
+			}
+			a.touched[dir] = struct{}{}
+			continue
+		}
+		if e.IsDir() {
+			if err := a.prune(rel, keep); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// realDirs reports whether every proper ancestor of rel is a real directory
+// (not a symlink); when one is not, rel cannot exist as the primary sees it.
+func (a *applier) realDirs(rel string) (bool, error) {
+	for _, d := range ancestorsOf(rel) {
+		if _, ok := a.verified[d]; ok {
+			continue
+		}
+		fi, err := a.root.Lstat(d)
+		if errors.Is(err, fs.ErrNotExist) {
+			return false, nil
+		}
+		if err != nil {
+			return false, err
+		}
+		if !fi.IsDir() {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// remove deletes rel and everything below it, if it exists.
+func (a *applier) remove(rel string) error {
+	ok, err := a.realDirs(rel)
+	if err != nil || !ok {
+		return err
+	}
+	clear(a.verified)
+	a.touched[parentOf(rel)] = struct{}{}
+	return a.root.RemoveAll(rel)
+}
+
+// ensureDir makes rel and its ancestors real directories, replacing
+// anything else found in their place.
+func (a *applier) ensureDir(rel string) error {
+	if rel == rootPath {
+		return nil
+	}
+	for _, d := range append(ancestorsOf(rel), rel) {
+		if _, ok := a.verified[d]; ok {
+			continue
+		}
+		fi, err := a.root.Lstat(d)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+		case err != nil:
+			return err
+		case fi.IsDir():
+			a.verified[d] = struct{}{}
+			continue
+		default:
+			if err := a.root.Remove(d); err != nil {
+				return err
+			}
+		}
+		if err := a.root.Mkdir(d, 0o700); err != nil {
+			return err
+		}
+		a.touched[parentOf(d)] = struct{}{}
+		a.verified[d] = struct{}{}
+	}
+	return nil
+}
+
+// tempName returns a fresh temporary name in dir.
+func tempName(dir string) string {
+	return joinRel(dir, tempPrefix+rand.Text())
+}
+
+// replaceWith renames tmp over rel, first removing a directory at rel.
+func (a *applier) replaceWith(tmp, rel string) error {
+	fi, err := a.root.Lstat(rel)
+	if err == nil && fi.IsDir() {
+		clear(a.verified)
+		if err := a.root.RemoveAll(rel); err != nil {
+			return err
+		}
+	}
+	a.touched[parentOf(rel)] = struct{}{}
+	return a.root.Rename(tmp, rel)
+}
+
+// placeFile writes a staged file next to its target, makes it durable with
+// its mode and mtime, and renames it into place.
+func (a *applier) placeFile(op applyOp) error {
+	dir := parentOf(op.path)
+	if err := a.ensureDir(dir); err != nil {
+		return err
+	}
+	tmp := tempName(dir)
+	if err := a.writeTemp(tmp, op); err != nil {
+		_ = a.root.Remove(tmp)
+		return err
+	}
+	if err := a.replaceWith(tmp, op.path); err != nil {
+		_ = a.root.Remove(tmp)
+		return err
+	}
+	return nil
+}
+
+func (a *applier) writeTemp(tmp string, op applyOp) error {
+	src, err := os.Open(op.staged)
+	if err != nil {
+		return fmt.Errorf("open staged contents: %w", err)
+	}
+	defer src.Close()
+	f, err := a.root.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = io.Copy(f, src)
+	if err == nil {
+		err = f.Chmod(op.mode) // after writing: a write clears setuid/setgid
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	return a.root.Chtimes(tmp, op.mtime, op.mtime)
+}
+
+// placeSymlink creates the link under a temporary name and renames it into
+// place; the target is stored as given and never resolved.
+func (a *applier) placeSymlink(op applyOp) error {
+	dir := parentOf(op.path)
+	if err := a.ensureDir(dir); err != nil {
+		return err
+	}
+	tmp := tempName(dir)
+	if err := a.root.Symlink(op.target, tmp); err != nil {
+		return err
+	}
+	err := a.lutimes(tmp, op.mtime)
+	if err == nil {
+		err = a.replaceWith(tmp, op.path)
+	}
+	if err != nil {
+		_ = a.root.Remove(tmp)
+	}
+	return err
+}
+
+// lutimes sets the mtime of rel itself, not following a symlink.
+func (a *applier) lutimes(rel string, mtime time.Time) error {
+	d, err := a.root.Open(parentOf(rel))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	ts := unix.NsecToTimespec(mtime.UnixNano())
+	if err := unix.UtimesNanoAt(int(d.Fd()), baseOf(rel), []unix.Timespec{ts, ts}, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return fmt.Errorf("set mtime of %q: %w", rel, err)
+	}
+	return nil
+}
+
+// rename moves from to to, replacing what is at to.
+func (a *applier) rename(from, to string) error {
+	ok, err := a.realDirs(from)
+	if err != nil || !ok {
+		return err
+	}
+	if _, err := a.root.Lstat(from); errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err := a.ensureDir(parentOf(to)); err != nil {
+		return err
+	}
+	if fi, err := a.root.Lstat(to); err == nil && fi.IsDir() {
+		if err := a.root.RemoveAll(to); err != nil {
+			return err
+		}
+	}
+	clear(a.verified)
+	a.touched[parentOf(from)] = struct{}{}
+	a.touched[parentOf(to)] = struct{}{}
+	return a.root.Rename(from, to)
+}
+
+// finishDirs sets directory modes and mtimes, deepest first, after their
+// contents are in place.
+func (a *applier) finishDirs() error {
+	dirs := make([]string, 0, len(a.dirMeta))
+	for d := range a.dirMeta {
+		dirs = append(dirs, d)
+	}
+	slices.SortFunc(dirs, func(x, y string) int { return depthOf(y) - depthOf(x) })
+	for _, d := range dirs {
+		fi, err := a.root.Lstat(d)
+		if err != nil || !fi.IsDir() {
+			continue // removed or replaced later in the batch
+		}
+		op := a.dirMeta[d]
+		if err := a.root.Chmod(d, op.mode); err != nil {
+			return fmt.Errorf("set mode of directory %q: %w", d, err)
+		}
+		if err := a.root.Chtimes(d, op.mtime, op.mtime); err != nil {
+			return fmt.Errorf("set mtime of directory %q: %w", d, err)
+		}
+		a.touched[d] = struct{}{}
+	}
+	return nil
+}
+
+// syncTouched fsyncs every directory the batch changed.
+func (a *applier) syncTouched() error {
+	for d := range a.touched {
+		f, err := a.root.Open(d)
+		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ENOTDIR) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("sync directory %q: %w", d, err)
+		}
+		err = f.Sync()
+		_ = f.Close()
+		if err != nil {
+			return fmt.Errorf("sync directory %q: %w", d, err)
+		}
+	}
+	return nil
+}
+
+// readDirRoot lists a directory inside root.
+func readDirRoot(root *os.Root, dir string) ([]fs.DirEntry, error) {
+	f, err := root.Open(dir)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return f.ReadDir(-1)
+}
+
+// removeTemps removes, below dir, the temporary files an interrupted batch
+// left next to their targets. The rest of an interrupted batch is repaired
+// by the primary sending its paths again (or the whole tree).
+func removeTemps(root *os.Root, dir string) error {
+	entries, err := readDirRoot(root, dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		rel := joinRel(dir, e.Name())
+		switch {
+		case strings.HasPrefix(e.Name(), tempPrefix):
+			if err := root.RemoveAll(rel); err != nil {
+				return err
+			}
+		case e.IsDir():
+			if err := removeTemps(root, rel); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,26 @@
+// Package replication owns moving a volume's data from its primary to its
+// replicas.
+//
+// On the primary, a Primary watches the volume's data directory recursively
+// with fsnotify, collects the paths that changed, and runs one sender per
+// replica. Each sender streams batches over the gRPC
+// Replication.Stream: the current state of the changed paths (whole files),
+// or the whole tree when the replica's position is unknown, followed by a
+// Commit. On the replica, a Server stages the batch's file contents outside
+// the data directory, applies the batch only once its Commit arrived (through
+// an os.Root, never writing through a symlink), makes it durable, records its
+// position and acknowledges it.
+//
+// Epochs fence old primaries: a replica remembers the newest epoch it has seen
+// for a volume (raised by a newer primary's Hello or by Fence) and refuses
+// streams of an older one.
+//
+// Today a batch carries whole files, a rename travels as a delete of the
+// old path and a re-send of the new one, and a primary that starts (or a
+// replica whose position it does not know) sends the whole tree. Ownership,
+// extended attributes, hard links and special files (devices, fifos,
+// sockets) are not replicated.
+//
+// Manifest and DiffManifests compare two trees entry by entry; tests and
+// demos use them to check that a replica equals its primary.
+package replication

@@ -1,0 +1,206 @@
+package replication
+
+import (
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tether-io/tether/internal/testutil"
+)
+
+func TestCheckPath(t *testing.T) {
+	cases := []struct {
+		path      string
+		allowRoot bool
+		ok        bool
+	}{
+		{"a", false, true},
+		{"a/b/c", false, true},
+		{"caf\xe9/\xff", false, true},
+		{".hidden/..x/x..", false, true},
+		{".", true, true},
+		{".", false, false},
+		{"", true, false},
+		{"/etc/passwd", false, false},
+		{"../x", false, false},
+		{"a/../../x", false, false},
+		{"a/..", false, false},
+		{"./a", false, false},
+		{"a/./b", false, false},
+		{"a//b", false, false},
+		{"a/", false, false},
+		{"a\x00b", false, false},
+	}
+	for _, c := range cases {
+		got, err := checkPath([]byte(c.path), c.allowRoot)
+		if (err == nil) != c.ok {
+			t.Errorf("checkPath(%q, %v) error = %v, want ok=%v", c.path, c.allowRoot, err, c.ok)
+		}
+		if err == nil && got != c.path {
+			t.Errorf("checkPath(%q) = %q", c.path, got)
+		}
+	}
+}
+
+func TestPathHelpers(t *testing.T) {
+	if got := ancestorsOf("a/b/c"); !slices.Equal(got, []string{"a", "a/b"}) {
+		t.Errorf("ancestorsOf(a/b/c) = %q", got)
+	}
+	if got := ancestorsOf("a"); len(got) != 0 {
+		t.Errorf("ancestorsOf(a) = %q", got)
+	}
+	for rel, want := range map[string]string{"a": ".", "a/b": "a", "a/b/c": "a/b"} {
+		if got := parentOf(rel); got != want {
+			t.Errorf("parentOf(%q) = %q, want %q", rel, got, want)
+		}
+	}
+	for rel, want := range map[string]int{".": 0, "a": 1, "a/b/c": 3} {
+		if got := depthOf(rel); got != want {
+			t.Errorf("depthOf(%q) = %d, want %d", rel, got, want)
+		}
+	}
+	if !isUnder("a/b", "a") || isUnder("ab", "a") || !isUnder("a", "a") || !isUnder("x", ".") {
+		t.Error("isUnder is wrong")
+	}
+}
+
+func TestWireMode(t *testing.T) {
+	cases := []struct {
+		mode fs.FileMode
+		wire uint32
+	}{
+		{0o644, 0o644},
+		{0o755 | fs.ModeSetuid, 0o4755},
+		{0o2750&0o777 | fs.ModeSetgid, 0o2750},
+		{0o777 | fs.ModeSticky, 0o1777},
+		{0o7777&0o777 | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky, 0o7777},
+		{fs.ModeDir | 0o700, 0o700},
+	}
+	for _, c := range cases {
+		if got := toWireMode(c.mode); got != c.wire {
+			t.Errorf("toWireMode(%v) = %o, want %o", c.mode, got, c.wire)
+		}
+		if got := fromWireMode(c.wire); got != c.mode&^fs.ModeDir {
+			t.Errorf("fromWireMode(%o) = %v, want %v", c.wire, got, c.mode&^fs.ModeDir)
+		}
+	}
+}
+
+func TestPositionKnown(t *testing.T) {
+	cases := []struct {
+		name                    string
+		epoch, seq, acked, lost uint64
+		want                    bool
+	}{
+		{"same as acked", 3, 10, 10, 0, true},
+		{"the batch whose ack was lost", 3, 11, 10, 11, true},
+		{"older epoch", 2, 10, 10, 0, false},
+		{"unknown seq", 3, 9, 10, 11, false},
+		{"nothing applied yet", 3, 0, 0, 0, false},
+	}
+	for _, c := range cases {
+		if got := positionKnown(c.epoch, c.seq, 3, c.acked, c.lost); got != c.want {
+			t.Errorf("%s: positionKnown = %v, want %v", c.name, got, c.want)
+		}
+	}
+}
+
+func TestDirtySet(t *testing.T) {
+	t0 := time.Unix(100, 0)
+	var d dirtySet
+	d.add("a", false, t0.Add(time.Second))
+	d.add("a", true, t0.Add(2*time.Second))
+	d.add("b", false, t0)
+	if !d.paths["a"] || d.paths["b"] || !d.since.Equal(t0) {
+		t.Fatalf("dirty set = %+v", d)
+	}
+	var e dirtySet
+	e.merge(d.take())
+	if !d.empty() || !d.since.IsZero() || len(e.paths) != 2 || !e.since.Equal(t0) {
+		t.Fatalf("after take/merge: d=%+v e=%+v", d, e)
+	}
+	if got := oldest(time.Time{}, t0.Add(time.Second), t0); !got.Equal(t0) {
+		t.Fatalf("oldest = %v", got)
+	}
+}
+
+// TestDirtyPlan checks what a batch carries for a set of dirty paths.
+func TestDirtyPlan(t *testing.T) {
+	dir := t.TempDir()
+	must(t, os.MkdirAll(filepath.Join(dir, "new/sub"), 0o755))
+	must(t, os.WriteFile(filepath.Join(dir, "new/sub/f"), nil, 0o644))
+	must(t, os.WriteFile(filepath.Join(dir, "file"), []byte("x"), 0o644))
+	must(t, os.MkdirAll(filepath.Join(dir, "real/x"), 0o755))
+	must(t, os.Symlink("real", filepath.Join(dir, "link")))
+	must(t, syscall.Mkfifo(filepath.Join(dir, "fifo"), 0o644))
+	root, err := os.OpenRoot(dir)
+	must(t, err)
+	defer root.Close()
+
+	p, err := dirtyPlan(root, map[string]bool{
+		"new": true, "file": false, "gone": false, "link/x": false, "link": false, "fifo": false, "file/under": false,
+	})
+	must(t, err)
+	slices.Sort(p.deletes)
+	if want := []string{"fifo", "file/under", "gone", "link/x", "new"}; !slices.Equal(p.deletes, want) {
+		t.Errorf("deletes = %q, want %q", p.deletes, want)
+	}
+	if got, want := keys(p.dirs), []string{".", "new", "new/sub"}; !slices.Equal(got, want) {
+		t.Errorf("dirs = %q, want %q", got, want)
+	}
+	if got, want := keys(p.others), []string{"file", "link", "new/sub/f"}; !slices.Equal(got, want) {
+		t.Errorf("others = %q, want %q", got, want)
+	}
+}
+
+func keys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// TestRescanFindsMissedChanges makes changes the watcher does not read
+// events for and checks that a rescan finds them.
+func TestRescanFindsMissedChanges(t *testing.T) {
+	dir := t.TempDir()
+	must(t, os.WriteFile(filepath.Join(dir, "same"), []byte("s"), 0o644))
+	must(t, os.WriteFile(filepath.Join(dir, "changed"), []byte("c"), 0o644))
+	must(t, os.WriteFile(filepath.Join(dir, "removed"), []byte("r"), 0o644))
+	must(t, os.Mkdir(filepath.Join(dir, "d"), 0o755))
+	root, err := os.OpenRoot(dir)
+	must(t, err)
+	defer root.Close()
+	var got dirtySet
+	w, err := newWatcher(dir, root, testutil.Logger(t), time.Millisecond, time.Hour, func(d dirtySet) { got.merge(d) }, func() {})
+	must(t, err)
+	defer w.close()
+	must(t, w.setup())
+
+	must(t, os.WriteFile(filepath.Join(dir, "changed"), []byte("changed"), 0o644))
+	must(t, os.Remove(filepath.Join(dir, "removed")))
+	must(t, os.MkdirAll(filepath.Join(dir, "d/new/deeper"), 0o755))
+	w.rescanNow()
+	if want := []string{".", "changed", "d", "d/new", "d/new/deeper", "removed"}; !slices.Equal(keys(got.paths), want) {
+		t.Fatalf("rescan marked %q, want %q", keys(got.paths), want)
+	}
+	if _, ok := w.dirs["d/new/deeper"]; !ok {
+		t.Fatalf("rescan did not watch the new directories: %v", keys(w.dirs))
+	}
+}
+
+func TestWatchLimitError(t *testing.T) {
+	msg := watchLimitError(7, os.ErrExist).Error()
+	for _, want := range []string{"fs.inotify.max_user_watches", "sysctl -w", "7 directories"} {
+		if !strings.Contains(msg, want) {
+			t.Errorf("watch limit error %q does not mention %q", msg, want)
+		}
+	}
+}
