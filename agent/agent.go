@@ -37,11 +37,14 @@ type Agent struct {
 	repl    *replication.Server
 	peers   *peerConns
 	prog    *progressReporter
+	lease   *leaseKeeper
 
-	// mu guards primaries: the replication this node runs as primary, by
-	// volume. Only the reconcile loop starts and stops them.
+	// mu guards primaries (the replication this node runs as primary, by
+	// volume) and fenced (volumes this node stopped serving because its
+	// lease lapsed). Only the reconcile loop starts and stops primaries.
 	mu        sync.Mutex
 	primaries map[string]*runningPrimary
+	fenced    map[string]fencedVolume
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -64,6 +67,7 @@ func New(cfg Config) (*Agent, error) {
 		cfg:       cfg,
 		log:       cfg.Logger.With("node", cfg.NodeName),
 		primaries: map[string]*runningPrimary{},
+		fenced:    map[string]fencedVolume{},
 	}, nil
 }
 
@@ -86,6 +90,9 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	if err := a.mux.SetRaftAdvertise(rpcAdvertise); err != nil {
+		return err
+	}
 	a.peers = newPeerConns()
 	a.cluster, err = cluster.New(cluster.Config{
 		NodeName:        a.cfg.NodeName,
@@ -97,6 +104,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 		BootstrapExpect: a.cfg.BootstrapExpect,
 		RaftLayer:       a.mux.RaftLayer(),
 		Forward:         a.forward,
+		ForwardLease:    a.forwardLease,
 		Version:         Version,
 		Logger:          a.log,
 		Timing:          a.cfg.Timing,
@@ -108,8 +116,10 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 		return fmt.Errorf("starting the cluster: %w", err)
 	}
 	a.prog = newProgressReporter(a.cluster, a.log)
-	a.wg.Add(2)
+	a.lease = newLeaseKeeper(a.cluster, a.log)
+	a.wg.Add(3)
 	go func() { defer a.wg.Done(); a.prog.run(a.ctx) }()
+	go func() { defer a.wg.Done(); a.lease.run(a.ctx) }()
 	go func() { defer a.wg.Done(); a.reconcileLoop(a.ctx) }()
 	if err := a.startControl(); err != nil {
 		return err

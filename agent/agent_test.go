@@ -276,3 +276,44 @@ func assertStaleRefused(t *testing.T, a *Agent, volume string, epoch uint64) {
 		t.Fatalf("%s wrote a file sent in stale epoch %d", a.NodeName(), epoch)
 	}
 }
+
+// TestPrimaryFencesItselfWithoutQuorum: a primary that can no longer reach
+// a quorum stops serving its volume once its lease runs out, and says so.
+func TestPrimaryFencesItselfWithoutQuorum(t *testing.T) {
+	tc := startTestCluster(t)
+	primary := tc.follower()
+	ctx := context.Background()
+	if _, err := tc.ctl[primary.NodeName()].VolumeCreate(ctx, &tetherpb.VolumeCreateRequest{Name: "vol1", Replicas: 2}); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 10*time.Second, "the primary serves the volume", func() bool {
+		_, ok := primary.primaryStatus("vol1")
+		return ok
+	})
+	for _, a := range tc.agents {
+		if a != primary {
+			a.Kill()
+		}
+	}
+	lost := time.Now()
+	var st *tetherpb.StatusResponse
+	testutil.EventuallyErr(t, 15*time.Second, func() error {
+		var err error
+		if st, err = tc.ctl[primary.NodeName()].Status(ctx, &tetherpb.StatusRequest{}); err != nil {
+			return err
+		}
+		if st.LeaseHeld || len(st.Fenced) != 1 {
+			return fmt.Errorf("not fenced yet: lease held %v, fenced %v", st.LeaseHeld, st.Fenced)
+		}
+		return nil
+	})
+	if took := time.Since(lost); took < primary.Cluster().LeaseDuration()-time.Second {
+		t.Errorf("fenced after %s, well before the %s lease could lapse", took, primary.Cluster().LeaseDuration())
+	}
+	if st.Fenced[0].Name != "vol1" || st.Fenced[0].Epoch != 1 {
+		t.Fatalf("fenced %+v; want vol1 at epoch 1", st.Fenced[0])
+	}
+	if _, ok := primary.primaryStatus("vol1"); ok {
+		t.Fatal("the fenced primary still runs replication")
+	}
+}

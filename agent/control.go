@@ -43,6 +43,14 @@ func (s *controlServer) Status(context.Context, *tetherpb.StatusRequest) (*tethe
 		resp.PrimaryOf = append(resp.PrimaryOf, a.localVolumeStatus(name))
 	}
 	resp.ReplicaOf = p.replica
+	resp.LeaseHeld = a.lease.valid()
+	resp.LeaseAgeMs = a.lease.age().Milliseconds()
+	a.mu.Lock()
+	for _, name := range sortedKeys(a.fenced) {
+		f := a.fenced[name]
+		resp.Fenced = append(resp.Fenced, &tetherpb.FencedVolume{Name: name, Epoch: f.epoch, SinceUnixNano: f.since.UnixNano(), Reason: f.reason})
+	}
+	a.mu.Unlock()
 	return resp, nil
 }
 

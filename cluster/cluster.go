@@ -46,9 +46,13 @@ type Config struct {
 	// wrapping ErrNotLeader when that node is no longer the leader (so
 	// Apply retries), and the leader's refusal rebuilt with ParseError.
 	Forward func(ctx context.Context, leaderRPCAddr string, cmd []byte) (index uint64, err error)
-	Version string
-	Logger  *slog.Logger
-	Timing  Timing
+	// ForwardLease asks the leader at leaderRPCAddr to grant node a primary
+	// lease (the agent does it over gRPC Peer.RenewLease), with the same
+	// error conventions as Forward.
+	ForwardLease func(ctx context.Context, leaderRPCAddr, node string) error
+	Version      string
+	Logger       *slog.Logger
+	Timing       Timing
 }
 
 // Timing holds the failure-detection and consensus timings; zero fields
@@ -63,6 +67,16 @@ type Timing struct {
 	RaftLeaderLease   time.Duration // default 500ms
 	FailoverGrace     time.Duration // default 0: fail over as soon as the primary is dead
 	ReconcileInterval time.Duration // default 1s
+	// LeaseDuration is how long a primary may keep serving after the
+	// leader last confirmed, with a quorum, that it is still the leader
+	// (default 3s). It must outlast a Raft election, or healthy primaries
+	// fence themselves whenever the leader changes.
+	LeaseDuration time.Duration
+	// LeaseMargin is added on the leader's side before it promotes away
+	// from a primary, for clock-rate differences and scheduling (default 1s).
+	LeaseMargin time.Duration
+	// LeaseRenewInterval is how often a primary renews (default 500ms).
+	LeaseRenewInterval time.Duration
 }
 
 func (t Timing) withDefaults() Timing {
@@ -78,6 +92,9 @@ func (t Timing) withDefaults() Timing {
 	def(&t.RaftElection, time.Second)
 	def(&t.RaftLeaderLease, 500*time.Millisecond)
 	def(&t.ReconcileInterval, time.Second)
+	def(&t.LeaseDuration, 3*time.Second)
+	def(&t.LeaseMargin, time.Second)
+	def(&t.LeaseRenewInterval, 500*time.Millisecond)
 	if t.SuspicionMult <= 0 {
 		t.SuspicionMult = 3
 	}
@@ -100,6 +117,7 @@ type Cluster struct {
 	raftNotify  chan bool
 
 	members *membership
+	leases  *leaseTable
 
 	// gossipMu orders our own gossip announcements (meta updates, leave);
 	// left is set once we have left, after which we announce nothing.
@@ -158,6 +176,7 @@ func New(cfg Config) (*Cluster, error) {
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.fsm = newFSM(logger.With("component", "fsm"), func() { notify(c.changes) })
+	c.leases = newLeaseTable()
 	c.members = newMembership(cfg.NodeName, func() {
 		notify(c.changes)
 		notify(c.bootstrapCh)

@@ -127,11 +127,15 @@ func ChooseFailover(v Volume, health map[string]string) (cmd SetPrimary, ok bool
 
 // Failovers lists the SetPrimary commands the leader should apply now:
 // one per volume whose primary has been down for at least grace (downSince
-// tells when each down node went down).
-func Failovers(vols []Volume, health map[string]string, downSince map[string]time.Time, now time.Time, grace time.Duration) []SetPrimary {
+// tells when each down node went down) and whose lease has surely expired
+// (leaseUntil tells until when each node may still hold one).
+func Failovers(vols []Volume, health map[string]string, downSince, leaseUntil map[string]time.Time, now time.Time, grace time.Duration) []SetPrimary {
 	var out []SetPrimary
 	for _, v := range vols {
 		if since, ok := downSince[v.Primary]; grace > 0 && (!ok || now.Sub(since) < grace) {
+			continue
+		}
+		if until, ok := leaseUntil[v.Primary]; ok && now.Before(until) {
 			continue
 		}
 		if cmd, ok := ChooseFailover(v, health); ok {

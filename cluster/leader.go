@@ -122,29 +122,45 @@ func (c *Cluster) leaderLoop(stop chan struct{}) {
 		case <-time.After(time.Second):
 		}
 	}
+	c.leases.startTerm(time.Now())
 	c.logger.Info("leading the cluster")
-	ticker := time.NewTicker(c.timing.ReconcileInterval)
-	defer ticker.Stop()
+	timer := time.NewTimer(0)
+	defer timer.Stop()
 	for {
-		c.reconcile(stop)
+		next := c.reconcile(stop)
+		timer.Reset(next)
 		select {
 		case <-stop:
 			return
-		case <-ticker.C:
+		case <-timer.C:
 		case <-c.reconcileCh:
 		}
 	}
 }
 
 // reconcile brings Raft membership and volume primaries in line with
-// gossip membership.
-func (c *Cluster) reconcile(stop chan struct{}) {
+// gossip membership. It returns when to run again: ReconcileInterval, or
+// sooner when a dead primary's lease runs out before that.
+func (c *Cluster) reconcile(stop chan struct{}) time.Duration {
 	c.reconcileRaft()
 	health, downSince := c.members.health()
-	for _, cmd := range Failovers(c.fsm.list(), health, downSince, time.Now(), c.timing.FailoverGrace) {
+	vols := c.fsm.list()
+	primaries := make([]string, 0, len(vols))
+	for _, v := range vols {
+		primaries = append(primaries, v.Primary)
+	}
+	leaseUntil := c.leases.expiries(primaries, c.timing.LeaseDuration+c.timing.LeaseMargin)
+	now := time.Now()
+	next := c.timing.ReconcileInterval
+	for _, p := range primaries {
+		if until := leaseUntil[p]; down(health[p]) && until.After(now) && until.Sub(now) < next {
+			next = until.Sub(now) + time.Millisecond
+		}
+	}
+	for _, cmd := range Failovers(vols, health, downSince, leaseUntil, now, c.timing.FailoverGrace) {
 		select {
 		case <-stop:
-			return
+			return next
 		default:
 		}
 		c.logger.Info("failing volume over", "volume", cmd.Name, "new_primary", cmd.Primary, "replicas", cmd.ReplicaNodes, "epoch", cmd.Epoch)
@@ -152,6 +168,7 @@ func (c *Cluster) reconcile(stop chan struct{}) {
 			c.logger.Warn("failing volume over was refused", "volume", cmd.Name, "error", err)
 		}
 	}
+	return next
 }
 
 // reconcileRaft adds alive members missing from the Raft configuration

@@ -71,6 +71,17 @@ func (m *Mux) GRPCListener() net.Listener { return m.grpc }
 // RaftLayer is the stream layer for Raft's NetworkTransport.
 func (m *Mux) RaftLayer() raft.StreamLayer { return m.raft }
 
+// SetRaftAdvertise sets the address the Raft layer reports as its own
+// (host:port peers dial). Call it before handing RaftLayer to Raft.
+func (m *Mux) SetRaftAdvertise(addr string) error {
+	tcp, err := net.ResolveTCPAddr("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("cluster: raft advertise address %q: %w", addr, err)
+	}
+	m.raft.advertise = tcp
+	return nil
+}
+
 // Close stops accepting, closes the listener and connections still being
 // classified, and waits for its goroutines.
 func (m *Mux) Close() error {
@@ -222,6 +233,17 @@ func (l *subListener) Addr() net.Addr { return l.addr }
 // raftLayer is the raft.StreamLayer side of the mux.
 type raftLayer struct {
 	*subListener
+	advertise net.Addr // what Addr reports, when set
+}
+
+// Addr is the address Raft tells its peers (NetworkTransport uses it as
+// this node's address in every request), so it must be the advertised one,
+// not a wildcard bind address such as [::]:7661.
+func (l *raftLayer) Addr() net.Addr {
+	if l.advertise != nil {
+		return l.advertise
+	}
+	return l.subListener.Addr()
 }
 
 // Dial connects to another node's RPC port and announces Raft.

@@ -214,9 +214,23 @@ func (tp *topo) reconnect(h *host) {
 
 func (tp *topo) cleanup() {
 	if tp.t.Failed() {
+		dir := filepath.Join("logs", tp.t.Name())
+		_ = os.MkdirAll(dir, 0o755)
 		for _, h := range tp.hosts {
-			out, _ := docker(tp.t, "logs", "--tail", "60", h.container)
-			tp.t.Logf("---- last log lines of %s ----\n%s", h.name, out)
+			out, _ := exec.Command("docker", "logs", h.container).CombinedOutput()
+			path := filepath.Join(dir, h.name+".log")
+			_ = os.WriteFile(path, out, 0o644)
+			lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+			var important []string
+			for _, l := range lines {
+				if strings.Contains(l, "level=WARN") || strings.Contains(l, "level=ERROR") || strings.Contains(l, "level=INFO") && !strings.Contains(l, "raft") {
+					important = append(important, l)
+				}
+			}
+			if len(important) > 40 {
+				important = important[len(important)-40:]
+			}
+			tp.t.Logf("---- %s: last INFO/WARN/ERROR lines (whole log in e2e/%s) ----\n%s", h.name, path, strings.Join(important, "\n"))
 		}
 	}
 	for _, h := range tp.hosts {

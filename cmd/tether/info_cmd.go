@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -58,6 +59,14 @@ func newStatusCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(w, "Version:\t%s\n", resp.Version)
 				fmt.Fprintf(w, "Data dir:\t%s\n", resp.DataDir)
 				fmt.Fprintf(w, "Raft:\t%s, last index %d, leader %s\n", resp.RaftState, resp.RaftLastIndex, leader)
+				lease := fmt.Sprintf("held (confirmed %s ago)", (time.Duration(resp.LeaseAgeMs) * time.Millisecond).Round(time.Millisecond))
+				if !resp.LeaseHeld {
+					lease = "NOT held: this node serves no volume as primary"
+				}
+				fmt.Fprintf(w, "Primary lease:\t%s\n", lease)
+				for _, f := range resp.Fenced {
+					fmt.Fprintf(w, "FENCED:\t%s (epoch %d) since %s: %s\n", f.Name, f.Epoch, time.Unix(0, f.SinceUnixNano).UTC().Format(time.RFC3339), f.Reason)
+				}
 				fmt.Fprintf(w, "Replica of:\t%s\n", orNone(strings.Join(resp.ReplicaOf, ", ")))
 				if len(resp.PrimaryOf) == 0 {
 					fmt.Fprintf(w, "Primary of:\t(none)\n")

@@ -489,6 +489,86 @@ func (x *StreamAck) GetCutUnixNano() int64 {
 	return 0
 }
 
+type RenewLeaseRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenewLeaseRequest) Reset() {
+	*x = RenewLeaseRequest{}
+	mi := &file_tether_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenewLeaseRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenewLeaseRequest) ProtoMessage() {}
+
+func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenewLeaseRequest.ProtoReflect.Descriptor instead.
+func (*RenewLeaseRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *RenewLeaseRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+type RenewLeaseResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenewLeaseResponse) Reset() {
+	*x = RenewLeaseResponse{}
+	mi := &file_tether_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenewLeaseResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenewLeaseResponse) ProtoMessage() {}
+
+func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
+func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{6}
+}
+
 type ApplyRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Command       []byte                 `protobuf:"bytes,1,opt,name=command,proto3" json:"command,omitempty"`
@@ -498,7 +578,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -510,7 +590,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -523,7 +603,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{5}
+	return file_tether_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ApplyRequest) GetCommand() []byte {
@@ -545,7 +625,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -557,7 +637,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -570,7 +650,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{6}
+	return file_tether_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ApplyResponse) GetIndex() uint64 {
@@ -596,7 +676,7 @@ type PrimaryStatusRequest struct {
 
 func (x *PrimaryStatusRequest) Reset() {
 	*x = PrimaryStatusRequest{}
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -608,7 +688,7 @@ func (x *PrimaryStatusRequest) String() string {
 func (*PrimaryStatusRequest) ProtoMessage() {}
 
 func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -621,7 +701,7 @@ func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusRequest.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{7}
+	return file_tether_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *PrimaryStatusRequest) GetVolume() string {
@@ -642,7 +722,7 @@ type PrimaryStatusResponse struct {
 
 func (x *PrimaryStatusResponse) Reset() {
 	*x = PrimaryStatusResponse{}
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -654,7 +734,7 @@ func (x *PrimaryStatusResponse) String() string {
 func (*PrimaryStatusResponse) ProtoMessage() {}
 
 func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -667,7 +747,7 @@ func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusResponse.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{8}
+	return file_tether_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PrimaryStatusResponse) GetReplicas() []*ReplicaStatus {
@@ -707,7 +787,7 @@ type ReplicaStatus struct {
 
 func (x *ReplicaStatus) Reset() {
 	*x = ReplicaStatus{}
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -719,7 +799,7 @@ func (x *ReplicaStatus) String() string {
 func (*ReplicaStatus) ProtoMessage() {}
 
 func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -732,7 +812,7 @@ func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaStatus.ProtoReflect.Descriptor instead.
 func (*ReplicaStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{9}
+	return file_tether_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ReplicaStatus) GetNode() string {
@@ -785,7 +865,7 @@ type MembersRequest struct {
 
 func (x *MembersRequest) Reset() {
 	*x = MembersRequest{}
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -797,7 +877,7 @@ func (x *MembersRequest) String() string {
 func (*MembersRequest) ProtoMessage() {}
 
 func (x *MembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -810,7 +890,7 @@ func (x *MembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersRequest.ProtoReflect.Descriptor instead.
 func (*MembersRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{10}
+	return file_tether_proto_rawDescGZIP(), []int{12}
 }
 
 type Member struct {
@@ -829,7 +909,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -841,7 +921,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -854,7 +934,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{11}
+	return file_tether_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *Member) GetName() string {
@@ -908,7 +988,7 @@ type MembersResponse struct {
 
 func (x *MembersResponse) Reset() {
 	*x = MembersResponse{}
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -920,7 +1000,7 @@ func (x *MembersResponse) String() string {
 func (*MembersResponse) ProtoMessage() {}
 
 func (x *MembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -933,7 +1013,7 @@ func (x *MembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersResponse.ProtoReflect.Descriptor instead.
 func (*MembersResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{12}
+	return file_tether_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *MembersResponse) GetMembers() []*Member {
@@ -951,7 +1031,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -963,7 +1043,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -976,7 +1056,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{13}
+	return file_tether_proto_rawDescGZIP(), []int{15}
 }
 
 type StatusResponse struct {
@@ -989,13 +1069,19 @@ type StatusResponse struct {
 	PrimaryOf     []*VolumeStatus        `protobuf:"bytes,6,rep,name=primary_of,json=primaryOf,proto3" json:"primary_of,omitempty"`
 	ReplicaOf     []string               `protobuf:"bytes,7,rep,name=replica_of,json=replicaOf,proto3" json:"replica_of,omitempty"`
 	DataDir       string                 `protobuf:"bytes,8,opt,name=data_dir,json=dataDir,proto3" json:"data_dir,omitempty"`
+	// Whether this node holds a primary lease, and how long ago it was last
+	// confirmed by the leader.
+	LeaseHeld  bool  `protobuf:"varint,9,opt,name=lease_held,json=leaseHeld,proto3" json:"lease_held,omitempty"`
+	LeaseAgeMs int64 `protobuf:"varint,10,opt,name=lease_age_ms,json=leaseAgeMs,proto3" json:"lease_age_ms,omitempty"`
+	// Volumes this node stopped serving as primary because its lease lapsed.
+	Fenced        []*FencedVolume `protobuf:"bytes,11,rep,name=fenced,proto3" json:"fenced,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1007,7 +1093,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1020,7 +1106,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{14}
+	return file_tether_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *StatusResponse) GetNode() string {
@@ -1079,6 +1165,95 @@ func (x *StatusResponse) GetDataDir() string {
 	return ""
 }
 
+func (x *StatusResponse) GetLeaseHeld() bool {
+	if x != nil {
+		return x.LeaseHeld
+	}
+	return false
+}
+
+func (x *StatusResponse) GetLeaseAgeMs() int64 {
+	if x != nil {
+		return x.LeaseAgeMs
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetFenced() []*FencedVolume {
+	if x != nil {
+		return x.Fenced
+	}
+	return nil
+}
+
+type FencedVolume struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Epoch         uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	SinceUnixNano int64                  `protobuf:"varint,3,opt,name=since_unix_nano,json=sinceUnixNano,proto3" json:"since_unix_nano,omitempty"`
+	Reason        string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FencedVolume) Reset() {
+	*x = FencedVolume{}
+	mi := &file_tether_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FencedVolume) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FencedVolume) ProtoMessage() {}
+
+func (x *FencedVolume) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FencedVolume.ProtoReflect.Descriptor instead.
+func (*FencedVolume) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *FencedVolume) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *FencedVolume) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *FencedVolume) GetSinceUnixNano() int64 {
+	if x != nil {
+		return x.SinceUnixNano
+	}
+	return 0
+}
+
+func (x *FencedVolume) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 type VolumeCreateRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1089,7 +1264,7 @@ type VolumeCreateRequest struct {
 
 func (x *VolumeCreateRequest) Reset() {
 	*x = VolumeCreateRequest{}
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1101,7 +1276,7 @@ func (x *VolumeCreateRequest) String() string {
 func (*VolumeCreateRequest) ProtoMessage() {}
 
 func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1114,7 +1289,7 @@ func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeCreateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{15}
+	return file_tether_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *VolumeCreateRequest) GetName() string {
@@ -1140,7 +1315,7 @@ type VolumeCreateResponse struct {
 
 func (x *VolumeCreateResponse) Reset() {
 	*x = VolumeCreateResponse{}
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1152,7 +1327,7 @@ func (x *VolumeCreateResponse) String() string {
 func (*VolumeCreateResponse) ProtoMessage() {}
 
 func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1165,7 +1340,7 @@ func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeCreateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{16}
+	return file_tether_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *VolumeCreateResponse) GetVolume() *Volume {
@@ -1183,7 +1358,7 @@ type VolumeListRequest struct {
 
 func (x *VolumeListRequest) Reset() {
 	*x = VolumeListRequest{}
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1195,7 +1370,7 @@ func (x *VolumeListRequest) String() string {
 func (*VolumeListRequest) ProtoMessage() {}
 
 func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1208,7 +1383,7 @@ func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListRequest.ProtoReflect.Descriptor instead.
 func (*VolumeListRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{17}
+	return file_tether_proto_rawDescGZIP(), []int{20}
 }
 
 type VolumeListResponse struct {
@@ -1220,7 +1395,7 @@ type VolumeListResponse struct {
 
 func (x *VolumeListResponse) Reset() {
 	*x = VolumeListResponse{}
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1232,7 +1407,7 @@ func (x *VolumeListResponse) String() string {
 func (*VolumeListResponse) ProtoMessage() {}
 
 func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1245,7 +1420,7 @@ func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListResponse.ProtoReflect.Descriptor instead.
 func (*VolumeListResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{18}
+	return file_tether_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *VolumeListResponse) GetVolumes() []*Volume {
@@ -1264,7 +1439,7 @@ type VolumeInspectRequest struct {
 
 func (x *VolumeInspectRequest) Reset() {
 	*x = VolumeInspectRequest{}
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1276,7 +1451,7 @@ func (x *VolumeInspectRequest) String() string {
 func (*VolumeInspectRequest) ProtoMessage() {}
 
 func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1289,7 +1464,7 @@ func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectRequest.ProtoReflect.Descriptor instead.
 func (*VolumeInspectRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{19}
+	return file_tether_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *VolumeInspectRequest) GetName() string {
@@ -1309,7 +1484,7 @@ type VolumeInspectResponse struct {
 
 func (x *VolumeInspectResponse) Reset() {
 	*x = VolumeInspectResponse{}
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1321,7 +1496,7 @@ func (x *VolumeInspectResponse) String() string {
 func (*VolumeInspectResponse) ProtoMessage() {}
 
 func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1334,7 +1509,7 @@ func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectResponse.ProtoReflect.Descriptor instead.
 func (*VolumeInspectResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{20}
+	return file_tether_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *VolumeInspectResponse) GetVolume() *Volume {
@@ -1371,7 +1546,7 @@ type Volume struct {
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1383,7 +1558,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1396,7 +1571,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{21}
+	return file_tether_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Volume) GetName() string {
@@ -1474,7 +1649,7 @@ type ReplicaProgress struct {
 
 func (x *ReplicaProgress) Reset() {
 	*x = ReplicaProgress{}
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1486,7 +1661,7 @@ func (x *ReplicaProgress) String() string {
 func (*ReplicaProgress) ProtoMessage() {}
 
 func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1499,7 +1674,7 @@ func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaProgress.ProtoReflect.Descriptor instead.
 func (*ReplicaProgress) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{22}
+	return file_tether_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ReplicaProgress) GetNode() string {
@@ -1545,7 +1720,7 @@ type VolumeStatus struct {
 
 func (x *VolumeStatus) Reset() {
 	*x = VolumeStatus{}
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1557,7 +1732,7 @@ func (x *VolumeStatus) String() string {
 func (*VolumeStatus) ProtoMessage() {}
 
 func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1570,7 +1745,7 @@ func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
 func (*VolumeStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{23}
+	return file_tether_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *VolumeStatus) GetName() string {
@@ -1648,7 +1823,10 @@ const file_tether_proto_rawDesc = "" +
 	"\tStreamAck\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\"\n" +
-	"\rcut_unix_nano\x18\x03 \x01(\x03R\vcutUnixNano\"(\n" +
+	"\rcut_unix_nano\x18\x03 \x01(\x03R\vcutUnixNano\"'\n" +
+	"\x11RenewLeaseRequest\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\"\x14\n" +
+	"\x12RenewLeaseResponse\"(\n" +
 	"\fApplyRequest\x12\x18\n" +
 	"\acommand\x18\x01 \x01(\fR\acommand\";\n" +
 	"\rApplyResponse\x12\x14\n" +
@@ -1678,7 +1856,7 @@ const file_tether_proto_rawDesc = "" +
 	"\aversion\x18\x06 \x01(\tR\aversion\">\n" +
 	"\x0fMembersResponse\x12+\n" +
 	"\amembers\x18\x01 \x03(\v2\x11.tether.v1.MemberR\amembers\"\x0f\n" +
-	"\rStatusRequest\"\x8f\x02\n" +
+	"\rStatusRequest\"\x81\x03\n" +
 	"\x0eStatusResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\x16\n" +
@@ -1690,7 +1868,18 @@ const file_tether_proto_rawDesc = "" +
 	"primary_of\x18\x06 \x03(\v2\x17.tether.v1.VolumeStatusR\tprimaryOf\x12\x1d\n" +
 	"\n" +
 	"replica_of\x18\a \x03(\tR\treplicaOf\x12\x19\n" +
-	"\bdata_dir\x18\b \x01(\tR\adataDir\"E\n" +
+	"\bdata_dir\x18\b \x01(\tR\adataDir\x12\x1d\n" +
+	"\n" +
+	"lease_held\x18\t \x01(\bR\tleaseHeld\x12 \n" +
+	"\flease_age_ms\x18\n" +
+	" \x01(\x03R\n" +
+	"leaseAgeMs\x12/\n" +
+	"\x06fenced\x18\v \x03(\v2\x17.tether.v1.FencedVolumeR\x06fenced\"x\n" +
+	"\fFencedVolume\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12&\n" +
+	"\x0fsince_unix_nano\x18\x03 \x01(\x03R\rsinceUnixNano\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\"E\n" +
 	"\x13VolumeCreateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\breplicas\x18\x02 \x01(\rR\breplicas\"A\n" +
@@ -1726,10 +1915,12 @@ const file_tether_proto_rawDesc = "" +
 	"\breplicas\x18\x04 \x03(\v2\x18.tether.v1.ReplicaStatusR\breplicas\x12\x14\n" +
 	"\x05error\x18\x05 \x01(\tR\x05error2K\n" +
 	"\vReplication\x12<\n" +
-	"\x06Stream\x12\x18.tether.v1.StreamRequest\x1a\x14.tether.v1.StreamAck(\x010\x012\x96\x01\n" +
+	"\x06Stream\x12\x18.tether.v1.StreamRequest\x1a\x14.tether.v1.StreamAck(\x010\x012\xe1\x01\n" +
 	"\x04Peer\x12:\n" +
 	"\x05Apply\x12\x17.tether.v1.ApplyRequest\x1a\x18.tether.v1.ApplyResponse\x12R\n" +
-	"\rPrimaryStatus\x12\x1f.tether.v1.PrimaryStatusRequest\x1a .tether.v1.PrimaryStatusResponse2\xfa\x02\n" +
+	"\rPrimaryStatus\x12\x1f.tether.v1.PrimaryStatusRequest\x1a .tether.v1.PrimaryStatusResponse\x12I\n" +
+	"\n" +
+	"RenewLease\x12\x1c.tether.v1.RenewLeaseRequest\x1a\x1d.tether.v1.RenewLeaseResponse2\xfa\x02\n" +
 	"\aControl\x12@\n" +
 	"\aMembers\x12\x19.tether.v1.MembersRequest\x1a\x1a.tether.v1.MembersResponse\x12=\n" +
 	"\x06Status\x12\x18.tether.v1.StatusRequest\x1a\x19.tether.v1.StatusResponse\x12O\n" +
@@ -1751,7 +1942,7 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
 var file_tether_proto_goTypes = []any{
 	(FileOp_Kind)(0),              // 0: tether.v1.FileOp.Kind
 	(*StreamRequest)(nil),         // 1: tether.v1.StreamRequest
@@ -1759,61 +1950,67 @@ var file_tether_proto_goTypes = []any{
 	(*FileOp)(nil),                // 3: tether.v1.FileOp
 	(*Commit)(nil),                // 4: tether.v1.Commit
 	(*StreamAck)(nil),             // 5: tether.v1.StreamAck
-	(*ApplyRequest)(nil),          // 6: tether.v1.ApplyRequest
-	(*ApplyResponse)(nil),         // 7: tether.v1.ApplyResponse
-	(*PrimaryStatusRequest)(nil),  // 8: tether.v1.PrimaryStatusRequest
-	(*PrimaryStatusResponse)(nil), // 9: tether.v1.PrimaryStatusResponse
-	(*ReplicaStatus)(nil),         // 10: tether.v1.ReplicaStatus
-	(*MembersRequest)(nil),        // 11: tether.v1.MembersRequest
-	(*Member)(nil),                // 12: tether.v1.Member
-	(*MembersResponse)(nil),       // 13: tether.v1.MembersResponse
-	(*StatusRequest)(nil),         // 14: tether.v1.StatusRequest
-	(*StatusResponse)(nil),        // 15: tether.v1.StatusResponse
-	(*VolumeCreateRequest)(nil),   // 16: tether.v1.VolumeCreateRequest
-	(*VolumeCreateResponse)(nil),  // 17: tether.v1.VolumeCreateResponse
-	(*VolumeListRequest)(nil),     // 18: tether.v1.VolumeListRequest
-	(*VolumeListResponse)(nil),    // 19: tether.v1.VolumeListResponse
-	(*VolumeInspectRequest)(nil),  // 20: tether.v1.VolumeInspectRequest
-	(*VolumeInspectResponse)(nil), // 21: tether.v1.VolumeInspectResponse
-	(*Volume)(nil),                // 22: tether.v1.Volume
-	(*ReplicaProgress)(nil),       // 23: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),          // 24: tether.v1.VolumeStatus
+	(*RenewLeaseRequest)(nil),     // 6: tether.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),    // 7: tether.v1.RenewLeaseResponse
+	(*ApplyRequest)(nil),          // 8: tether.v1.ApplyRequest
+	(*ApplyResponse)(nil),         // 9: tether.v1.ApplyResponse
+	(*PrimaryStatusRequest)(nil),  // 10: tether.v1.PrimaryStatusRequest
+	(*PrimaryStatusResponse)(nil), // 11: tether.v1.PrimaryStatusResponse
+	(*ReplicaStatus)(nil),         // 12: tether.v1.ReplicaStatus
+	(*MembersRequest)(nil),        // 13: tether.v1.MembersRequest
+	(*Member)(nil),                // 14: tether.v1.Member
+	(*MembersResponse)(nil),       // 15: tether.v1.MembersResponse
+	(*StatusRequest)(nil),         // 16: tether.v1.StatusRequest
+	(*StatusResponse)(nil),        // 17: tether.v1.StatusResponse
+	(*FencedVolume)(nil),          // 18: tether.v1.FencedVolume
+	(*VolumeCreateRequest)(nil),   // 19: tether.v1.VolumeCreateRequest
+	(*VolumeCreateResponse)(nil),  // 20: tether.v1.VolumeCreateResponse
+	(*VolumeListRequest)(nil),     // 21: tether.v1.VolumeListRequest
+	(*VolumeListResponse)(nil),    // 22: tether.v1.VolumeListResponse
+	(*VolumeInspectRequest)(nil),  // 23: tether.v1.VolumeInspectRequest
+	(*VolumeInspectResponse)(nil), // 24: tether.v1.VolumeInspectResponse
+	(*Volume)(nil),                // 25: tether.v1.Volume
+	(*ReplicaProgress)(nil),       // 26: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),          // 27: tether.v1.VolumeStatus
 }
 var file_tether_proto_depIdxs = []int32{
 	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
 	3,  // 1: tether.v1.StreamRequest.op:type_name -> tether.v1.FileOp
 	4,  // 2: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
 	0,  // 3: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
-	10, // 4: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
-	12, // 5: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
-	24, // 6: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
-	22, // 7: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
-	22, // 8: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
-	22, // 9: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
-	24, // 10: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
-	23, // 11: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	10, // 12: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	1,  // 13: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	6,  // 14: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	8,  // 15: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	11, // 16: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	14, // 17: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	16, // 18: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	18, // 19: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	20, // 20: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	5,  // 21: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	7,  // 22: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	9,  // 23: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	13, // 24: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	15, // 25: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	17, // 26: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	19, // 27: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	21, // 28: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	21, // [21:29] is the sub-list for method output_type
-	13, // [13:21] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	12, // 4: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
+	14, // 5: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
+	27, // 6: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
+	18, // 7: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
+	25, // 8: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
+	25, // 9: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
+	25, // 10: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
+	27, // 11: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
+	26, // 12: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
+	12, // 13: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
+	1,  // 14: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	8,  // 15: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	10, // 16: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	6,  // 17: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
+	13, // 18: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	16, // 19: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	19, // 20: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	21, // 21: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	23, // 22: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	5,  // 23: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	9,  // 24: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	11, // 25: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	7,  // 26: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
+	15, // 27: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	17, // 28: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	20, // 29: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	22, // 30: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	24, // 31: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	23, // [23:32] is the sub-list for method output_type
+	14, // [14:23] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -1832,7 +2029,7 @@ func file_tether_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   24,
+			NumMessages:   27,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

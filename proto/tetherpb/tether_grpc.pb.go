@@ -138,6 +138,7 @@ var Replication_ServiceDesc = grpc.ServiceDesc{
 const (
 	Peer_Apply_FullMethodName         = "/tether.v1.Peer/Apply"
 	Peer_PrimaryStatus_FullMethodName = "/tether.v1.Peer/PrimaryStatus"
+	Peer_RenewLease_FullMethodName    = "/tether.v1.Peer/RenewLease"
 )
 
 // PeerClient is the client API for Peer service.
@@ -150,6 +151,9 @@ type PeerClient interface {
 	// PrimaryStatus reports the replication state of volumes this node is
 	// primary for.
 	PrimaryStatus(ctx context.Context, in *PrimaryStatusRequest, opts ...grpc.CallOption) (*PrimaryStatusResponse, error)
+	// RenewLease asks the leader to confirm it still leads a quorum and to
+	// grant node a primary lease. A non-leader answers FailedPrecondition.
+	RenewLease(ctx context.Context, in *RenewLeaseRequest, opts ...grpc.CallOption) (*RenewLeaseResponse, error)
 }
 
 type peerClient struct {
@@ -180,6 +184,16 @@ func (c *peerClient) PrimaryStatus(ctx context.Context, in *PrimaryStatusRequest
 	return out, nil
 }
 
+func (c *peerClient) RenewLease(ctx context.Context, in *RenewLeaseRequest, opts ...grpc.CallOption) (*RenewLeaseResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RenewLeaseResponse)
+	err := c.cc.Invoke(ctx, Peer_RenewLease_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PeerServer is the server API for Peer service.
 // All implementations must embed UnimplementedPeerServer
 // for forward compatibility.
@@ -190,6 +204,9 @@ type PeerServer interface {
 	// PrimaryStatus reports the replication state of volumes this node is
 	// primary for.
 	PrimaryStatus(context.Context, *PrimaryStatusRequest) (*PrimaryStatusResponse, error)
+	// RenewLease asks the leader to confirm it still leads a quorum and to
+	// grant node a primary lease. A non-leader answers FailedPrecondition.
+	RenewLease(context.Context, *RenewLeaseRequest) (*RenewLeaseResponse, error)
 	mustEmbedUnimplementedPeerServer()
 }
 
@@ -205,6 +222,9 @@ func (UnimplementedPeerServer) Apply(context.Context, *ApplyRequest) (*ApplyResp
 }
 func (UnimplementedPeerServer) PrimaryStatus(context.Context, *PrimaryStatusRequest) (*PrimaryStatusResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method PrimaryStatus not implemented")
+}
+func (UnimplementedPeerServer) RenewLease(context.Context, *RenewLeaseRequest) (*RenewLeaseResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RenewLease not implemented")
 }
 func (UnimplementedPeerServer) mustEmbedUnimplementedPeerServer() {}
 func (UnimplementedPeerServer) testEmbeddedByValue()              {}
@@ -263,6 +283,24 @@ func _Peer_PrimaryStatus_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Peer_RenewLease_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RenewLeaseRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PeerServer).RenewLease(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Peer_RenewLease_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PeerServer).RenewLease(ctx, req.(*RenewLeaseRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Peer_ServiceDesc is the grpc.ServiceDesc for Peer service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -277,6 +315,10 @@ var Peer_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "PrimaryStatus",
 			Handler:    _Peer_PrimaryStatus_Handler,
+		},
+		{
+			MethodName: "RenewLease",
+			Handler:    _Peer_RenewLease_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
