@@ -115,7 +115,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if err := a.cluster.Start(a.ctx); err != nil {
 		return fmt.Errorf("starting the cluster: %w", err)
 	}
-	a.prog = newProgressReporter(a.cluster, a.log)
+	a.prog = newProgressReporter(a.cluster, a.log, a.cfg.NodeName, a.primaryHeads)
 	a.lease = newLeaseKeeper(a.cluster, a.log)
 	a.wg.Add(3)
 	go func() { defer a.wg.Done(); a.prog.run(a.ctx) }()

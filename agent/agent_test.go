@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/tether-io/tether/cluster"
 	"github.com/tether-io/tether/internal/testutil"
 	"github.com/tether-io/tether/proto/tetherpb"
 	"github.com/tether-io/tether/replication"
@@ -29,6 +30,11 @@ type testCluster struct {
 
 func startTestCluster(t *testing.T) *testCluster {
 	t.Helper()
+	return startTestClusterWith(t, cluster.Timing{})
+}
+
+func startTestClusterWith(t *testing.T, timing cluster.Timing) *testCluster {
+	t.Helper()
 	tc := &testCluster{t: t, ctl: map[string]tetherpb.ControlClient{}}
 	log := testutil.Logger(t)
 	var join []string
@@ -41,6 +47,7 @@ func startTestCluster(t *testing.T) *testCluster {
 			Join:            join,
 			BootstrapExpect: 3,
 			Logger:          log,
+			Timing:          timing,
 		})
 		if err != nil {
 			t.Fatal(err)

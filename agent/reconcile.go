@@ -159,3 +159,15 @@ func (a *Agent) fence(name string, epoch uint64, reason string) {
 	a.log.Warn("FENCING: stopped serving volume as primary", "volume", name, "epoch", epoch, "reason", reason)
 	a.fenced[name] = fencedVolume{epoch: epoch, since: time.Now(), reason: reason}
 }
+
+// primaryHeads reports the newest batch of each volume served here.
+func (a *Agent) primaryHeads() map[string]replication.Ack {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make(map[string]replication.Ack, len(a.primaries))
+	for name, rp := range a.primaries {
+		st := rp.p.Status()
+		out[name] = replication.Ack{Epoch: st.Epoch, Seq: st.Seq, Cut: time.Now()}
+	}
+	return out
+}

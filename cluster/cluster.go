@@ -77,6 +77,9 @@ type Timing struct {
 	LeaseMargin time.Duration
 	// LeaseRenewInterval is how often a primary renews (default 500ms).
 	LeaseRenewInterval time.Duration
+	// ReplaceGrace is how long a replica may be dead before the leader
+	// replaces it with a spare node, which is then filled (default 2m).
+	ReplaceGrace time.Duration
 }
 
 func (t Timing) withDefaults() Timing {
@@ -95,6 +98,7 @@ func (t Timing) withDefaults() Timing {
 	def(&t.LeaseDuration, 3*time.Second)
 	def(&t.LeaseMargin, time.Second)
 	def(&t.LeaseRenewInterval, 500*time.Millisecond)
+	def(&t.ReplaceGrace, 2*time.Minute)
 	if t.SuspicionMult <= 0 {
 		t.SuspicionMult = 3
 	}
@@ -118,6 +122,9 @@ type Cluster struct {
 
 	members *membership
 	leases  *leaseTable
+	// needsOperator remembers which volumes the leader loop has warned
+	// about; only the leader loop goroutine touches it.
+	needsOperator map[string]bool
 
 	// gossipMu orders our own gossip announcements (meta updates, leave);
 	// left is set once we have left, after which we announce nothing.
@@ -177,6 +184,7 @@ func New(cfg Config) (*Cluster, error) {
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.fsm = newFSM(logger.With("component", "fsm"), func() { notify(c.changes) })
 	c.leases = newLeaseTable()
+	c.needsOperator = map[string]bool{}
 	c.members = newMembership(cfg.NodeName, func() {
 		notify(c.changes)
 		notify(c.bootstrapCh)

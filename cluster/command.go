@@ -15,6 +15,7 @@ const (
 	TypeDeleteVolume   CommandType = 2
 	TypeSetPrimary     CommandType = 3
 	TypeUpdateProgress CommandType = 4
+	TypeSetReplicas    CommandType = 5
 )
 
 // IgnoreUnknownFlag is a bit of the type byte telling an FSM that does not
@@ -61,6 +62,18 @@ type UpdateProgress struct {
 	Seq         uint64 `json:"seq"`
 	CutUnixNano int64  `json:"cut_unix_nano"`
 }
+
+// SetReplicas replaces a volume's replica set (re-replication). It is
+// refused unless the catalog's epoch equals ExpectEpoch, so it cannot race
+// a failover.
+type SetReplicas struct {
+	Name         string   `json:"name"`
+	ReplicaNodes []string `json:"replica_nodes"`
+	ExpectEpoch  uint64   `json:"expect_epoch"`
+}
+
+// Type implements Command.
+func (SetReplicas) Type() CommandType { return TypeSetReplicas }
 
 // Type implements Command.
 func (CreateVolume) Type() CommandType { return TypeCreateVolume }
@@ -116,6 +129,8 @@ func Decode(b []byte) (Command, error) {
 		return *c, nil
 	case *UpdateProgress:
 		return *c, nil
+	case *SetReplicas:
+		return *c, nil
 	}
 	return nil, fmt.Errorf("%w: type %d", ErrUnknownCommand, typ)
 }
@@ -131,6 +146,8 @@ func newCommand(typ CommandType) Command {
 		return &SetPrimary{}
 	case TypeUpdateProgress:
 		return &UpdateProgress{}
+	case TypeSetReplicas:
+		return &SetReplicas{}
 	}
 	return nil
 }

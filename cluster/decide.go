@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 	"time"
 )
@@ -74,6 +75,11 @@ func dedupe(in []string) []string {
 // replica are alive, degraded otherwise.
 func VolumeState(v Volume, health map[string]string) string {
 	if down(health[v.Primary]) {
+		if cmd, ok := ChooseFailover(v, health); ok {
+			if _, blocked := FailoverBlocked(v, cmd.Primary); blocked {
+				return StateNeedsOperator
+			}
+		}
 		return StateNoPrimary
 	}
 	if health[v.Primary] != HealthAlive {
@@ -138,9 +144,141 @@ func Failovers(vols []Volume, health map[string]string, downSince, leaseUntil ma
 		if until, ok := leaseUntil[v.Primary]; ok && now.Before(until) {
 			continue
 		}
-		if cmd, ok := ChooseFailover(v, health); ok {
-			out = append(out, cmd)
+		cmd, ok := ChooseFailover(v, health)
+		if !ok {
+			continue
+		}
+		if _, blocked := FailoverBlocked(v, cmd.Primary); blocked {
+			continue // an operator decides: tether volume promote --force
+		}
+		out = append(out, cmd)
+	}
+	return out
+}
+
+// neverSynced stands for the distance of a copy that holds no batch at all.
+const neverSynced = time.Duration(1<<63 - 1)
+
+// Behind tells how far node's copy of v is behind the primary's head (the
+// newest batch the primary reported cutting): the difference of their cut
+// times, 0 when the copy holds the head, and the maximum duration when the
+// copy never completed a batch while the primary did.
+func Behind(v Volume, node string) time.Duration {
+	head, have := v.Progress[v.Primary], v.Progress[node]
+	if !head.after(have) {
+		return 0
+	}
+	if have.Cut.IsZero() || have.Seq == 0 {
+		return neverSynced
+	}
+	if head.Cut.Before(have.Cut) {
+		return 0
+	}
+	return head.Cut.Sub(have.Cut)
+}
+
+// FailoverBlocked reports whether promoting candidate would give up more
+// than v's max lag, and how far behind it is.
+func FailoverBlocked(v Volume, candidate string) (behind time.Duration, blocked bool) {
+	behind = Behind(v, candidate)
+	return behind, v.MaxLag > 0 && behind > v.MaxLag
+}
+
+// ManualPromotion checks an operator's request to promote to in place of
+// v's dead primary and builds the command. force accepts a copy further
+// behind than the max lag. Lease expiry is the caller's check (it needs
+// the leader's clock).
+func ManualPromotion(v Volume, to string, health map[string]string, force bool) (SetPrimary, time.Duration, error) {
+	switch {
+	case to == v.Primary:
+		return SetPrimary{}, 0, fmt.Errorf("%w: %s is already the primary of %q", ErrInvalidCommand, to, v.Name)
+	case !slices.Contains(v.ReplicaNodes, to):
+		return SetPrimary{}, 0, fmt.Errorf("%w: %s holds no copy of %q (replicas: %v)", ErrInvalidCommand, to, v.Name, v.ReplicaNodes)
+	case !down(health[v.Primary]):
+		return SetPrimary{}, 0, fmt.Errorf("%w: the primary %s of %q is %s; promote only replaces a dead primary (use tether volume move for a planned move)", ErrPrimaryAlive, v.Primary, v.Name, orUnknown(health[v.Primary]))
+	case health[to] != HealthAlive:
+		return SetPrimary{}, 0, fmt.Errorf("%w: %s is %s", ErrNotEnoughNodes, to, orUnknown(health[to]))
+	}
+	behind, blocked := FailoverBlocked(v, to)
+	if blocked && !force {
+		return SetPrimary{}, behind, fmt.Errorf("%w: %s's copy of %q is %s behind the primary's last batch, more than its max lag %s; add --force to accept losing that", ErrTooFarBehind, to, v.Name, fmtBehind(behind), v.MaxLag)
+	}
+	replicas := []string{}
+	for _, r := range v.ReplicaNodes {
+		if r != to {
+			replicas = append(replicas, r)
+		}
+	}
+	replicas = append(replicas, v.Primary)
+	return SetPrimary{Name: v.Name, Primary: to, ReplicaNodes: replicas, Epoch: v.Epoch + 1, ExpectEpoch: v.Epoch}, behind, nil
+}
+
+func orUnknown(health string) string {
+	if health == "" {
+		return "unknown"
+	}
+	return health
+}
+
+func fmtBehind(d time.Duration) string {
+	if d == neverSynced {
+		return "infinitely (it never completed a batch)"
+	}
+	return d.String()
+}
+
+// Replacements lists the replica changes the leader should apply now: in
+// each volume whose primary is alive, a replica down for at least grace is
+// replaced by the least loaded alive node holding no copy (ties to the
+// smaller name). A volume with no such node keeps its dead replica and
+// stays degraded.
+func Replacements(vols []Volume, health map[string]string, downSince map[string]time.Time, now time.Time, grace time.Duration, load map[string]int) []SetReplicas {
+	var out []SetReplicas
+	for _, v := range vols {
+		if health[v.Primary] != HealthAlive {
+			continue
+		}
+		var next []string
+		changed := false
+		for _, r := range v.ReplicaNodes {
+			since, ok := downSince[r]
+			if !down(health[r]) || !ok || now.Sub(since) < grace {
+				next = append(next, r)
+				continue
+			}
+			spare := spareNode(v, next, health, load)
+			if spare == "" {
+				next = append(next, r)
+				continue
+			}
+			next = append(next, spare)
+			load[spare]++
+			changed = true
+		}
+		if changed {
+			out = append(out, SetReplicas{Name: v.Name, ReplicaNodes: next, ExpectEpoch: v.Epoch})
 		}
 	}
 	return out
+}
+
+// spareNode is the least loaded alive node that is neither v's primary nor
+// one of its replicas (old or already chosen).
+func spareNode(v Volume, chosen []string, health map[string]string, load map[string]int) string {
+	var nodes []string
+	for n, h := range health {
+		if h == HealthAlive && !v.participant(n) && !slices.Contains(chosen, n) {
+			nodes = append(nodes, n)
+		}
+	}
+	sort.Slice(nodes, func(i, j int) bool {
+		if load[nodes[i]] != load[nodes[j]] {
+			return load[nodes[i]] < load[nodes[j]]
+		}
+		return nodes[i] < nodes[j]
+	})
+	if len(nodes) == 0 {
+		return ""
+	}
+	return nodes[0]
 }

@@ -22,13 +22,17 @@ var (
 	ErrUnknownCommand  = errors.New("cluster: unknown catalog command")
 	ErrNotEnoughNodes  = errors.New("cluster: not enough alive members")
 	ErrShutdown        = errors.New("cluster: shut down")
+	ErrPrimaryAlive    = errors.New("cluster: the primary is alive")
+	ErrTooFarBehind    = errors.New("cluster: the copy is further behind than the volume's max lag")
+	ErrLeaseHeld       = errors.New("cluster: the old primary may still hold its lease")
 )
 
 // businessErrors are the refusals that travel as text in a forwarded Apply.
 var businessErrors = []error{
 	ErrNotLeader, ErrNoLeader, ErrVolumeExists, ErrNoVolume, ErrEpochMismatch,
 	ErrNotParticipant, ErrInvalidName, ErrInvalidReplicas, ErrInvalidCommand,
-	ErrUnknownCommand, ErrNotEnoughNodes, ErrShutdown,
+	ErrUnknownCommand, ErrNotEnoughNodes, ErrShutdown, ErrPrimaryAlive,
+	ErrTooFarBehind, ErrLeaseHeld,
 }
 
 // ParseError turns the text of an error produced by this package (for

@@ -13,7 +13,14 @@ const (
 	StateHealthy   = "healthy"
 	StateDegraded  = "degraded"
 	StateNoPrimary = "no-primary"
+	// StateNeedsOperator: the primary is down and every live copy is
+	// further behind than the volume's max lag; promote one with
+	// `tether volume promote --force`, or bring the primary back.
+	StateNeedsOperator = "needs-operator"
 )
+
+// DefaultMaxLag is the max lag of a volume created without one.
+const DefaultMaxLag = 5 * time.Minute
 
 // MaxReplicas bounds Volume.Replicas (which counts the primary).
 const MaxReplicas = 7
@@ -31,8 +38,12 @@ type Volume struct {
 	// State is healthy, degraded or no-primary; filled by Cluster from
 	// membership, empty in the FSM.
 	State string `json:"state,omitempty"`
-	// Progress is the last durable batch per node, as reported.
+	// Progress is the last durable batch per node, as reported. The
+	// primary's own entry is its head: the newest batch it has cut.
 	Progress map[string]Progress `json:"progress,omitempty"`
+	// MaxLag bounds how far behind its primary's head a copy may be for
+	// automatic failover to promote it; 0 means no bound.
+	MaxLag time.Duration `json:"max_lag,omitempty"`
 }
 
 // Progress is the last batch a node holds durably.

@@ -857,6 +857,235 @@ func (x *ReplicaStatus) GetError() string {
 	return ""
 }
 
+type VolumePromoteRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	To    string                 `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	// force promotes even when the target is further behind than the
+	// volume's max lag.
+	Force         bool `protobuf:"varint,3,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumePromoteRequest) Reset() {
+	*x = VolumePromoteRequest{}
+	mi := &file_tether_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumePromoteRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumePromoteRequest) ProtoMessage() {}
+
+func (x *VolumePromoteRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumePromoteRequest.ProtoReflect.Descriptor instead.
+func (*VolumePromoteRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *VolumePromoteRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *VolumePromoteRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+func (x *VolumePromoteRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type VolumePromoteResponse struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Volume *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	// How far the promoted copy was behind the old primary's last reported
+	// batch, in milliseconds (what the promotion gave up).
+	BehindMs      int64 `protobuf:"varint,2,opt,name=behind_ms,json=behindMs,proto3" json:"behind_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumePromoteResponse) Reset() {
+	*x = VolumePromoteResponse{}
+	mi := &file_tether_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumePromoteResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumePromoteResponse) ProtoMessage() {}
+
+func (x *VolumePromoteResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumePromoteResponse.ProtoReflect.Descriptor instead.
+func (*VolumePromoteResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *VolumePromoteResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+func (x *VolumePromoteResponse) GetBehindMs() int64 {
+	if x != nil {
+		return x.BehindMs
+	}
+	return 0
+}
+
+type VolumeMoveRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	To    string                 `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	// How long to wait for the volume to go quiet, in milliseconds.
+	WaitMs        int64 `protobuf:"varint,3,opt,name=wait_ms,json=waitMs,proto3" json:"wait_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeMoveRequest) Reset() {
+	*x = VolumeMoveRequest{}
+	mi := &file_tether_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeMoveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeMoveRequest) ProtoMessage() {}
+
+func (x *VolumeMoveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeMoveRequest.ProtoReflect.Descriptor instead.
+func (*VolumeMoveRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *VolumeMoveRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *VolumeMoveRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+func (x *VolumeMoveRequest) GetWaitMs() int64 {
+	if x != nil {
+		return x.WaitMs
+	}
+	return 0
+}
+
+type VolumeMoveResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	TookMs        int64                  `protobuf:"varint,2,opt,name=took_ms,json=tookMs,proto3" json:"took_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeMoveResponse) Reset() {
+	*x = VolumeMoveResponse{}
+	mi := &file_tether_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeMoveResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeMoveResponse) ProtoMessage() {}
+
+func (x *VolumeMoveResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeMoveResponse.ProtoReflect.Descriptor instead.
+func (*VolumeMoveResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *VolumeMoveResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+func (x *VolumeMoveResponse) GetTookMs() int64 {
+	if x != nil {
+		return x.TookMs
+	}
+	return 0
+}
+
 type MembersRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -865,7 +1094,7 @@ type MembersRequest struct {
 
 func (x *MembersRequest) Reset() {
 	*x = MembersRequest{}
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -877,7 +1106,7 @@ func (x *MembersRequest) String() string {
 func (*MembersRequest) ProtoMessage() {}
 
 func (x *MembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -890,7 +1119,7 @@ func (x *MembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersRequest.ProtoReflect.Descriptor instead.
 func (*MembersRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{12}
+	return file_tether_proto_rawDescGZIP(), []int{16}
 }
 
 type Member struct {
@@ -909,7 +1138,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -921,7 +1150,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -934,7 +1163,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{13}
+	return file_tether_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Member) GetName() string {
@@ -988,7 +1217,7 @@ type MembersResponse struct {
 
 func (x *MembersResponse) Reset() {
 	*x = MembersResponse{}
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1000,7 +1229,7 @@ func (x *MembersResponse) String() string {
 func (*MembersResponse) ProtoMessage() {}
 
 func (x *MembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1013,7 +1242,7 @@ func (x *MembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersResponse.ProtoReflect.Descriptor instead.
 func (*MembersResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{14}
+	return file_tether_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *MembersResponse) GetMembers() []*Member {
@@ -1031,7 +1260,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1043,7 +1272,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1056,7 +1285,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{15}
+	return file_tether_proto_rawDescGZIP(), []int{19}
 }
 
 type StatusResponse struct {
@@ -1081,7 +1310,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1093,7 +1322,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1106,7 +1335,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{16}
+	return file_tether_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *StatusResponse) GetNode() string {
@@ -1198,7 +1427,7 @@ type FencedVolume struct {
 
 func (x *FencedVolume) Reset() {
 	*x = FencedVolume{}
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1210,7 +1439,7 @@ func (x *FencedVolume) String() string {
 func (*FencedVolume) ProtoMessage() {}
 
 func (x *FencedVolume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1223,7 +1452,7 @@ func (x *FencedVolume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FencedVolume.ProtoReflect.Descriptor instead.
 func (*FencedVolume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{17}
+	return file_tether_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *FencedVolume) GetName() string {
@@ -1255,16 +1484,19 @@ func (x *FencedVolume) GetReason() string {
 }
 
 type VolumeCreateRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Replicas      uint32                 `protobuf:"varint,2,opt,name=replicas,proto3" json:"replicas,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Name     string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Replicas uint32                 `protobuf:"varint,2,opt,name=replicas,proto3" json:"replicas,omitempty"`
+	// Automatic failover refuses a copy further behind than this
+	// (milliseconds); 0 means the default (5 minutes), -1 no limit.
+	MaxLagMs      int64 `protobuf:"varint,3,opt,name=max_lag_ms,json=maxLagMs,proto3" json:"max_lag_ms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *VolumeCreateRequest) Reset() {
 	*x = VolumeCreateRequest{}
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1276,7 +1508,7 @@ func (x *VolumeCreateRequest) String() string {
 func (*VolumeCreateRequest) ProtoMessage() {}
 
 func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1289,7 +1521,7 @@ func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeCreateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{18}
+	return file_tether_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *VolumeCreateRequest) GetName() string {
@@ -1306,6 +1538,13 @@ func (x *VolumeCreateRequest) GetReplicas() uint32 {
 	return 0
 }
 
+func (x *VolumeCreateRequest) GetMaxLagMs() int64 {
+	if x != nil {
+		return x.MaxLagMs
+	}
+	return 0
+}
+
 type VolumeCreateResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
@@ -1315,7 +1554,7 @@ type VolumeCreateResponse struct {
 
 func (x *VolumeCreateResponse) Reset() {
 	*x = VolumeCreateResponse{}
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1327,7 +1566,7 @@ func (x *VolumeCreateResponse) String() string {
 func (*VolumeCreateResponse) ProtoMessage() {}
 
 func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1340,7 +1579,7 @@ func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeCreateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{19}
+	return file_tether_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *VolumeCreateResponse) GetVolume() *Volume {
@@ -1358,7 +1597,7 @@ type VolumeListRequest struct {
 
 func (x *VolumeListRequest) Reset() {
 	*x = VolumeListRequest{}
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1370,7 +1609,7 @@ func (x *VolumeListRequest) String() string {
 func (*VolumeListRequest) ProtoMessage() {}
 
 func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1383,7 +1622,7 @@ func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListRequest.ProtoReflect.Descriptor instead.
 func (*VolumeListRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{20}
+	return file_tether_proto_rawDescGZIP(), []int{24}
 }
 
 type VolumeListResponse struct {
@@ -1395,7 +1634,7 @@ type VolumeListResponse struct {
 
 func (x *VolumeListResponse) Reset() {
 	*x = VolumeListResponse{}
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1407,7 +1646,7 @@ func (x *VolumeListResponse) String() string {
 func (*VolumeListResponse) ProtoMessage() {}
 
 func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1420,7 +1659,7 @@ func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListResponse.ProtoReflect.Descriptor instead.
 func (*VolumeListResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{21}
+	return file_tether_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *VolumeListResponse) GetVolumes() []*Volume {
@@ -1439,7 +1678,7 @@ type VolumeInspectRequest struct {
 
 func (x *VolumeInspectRequest) Reset() {
 	*x = VolumeInspectRequest{}
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1451,7 +1690,7 @@ func (x *VolumeInspectRequest) String() string {
 func (*VolumeInspectRequest) ProtoMessage() {}
 
 func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1464,7 +1703,7 @@ func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectRequest.ProtoReflect.Descriptor instead.
 func (*VolumeInspectRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{22}
+	return file_tether_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *VolumeInspectRequest) GetName() string {
@@ -1484,7 +1723,7 @@ type VolumeInspectResponse struct {
 
 func (x *VolumeInspectResponse) Reset() {
 	*x = VolumeInspectResponse{}
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1496,7 +1735,7 @@ func (x *VolumeInspectResponse) String() string {
 func (*VolumeInspectResponse) ProtoMessage() {}
 
 func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1509,7 +1748,7 @@ func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectResponse.ProtoReflect.Descriptor instead.
 func (*VolumeInspectResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{23}
+	return file_tether_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *VolumeInspectResponse) GetVolume() *Volume {
@@ -1539,14 +1778,18 @@ type Volume struct {
 	State    string             `protobuf:"bytes,7,opt,name=state,proto3" json:"state,omitempty"`
 	Progress []*ReplicaProgress `protobuf:"bytes,8,rep,name=progress,proto3" json:"progress,omitempty"`
 	// Local path of the volume's data on the node answering.
-	Path          string `protobuf:"bytes,9,opt,name=path,proto3" json:"path,omitempty"`
+	Path string `protobuf:"bytes,9,opt,name=path,proto3" json:"path,omitempty"`
+	// Automatic failover refuses a copy further behind than this; 0 = no limit.
+	MaxLagMs int64 `protobuf:"varint,10,opt,name=max_lag_ms,json=maxLagMs,proto3" json:"max_lag_ms,omitempty"`
+	// Why the volume waits for an operator, when it does.
+	Blocked       string `protobuf:"bytes,11,opt,name=blocked,proto3" json:"blocked,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1558,7 +1801,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1571,7 +1814,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{24}
+	return file_tether_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Volume) GetName() string {
@@ -1637,6 +1880,20 @@ func (x *Volume) GetPath() string {
 	return ""
 }
 
+func (x *Volume) GetMaxLagMs() int64 {
+	if x != nil {
+		return x.MaxLagMs
+	}
+	return 0
+}
+
+func (x *Volume) GetBlocked() string {
+	if x != nil {
+		return x.Blocked
+	}
+	return ""
+}
+
 type ReplicaProgress struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
@@ -1649,7 +1906,7 @@ type ReplicaProgress struct {
 
 func (x *ReplicaProgress) Reset() {
 	*x = ReplicaProgress{}
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1661,7 +1918,7 @@ func (x *ReplicaProgress) String() string {
 func (*ReplicaProgress) ProtoMessage() {}
 
 func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1674,7 +1931,7 @@ func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaProgress.ProtoReflect.Descriptor instead.
 func (*ReplicaProgress) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{25}
+	return file_tether_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ReplicaProgress) GetNode() string {
@@ -1720,7 +1977,7 @@ type VolumeStatus struct {
 
 func (x *VolumeStatus) Reset() {
 	*x = VolumeStatus{}
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1732,7 +1989,7 @@ func (x *VolumeStatus) String() string {
 func (*VolumeStatus) ProtoMessage() {}
 
 func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1745,7 +2002,7 @@ func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
 func (*VolumeStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{26}
+	return file_tether_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *VolumeStatus) GetName() string {
@@ -1844,7 +2101,21 @@ const file_tether_proto_rawDesc = "" +
 	"\tacked_seq\x18\x03 \x01(\x04R\backedSeq\x12-\n" +
 	"\x13acked_cut_unix_nano\x18\x04 \x01(\x03R\x10ackedCutUnixNano\x12\x15\n" +
 	"\x06lag_ms\x18\x05 \x01(\x03R\x05lagMs\x12\x14\n" +
-	"\x05error\x18\x06 \x01(\tR\x05error\"\x10\n" +
+	"\x05error\x18\x06 \x01(\tR\x05error\"P\n" +
+	"\x14VolumePromoteRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
+	"\x02to\x18\x02 \x01(\tR\x02to\x12\x14\n" +
+	"\x05force\x18\x03 \x01(\bR\x05force\"_\n" +
+	"\x15VolumePromoteResponse\x12)\n" +
+	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\x12\x1b\n" +
+	"\tbehind_ms\x18\x02 \x01(\x03R\bbehindMs\"P\n" +
+	"\x11VolumeMoveRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
+	"\x02to\x18\x02 \x01(\tR\x02to\x12\x17\n" +
+	"\await_ms\x18\x03 \x01(\x03R\x06waitMs\"X\n" +
+	"\x12VolumeMoveResponse\x12)\n" +
+	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\x12\x17\n" +
+	"\atook_ms\x18\x02 \x01(\x03R\x06tookMs\"\x10\n" +
 	"\x0eMembersRequest\"\xa7\x01\n" +
 	"\x06Member\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1f\n" +
@@ -1879,10 +2150,12 @@ const file_tether_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12&\n" +
 	"\x0fsince_unix_nano\x18\x03 \x01(\x03R\rsinceUnixNano\x12\x16\n" +
-	"\x06reason\x18\x04 \x01(\tR\x06reason\"E\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\"c\n" +
 	"\x13VolumeCreateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
-	"\breplicas\x18\x02 \x01(\rR\breplicas\"A\n" +
+	"\breplicas\x18\x02 \x01(\rR\breplicas\x12\x1c\n" +
+	"\n" +
+	"max_lag_ms\x18\x03 \x01(\x03R\bmaxLagMs\"A\n" +
 	"\x14VolumeCreateResponse\x12)\n" +
 	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\"\x13\n" +
 	"\x11VolumeListRequest\"A\n" +
@@ -1892,7 +2165,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"s\n" +
 	"\x15VolumeInspectResponse\x12)\n" +
 	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\x12/\n" +
-	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\x9b\x02\n" +
+	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\xd3\x02\n" +
 	"\x06Volume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\breplicas\x18\x02 \x01(\rR\breplicas\x12\x18\n" +
@@ -1902,7 +2175,11 @@ const file_tether_proto_rawDesc = "" +
 	"\x11created_unix_nano\x18\x06 \x01(\x03R\x0fcreatedUnixNano\x12\x14\n" +
 	"\x05state\x18\a \x01(\tR\x05state\x126\n" +
 	"\bprogress\x18\b \x03(\v2\x1a.tether.v1.ReplicaProgressR\bprogress\x12\x12\n" +
-	"\x04path\x18\t \x01(\tR\x04path\"q\n" +
+	"\x04path\x18\t \x01(\tR\x04path\x12\x1c\n" +
+	"\n" +
+	"max_lag_ms\x18\n" +
+	" \x01(\x03R\bmaxLagMs\x12\x18\n" +
+	"\ablocked\x18\v \x01(\tR\ablocked\"q\n" +
 	"\x0fReplicaProgress\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
@@ -1915,19 +2192,24 @@ const file_tether_proto_rawDesc = "" +
 	"\breplicas\x18\x04 \x03(\v2\x18.tether.v1.ReplicaStatusR\breplicas\x12\x14\n" +
 	"\x05error\x18\x05 \x01(\tR\x05error2K\n" +
 	"\vReplication\x12<\n" +
-	"\x06Stream\x12\x18.tether.v1.StreamRequest\x1a\x14.tether.v1.StreamAck(\x010\x012\xe1\x01\n" +
+	"\x06Stream\x12\x18.tether.v1.StreamRequest\x1a\x14.tether.v1.StreamAck(\x010\x012\xf4\x02\n" +
 	"\x04Peer\x12:\n" +
 	"\x05Apply\x12\x17.tether.v1.ApplyRequest\x1a\x18.tether.v1.ApplyResponse\x12R\n" +
 	"\rPrimaryStatus\x12\x1f.tether.v1.PrimaryStatusRequest\x1a .tether.v1.PrimaryStatusResponse\x12I\n" +
 	"\n" +
-	"RenewLease\x12\x1c.tether.v1.RenewLeaseRequest\x1a\x1d.tether.v1.RenewLeaseResponse2\xfa\x02\n" +
+	"RenewLease\x12\x1c.tether.v1.RenewLeaseRequest\x1a\x1d.tether.v1.RenewLeaseResponse\x12L\n" +
+	"\aPromote\x12\x1f.tether.v1.VolumePromoteRequest\x1a .tether.v1.VolumePromoteResponse\x12C\n" +
+	"\x04Move\x12\x1c.tether.v1.VolumeMoveRequest\x1a\x1d.tether.v1.VolumeMoveResponse2\x99\x04\n" +
 	"\aControl\x12@\n" +
 	"\aMembers\x12\x19.tether.v1.MembersRequest\x1a\x1a.tether.v1.MembersResponse\x12=\n" +
 	"\x06Status\x12\x18.tether.v1.StatusRequest\x1a\x19.tether.v1.StatusResponse\x12O\n" +
 	"\fVolumeCreate\x12\x1e.tether.v1.VolumeCreateRequest\x1a\x1f.tether.v1.VolumeCreateResponse\x12I\n" +
 	"\n" +
 	"VolumeList\x12\x1c.tether.v1.VolumeListRequest\x1a\x1d.tether.v1.VolumeListResponse\x12R\n" +
-	"\rVolumeInspect\x12\x1f.tether.v1.VolumeInspectRequest\x1a .tether.v1.VolumeInspectResponseB,Z*github.com/tether-io/tether/proto/tetherpbb\x06proto3"
+	"\rVolumeInspect\x12\x1f.tether.v1.VolumeInspectRequest\x1a .tether.v1.VolumeInspectResponse\x12R\n" +
+	"\rVolumePromote\x12\x1f.tether.v1.VolumePromoteRequest\x1a .tether.v1.VolumePromoteResponse\x12I\n" +
+	"\n" +
+	"VolumeMove\x12\x1c.tether.v1.VolumeMoveRequest\x1a\x1d.tether.v1.VolumeMoveResponseB,Z*github.com/tether-io/tether/proto/tetherpbb\x06proto3"
 
 var (
 	file_tether_proto_rawDescOnce sync.Once
@@ -1942,7 +2224,7 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 27)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
 var file_tether_proto_goTypes = []any{
 	(FileOp_Kind)(0),              // 0: tether.v1.FileOp.Kind
 	(*StreamRequest)(nil),         // 1: tether.v1.StreamRequest
@@ -1957,21 +2239,25 @@ var file_tether_proto_goTypes = []any{
 	(*PrimaryStatusRequest)(nil),  // 10: tether.v1.PrimaryStatusRequest
 	(*PrimaryStatusResponse)(nil), // 11: tether.v1.PrimaryStatusResponse
 	(*ReplicaStatus)(nil),         // 12: tether.v1.ReplicaStatus
-	(*MembersRequest)(nil),        // 13: tether.v1.MembersRequest
-	(*Member)(nil),                // 14: tether.v1.Member
-	(*MembersResponse)(nil),       // 15: tether.v1.MembersResponse
-	(*StatusRequest)(nil),         // 16: tether.v1.StatusRequest
-	(*StatusResponse)(nil),        // 17: tether.v1.StatusResponse
-	(*FencedVolume)(nil),          // 18: tether.v1.FencedVolume
-	(*VolumeCreateRequest)(nil),   // 19: tether.v1.VolumeCreateRequest
-	(*VolumeCreateResponse)(nil),  // 20: tether.v1.VolumeCreateResponse
-	(*VolumeListRequest)(nil),     // 21: tether.v1.VolumeListRequest
-	(*VolumeListResponse)(nil),    // 22: tether.v1.VolumeListResponse
-	(*VolumeInspectRequest)(nil),  // 23: tether.v1.VolumeInspectRequest
-	(*VolumeInspectResponse)(nil), // 24: tether.v1.VolumeInspectResponse
-	(*Volume)(nil),                // 25: tether.v1.Volume
-	(*ReplicaProgress)(nil),       // 26: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),          // 27: tether.v1.VolumeStatus
+	(*VolumePromoteRequest)(nil),  // 13: tether.v1.VolumePromoteRequest
+	(*VolumePromoteResponse)(nil), // 14: tether.v1.VolumePromoteResponse
+	(*VolumeMoveRequest)(nil),     // 15: tether.v1.VolumeMoveRequest
+	(*VolumeMoveResponse)(nil),    // 16: tether.v1.VolumeMoveResponse
+	(*MembersRequest)(nil),        // 17: tether.v1.MembersRequest
+	(*Member)(nil),                // 18: tether.v1.Member
+	(*MembersResponse)(nil),       // 19: tether.v1.MembersResponse
+	(*StatusRequest)(nil),         // 20: tether.v1.StatusRequest
+	(*StatusResponse)(nil),        // 21: tether.v1.StatusResponse
+	(*FencedVolume)(nil),          // 22: tether.v1.FencedVolume
+	(*VolumeCreateRequest)(nil),   // 23: tether.v1.VolumeCreateRequest
+	(*VolumeCreateResponse)(nil),  // 24: tether.v1.VolumeCreateResponse
+	(*VolumeListRequest)(nil),     // 25: tether.v1.VolumeListRequest
+	(*VolumeListResponse)(nil),    // 26: tether.v1.VolumeListResponse
+	(*VolumeInspectRequest)(nil),  // 27: tether.v1.VolumeInspectRequest
+	(*VolumeInspectResponse)(nil), // 28: tether.v1.VolumeInspectResponse
+	(*Volume)(nil),                // 29: tether.v1.Volume
+	(*ReplicaProgress)(nil),       // 30: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),          // 31: tether.v1.VolumeStatus
 }
 var file_tether_proto_depIdxs = []int32{
 	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
@@ -1979,38 +2265,48 @@ var file_tether_proto_depIdxs = []int32{
 	4,  // 2: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
 	0,  // 3: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
 	12, // 4: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
-	14, // 5: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
-	27, // 6: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
-	18, // 7: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
-	25, // 8: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
-	25, // 9: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
-	25, // 10: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
-	27, // 11: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
-	26, // 12: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	12, // 13: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	1,  // 14: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	8,  // 15: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	10, // 16: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	6,  // 17: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
-	13, // 18: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	16, // 19: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	19, // 20: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	21, // 21: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	23, // 22: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	5,  // 23: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	9,  // 24: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	11, // 25: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	7,  // 26: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
-	15, // 27: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	17, // 28: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	20, // 29: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	22, // 30: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	24, // 31: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	23, // [23:32] is the sub-list for method output_type
-	14, // [14:23] is the sub-list for method input_type
-	14, // [14:14] is the sub-list for extension type_name
-	14, // [14:14] is the sub-list for extension extendee
-	0,  // [0:14] is the sub-list for field type_name
+	29, // 5: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
+	29, // 6: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
+	18, // 7: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
+	31, // 8: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
+	22, // 9: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
+	29, // 10: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
+	29, // 11: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
+	29, // 12: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
+	31, // 13: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
+	30, // 14: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
+	12, // 15: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
+	1,  // 16: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	8,  // 17: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	10, // 18: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	6,  // 19: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
+	13, // 20: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
+	15, // 21: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
+	17, // 22: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	20, // 23: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	23, // 24: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	25, // 25: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	27, // 26: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	13, // 27: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
+	15, // 28: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
+	5,  // 29: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	9,  // 30: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	11, // 31: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	7,  // 32: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
+	14, // 33: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
+	16, // 34: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
+	19, // 35: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	21, // 36: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	24, // 37: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	26, // 38: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	28, // 39: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	14, // 40: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
+	16, // 41: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
+	29, // [29:42] is the sub-list for method output_type
+	16, // [16:29] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -2029,7 +2325,7 @@ func file_tether_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   27,
+			NumMessages:   31,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

@@ -139,6 +139,8 @@ const (
 	Peer_Apply_FullMethodName         = "/tether.v1.Peer/Apply"
 	Peer_PrimaryStatus_FullMethodName = "/tether.v1.Peer/PrimaryStatus"
 	Peer_RenewLease_FullMethodName    = "/tether.v1.Peer/RenewLease"
+	Peer_Promote_FullMethodName       = "/tether.v1.Peer/Promote"
+	Peer_Move_FullMethodName          = "/tether.v1.Peer/Move"
 )
 
 // PeerClient is the client API for Peer service.
@@ -154,6 +156,11 @@ type PeerClient interface {
 	// RenewLease asks the leader to confirm it still leads a quorum and to
 	// grant node a primary lease. A non-leader answers FailedPrecondition.
 	RenewLease(ctx context.Context, in *RenewLeaseRequest, opts ...grpc.CallOption) (*RenewLeaseResponse, error)
+	// Promote runs an operator's promotion on the leader (which knows the
+	// old primary's lease). A non-leader answers FailedPrecondition.
+	Promote(ctx context.Context, in *VolumePromoteRequest, opts ...grpc.CallOption) (*VolumePromoteResponse, error)
+	// Move runs a planned move on the volume's primary.
+	Move(ctx context.Context, in *VolumeMoveRequest, opts ...grpc.CallOption) (*VolumeMoveResponse, error)
 }
 
 type peerClient struct {
@@ -194,6 +201,26 @@ func (c *peerClient) RenewLease(ctx context.Context, in *RenewLeaseRequest, opts
 	return out, nil
 }
 
+func (c *peerClient) Promote(ctx context.Context, in *VolumePromoteRequest, opts ...grpc.CallOption) (*VolumePromoteResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumePromoteResponse)
+	err := c.cc.Invoke(ctx, Peer_Promote_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *peerClient) Move(ctx context.Context, in *VolumeMoveRequest, opts ...grpc.CallOption) (*VolumeMoveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumeMoveResponse)
+	err := c.cc.Invoke(ctx, Peer_Move_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PeerServer is the server API for Peer service.
 // All implementations must embed UnimplementedPeerServer
 // for forward compatibility.
@@ -207,6 +234,11 @@ type PeerServer interface {
 	// RenewLease asks the leader to confirm it still leads a quorum and to
 	// grant node a primary lease. A non-leader answers FailedPrecondition.
 	RenewLease(context.Context, *RenewLeaseRequest) (*RenewLeaseResponse, error)
+	// Promote runs an operator's promotion on the leader (which knows the
+	// old primary's lease). A non-leader answers FailedPrecondition.
+	Promote(context.Context, *VolumePromoteRequest) (*VolumePromoteResponse, error)
+	// Move runs a planned move on the volume's primary.
+	Move(context.Context, *VolumeMoveRequest) (*VolumeMoveResponse, error)
 	mustEmbedUnimplementedPeerServer()
 }
 
@@ -225,6 +257,12 @@ func (UnimplementedPeerServer) PrimaryStatus(context.Context, *PrimaryStatusRequ
 }
 func (UnimplementedPeerServer) RenewLease(context.Context, *RenewLeaseRequest) (*RenewLeaseResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method RenewLease not implemented")
+}
+func (UnimplementedPeerServer) Promote(context.Context, *VolumePromoteRequest) (*VolumePromoteResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Promote not implemented")
+}
+func (UnimplementedPeerServer) Move(context.Context, *VolumeMoveRequest) (*VolumeMoveResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Move not implemented")
 }
 func (UnimplementedPeerServer) mustEmbedUnimplementedPeerServer() {}
 func (UnimplementedPeerServer) testEmbeddedByValue()              {}
@@ -301,6 +339,42 @@ func _Peer_RenewLease_Handler(srv interface{}, ctx context.Context, dec func(int
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Peer_Promote_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VolumePromoteRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PeerServer).Promote(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Peer_Promote_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PeerServer).Promote(ctx, req.(*VolumePromoteRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Peer_Move_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VolumeMoveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PeerServer).Move(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Peer_Move_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PeerServer).Move(ctx, req.(*VolumeMoveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Peer_ServiceDesc is the grpc.ServiceDesc for Peer service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -320,6 +394,14 @@ var Peer_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "RenewLease",
 			Handler:    _Peer_RenewLease_Handler,
 		},
+		{
+			MethodName: "Promote",
+			Handler:    _Peer_Promote_Handler,
+		},
+		{
+			MethodName: "Move",
+			Handler:    _Peer_Move_Handler,
+		},
 	},
 	Streams:  []grpc.StreamDesc{},
 	Metadata: "tether.proto",
@@ -331,6 +413,8 @@ const (
 	Control_VolumeCreate_FullMethodName  = "/tether.v1.Control/VolumeCreate"
 	Control_VolumeList_FullMethodName    = "/tether.v1.Control/VolumeList"
 	Control_VolumeInspect_FullMethodName = "/tether.v1.Control/VolumeInspect"
+	Control_VolumePromote_FullMethodName = "/tether.v1.Control/VolumePromote"
+	Control_VolumeMove_FullMethodName    = "/tether.v1.Control/VolumeMove"
 )
 
 // ControlClient is the client API for Control service.
@@ -342,6 +426,8 @@ type ControlClient interface {
 	VolumeCreate(ctx context.Context, in *VolumeCreateRequest, opts ...grpc.CallOption) (*VolumeCreateResponse, error)
 	VolumeList(ctx context.Context, in *VolumeListRequest, opts ...grpc.CallOption) (*VolumeListResponse, error)
 	VolumeInspect(ctx context.Context, in *VolumeInspectRequest, opts ...grpc.CallOption) (*VolumeInspectResponse, error)
+	VolumePromote(ctx context.Context, in *VolumePromoteRequest, opts ...grpc.CallOption) (*VolumePromoteResponse, error)
+	VolumeMove(ctx context.Context, in *VolumeMoveRequest, opts ...grpc.CallOption) (*VolumeMoveResponse, error)
 }
 
 type controlClient struct {
@@ -402,6 +488,26 @@ func (c *controlClient) VolumeInspect(ctx context.Context, in *VolumeInspectRequ
 	return out, nil
 }
 
+func (c *controlClient) VolumePromote(ctx context.Context, in *VolumePromoteRequest, opts ...grpc.CallOption) (*VolumePromoteResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumePromoteResponse)
+	err := c.cc.Invoke(ctx, Control_VolumePromote_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) VolumeMove(ctx context.Context, in *VolumeMoveRequest, opts ...grpc.CallOption) (*VolumeMoveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumeMoveResponse)
+	err := c.cc.Invoke(ctx, Control_VolumeMove_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ControlServer is the server API for Control service.
 // All implementations must embed UnimplementedControlServer
 // for forward compatibility.
@@ -411,6 +517,8 @@ type ControlServer interface {
 	VolumeCreate(context.Context, *VolumeCreateRequest) (*VolumeCreateResponse, error)
 	VolumeList(context.Context, *VolumeListRequest) (*VolumeListResponse, error)
 	VolumeInspect(context.Context, *VolumeInspectRequest) (*VolumeInspectResponse, error)
+	VolumePromote(context.Context, *VolumePromoteRequest) (*VolumePromoteResponse, error)
+	VolumeMove(context.Context, *VolumeMoveRequest) (*VolumeMoveResponse, error)
 	mustEmbedUnimplementedControlServer()
 }
 
@@ -435,6 +543,12 @@ func (UnimplementedControlServer) VolumeList(context.Context, *VolumeListRequest
 }
 func (UnimplementedControlServer) VolumeInspect(context.Context, *VolumeInspectRequest) (*VolumeInspectResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method VolumeInspect not implemented")
+}
+func (UnimplementedControlServer) VolumePromote(context.Context, *VolumePromoteRequest) (*VolumePromoteResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method VolumePromote not implemented")
+}
+func (UnimplementedControlServer) VolumeMove(context.Context, *VolumeMoveRequest) (*VolumeMoveResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method VolumeMove not implemented")
 }
 func (UnimplementedControlServer) mustEmbedUnimplementedControlServer() {}
 func (UnimplementedControlServer) testEmbeddedByValue()                 {}
@@ -547,6 +661,42 @@ func _Control_VolumeInspect_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_VolumePromote_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VolumePromoteRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).VolumePromote(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_VolumePromote_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).VolumePromote(ctx, req.(*VolumePromoteRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_VolumeMove_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VolumeMoveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).VolumeMove(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_VolumeMove_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).VolumeMove(ctx, req.(*VolumeMoveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Control_ServiceDesc is the grpc.ServiceDesc for Control service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -573,6 +723,14 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "VolumeInspect",
 			Handler:    _Control_VolumeInspect_Handler,
+		},
+		{
+			MethodName: "VolumePromote",
+			Handler:    _Control_VolumePromote_Handler,
+		},
+		{
+			MethodName: "VolumeMove",
+			Handler:    _Control_VolumeMove_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

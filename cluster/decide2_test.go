@@ -1,0 +1,129 @@
+package cluster
+
+import (
+	"errors"
+	"reflect"
+	"testing"
+	"time"
+)
+
+func TestBehindAndBlocked(t *testing.T) {
+	v := Volume{Name: "v", Primary: "p", ReplicaNodes: []string{"a", "b", "c"}, Epoch: 2, MaxLag: 10 * time.Second,
+		Progress: map[string]Progress{
+			"p": {Epoch: 2, Seq: 50, Cut: t0.Add(60 * time.Second)},
+			"a": {Epoch: 2, Seq: 50, Cut: t0.Add(60 * time.Second)},
+			"b": {Epoch: 2, Seq: 40, Cut: t0.Add(45 * time.Second)},
+		}}
+	for _, tc := range []struct {
+		node    string
+		behind  time.Duration
+		blocked bool
+	}{
+		{"a", 0, false},
+		{"b", 15 * time.Second, true},
+		{"c", neverSynced, true},
+	} {
+		behind, blocked := FailoverBlocked(v, tc.node)
+		if behind != tc.behind || blocked != tc.blocked {
+			t.Errorf("%s: behind %s blocked %v; want %s %v", tc.node, behind, blocked, tc.behind, tc.blocked)
+		}
+	}
+	v.MaxLag = 0
+	if _, blocked := FailoverBlocked(v, "c"); blocked {
+		t.Error("max lag 0 must mean no bound")
+	}
+	// No head reported: nothing to measure against.
+	delete(v.Progress, "p")
+	if b := Behind(v, "b"); b != 0 {
+		t.Errorf("without a head, behind = %s", b)
+	}
+}
+
+func TestFailoversRespectMaxLag(t *testing.T) {
+	vols := []Volume{{Name: "v", Primary: "p", ReplicaNodes: []string{"b"}, Epoch: 1, MaxLag: time.Second,
+		Progress: map[string]Progress{"p": {Epoch: 1, Seq: 9, Cut: t0.Add(time.Minute)}, "b": {Epoch: 1, Seq: 2, Cut: t0}}}}
+	health := map[string]string{"p": HealthDead, "b": HealthAlive}
+	if got := Failovers(vols, health, nil, nil, t0, 0); got != nil {
+		t.Fatalf("promoted a copy a minute behind with max lag 1s: %+v", got)
+	}
+	if s := VolumeState(vols[0], health); s != StateNeedsOperator {
+		t.Fatalf("state %q, want %q", s, StateNeedsOperator)
+	}
+}
+
+func TestManualPromotion(t *testing.T) {
+	v := Volume{Name: "v", Primary: "p", ReplicaNodes: []string{"a", "b"}, Epoch: 3, MaxLag: time.Second,
+		Progress: map[string]Progress{"p": {Epoch: 3, Seq: 9, Cut: t0.Add(time.Minute)}, "a": {Epoch: 3, Seq: 9, Cut: t0.Add(time.Minute)}, "b": {Epoch: 3, Seq: 1, Cut: t0}}}
+	dead := map[string]string{"p": HealthDead, "a": HealthAlive, "b": HealthAlive, "x": HealthAlive}
+	for _, tc := range []struct {
+		name   string
+		to     string
+		health map[string]string
+		force  bool
+		err    error
+	}{
+		{"caught-up replica", "a", dead, false, nil},
+		{"lagging replica refused", "b", dead, false, ErrTooFarBehind},
+		{"lagging replica forced", "b", dead, true, nil},
+		{"not a replica", "x", dead, true, ErrInvalidCommand},
+		{"already primary", "p", dead, true, ErrInvalidCommand},
+		{"primary alive", "a", map[string]string{"p": HealthAlive, "a": HealthAlive}, true, ErrPrimaryAlive},
+		{"target dead", "a", map[string]string{"p": HealthDead, "a": HealthDead}, true, ErrNotEnoughNodes},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cmd, _, err := ManualPromotion(v, tc.to, tc.health, tc.force)
+			if !errors.Is(err, tc.err) {
+				t.Fatalf("err = %v, want %v", err, tc.err)
+			}
+			if err != nil {
+				return
+			}
+			if cmd.Primary != tc.to || cmd.Epoch != 4 || cmd.ExpectEpoch != 3 || cmd.ReplicaNodes[len(cmd.ReplicaNodes)-1] != "p" {
+				t.Fatalf("cmd = %+v", cmd)
+			}
+		})
+	}
+}
+
+func TestReplacements(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 10, 0, 0, time.UTC)
+	vols := []Volume{
+		{Name: "a", Primary: "n1", ReplicaNodes: []string{"n2", "n3"}, Epoch: 1},
+		{Name: "b", Primary: "n3", ReplicaNodes: []string{"n1"}, Epoch: 5}, // primary dead: failover's job, not ours
+		{Name: "c", Primary: "n1", ReplicaNodes: []string{"n4"}, Epoch: 2},
+	}
+	health := map[string]string{"n1": HealthAlive, "n2": HealthAlive, "n3": HealthDead, "n4": HealthDead, "n5": HealthAlive, "n6": HealthAlive}
+	since := map[string]time.Time{"n3": now.Add(-5 * time.Minute), "n4": now.Add(-10 * time.Second)}
+	load := map[string]int{"n5": 3, "n6": 1}
+	got := Replacements(vols, health, since, now, time.Minute, load)
+	want := []SetReplicas{{Name: "a", ReplicaNodes: []string{"n2", "n6"}, ExpectEpoch: 1}}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("got %+v, want %+v", got, want)
+	}
+	// No spare node: the dead replica stays.
+	delete(health, "n5")
+	delete(health, "n6")
+	if got := Replacements(vols, health, since, now, time.Minute, map[string]int{}); got != nil {
+		t.Fatalf("replaced without a spare: %+v", got)
+	}
+}
+
+func TestFSMSetReplicas(t *testing.T) {
+	tf := newTestFSM(t)
+	tf.mustApply(vol("v", "a", "b", "c"))
+	tf.mustApply(UpdateProgress{Name: "v", Node: "c", Epoch: 1, Seq: 4})
+	if err := tf.apply(SetReplicas{Name: "v", ReplicaNodes: []string{"b", "d"}, ExpectEpoch: 2}); !errors.Is(err, ErrEpochMismatch) {
+		t.Fatalf("stale epoch accepted: %v", err)
+	}
+	if err := tf.apply(SetReplicas{Name: "v", ReplicaNodes: []string{"b", "a"}, ExpectEpoch: 1}); !errors.Is(err, ErrInvalidCommand) {
+		t.Fatalf("primary as replica accepted: %v", err)
+	}
+	tf.mustApply(SetReplicas{Name: "v", ReplicaNodes: []string{"b", "d"}, ExpectEpoch: 1})
+	v, _ := tf.f.get("v")
+	if !reflect.DeepEqual(v.ReplicaNodes, []string{"b", "d"}) {
+		t.Fatalf("replicas %v", v.ReplicaNodes)
+	}
+	if _, ok := v.Progress["c"]; ok {
+		t.Fatal("a removed replica kept its progress")
+	}
+}
