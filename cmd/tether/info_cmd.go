@@ -58,6 +58,10 @@ func newStatusCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(w, "Version:\t%s\n", resp.Version)
 				fmt.Fprintf(w, "Data dir:\t%s\n", resp.DataDir)
 				fmt.Fprintf(w, "Raft:\t%s, last index %d, leader %s\n", resp.RaftState, resp.RaftLastIndex, leader)
+				fmt.Fprintf(w, "Security:\t%s\n", securityLine(resp.Security))
+				if je := resp.GetSecurity().GetJoinError(); je != "" {
+					fmt.Fprintf(w, "Gossip join:\t%s\n", je)
+				}
 				fmt.Fprintf(w, "Replica of:\t%s\n", orNone(strings.Join(resp.ReplicaOf, ", ")))
 				if len(resp.PrimaryOf) == 0 {
 					fmt.Fprintf(w, "Primary of:\t(none)\n")

@@ -989,6 +989,7 @@ type StatusResponse struct {
 	PrimaryOf     []*VolumeStatus        `protobuf:"bytes,6,rep,name=primary_of,json=primaryOf,proto3" json:"primary_of,omitempty"`
 	ReplicaOf     []string               `protobuf:"bytes,7,rep,name=replica_of,json=replicaOf,proto3" json:"replica_of,omitempty"`
 	DataDir       string                 `protobuf:"bytes,8,opt,name=data_dir,json=dataDir,proto3" json:"data_dir,omitempty"`
+	Security      *Security              `protobuf:"bytes,20,opt,name=security,proto3" json:"security,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1079,6 +1080,74 @@ func (x *StatusResponse) GetDataDir() string {
 	return ""
 }
 
+func (x *StatusResponse) GetSecurity() *Security {
+	if x != nil {
+		return x.Security
+	}
+	return nil
+}
+
+// Security is the agent's transport security (DESIGN.md, Security).
+type Security struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Tls             bool                   `protobuf:"varint,1,opt,name=tls,proto3" json:"tls,omitempty"`                                                // RPC (gRPC and Raft) over mutual TLS
+	GossipEncrypted bool                   `protobuf:"varint,2,opt,name=gossip_encrypted,json=gossipEncrypted,proto3" json:"gossip_encrypted,omitempty"` // memberlist traffic encrypted with the gossip key
+	JoinError       string                 `protobuf:"bytes,3,opt,name=join_error,json=joinError,proto3" json:"join_error,omitempty"`                    // why joining the gossip cluster last failed ("" once joined)
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *Security) Reset() {
+	*x = Security{}
+	mi := &file_tether_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Security) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Security) ProtoMessage() {}
+
+func (x *Security) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Security.ProtoReflect.Descriptor instead.
+func (*Security) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *Security) GetTls() bool {
+	if x != nil {
+		return x.Tls
+	}
+	return false
+}
+
+func (x *Security) GetGossipEncrypted() bool {
+	if x != nil {
+		return x.GossipEncrypted
+	}
+	return false
+}
+
+func (x *Security) GetJoinError() string {
+	if x != nil {
+		return x.JoinError
+	}
+	return ""
+}
+
 type VolumeCreateRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1089,7 +1158,7 @@ type VolumeCreateRequest struct {
 
 func (x *VolumeCreateRequest) Reset() {
 	*x = VolumeCreateRequest{}
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1101,7 +1170,7 @@ func (x *VolumeCreateRequest) String() string {
 func (*VolumeCreateRequest) ProtoMessage() {}
 
 func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1114,7 +1183,7 @@ func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeCreateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{15}
+	return file_tether_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *VolumeCreateRequest) GetName() string {
@@ -1140,7 +1209,7 @@ type VolumeCreateResponse struct {
 
 func (x *VolumeCreateResponse) Reset() {
 	*x = VolumeCreateResponse{}
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1152,7 +1221,7 @@ func (x *VolumeCreateResponse) String() string {
 func (*VolumeCreateResponse) ProtoMessage() {}
 
 func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1165,7 +1234,7 @@ func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeCreateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{16}
+	return file_tether_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *VolumeCreateResponse) GetVolume() *Volume {
@@ -1183,7 +1252,7 @@ type VolumeListRequest struct {
 
 func (x *VolumeListRequest) Reset() {
 	*x = VolumeListRequest{}
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1195,7 +1264,7 @@ func (x *VolumeListRequest) String() string {
 func (*VolumeListRequest) ProtoMessage() {}
 
 func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1208,7 +1277,7 @@ func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListRequest.ProtoReflect.Descriptor instead.
 func (*VolumeListRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{17}
+	return file_tether_proto_rawDescGZIP(), []int{18}
 }
 
 type VolumeListResponse struct {
@@ -1220,7 +1289,7 @@ type VolumeListResponse struct {
 
 func (x *VolumeListResponse) Reset() {
 	*x = VolumeListResponse{}
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1232,7 +1301,7 @@ func (x *VolumeListResponse) String() string {
 func (*VolumeListResponse) ProtoMessage() {}
 
 func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1245,7 +1314,7 @@ func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListResponse.ProtoReflect.Descriptor instead.
 func (*VolumeListResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{18}
+	return file_tether_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *VolumeListResponse) GetVolumes() []*Volume {
@@ -1264,7 +1333,7 @@ type VolumeInspectRequest struct {
 
 func (x *VolumeInspectRequest) Reset() {
 	*x = VolumeInspectRequest{}
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1276,7 +1345,7 @@ func (x *VolumeInspectRequest) String() string {
 func (*VolumeInspectRequest) ProtoMessage() {}
 
 func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1289,7 +1358,7 @@ func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectRequest.ProtoReflect.Descriptor instead.
 func (*VolumeInspectRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{19}
+	return file_tether_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *VolumeInspectRequest) GetName() string {
@@ -1309,7 +1378,7 @@ type VolumeInspectResponse struct {
 
 func (x *VolumeInspectResponse) Reset() {
 	*x = VolumeInspectResponse{}
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1321,7 +1390,7 @@ func (x *VolumeInspectResponse) String() string {
 func (*VolumeInspectResponse) ProtoMessage() {}
 
 func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1334,7 +1403,7 @@ func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectResponse.ProtoReflect.Descriptor instead.
 func (*VolumeInspectResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{20}
+	return file_tether_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *VolumeInspectResponse) GetVolume() *Volume {
@@ -1371,7 +1440,7 @@ type Volume struct {
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1383,7 +1452,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1396,7 +1465,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{21}
+	return file_tether_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Volume) GetName() string {
@@ -1474,7 +1543,7 @@ type ReplicaProgress struct {
 
 func (x *ReplicaProgress) Reset() {
 	*x = ReplicaProgress{}
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1486,7 +1555,7 @@ func (x *ReplicaProgress) String() string {
 func (*ReplicaProgress) ProtoMessage() {}
 
 func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1499,7 +1568,7 @@ func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaProgress.ProtoReflect.Descriptor instead.
 func (*ReplicaProgress) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{22}
+	return file_tether_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ReplicaProgress) GetNode() string {
@@ -1545,7 +1614,7 @@ type VolumeStatus struct {
 
 func (x *VolumeStatus) Reset() {
 	*x = VolumeStatus{}
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1557,7 +1626,7 @@ func (x *VolumeStatus) String() string {
 func (*VolumeStatus) ProtoMessage() {}
 
 func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1570,7 +1639,7 @@ func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
 func (*VolumeStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{23}
+	return file_tether_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *VolumeStatus) GetName() string {
@@ -1678,7 +1747,7 @@ const file_tether_proto_rawDesc = "" +
 	"\aversion\x18\x06 \x01(\tR\aversion\">\n" +
 	"\x0fMembersResponse\x12+\n" +
 	"\amembers\x18\x01 \x03(\v2\x11.tether.v1.MemberR\amembers\"\x0f\n" +
-	"\rStatusRequest\"\x8f\x02\n" +
+	"\rStatusRequest\"\xc0\x02\n" +
 	"\x0eStatusResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\x16\n" +
@@ -1690,7 +1759,13 @@ const file_tether_proto_rawDesc = "" +
 	"primary_of\x18\x06 \x03(\v2\x17.tether.v1.VolumeStatusR\tprimaryOf\x12\x1d\n" +
 	"\n" +
 	"replica_of\x18\a \x03(\tR\treplicaOf\x12\x19\n" +
-	"\bdata_dir\x18\b \x01(\tR\adataDir\"E\n" +
+	"\bdata_dir\x18\b \x01(\tR\adataDir\x12/\n" +
+	"\bsecurity\x18\x14 \x01(\v2\x13.tether.v1.SecurityR\bsecurity\"f\n" +
+	"\bSecurity\x12\x10\n" +
+	"\x03tls\x18\x01 \x01(\bR\x03tls\x12)\n" +
+	"\x10gossip_encrypted\x18\x02 \x01(\bR\x0fgossipEncrypted\x12\x1d\n" +
+	"\n" +
+	"join_error\x18\x03 \x01(\tR\tjoinError\"E\n" +
 	"\x13VolumeCreateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\breplicas\x18\x02 \x01(\rR\breplicas\"A\n" +
@@ -1751,7 +1826,7 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_tether_proto_goTypes = []any{
 	(FileOp_Kind)(0),              // 0: tether.v1.FileOp.Kind
 	(*StreamRequest)(nil),         // 1: tether.v1.StreamRequest
@@ -1769,15 +1844,16 @@ var file_tether_proto_goTypes = []any{
 	(*MembersResponse)(nil),       // 13: tether.v1.MembersResponse
 	(*StatusRequest)(nil),         // 14: tether.v1.StatusRequest
 	(*StatusResponse)(nil),        // 15: tether.v1.StatusResponse
-	(*VolumeCreateRequest)(nil),   // 16: tether.v1.VolumeCreateRequest
-	(*VolumeCreateResponse)(nil),  // 17: tether.v1.VolumeCreateResponse
-	(*VolumeListRequest)(nil),     // 18: tether.v1.VolumeListRequest
-	(*VolumeListResponse)(nil),    // 19: tether.v1.VolumeListResponse
-	(*VolumeInspectRequest)(nil),  // 20: tether.v1.VolumeInspectRequest
-	(*VolumeInspectResponse)(nil), // 21: tether.v1.VolumeInspectResponse
-	(*Volume)(nil),                // 22: tether.v1.Volume
-	(*ReplicaProgress)(nil),       // 23: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),          // 24: tether.v1.VolumeStatus
+	(*Security)(nil),              // 16: tether.v1.Security
+	(*VolumeCreateRequest)(nil),   // 17: tether.v1.VolumeCreateRequest
+	(*VolumeCreateResponse)(nil),  // 18: tether.v1.VolumeCreateResponse
+	(*VolumeListRequest)(nil),     // 19: tether.v1.VolumeListRequest
+	(*VolumeListResponse)(nil),    // 20: tether.v1.VolumeListResponse
+	(*VolumeInspectRequest)(nil),  // 21: tether.v1.VolumeInspectRequest
+	(*VolumeInspectResponse)(nil), // 22: tether.v1.VolumeInspectResponse
+	(*Volume)(nil),                // 23: tether.v1.Volume
+	(*ReplicaProgress)(nil),       // 24: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),          // 25: tether.v1.VolumeStatus
 }
 var file_tether_proto_depIdxs = []int32{
 	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
@@ -1786,34 +1862,35 @@ var file_tether_proto_depIdxs = []int32{
 	0,  // 3: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
 	10, // 4: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
 	12, // 5: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
-	24, // 6: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
-	22, // 7: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
-	22, // 8: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
-	22, // 9: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
-	24, // 10: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
-	23, // 11: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	10, // 12: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	1,  // 13: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	6,  // 14: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	8,  // 15: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	11, // 16: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	14, // 17: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	16, // 18: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	18, // 19: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	20, // 20: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	5,  // 21: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	7,  // 22: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	9,  // 23: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	13, // 24: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	15, // 25: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	17, // 26: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	19, // 27: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	21, // 28: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	21, // [21:29] is the sub-list for method output_type
-	13, // [13:21] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	25, // 6: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
+	16, // 7: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
+	23, // 8: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
+	23, // 9: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
+	23, // 10: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
+	25, // 11: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
+	24, // 12: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
+	10, // 13: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
+	1,  // 14: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	6,  // 15: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	8,  // 16: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	11, // 17: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	14, // 18: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	17, // 19: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	19, // 20: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	21, // 21: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	5,  // 22: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	7,  // 23: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	9,  // 24: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	13, // 25: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	15, // 26: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	18, // 27: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	20, // 28: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	22, // 29: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	22, // [22:30] is the sub-list for method output_type
+	14, // [14:22] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -1832,7 +1909,7 @@ func file_tether_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   24,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   3,
 		},
