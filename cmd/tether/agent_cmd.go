@@ -65,7 +65,7 @@ Without --tls-* and a gossip key the agent refuses to start unless --insecure-de
 	f.StringVar(&cfg.AdvertiseIP, "advertise", "", "IP address other agents reach this one at (default: the bind address, or the default route's)")
 	f.StringSliceVar(&cfg.Join, "join", nil, "gossip address HOST[:PORT] of another agent (repeatable)")
 	f.IntVar(&cfg.BootstrapExpect, "bootstrap-expect", 0, "form the Raft cluster once this many agents have joined (the first agents; 0 = join an existing cluster)")
-	sec.register(f)
+	sec.register(cmd)
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	return cmd

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
-	"github.com/spf13/pflag"
 
 	"github.com/tether-io/tether/agent"
 	"github.com/tether-io/tether/internal/gossipkey"
@@ -22,7 +21,8 @@ type securityFlags struct {
 	insecureDev              bool
 }
 
-func (s *securityFlags) register(f *pflag.FlagSet) {
+func (s *securityFlags) register(cmd *cobra.Command) {
+	f := cmd.Flags()
 	f.StringVar(&s.gossipKey, "gossip-key", "", "base64 key encrypting gossip, the same on every agent (make one with tether keygen)")
 	f.StringVar(&s.gossipKeyring, "gossip-keyring", "", "file of gossip keys, one base64 key a line, the first one used to encrypt (for key rotation)")
 	f.StringVar(&s.tls.CA, "tls-ca", "", "PEM file of the cluster CA (tether tls ca create)")

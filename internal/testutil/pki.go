@@ -34,7 +34,7 @@ func (p *PKI) Node(node string) tlsutil.Files {
 	if err != nil {
 		p.t.Fatal(err)
 	}
-	return tlsutil.Files{CA: f.CA, Cert: f.Cert, Key: f.Key}
+	return f
 }
 
 // Store issues a certificate for node and loads it.

@@ -210,41 +210,36 @@ func LoadCA(dir string) (PEMPair, error) {
 	return p, nil
 }
 
-// NodeFiles are the paths CreateCert writes.
-type NodeFiles struct {
-	CA, Cert, Key string
-}
-
 // CreateCert issues a certificate for req from the CA in caDir and writes
 // outDir/ca.pem, outDir/NODE.pem and outDir/NODE-key.pem (0600): the three
 // files an agent's --tls-ca, --tls-cert and --tls-key take. It refuses to
 // overwrite a node's certificate or key.
-func CreateCert(caDir string, req CertRequest, outDir string, now time.Time) (NodeFiles, error) {
+func CreateCert(caDir string, req CertRequest, outDir string, now time.Time) (Files, error) {
 	ca, err := LoadCA(caDir)
 	if err != nil {
-		return NodeFiles{}, err
+		return Files{}, err
 	}
 	pair, err := NewCert(ca, req, now)
 	if err != nil {
-		return NodeFiles{}, err
+		return Files{}, err
 	}
 	if err := os.MkdirAll(outDir, 0o700); err != nil {
-		return NodeFiles{}, fmt.Errorf("creating %s: %w", outDir, err)
+		return Files{}, fmt.Errorf("creating %s: %w", outDir, err)
 	}
-	f := NodeFiles{
+	f := Files{
 		CA:   filepath.Join(outDir, CACertFile),
 		Cert: filepath.Join(outDir, req.Node+".pem"),
 		Key:  filepath.Join(outDir, req.Node+"-key.pem"),
 	}
 	if err := writeNew(f.Key, pair.Key, 0o600); err != nil {
-		return NodeFiles{}, err
+		return Files{}, err
 	}
 	if err := writeNew(f.Cert, pair.Cert, 0o644); err != nil {
-		return NodeFiles{}, err
+		return Files{}, err
 	}
 	if filepath.Clean(outDir) != filepath.Clean(caDir) {
 		if err := os.WriteFile(f.CA, ca.Cert, 0o644); err != nil {
-			return NodeFiles{}, fmt.Errorf("writing %s: %w", f.CA, err)
+			return Files{}, fmt.Errorf("writing %s: %w", f.CA, err)
 		}
 	}
 	return f, nil

@@ -153,7 +153,7 @@ func nodeFiles(t *testing.T, dir, node string) Files {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return Files{CA: f.CA, Cert: f.Cert, Key: f.Key}
+	return f
 }
 
 func TestNewStoreRefusesCertOfAnotherCA(t *testing.T) {
