@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/tether-io/tether/cluster"
+	"github.com/tether-io/tether/internal/tlsutil"
 	"github.com/tether-io/tether/proto/tetherpb"
 	"github.com/tether-io/tether/replication"
 )
@@ -36,6 +37,7 @@ type Agent struct {
 	cluster *cluster.Cluster
 	repl    *replication.Server
 	peers   *peerConns
+	tls     *tlsutil.Store // nil: plaintext RPC
 	prog    *progressReporter
 	lease   *leaseKeeper
 
@@ -83,6 +85,9 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if err := os.MkdirAll(filepath.Join(a.cfg.DataDir, "volumes"), 0o700); err != nil {
 		return fmt.Errorf("creating data dir: %w", err)
 	}
+	if err := a.setupTLS(); err != nil {
+		return err
+	}
 	if err := a.startRPC(); err != nil {
 		return err
 	}
@@ -93,7 +98,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if err := a.mux.SetRaftAdvertise(rpcAdvertise); err != nil {
 		return err
 	}
-	a.peers = newPeerConns()
+	a.peers = newPeerConns(a.peerCredentials())
 	a.cluster, err = cluster.New(cluster.Config{
 		NodeName:        a.cfg.NodeName,
 		DataDir:         a.cfg.DataDir,
@@ -108,6 +113,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 		Version:         Version,
 		Logger:          a.log,
 		Timing:          a.cfg.Timing,
+		GossipKeys:      a.cfg.GossipKeys,
 	})
 	if err != nil {
 		return fmt.Errorf("setting up the cluster: %w", err)
@@ -127,6 +133,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if err := a.startHTTP(); err != nil {
 		return err
 	}
+	a.warnInsecure()
 	a.log.Info("agent started", "gossip", a.cluster.GossipAddr(), "rpc", rpcAdvertise,
 		"control", SocketPath(a.cfg.DataDir), "http", a.HTTPAddr(), "version", Version)
 	return nil
@@ -139,11 +146,14 @@ func (a *Agent) startRPC() error {
 	}
 	a.rpcLn = ln
 	a.mux = cluster.NewMux(ln, a.log)
+	if err := a.secureMux(); err != nil {
+		return err
+	}
 	a.repl = replication.NewServer(replication.ServerConfig{
 		Resolve: a.resolveVolume,
 		Logger:  a.log,
 	})
-	a.grpcSrv = grpc.NewServer()
+	a.grpcSrv = grpc.NewServer(a.grpcServerOptions()...)
 	a.repl.Register(a.grpcSrv)
 	tetherpb.RegisterPeerServer(a.grpcSrv, &peerServer{a: a})
 	a.mux.Start()

@@ -12,6 +12,7 @@ import (
 	"strings"
 
 	"github.com/tether-io/tether/cluster"
+	"github.com/tether-io/tether/internal/tlsutil"
 )
 
 // Version is the agent's version, set at build time with -ldflags.
@@ -44,6 +45,11 @@ type Config struct {
 	BootstrapExpect int
 	Logger          *slog.Logger
 	Timing          cluster.Timing
+	// GossipKeys encrypt gossip, the first one being the primary; TLS
+	// secures the RPC port (gRPC and Raft) with mutual TLS. Empty: off,
+	// with a warning (see security.go).
+	GossipKeys [][]byte
+	TLS        tlsutil.Files
 }
 
 var nodeNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
@@ -90,6 +96,9 @@ func (c *Config) Validate() error {
 		if j == "" {
 			return errors.New("--join: empty address")
 		}
+	}
+	if err := c.validateSecurity(); err != nil {
+		return err
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

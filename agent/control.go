@@ -37,6 +37,7 @@ func (s *controlServer) Status(context.Context, *tetherpb.StatusRequest) (*tethe
 	resp := &tetherpb.StatusResponse{
 		Node: a.cfg.NodeName, Version: Version, Leader: leader,
 		RaftState: state, RaftLastIndex: last, DataDir: a.cfg.DataDir,
+		Security: a.securityPB(),
 	}
 	p := planFor(a.cfg.NodeName, a.cluster.Volumes())
 	for _, name := range sortedKeys(p.primary) {

@@ -89,7 +89,7 @@ func (a *Agent) waitQuiet(ctx context.Context, name, to string, wait time.Durati
 			switch {
 			case !r.Connected:
 				why = fmt.Sprintf("replica %s is not connected (%s)", to, r.Err)
-			case r.AckedSeq != st.Seq || r.Lag > 0:
+			case r.AckedSeq == 0 || r.Lag > 0:
 				why = fmt.Sprintf("replica %s is %s behind", to, r.Lag.Round(time.Millisecond))
 			default:
 				caughtUp = true

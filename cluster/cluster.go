@@ -53,6 +53,9 @@ type Config struct {
 	Version      string
 	Logger       *slog.Logger
 	Timing       Timing
+	// GossipKeys encrypt gossip (see gossipsec.go); the first is the
+	// primary key. None means plaintext gossip.
+	GossipKeys [][]byte
 }
 
 // Timing holds the failure-detection and consensus timings; zero fields
@@ -138,6 +141,7 @@ type Cluster struct {
 	transport  *raft.NetworkTransport
 	store      *raftboltdb.BoltStore
 	gossipAddr string
+	joinErr    atomic.Value // string: why the last join failed
 
 	ctx    context.Context
 	cancel context.CancelFunc

@@ -221,6 +221,9 @@ func (c *Cluster) setupMemberlist(raftFormed bool) error {
 	conf.Events = c.members
 	conf.Delegate = c.members
 	conf.Logger = log.New(&levelWriter{l: c.logger.With("component", "memberlist")}, "", 0)
+	if err := applyGossipKeys(conf, c.cfg.GossipKeys); err != nil {
+		return err
+	}
 	advertise := c.cfg.GossipAdvertise
 	if advertise == "" && isUnspecified(bindHost) {
 		ip, err := pickAdvertiseIP()
@@ -261,9 +264,12 @@ func (c *Cluster) joinLoop(ctx context.Context) {
 	for {
 		n, err := c.ml.Join(addrs)
 		if n > 0 {
+			c.joinErr.Store("")
 			c.logger.Info("joined gossip cluster", "contacted", n)
 			return
 		}
+		err = explainJoinError(err, c.GossipEncrypted())
+		c.joinErr.Store(err.Error())
 		c.logger.Warn("joining gossip cluster failed; retrying", "join", addrs, "error", err, "retry_in", wait)
 		select {
 		case <-ctx.Done():

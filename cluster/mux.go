@@ -148,14 +148,15 @@ func (m *Mux) untrack(conn net.Conn) {
 	m.mu.Unlock()
 }
 
-// route reads the first byte of conn and hands it to Raft or gRPC.
+// route reads the first byte of conn and hands it to Raft (after the TLS
+// handshake when Raft is secured, see muxtls.go) or gRPC.
 func (m *Mux) route(conn net.Conn) {
 	first := make([]byte, 1)
-	_ = conn.SetReadDeadline(time.Now().Add(peekTimeout))
+	_ = conn.SetDeadline(time.Now().Add(peekTimeout))
 	_, err := io.ReadFull(conn, first)
-	_ = conn.SetReadDeadline(time.Time{})
-	m.untrack(conn)
 	if err != nil {
+		_ = conn.SetDeadline(time.Time{})
+		m.untrack(conn)
 		if m.ctx.Err() == nil {
 			m.logger.Debug("rpc connection sent nothing", "remote", conn.RemoteAddr().String(), "error", err)
 		}
@@ -163,9 +164,21 @@ func (m *Mux) route(conn net.Conn) {
 		return
 	}
 	if first[0] == RaftMagic {
-		m.raft.deliver(conn)
+		secured, err := m.raft.secureAccepted(conn)
+		_ = conn.SetDeadline(time.Time{})
+		m.untrack(conn)
+		if err != nil {
+			if m.ctx.Err() == nil {
+				m.logger.Warn("refused a raft connection", "remote", conn.RemoteAddr().String(), "error", err)
+			}
+			_ = conn.Close()
+			return
+		}
+		m.raft.deliver(secured)
 		return
 	}
+	_ = conn.SetDeadline(time.Time{})
+	m.untrack(conn)
 	m.grpc.deliver(&peekedConn{Conn: conn, first: first})
 }
 
@@ -234,6 +247,7 @@ func (l *subListener) Addr() net.Addr { return l.addr }
 type raftLayer struct {
 	*subListener
 	advertise net.Addr // what Addr reports, when set
+	tls       raftTLS  // zero: plaintext Raft
 }
 
 // Addr is the address Raft tells its peers (NetworkTransport uses it as
@@ -261,5 +275,5 @@ func (l *raftLayer) Dial(address raft.ServerAddress, timeout time.Duration) (net
 		return nil, fmt.Errorf("cluster: announcing raft to %s: %w", address, err)
 	}
 	_ = conn.SetWriteDeadline(time.Time{})
-	return conn, nil
+	return l.secureDialed(conn, address, timeout)
 }

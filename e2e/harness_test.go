@@ -132,11 +132,13 @@ func startTopo(t *testing.T, n int) *topo {
 	for i := 1; i <= n; i++ {
 		names = append(names, fmt.Sprintf("h%d", i))
 	}
+	sec := newSecurity(t)
 	for i, name := range names {
 		h := &host{name: name, container: tp.prefix + "-" + name, dataDir: t.TempDir(), ip: fmt.Sprintf("%s.%d", subnet, 11+i)}
 		args := []string{"run", "-d", "--name", h.container, "--hostname", name, "--network", tp.network, "--ip", h.ip,
 			"--network-alias", name, "-v", h.dataDir + ":/var/lib/tether", image,
 			"agent", "--node-name", name, "--bootstrap-expect", fmt.Sprint(n), "--log-level", "debug"}
+		args = append(args, sec.agentArgs(h)...)
 		for _, other := range names {
 			if other != name {
 				args = append(args, "--join", other)
@@ -153,6 +155,9 @@ func startTopo(t *testing.T, n int) *topo {
 			}
 			if st.Leader == "" {
 				return fmt.Errorf("%s knows no leader", h.name)
+			}
+			if sec := st.GetSecurity(); !sec.GetTls() || !sec.GetGossipEncrypted() {
+				return fmt.Errorf("%s is not secured: %v", h.name, sec)
 			}
 		}
 		return nil

@@ -59,6 +59,10 @@ func newStatusCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(w, "Version:\t%s\n", resp.Version)
 				fmt.Fprintf(w, "Data dir:\t%s\n", resp.DataDir)
 				fmt.Fprintf(w, "Raft:\t%s, last index %d, leader %s\n", resp.RaftState, resp.RaftLastIndex, leader)
+				fmt.Fprintf(w, "Security:\t%s\n", securityLine(resp.Security))
+				if je := resp.GetSecurity().GetJoinError(); je != "" {
+					fmt.Fprintf(w, "Gossip join:\t%s\n", je)
+				}
 				lease := fmt.Sprintf("held (confirmed %s ago)", (time.Duration(resp.LeaseAgeMs) * time.Millisecond).Round(time.Millisecond))
 				if !resp.LeaseHeld {
 					lease = "NOT held: this node serves no volume as primary"

@@ -1304,6 +1304,7 @@ type StatusResponse struct {
 	LeaseAgeMs int64 `protobuf:"varint,10,opt,name=lease_age_ms,json=leaseAgeMs,proto3" json:"lease_age_ms,omitempty"`
 	// Volumes this node stopped serving as primary because its lease lapsed.
 	Fenced        []*FencedVolume `protobuf:"bytes,11,rep,name=fenced,proto3" json:"fenced,omitempty"`
+	Security      *Security       `protobuf:"bytes,20,opt,name=security,proto3" json:"security,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1415,6 +1416,13 @@ func (x *StatusResponse) GetFenced() []*FencedVolume {
 	return nil
 }
 
+func (x *StatusResponse) GetSecurity() *Security {
+	if x != nil {
+		return x.Security
+	}
+	return nil
+}
+
 type FencedVolume struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1483,6 +1491,67 @@ func (x *FencedVolume) GetReason() string {
 	return ""
 }
 
+// Security is the agent's transport security (DESIGN.md, Security).
+type Security struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Tls             bool                   `protobuf:"varint,1,opt,name=tls,proto3" json:"tls,omitempty"`                                                // RPC (gRPC and Raft) over mutual TLS
+	GossipEncrypted bool                   `protobuf:"varint,2,opt,name=gossip_encrypted,json=gossipEncrypted,proto3" json:"gossip_encrypted,omitempty"` // memberlist traffic encrypted with the gossip key
+	JoinError       string                 `protobuf:"bytes,3,opt,name=join_error,json=joinError,proto3" json:"join_error,omitempty"`                    // why joining the gossip cluster last failed ("" once joined)
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *Security) Reset() {
+	*x = Security{}
+	mi := &file_tether_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Security) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Security) ProtoMessage() {}
+
+func (x *Security) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Security.ProtoReflect.Descriptor instead.
+func (*Security) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *Security) GetTls() bool {
+	if x != nil {
+		return x.Tls
+	}
+	return false
+}
+
+func (x *Security) GetGossipEncrypted() bool {
+	if x != nil {
+		return x.GossipEncrypted
+	}
+	return false
+}
+
+func (x *Security) GetJoinError() string {
+	if x != nil {
+		return x.JoinError
+	}
+	return ""
+}
+
 type VolumeCreateRequest struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	Name     string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1496,7 +1565,7 @@ type VolumeCreateRequest struct {
 
 func (x *VolumeCreateRequest) Reset() {
 	*x = VolumeCreateRequest{}
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1508,7 +1577,7 @@ func (x *VolumeCreateRequest) String() string {
 func (*VolumeCreateRequest) ProtoMessage() {}
 
 func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1521,7 +1590,7 @@ func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeCreateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{22}
+	return file_tether_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *VolumeCreateRequest) GetName() string {
@@ -1554,7 +1623,7 @@ type VolumeCreateResponse struct {
 
 func (x *VolumeCreateResponse) Reset() {
 	*x = VolumeCreateResponse{}
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1566,7 +1635,7 @@ func (x *VolumeCreateResponse) String() string {
 func (*VolumeCreateResponse) ProtoMessage() {}
 
 func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1579,7 +1648,7 @@ func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeCreateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{23}
+	return file_tether_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *VolumeCreateResponse) GetVolume() *Volume {
@@ -1597,7 +1666,7 @@ type VolumeListRequest struct {
 
 func (x *VolumeListRequest) Reset() {
 	*x = VolumeListRequest{}
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1609,7 +1678,7 @@ func (x *VolumeListRequest) String() string {
 func (*VolumeListRequest) ProtoMessage() {}
 
 func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1622,7 +1691,7 @@ func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListRequest.ProtoReflect.Descriptor instead.
 func (*VolumeListRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{24}
+	return file_tether_proto_rawDescGZIP(), []int{25}
 }
 
 type VolumeListResponse struct {
@@ -1634,7 +1703,7 @@ type VolumeListResponse struct {
 
 func (x *VolumeListResponse) Reset() {
 	*x = VolumeListResponse{}
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1646,7 +1715,7 @@ func (x *VolumeListResponse) String() string {
 func (*VolumeListResponse) ProtoMessage() {}
 
 func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1659,7 +1728,7 @@ func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListResponse.ProtoReflect.Descriptor instead.
 func (*VolumeListResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{25}
+	return file_tether_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *VolumeListResponse) GetVolumes() []*Volume {
@@ -1678,7 +1747,7 @@ type VolumeInspectRequest struct {
 
 func (x *VolumeInspectRequest) Reset() {
 	*x = VolumeInspectRequest{}
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1690,7 +1759,7 @@ func (x *VolumeInspectRequest) String() string {
 func (*VolumeInspectRequest) ProtoMessage() {}
 
 func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1703,7 +1772,7 @@ func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectRequest.ProtoReflect.Descriptor instead.
 func (*VolumeInspectRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{26}
+	return file_tether_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *VolumeInspectRequest) GetName() string {
@@ -1723,7 +1792,7 @@ type VolumeInspectResponse struct {
 
 func (x *VolumeInspectResponse) Reset() {
 	*x = VolumeInspectResponse{}
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1735,7 +1804,7 @@ func (x *VolumeInspectResponse) String() string {
 func (*VolumeInspectResponse) ProtoMessage() {}
 
 func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1748,7 +1817,7 @@ func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectResponse.ProtoReflect.Descriptor instead.
 func (*VolumeInspectResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{27}
+	return file_tether_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *VolumeInspectResponse) GetVolume() *Volume {
@@ -1789,7 +1858,7 @@ type Volume struct {
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1801,7 +1870,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1814,7 +1883,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{28}
+	return file_tether_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Volume) GetName() string {
@@ -1906,7 +1975,7 @@ type ReplicaProgress struct {
 
 func (x *ReplicaProgress) Reset() {
 	*x = ReplicaProgress{}
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1918,7 +1987,7 @@ func (x *ReplicaProgress) String() string {
 func (*ReplicaProgress) ProtoMessage() {}
 
 func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1931,7 +2000,7 @@ func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaProgress.ProtoReflect.Descriptor instead.
 func (*ReplicaProgress) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{29}
+	return file_tether_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ReplicaProgress) GetNode() string {
@@ -1977,7 +2046,7 @@ type VolumeStatus struct {
 
 func (x *VolumeStatus) Reset() {
 	*x = VolumeStatus{}
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1989,7 +2058,7 @@ func (x *VolumeStatus) String() string {
 func (*VolumeStatus) ProtoMessage() {}
 
 func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2002,7 +2071,7 @@ func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
 func (*VolumeStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{30}
+	return file_tether_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *VolumeStatus) GetName() string {
@@ -2127,7 +2196,7 @@ const file_tether_proto_rawDesc = "" +
 	"\aversion\x18\x06 \x01(\tR\aversion\">\n" +
 	"\x0fMembersResponse\x12+\n" +
 	"\amembers\x18\x01 \x03(\v2\x11.tether.v1.MemberR\amembers\"\x0f\n" +
-	"\rStatusRequest\"\x81\x03\n" +
+	"\rStatusRequest\"\xb2\x03\n" +
 	"\x0eStatusResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\x16\n" +
@@ -2145,12 +2214,18 @@ const file_tether_proto_rawDesc = "" +
 	"\flease_age_ms\x18\n" +
 	" \x01(\x03R\n" +
 	"leaseAgeMs\x12/\n" +
-	"\x06fenced\x18\v \x03(\v2\x17.tether.v1.FencedVolumeR\x06fenced\"x\n" +
+	"\x06fenced\x18\v \x03(\v2\x17.tether.v1.FencedVolumeR\x06fenced\x12/\n" +
+	"\bsecurity\x18\x14 \x01(\v2\x13.tether.v1.SecurityR\bsecurity\"x\n" +
 	"\fFencedVolume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12&\n" +
 	"\x0fsince_unix_nano\x18\x03 \x01(\x03R\rsinceUnixNano\x12\x16\n" +
-	"\x06reason\x18\x04 \x01(\tR\x06reason\"c\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\"f\n" +
+	"\bSecurity\x12\x10\n" +
+	"\x03tls\x18\x01 \x01(\bR\x03tls\x12)\n" +
+	"\x10gossip_encrypted\x18\x02 \x01(\bR\x0fgossipEncrypted\x12\x1d\n" +
+	"\n" +
+	"join_error\x18\x03 \x01(\tR\tjoinError\"c\n" +
 	"\x13VolumeCreateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\breplicas\x18\x02 \x01(\rR\breplicas\x12\x1c\n" +
@@ -2224,7 +2299,7 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_tether_proto_goTypes = []any{
 	(FileOp_Kind)(0),              // 0: tether.v1.FileOp.Kind
 	(*StreamRequest)(nil),         // 1: tether.v1.StreamRequest
@@ -2249,15 +2324,16 @@ var file_tether_proto_goTypes = []any{
 	(*StatusRequest)(nil),         // 20: tether.v1.StatusRequest
 	(*StatusResponse)(nil),        // 21: tether.v1.StatusResponse
 	(*FencedVolume)(nil),          // 22: tether.v1.FencedVolume
-	(*VolumeCreateRequest)(nil),   // 23: tether.v1.VolumeCreateRequest
-	(*VolumeCreateResponse)(nil),  // 24: tether.v1.VolumeCreateResponse
-	(*VolumeListRequest)(nil),     // 25: tether.v1.VolumeListRequest
-	(*VolumeListResponse)(nil),    // 26: tether.v1.VolumeListResponse
-	(*VolumeInspectRequest)(nil),  // 27: tether.v1.VolumeInspectRequest
-	(*VolumeInspectResponse)(nil), // 28: tether.v1.VolumeInspectResponse
-	(*Volume)(nil),                // 29: tether.v1.Volume
-	(*ReplicaProgress)(nil),       // 30: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),          // 31: tether.v1.VolumeStatus
+	(*Security)(nil),              // 23: tether.v1.Security
+	(*VolumeCreateRequest)(nil),   // 24: tether.v1.VolumeCreateRequest
+	(*VolumeCreateResponse)(nil),  // 25: tether.v1.VolumeCreateResponse
+	(*VolumeListRequest)(nil),     // 26: tether.v1.VolumeListRequest
+	(*VolumeListResponse)(nil),    // 27: tether.v1.VolumeListResponse
+	(*VolumeInspectRequest)(nil),  // 28: tether.v1.VolumeInspectRequest
+	(*VolumeInspectResponse)(nil), // 29: tether.v1.VolumeInspectResponse
+	(*Volume)(nil),                // 30: tether.v1.Volume
+	(*ReplicaProgress)(nil),       // 31: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),          // 32: tether.v1.VolumeStatus
 }
 var file_tether_proto_depIdxs = []int32{
 	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
@@ -2265,48 +2341,49 @@ var file_tether_proto_depIdxs = []int32{
 	4,  // 2: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
 	0,  // 3: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
 	12, // 4: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
-	29, // 5: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
-	29, // 6: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
+	30, // 5: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
+	30, // 6: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
 	18, // 7: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
-	31, // 8: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
+	32, // 8: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
 	22, // 9: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
-	29, // 10: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
-	29, // 11: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
-	29, // 12: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
-	31, // 13: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
-	30, // 14: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	12, // 15: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	1,  // 16: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	8,  // 17: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	10, // 18: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	6,  // 19: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
-	13, // 20: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
-	15, // 21: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
-	17, // 22: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	20, // 23: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	23, // 24: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	25, // 25: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	27, // 26: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	13, // 27: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
-	15, // 28: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
-	5,  // 29: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	9,  // 30: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	11, // 31: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	7,  // 32: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
-	14, // 33: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
-	16, // 34: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
-	19, // 35: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	21, // 36: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	24, // 37: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	26, // 38: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	28, // 39: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	14, // 40: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
-	16, // 41: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
-	29, // [29:42] is the sub-list for method output_type
-	16, // [16:29] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	23, // 10: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
+	30, // 11: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
+	30, // 12: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
+	30, // 13: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
+	32, // 14: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
+	31, // 15: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
+	12, // 16: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
+	1,  // 17: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	8,  // 18: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	10, // 19: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	6,  // 20: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
+	13, // 21: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
+	15, // 22: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
+	17, // 23: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	20, // 24: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	24, // 25: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	26, // 26: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	28, // 27: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	13, // 28: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
+	15, // 29: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
+	5,  // 30: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	9,  // 31: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	11, // 32: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	7,  // 33: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
+	14, // 34: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
+	16, // 35: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
+	19, // 36: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	21, // 37: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	25, // 38: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	27, // 39: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	29, // 40: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	14, // 41: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
+	16, // 42: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
+	30, // [30:43] is the sub-list for method output_type
+	17, // [17:30] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -2325,7 +2402,7 @@ func file_tether_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   31,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   3,
 		},
