@@ -126,3 +126,48 @@ func TestOperatorPromote(t *testing.T) {
 		t.Fatal("promote to a node without a copy was accepted")
 	}
 }
+
+// TestDeadServerRemovedAndReplicaReplaced: a node dead past the graces
+// leaves the Raft configuration (quorum allowing) and its copies move to a
+// spare node, which is filled.
+func TestDeadServerRemovedAndReplicaReplaced(t *testing.T) {
+	tc := startTestClusterWith(t, cluster.Timing{DeadServerGrace: time.Second, ReplaceGrace: time.Second})
+	// A fourth node, as a spare.
+	spare, err := New(Config{NodeName: "n4", DataDir: t.TempDir(), GossipAddr: "127.0.0.1:0", RPCAddr: "127.0.0.1:0",
+		Join: []string{tc.agents[0].GossipAddr()}, Logger: testutil.Logger(t),
+		Timing: cluster.Timing{DeadServerGrace: time.Second, ReplaceGrace: time.Second}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := spare.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(spare.Kill)
+	primary := tc.leader()
+	resp, err := tc.ctl[primary.NodeName()].VolumeCreate(context.Background(), &tetherpb.VolumeCreateRequest{Name: "vol1", Replicas: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	victim := tc.agent(resp.Volume.ReplicaNodes[0])
+	writeTree(t, primary.VolumePaths("vol1").Data, "x")
+	victim.Kill()
+	testutil.EventuallyErr(t, 30*time.Second, func() error {
+		for _, m := range primary.Cluster().Members() {
+			if m.Name == victim.NodeName() && m.RaftRole != cluster.RoleNone {
+				return fmt.Errorf("%s is still a raft %s", m.Name, m.RaftRole)
+			}
+		}
+		v, _ := primary.Cluster().Volume("vol1")
+		if len(v.ReplicaNodes) != 1 || v.ReplicaNodes[0] == victim.NodeName() {
+			return fmt.Errorf("replicas still %v", v.ReplicaNodes)
+		}
+		return sameTree(primary.VolumePaths("vol1").Data, tc.agentOrSpare(v.ReplicaNodes[0], spare).VolumePaths("vol1").Data)
+	})
+}
+
+func (tc *testCluster) agentOrSpare(name string, spare *Agent) *Agent {
+	if name == spare.NodeName() {
+		return spare
+	}
+	return tc.agent(name)
+}

@@ -83,6 +83,10 @@ type Timing struct {
 	// ReplaceGrace is how long a replica may be dead before the leader
 	// replaces it with a spare node, which is then filled (default 2m).
 	ReplaceGrace time.Duration
+	// DeadServerGrace is how long a Raft server may be dead before the
+	// leader removes it from the configuration, when quorum allows
+	// (default 5m). A removed node that returns is added back.
+	DeadServerGrace time.Duration
 }
 
 func (t Timing) withDefaults() Timing {
@@ -102,6 +106,7 @@ func (t Timing) withDefaults() Timing {
 	def(&t.LeaseMargin, time.Second)
 	def(&t.LeaseRenewInterval, 500*time.Millisecond)
 	def(&t.ReplaceGrace, 2*time.Minute)
+	def(&t.DeadServerGrace, 5*time.Minute)
 	if t.SuspicionMult <= 0 {
 		t.SuspicionMult = 3
 	}

@@ -282,3 +282,47 @@ func spareNode(v Volume, chosen []string, health map[string]string, load map[str
 	}
 	return nodes[0]
 }
+
+// RaftServer is what DeadServers needs to know of a Raft server.
+type RaftServer struct {
+	ID    string
+	Voter bool
+}
+
+// DeadServers picks the Raft servers the leader may remove now: those dead
+// (not left: those go at once) for at least grace, never self, and never so
+// many voters that the alive voters would stop being a quorum of the
+// configuration that remains (raft-autopilot's rule). Nonvoters go first,
+// then voters in name order.
+func DeadServers(servers []RaftServer, self string, health map[string]string, downSince map[string]time.Time, now time.Time, grace time.Duration) []string {
+	voters, aliveVoters := 0, 0
+	var deadVoters, deadNonvoters []string
+	for _, s := range servers {
+		if s.Voter {
+			voters++
+			if health[s.ID] == HealthAlive {
+				aliveVoters++
+			}
+		}
+		since, ok := downSince[s.ID]
+		if s.ID == self || health[s.ID] != HealthDead || !ok || now.Sub(since) < grace {
+			continue
+		}
+		if s.Voter {
+			deadVoters = append(deadVoters, s.ID)
+		} else {
+			deadNonvoters = append(deadNonvoters, s.ID)
+		}
+	}
+	sort.Strings(deadVoters)
+	sort.Strings(deadNonvoters)
+	out := deadNonvoters
+	for _, id := range deadVoters {
+		if aliveVoters < (voters-1)/2+1 {
+			break
+		}
+		voters--
+		out = append(out, id)
+	}
+	return out
+}

@@ -127,3 +127,45 @@ func TestFSMSetReplicas(t *testing.T) {
 		t.Fatal("a removed replica kept its progress")
 	}
 }
+
+func TestDeadServers(t *testing.T) {
+	now := time.Date(2026, 1, 1, 1, 0, 0, 0, time.UTC)
+	long, short := now.Add(-time.Hour), now.Add(-time.Second)
+	v := func(ids ...string) []RaftServer {
+		var out []RaftServer
+		for _, id := range ids {
+			out = append(out, RaftServer{ID: id, Voter: true})
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name    string
+		servers []RaftServer
+		health  map[string]string
+		since   map[string]time.Time
+		want    []string
+	}{
+		{"one dead of three goes", v("a", "b", "c"),
+			map[string]string{"a": HealthAlive, "b": HealthAlive, "c": HealthDead}, map[string]time.Time{"c": long}, []string{"c"}},
+		{"not before the grace", v("a", "b", "c"),
+			map[string]string{"a": HealthAlive, "b": HealthAlive, "c": HealthDead}, map[string]time.Time{"c": short}, nil},
+		{"two dead of five: both go, three alive stay a quorum of three", v("a", "b", "c", "d", "e"),
+			map[string]string{"a": HealthAlive, "b": HealthAlive, "c": HealthAlive, "d": HealthDead, "e": HealthDead},
+			map[string]time.Time{"d": long, "e": long}, []string{"d", "e"}},
+		{"two dead of three: no quorum left, remove none", v("a", "b", "c"),
+			map[string]string{"a": HealthAlive, "b": HealthDead, "c": HealthDead}, map[string]time.Time{"b": long, "c": long}, nil},
+		{"never self", v("a", "b", "c"),
+			map[string]string{"a": HealthDead, "b": HealthAlive, "c": HealthAlive}, map[string]time.Time{"a": long}, nil},
+		{"dead nonvoter goes first", append(v("a", "b", "c"), RaftServer{ID: "n"}),
+			map[string]string{"a": HealthAlive, "b": HealthAlive, "c": HealthAlive, "n": HealthDead}, map[string]time.Time{"n": long}, []string{"n"}},
+		{"unknown health is not dead", v("a", "b", "c"),
+			map[string]string{"a": HealthAlive, "b": HealthAlive}, map[string]time.Time{"c": long}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := DeadServers(tc.servers, "a", tc.health, tc.since, now, time.Minute)
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("got %v, want %v", got, tc.want)
+			}
+		})
+	}
+}

@@ -197,10 +197,23 @@ func (c *Cluster) reconcileRaft() {
 		c.logger.Warn("reading raft configuration failed", "error", err)
 		return
 	}
-	health, _ := c.members.health()
+	health, downSince := c.members.health()
+	var servers []RaftServer
+	for _, s := range f.Configuration().Servers {
+		servers = append(servers, RaftServer{ID: string(s.ID), Voter: s.Suffrage == raft.Voter})
+	}
+	remove := DeadServers(servers, c.cfg.NodeName, health, downSince, time.Now(), c.timing.DeadServerGrace)
 	known := map[raft.ServerID]raft.Server{}
 	voters := 0
 	for _, s := range f.Configuration().Servers {
+		if slices.Contains(remove, string(s.ID)) {
+			if err := c.raft.RemoveServer(s.ID, 0, raftOpTimeout).Error(); err != nil {
+				c.logger.Warn("removing dead server from raft failed", "member", s.ID, "error", err)
+				return
+			}
+			c.logger.Warn("removed a server dead for longer than the grace from raft", "member", s.ID, "grace", c.timing.DeadServerGrace)
+			continue
+		}
 		if health[string(s.ID)] == HealthLeft && string(s.ID) != c.cfg.NodeName {
 			if err := c.raft.RemoveServer(s.ID, 0, raftOpTimeout).Error(); err != nil {
 				c.logger.Warn("removing departed member from raft failed", "member", s.ID, "error", err)
@@ -220,8 +233,13 @@ func (c *Cluster) reconcileRaft() {
 		s, ok := known[id]
 		var err error
 		switch {
-		case ok && s.Address == addr:
+		case ok && s.Address == addr && (s.Suffrage == raft.Voter || voters >= maxVoters):
 			continue
+		case ok && s.Address == addr:
+			err = c.raft.AddVoter(id, addr, 0, raftOpTimeout).Error() // promote a nonvoter
+			if err == nil {
+				voters++
+			}
 		case ok && s.Suffrage == raft.Voter:
 			err = c.raft.AddVoter(id, addr, 0, raftOpTimeout).Error()
 		case ok:
