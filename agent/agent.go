@@ -40,6 +40,7 @@ type Agent struct {
 	tls     *tlsutil.Store // nil: plaintext RPC
 	prog    *progressReporter
 	lease   *leaseKeeper
+	metrics *metrics
 
 	// mu guards primaries (the replication this node runs as primary, by
 	// volume) and fenced (volumes this node stopped serving because its
@@ -123,6 +124,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	}
 	a.prog = newProgressReporter(a.cluster, a.log, a.cfg.NodeName, a.primaryHeads)
 	a.lease = newLeaseKeeper(a.cluster, a.log)
+	a.metrics = newMetrics(a)
 	a.wg.Add(3)
 	go func() { defer a.wg.Done(); a.prog.run(a.ctx) }()
 	go func() { defer a.wg.Done(); a.lease.run(a.ctx) }()

@@ -44,6 +44,7 @@ func startTestClusterWith(t *testing.T, timing cluster.Timing) *testCluster {
 			DataDir:         t.TempDir(),
 			GossipAddr:      "127.0.0.1:0",
 			RPCAddr:         "127.0.0.1:0",
+			HTTPAddr:        "127.0.0.1:0",
 			Join:            join,
 			BootstrapExpect: 3,
 			Logger:          log,

@@ -158,6 +158,7 @@ type fencedVolume struct {
 func (a *Agent) fence(name string, epoch uint64, reason string) {
 	a.log.Warn("FENCING: stopped serving volume as primary", "volume", name, "epoch", epoch, "reason", reason)
 	a.fenced[name] = fencedVolume{epoch: epoch, since: time.Now(), reason: reason}
+	a.metrics.fencings.Inc()
 }
 
 // primaryHeads reports the newest batch of each volume served here.
