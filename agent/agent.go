@@ -112,6 +112,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 		Forward:         a.forward,
 		ForwardLease:    a.forwardLease,
 		Version:         Version,
+		Labels:          a.cfg.Labels,
 		Logger:          a.log,
 		Timing:          a.cfg.Timing,
 		GossipKeys:      a.cfg.GossipKeys,

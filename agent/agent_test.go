@@ -35,6 +35,12 @@ func startTestCluster(t *testing.T) *testCluster {
 
 func startTestClusterWith(t *testing.T, timing cluster.Timing) *testCluster {
 	t.Helper()
+	return startTestClusterLabeled(t, timing, nil)
+}
+
+// startTestClusterLabeled gives node n{i+1} the labels labels[i].
+func startTestClusterLabeled(t *testing.T, timing cluster.Timing, labels []map[string]string) *testCluster {
+	t.Helper()
 	tc := &testCluster{t: t, ctl: map[string]tetherpb.ControlClient{}}
 	log := testutil.Logger(t)
 	var join []string
@@ -49,6 +55,7 @@ func startTestClusterWith(t *testing.T, timing cluster.Timing) *testCluster {
 			BootstrapExpect: 3,
 			Logger:          log,
 			Timing:          timing,
+			Labels:          labelsOf(labels, i-1),
 		})
 		if err != nil {
 			t.Fatal(err)
@@ -324,4 +331,11 @@ func TestPrimaryFencesItselfWithoutQuorum(t *testing.T) {
 	if _, ok := primary.primaryStatus("vol1"); ok {
 		t.Fatal("the fenced primary still runs replication")
 	}
+}
+
+func labelsOf(labels []map[string]string, i int) map[string]string {
+	if i < len(labels) {
+		return labels[i]
+	}
+	return nil
 }

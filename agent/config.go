@@ -45,6 +45,8 @@ type Config struct {
 	BootstrapExpect int
 	Logger          *slog.Logger
 	Timing          cluster.Timing
+	// Labels describe this node for volumes' placement constraints.
+	Labels map[string]string
 	// GossipKeys encrypt gossip, the first one being the primary; TLS
 	// secures the RPC port (gRPC and Raft) with mutual TLS. Empty: off,
 	// with a warning (see security.go).
@@ -99,6 +101,9 @@ func (c *Config) Validate() error {
 	}
 	if err := c.validateSecurity(); err != nil {
 		return err
+	}
+	if err := cluster.ValidateLabels(c.Labels); err != nil {
+		return fmt.Errorf("--label: %w", err)
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

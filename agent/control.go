@@ -24,7 +24,7 @@ func (s *controlServer) Members(context.Context, *tetherpb.MembersRequest) (*tet
 	for _, m := range s.a.cluster.Members() {
 		resp.Members = append(resp.Members, &tetherpb.Member{
 			Name: m.Name, GossipAddr: m.GossipAddr, RpcAddr: m.RPCAddr,
-			Health: m.Health, RaftRole: m.RaftRole, Version: m.Version,
+			Health: m.Health, RaftRole: m.RaftRole, Version: m.Version, Labels: m.Labels,
 		})
 	}
 	return resp, nil
@@ -70,7 +70,7 @@ func (s *controlServer) VolumeCreate(ctx context.Context, req *tetherpb.VolumeCr
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	v, err := s.a.cluster.CreateVolumeSpec(ctx, cluster.VolumeSpec{Name: req.Name, Replicas: int(req.Replicas), MaxLag: maxLag})
+	v, err := s.a.cluster.CreateVolumeSpec(ctx, cluster.VolumeSpec{Name: req.Name, Replicas: int(req.Replicas), MaxLag: maxLag, Placement: req.Placement})
 	if err != nil {
 		return nil, status.Error(errCode(err), err.Error())
 	}
@@ -169,6 +169,7 @@ func (a *Agent) volumePB(v cluster.Volume) *tetherpb.Volume {
 		ReplicaNodes: v.ReplicaNodes, Epoch: v.Epoch, State: v.State,
 		CreatedUnixNano: v.CreatedAt.UnixNano(),
 		MaxLagMs:        v.MaxLag.Milliseconds(),
+		Placement:       v.Placement,
 	}
 	if v.State == cluster.StateNeedsOperator {
 		pb.Blocked = "the primary is down and every live copy is further behind than the max lag: bring the primary back, or accept the loss with tether volume promote " + v.Name + " --to NODE --force"

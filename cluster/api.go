@@ -218,6 +218,8 @@ type VolumeSpec struct {
 	Replicas int
 	// MaxLag bounds automatic failover (see Volume.MaxLag); 0 = no bound.
 	MaxLag time.Duration
+	// Placement lists labels every node holding a copy must carry.
+	Placement map[string]string
 }
 
 // CreateVolumeSpec creates a volume as spec asks, placing it among the
@@ -236,8 +238,21 @@ func (c *Cluster) CreateVolumeSpec(ctx context.Context, spec VolumeSpec) (Volume
 	if _, ok := c.fsm.get(name); ok {
 		return Volume{}, fmt.Errorf("%w: %q", ErrVolumeExists, name)
 	}
+	if err := ValidateLabels(spec.Placement); err != nil {
+		return Volume{}, fmt.Errorf("placement: %w", err)
+	}
 	alive, _ := c.members.alive()
-	primary, others, err := Place(c.cfg.NodeName, alive, c.load(), replicas)
+	labels := c.members.labels()
+	var eligible []string
+	for _, n := range alive {
+		if Eligible(labels[n], spec.Placement) {
+			eligible = append(eligible, n)
+		}
+	}
+	primary, others, err := Place(c.cfg.NodeName, eligible, c.load(), replicas)
+	if err != nil && len(spec.Placement) > 0 {
+		err = fmt.Errorf("%w (%d of %d alive nodes carry the labels %v)", err, len(eligible), len(alive), spec.Placement)
+	}
 	if err != nil {
 		return Volume{}, fmt.Errorf("cluster: placing volume %q: %w", name, err)
 	}
@@ -249,6 +264,7 @@ func (c *Cluster) CreateVolumeSpec(ctx context.Context, spec VolumeSpec) (Volume
 		Epoch:        1,
 		CreatedAt:    time.Now().UTC(),
 		MaxLag:       spec.MaxLag,
+		Placement:    spec.Placement,
 	}
 	if _, err := c.Apply(ctx, CreateVolume{Volume: v}); err != nil {
 		return Volume{}, err

@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -53,6 +54,9 @@ type Config struct {
 	Version      string
 	Logger       *slog.Logger
 	Timing       Timing
+	// Labels describe this node for volumes' placement constraints; they
+	// travel in the gossip meta (see ValidateLabels for the limits).
+	Labels map[string]string
 	// GossipKeys encrypt gossip (see gossipsec.go); the first is the
 	// primary key. None means plaintext gossip.
 	GossipKeys [][]byte
@@ -170,6 +174,12 @@ func New(cfg Config) (*Cluster, error) {
 		return nil, errors.New("cluster: raft stream layer is required")
 	case cfg.BootstrapExpect < 0:
 		return nil, fmt.Errorf("cluster: bootstrap-expect %d is negative", cfg.BootstrapExpect)
+	}
+	if err := ValidateLabels(cfg.Labels); err != nil {
+		return nil, fmt.Errorf("node labels: %w", err)
+	}
+	if b, _ := json.Marshal(nodeMeta{RPC: cfg.RPCAdvertise, Version: cfg.Version, Leaving: true, Raft: true, Labels: cfg.Labels}); len(b) > memberlist.MetaMaxSize {
+		return nil, fmt.Errorf("%w: the node's gossip metadata would take %d bytes, more than memberlist's %d: use fewer or shorter labels", ErrInvalidLabels, len(b), memberlist.MetaMaxSize)
 	}
 	if _, _, err := net.SplitHostPort(cfg.RPCAdvertise); err != nil {
 		return nil, fmt.Errorf("cluster: rpc advertise address %q: %w", cfg.RPCAdvertise, err)

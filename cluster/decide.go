@@ -232,7 +232,7 @@ func fmtBehind(d time.Duration) string {
 // replaced by the least loaded alive node holding no copy (ties to the
 // smaller name). A volume with no such node keeps its dead replica and
 // stays degraded.
-func Replacements(vols []Volume, health map[string]string, downSince map[string]time.Time, now time.Time, grace time.Duration, load map[string]int) []SetReplicas {
+func Replacements(vols []Volume, health map[string]string, downSince map[string]time.Time, now time.Time, grace time.Duration, load map[string]int, labels map[string]map[string]string) []SetReplicas {
 	var out []SetReplicas
 	for _, v := range vols {
 		if health[v.Primary] != HealthAlive {
@@ -246,7 +246,7 @@ func Replacements(vols []Volume, health map[string]string, downSince map[string]
 				next = append(next, r)
 				continue
 			}
-			spare := spareNode(v, next, health, load)
+			spare := spareNode(v, next, health, load, labels)
 			if spare == "" {
 				next = append(next, r)
 				continue
@@ -263,11 +263,11 @@ func Replacements(vols []Volume, health map[string]string, downSince map[string]
 }
 
 // spareNode is the least loaded alive node that is neither v's primary nor
-// one of its replicas (old or already chosen).
-func spareNode(v Volume, chosen []string, health map[string]string, load map[string]int) string {
+// one of its replicas (old or already chosen) and satisfies its placement.
+func spareNode(v Volume, chosen []string, health map[string]string, load map[string]int, labels map[string]map[string]string) string {
 	var nodes []string
 	for n, h := range health {
-		if h == HealthAlive && !v.participant(n) && !slices.Contains(chosen, n) {
+		if h == HealthAlive && !v.participant(n) && !slices.Contains(chosen, n) && Eligible(labels[n], v.Placement) {
 			nodes = append(nodes, n)
 		}
 	}

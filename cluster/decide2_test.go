@@ -95,7 +95,7 @@ func TestReplacements(t *testing.T) {
 	health := map[string]string{"n1": HealthAlive, "n2": HealthAlive, "n3": HealthDead, "n4": HealthDead, "n5": HealthAlive, "n6": HealthAlive}
 	since := map[string]time.Time{"n3": now.Add(-5 * time.Minute), "n4": now.Add(-10 * time.Second)}
 	load := map[string]int{"n5": 3, "n6": 1}
-	got := Replacements(vols, health, since, now, time.Minute, load)
+	got := Replacements(vols, health, since, now, time.Minute, load, nil)
 	want := []SetReplicas{{Name: "a", ReplicaNodes: []string{"n2", "n6"}, ExpectEpoch: 1}}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v, want %+v", got, want)
@@ -103,7 +103,7 @@ func TestReplacements(t *testing.T) {
 	// No spare node: the dead replica stays.
 	delete(health, "n5")
 	delete(health, "n6")
-	if got := Replacements(vols, health, since, now, time.Minute, map[string]int{}); got != nil {
+	if got := Replacements(vols, health, since, now, time.Minute, map[string]int{}, nil); got != nil {
 		t.Fatalf("replaced without a spare: %+v", got)
 	}
 }
@@ -167,5 +167,31 @@ func TestDeadServers(t *testing.T) {
 				t.Fatalf("got %v, want %v", got, tc.want)
 			}
 		})
+	}
+}
+
+func TestLabels(t *testing.T) {
+	if !Eligible(map[string]string{"zone": "a", "x": "1"}, map[string]string{"zone": "a"}) || Eligible(nil, map[string]string{"zone": "a"}) || !Eligible(nil, nil) {
+		t.Fatal("Eligible")
+	}
+	for _, bad := range []map[string]string{{"": "a"}, {"k": ""}, {"k k": "v"}, {"k": "v/../"}, {"a": "1", "b": "1", "c": "1", "d": "1", "e": "1", "f": "1", "g": "1", "h": "1", "i": "1"}} {
+		if err := ValidateLabels(bad); !errors.Is(err, ErrInvalidLabels) {
+			t.Errorf("ValidateLabels(%v) = %v", bad, err)
+		}
+	}
+	tf := newTestFSM(t)
+	c := vol("v", "a")
+	c.Volume.Placement = map[string]string{"zone": "a/b"}
+	if err := tf.apply(c); !errors.Is(err, ErrInvalidLabels) {
+		t.Fatalf("FSM accepted bad placement: %v", err)
+	}
+	// A spare must satisfy the placement.
+	now := time.Date(2026, 1, 1, 0, 10, 0, 0, time.UTC)
+	vols := []Volume{{Name: "a", Primary: "n1", ReplicaNodes: []string{"n2"}, Epoch: 1, Placement: map[string]string{"zone": "a"}}}
+	health := map[string]string{"n1": HealthAlive, "n2": HealthDead, "n3": HealthAlive, "n4": HealthAlive}
+	labels := map[string]map[string]string{"n3": {"zone": "b"}, "n4": {"zone": "a"}}
+	got := Replacements(vols, health, map[string]time.Time{"n2": now.Add(-time.Hour)}, now, time.Minute, map[string]int{"n4": 9}, labels)
+	if len(got) != 1 || !reflect.DeepEqual(got[0].ReplicaNodes, []string{"n4"}) {
+		t.Fatalf("replacement ignoring placement: %+v", got)
 	}
 }

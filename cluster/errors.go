@@ -25,6 +25,7 @@ var (
 	ErrPrimaryAlive    = errors.New("cluster: the primary is alive")
 	ErrTooFarBehind    = errors.New("cluster: the copy is further behind than the volume's max lag")
 	ErrLeaseHeld       = errors.New("cluster: the old primary may still hold its lease")
+	ErrInvalidLabels   = errors.New("cluster: invalid labels")
 )
 
 // businessErrors are the refusals that travel as text in a forwarded Apply.
@@ -32,7 +33,7 @@ var businessErrors = []error{
 	ErrNotLeader, ErrNoLeader, ErrVolumeExists, ErrNoVolume, ErrEpochMismatch,
 	ErrNotParticipant, ErrInvalidName, ErrInvalidReplicas, ErrInvalidCommand,
 	ErrUnknownCommand, ErrNotEnoughNodes, ErrShutdown, ErrPrimaryAlive,
-	ErrTooFarBehind, ErrLeaseHeld,
+	ErrTooFarBehind, ErrLeaseHeld, ErrInvalidLabels,
 }
 
 // ParseError turns the text of an error produced by this package (for

@@ -111,6 +111,9 @@ func (f *fsm) createVolume(v Volume) error {
 	if v.Epoch == 0 {
 		return fmt.Errorf("%w: volume %q has epoch 0", ErrInvalidCommand, v.Name)
 	}
+	if err := ValidateLabels(v.Placement); err != nil {
+		return err
+	}
 	if v.MaxLag < 0 {
 		return fmt.Errorf("%w: volume %q has a negative max lag", ErrInvalidCommand, v.Name)
 	}

@@ -66,6 +66,7 @@ Without --tls-* and a gossip key the agent refuses to start unless --insecure-de
 	f.StringSliceVar(&cfg.Join, "join", nil, "gossip address HOST[:PORT] of another agent (repeatable)")
 	f.IntVar(&cfg.BootstrapExpect, "bootstrap-expect", 0, "form the Raft cluster once this many agents have joined (the first agents; 0 = join an existing cluster)")
 	sec.register(cmd)
+	f.StringToStringVar(&cfg.Labels, "label", nil, "a label of this node for placement constraints, KEY=VALUE (repeatable)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	return cmd

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"sort"
 	"strings"
 	"time"
 
@@ -26,9 +27,9 @@ func newMembersCmd(g *globals) *cobra.Command {
 					return printJSON(stdout(cmd), resp)
 				}
 				w := table(stdout(cmd))
-				fmt.Fprintln(w, "NAME\tGOSSIP\tRPC\tHEALTH\tRAFT\tVERSION")
+				fmt.Fprintln(w, "NAME\tGOSSIP\tRPC\tHEALTH\tRAFT\tVERSION\tLABELS")
 				for _, m := range resp.Members {
-					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, m.GossipAddr, m.RpcAddr, m.Health, m.RaftRole, m.Version)
+					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, m.GossipAddr, m.RpcAddr, m.Health, m.RaftRole, m.Version, labelString(m.Labels))
 				}
 				return w.Flush()
 			})
@@ -95,4 +96,18 @@ func orNone(s string) string {
 		return "(none)"
 	}
 	return s
+}
+
+// labelString prints labels as k=v,k=v in key order.
+func labelString(labels map[string]string) string {
+	keys := make([]string, 0, len(labels))
+	for k := range labels {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	parts := make([]string, 0, len(keys))
+	for _, k := range keys {
+		parts = append(parts, k+"="+labels[k])
+	}
+	return orNone(strings.Join(parts, ","))
 }

@@ -24,6 +24,7 @@ func newVolumeCmd(g *globals) *cobra.Command {
 func newVolumeCreateCmd(g *globals) *cobra.Command {
 	var replicas uint32
 	var maxLag time.Duration
+	var placement map[string]string
 	cmd := &cobra.Command{
 		Use:   "create NAME",
 		Short: "Create a volume; this host becomes its primary",
@@ -42,7 +43,7 @@ func newVolumeCreateCmd(g *globals) *cobra.Command {
 				return fmt.Errorf("--max-lag %s is below a millisecond", maxLag)
 			}
 			return g.client(cmd, func(ctx context.Context, c tetherpb.ControlClient) error {
-				resp, err := c.VolumeCreate(ctx, &tetherpb.VolumeCreateRequest{Name: args[0], Replicas: replicas, MaxLagMs: lagMs})
+				resp, err := c.VolumeCreate(ctx, &tetherpb.VolumeCreateRequest{Name: args[0], Replicas: replicas, MaxLagMs: lagMs, Placement: placement})
 				if err != nil {
 					return err
 				}
@@ -61,6 +62,7 @@ func newVolumeCreateCmd(g *globals) *cobra.Command {
 	}
 	cmd.Flags().Uint32Var(&replicas, "replicas", 3, "number of copies, counting the primary")
 	cmd.Flags().DurationVar(&maxLag, "max-lag", 5*time.Minute, "automatic failover refuses a copy further behind than this (0: no limit)")
+	cmd.Flags().StringToStringVar(&placement, "placement", nil, "only nodes with this label hold copies, KEY=VALUE (repeatable; see tether agent --label)")
 	return cmd
 }
 
@@ -123,6 +125,9 @@ func printInspect(out io.Writer, resp *tetherpb.VolumeInspectResponse) error {
 		maxLag = (time.Duration(v.MaxLagMs) * time.Millisecond).String()
 	}
 	fmt.Fprintf(w, "Max lag:\t%s\n", maxLag)
+	if len(v.Placement) > 0 {
+		fmt.Fprintf(w, "Placement:\t%s\n", labelString(v.Placement))
+	}
 	if v.Blocked != "" {
 		fmt.Fprintf(w, "NEEDS OPERATOR:\t%s\n", v.Blocked)
 	}

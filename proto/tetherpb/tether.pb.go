@@ -1130,8 +1130,9 @@ type Member struct {
 	// alive, suspect, dead or left.
 	Health string `protobuf:"bytes,4,opt,name=health,proto3" json:"health,omitempty"`
 	// leader, voter, nonvoter or none.
-	RaftRole      string `protobuf:"bytes,5,opt,name=raft_role,json=raftRole,proto3" json:"raft_role,omitempty"`
-	Version       string `protobuf:"bytes,6,opt,name=version,proto3" json:"version,omitempty"`
+	RaftRole      string            `protobuf:"bytes,5,opt,name=raft_role,json=raftRole,proto3" json:"raft_role,omitempty"`
+	Version       string            `protobuf:"bytes,6,opt,name=version,proto3" json:"version,omitempty"`
+	Labels        map[string]string `protobuf:"bytes,7,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1206,6 +1207,13 @@ func (x *Member) GetVersion() string {
 		return x.Version
 	}
 	return ""
+}
+
+func (x *Member) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
 }
 
 type MembersResponse struct {
@@ -1558,7 +1566,9 @@ type VolumeCreateRequest struct {
 	Replicas uint32                 `protobuf:"varint,2,opt,name=replicas,proto3" json:"replicas,omitempty"`
 	// Automatic failover refuses a copy further behind than this
 	// (milliseconds); 0 means the default (5 minutes), -1 no limit.
-	MaxLagMs      int64 `protobuf:"varint,3,opt,name=max_lag_ms,json=maxLagMs,proto3" json:"max_lag_ms,omitempty"`
+	MaxLagMs int64 `protobuf:"varint,3,opt,name=max_lag_ms,json=maxLagMs,proto3" json:"max_lag_ms,omitempty"`
+	// Labels every node holding a copy must carry.
+	Placement     map[string]string `protobuf:"bytes,4,rep,name=placement,proto3" json:"placement,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1612,6 +1622,13 @@ func (x *VolumeCreateRequest) GetMaxLagMs() int64 {
 		return x.MaxLagMs
 	}
 	return 0
+}
+
+func (x *VolumeCreateRequest) GetPlacement() map[string]string {
+	if x != nil {
+		return x.Placement
+	}
+	return nil
 }
 
 type VolumeCreateResponse struct {
@@ -1851,7 +1868,8 @@ type Volume struct {
 	// Automatic failover refuses a copy further behind than this; 0 = no limit.
 	MaxLagMs int64 `protobuf:"varint,10,opt,name=max_lag_ms,json=maxLagMs,proto3" json:"max_lag_ms,omitempty"`
 	// Why the volume waits for an operator, when it does.
-	Blocked       string `protobuf:"bytes,11,opt,name=blocked,proto3" json:"blocked,omitempty"`
+	Blocked       string            `protobuf:"bytes,11,opt,name=blocked,proto3" json:"blocked,omitempty"`
+	Placement     map[string]string `protobuf:"bytes,12,rep,name=placement,proto3" json:"placement,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1961,6 +1979,13 @@ func (x *Volume) GetBlocked() string {
 		return x.Blocked
 	}
 	return ""
+}
+
+func (x *Volume) GetPlacement() map[string]string {
+	if x != nil {
+		return x.Placement
+	}
+	return nil
 }
 
 type ReplicaProgress struct {
@@ -2185,7 +2210,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x12VolumeMoveResponse\x12)\n" +
 	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\x12\x17\n" +
 	"\atook_ms\x18\x02 \x01(\x03R\x06tookMs\"\x10\n" +
-	"\x0eMembersRequest\"\xa7\x01\n" +
+	"\x0eMembersRequest\"\x99\x02\n" +
 	"\x06Member\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1f\n" +
 	"\vgossip_addr\x18\x02 \x01(\tR\n" +
@@ -2193,7 +2218,11 @@ const file_tether_proto_rawDesc = "" +
 	"\brpc_addr\x18\x03 \x01(\tR\arpcAddr\x12\x16\n" +
 	"\x06health\x18\x04 \x01(\tR\x06health\x12\x1b\n" +
 	"\traft_role\x18\x05 \x01(\tR\braftRole\x12\x18\n" +
-	"\aversion\x18\x06 \x01(\tR\aversion\">\n" +
+	"\aversion\x18\x06 \x01(\tR\aversion\x125\n" +
+	"\x06labels\x18\a \x03(\v2\x1d.tether.v1.Member.LabelsEntryR\x06labels\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\">\n" +
 	"\x0fMembersResponse\x12+\n" +
 	"\amembers\x18\x01 \x03(\v2\x11.tether.v1.MemberR\amembers\"\x0f\n" +
 	"\rStatusRequest\"\xb2\x03\n" +
@@ -2225,12 +2254,16 @@ const file_tether_proto_rawDesc = "" +
 	"\x03tls\x18\x01 \x01(\bR\x03tls\x12)\n" +
 	"\x10gossip_encrypted\x18\x02 \x01(\bR\x0fgossipEncrypted\x12\x1d\n" +
 	"\n" +
-	"join_error\x18\x03 \x01(\tR\tjoinError\"c\n" +
+	"join_error\x18\x03 \x01(\tR\tjoinError\"\xee\x01\n" +
 	"\x13VolumeCreateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\breplicas\x18\x02 \x01(\rR\breplicas\x12\x1c\n" +
 	"\n" +
-	"max_lag_ms\x18\x03 \x01(\x03R\bmaxLagMs\"A\n" +
+	"max_lag_ms\x18\x03 \x01(\x03R\bmaxLagMs\x12K\n" +
+	"\tplacement\x18\x04 \x03(\v2-.tether.v1.VolumeCreateRequest.PlacementEntryR\tplacement\x1a<\n" +
+	"\x0ePlacementEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"A\n" +
 	"\x14VolumeCreateResponse\x12)\n" +
 	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\"\x13\n" +
 	"\x11VolumeListRequest\"A\n" +
@@ -2240,7 +2273,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"s\n" +
 	"\x15VolumeInspectResponse\x12)\n" +
 	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\x12/\n" +
-	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\xd3\x02\n" +
+	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\xd1\x03\n" +
 	"\x06Volume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\breplicas\x18\x02 \x01(\rR\breplicas\x12\x18\n" +
@@ -2254,7 +2287,11 @@ const file_tether_proto_rawDesc = "" +
 	"\n" +
 	"max_lag_ms\x18\n" +
 	" \x01(\x03R\bmaxLagMs\x12\x18\n" +
-	"\ablocked\x18\v \x01(\tR\ablocked\"q\n" +
+	"\ablocked\x18\v \x01(\tR\ablocked\x12>\n" +
+	"\tplacement\x18\f \x03(\v2 .tether.v1.Volume.PlacementEntryR\tplacement\x1a<\n" +
+	"\x0ePlacementEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"q\n" +
 	"\x0fReplicaProgress\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
@@ -2299,7 +2336,7 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
 var file_tether_proto_goTypes = []any{
 	(FileOp_Kind)(0),              // 0: tether.v1.FileOp.Kind
 	(*StreamRequest)(nil),         // 1: tether.v1.StreamRequest
@@ -2334,6 +2371,9 @@ var file_tether_proto_goTypes = []any{
 	(*Volume)(nil),                // 30: tether.v1.Volume
 	(*ReplicaProgress)(nil),       // 31: tether.v1.ReplicaProgress
 	(*VolumeStatus)(nil),          // 32: tether.v1.VolumeStatus
+	nil,                           // 33: tether.v1.Member.LabelsEntry
+	nil,                           // 34: tether.v1.VolumeCreateRequest.PlacementEntry
+	nil,                           // 35: tether.v1.Volume.PlacementEntry
 }
 var file_tether_proto_depIdxs = []int32{
 	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
@@ -2343,47 +2383,50 @@ var file_tether_proto_depIdxs = []int32{
 	12, // 4: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
 	30, // 5: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
 	30, // 6: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
-	18, // 7: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
-	32, // 8: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
-	22, // 9: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
-	23, // 10: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
-	30, // 11: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
-	30, // 12: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
-	30, // 13: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
-	32, // 14: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
-	31, // 15: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	12, // 16: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	1,  // 17: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	8,  // 18: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	10, // 19: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	6,  // 20: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
-	13, // 21: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
-	15, // 22: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
-	17, // 23: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	20, // 24: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	24, // 25: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	26, // 26: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	28, // 27: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	13, // 28: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
-	15, // 29: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
-	5,  // 30: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	9,  // 31: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	11, // 32: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	7,  // 33: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
-	14, // 34: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
-	16, // 35: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
-	19, // 36: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	21, // 37: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	25, // 38: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	27, // 39: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	29, // 40: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	14, // 41: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
-	16, // 42: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
-	30, // [30:43] is the sub-list for method output_type
-	17, // [17:30] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	33, // 7: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
+	18, // 8: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
+	32, // 9: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
+	22, // 10: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
+	23, // 11: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
+	34, // 12: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
+	30, // 13: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
+	30, // 14: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
+	30, // 15: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
+	32, // 16: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
+	31, // 17: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
+	35, // 18: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
+	12, // 19: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
+	1,  // 20: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	8,  // 21: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	10, // 22: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	6,  // 23: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
+	13, // 24: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
+	15, // 25: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
+	17, // 26: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	20, // 27: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	24, // 28: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	26, // 29: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	28, // 30: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	13, // 31: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
+	15, // 32: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
+	5,  // 33: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	9,  // 34: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	11, // 35: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	7,  // 36: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
+	14, // 37: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
+	16, // 38: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
+	19, // 39: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	21, // 40: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	25, // 41: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	27, // 42: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	29, // 43: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	14, // 44: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
+	16, // 45: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
+	33, // [33:46] is the sub-list for method output_type
+	20, // [20:33] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -2402,7 +2445,7 @@ func file_tether_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   32,
+			NumMessages:   35,
 			NumExtensions: 0,
 			NumServices:   3,
 		},
