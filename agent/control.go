@@ -119,6 +119,41 @@ func (s *controlServer) VolumeMove(ctx context.Context, req *tetherpb.VolumeMove
 	return &tetherpb.VolumeMoveResponse{Volume: s.a.volumePB(v), TookMs: time.Since(t0).Milliseconds()}, nil
 }
 
+func (s *controlServer) VolumeUpdate(ctx context.Context, req *tetherpb.VolumeUpdateRequest) (*tetherpb.VolumeUpdateResponse, error) {
+	cmd := cluster.UpdateVolume{Name: req.Name}
+	if req.Replicas != nil {
+		n := int(*req.Replicas)
+		cmd.Replicas = &n
+	}
+	if req.MaxLagMs != nil {
+		lag := time.Duration(*req.MaxLagMs) * time.Millisecond
+		switch {
+		case *req.MaxLagMs == -1:
+			lag = 0
+		case *req.MaxLagMs < 0:
+			return nil, status.Errorf(codes.InvalidArgument, "max lag %dms is invalid", *req.MaxLagMs)
+		}
+		cmd.MaxLag = &lag
+	}
+	if req.SetPlacement {
+		pl := req.Placement
+		if pl == nil {
+			pl = map[string]string{}
+		}
+		cmd.Placement = &pl
+	}
+	if cmd.Replicas == nil && cmd.MaxLag == nil && cmd.Placement == nil {
+		return nil, status.Error(codes.InvalidArgument, "nothing to update: give --replicas, --max-lag, --placement or --clear-placement")
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	v, err := s.a.cluster.UpdateVolume(ctx, cmd)
+	if err != nil {
+		return nil, status.Error(errCode(err), err.Error())
+	}
+	return &tetherpb.VolumeUpdateResponse{Volume: s.a.volumePB(v)}, nil
+}
+
 // liveStatus asks the volume's primary for its replication state.
 func (a *Agent) liveStatus(ctx context.Context, v cluster.Volume) *tetherpb.VolumeStatus {
 	if v.Primary == a.cfg.NodeName {

@@ -171,3 +171,49 @@ func (tc *testCluster) agentOrSpare(name string, spare *Agent) *Agent {
 	}
 	return tc.agent(name)
 }
+
+// TestVolumeUpdateScales: raising the copy count adds and fills a replica;
+// lowering it drops one.
+func TestVolumeUpdateScales(t *testing.T) {
+	tc := startTestCluster(t)
+	primary := tc.agents[0]
+	ctl := tc.ctl[primary.NodeName()]
+	ctx := context.Background()
+	if _, err := ctl.VolumeCreate(ctx, &tetherpb.VolumeCreateRequest{Name: "vol1", Replicas: 2}); err != nil {
+		t.Fatal(err)
+	}
+	writeTree(t, primary.VolumePaths("vol1").Data, "x")
+	three := uint32(3)
+	if _, err := ctl.VolumeUpdate(ctx, &tetherpb.VolumeUpdateRequest{Name: "vol1", Replicas: &three}); err != nil {
+		t.Fatal(err)
+	}
+	testutil.EventuallyErr(t, 20*time.Second, func() error {
+		v, _ := primary.Cluster().Volume("vol1")
+		if len(v.ReplicaNodes) != 2 {
+			return fmt.Errorf("replicas %v", v.ReplicaNodes)
+		}
+		for _, r := range v.ReplicaNodes {
+			if err := sameTree(primary.VolumePaths("vol1").Data, tc.agent(r).VolumePaths("vol1").Data); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	one := uint32(1)
+	if _, err := ctl.VolumeUpdate(ctx, &tetherpb.VolumeUpdateRequest{Name: "vol1", Replicas: &one}); err != nil {
+		t.Fatal(err)
+	}
+	testutil.EventuallyErr(t, 20*time.Second, func() error {
+		if v, _ := primary.Cluster().Volume("vol1"); len(v.ReplicaNodes) != 0 {
+			return fmt.Errorf("replicas %v", v.ReplicaNodes)
+		}
+		return nil
+	})
+	if _, err := ctl.VolumeUpdate(ctx, &tetherpb.VolumeUpdateRequest{Name: "vol1"}); err == nil {
+		t.Fatal("an update with nothing to change was accepted")
+	}
+	bad := uint32(99)
+	if _, err := ctl.VolumeUpdate(ctx, &tetherpb.VolumeUpdateRequest{Name: "vol1", Replicas: &bad}); err == nil {
+		t.Fatal("replicas 99 accepted")
+	}
+}

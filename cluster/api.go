@@ -298,6 +298,29 @@ func (c *Cluster) ReportProgress(ctx context.Context, volume, node string, epoch
 	return err
 }
 
+// UpdateVolume changes a volume's options (nil: unchanged); the leader
+// then adds, replaces or trims replicas to match.
+func (c *Cluster) UpdateVolume(ctx context.Context, cmd UpdateVolume) (Volume, error) {
+	if _, ok := c.fsm.get(cmd.Name); !ok {
+		return Volume{}, fmt.Errorf("%w: %q", ErrNoVolume, cmd.Name)
+	}
+	if cmd.Replicas != nil {
+		if err := ValidateReplicas(*cmd.Replicas); err != nil {
+			return Volume{}, err
+		}
+	}
+	if cmd.Placement != nil {
+		if err := ValidateLabels(*cmd.Placement); err != nil {
+			return Volume{}, fmt.Errorf("placement: %w", err)
+		}
+	}
+	if _, err := c.Apply(ctx, cmd); err != nil {
+		return Volume{}, err
+	}
+	v, _ := c.Volume(cmd.Name)
+	return v, nil
+}
+
 // Promote is an operator's failover, run on the leader: it makes to the
 // primary of volume name in the next epoch, in place of a dead primary
 // whose lease has surely lapsed. force accepts a copy further behind than

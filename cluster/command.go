@@ -3,6 +3,7 @@ package cluster
 import (
 	"encoding/json"
 	"fmt"
+	"time"
 )
 
 // CommandType numbers a catalog command on the wire. Numbers are
@@ -16,6 +17,7 @@ const (
 	TypeSetPrimary     CommandType = 3
 	TypeUpdateProgress CommandType = 4
 	TypeSetReplicas    CommandType = 5
+	TypeUpdateVolume   CommandType = 6
 )
 
 // IgnoreUnknownFlag is a bit of the type byte telling an FSM that does not
@@ -75,6 +77,18 @@ type SetReplicas struct {
 // Type implements Command.
 func (SetReplicas) Type() CommandType { return TypeSetReplicas }
 
+// UpdateVolume changes a volume's options; nil fields stay as they are.
+// The leader then adds, replaces or drops replicas to match.
+type UpdateVolume struct {
+	Name      string             `json:"name"`
+	Replicas  *int               `json:"replicas,omitempty"`
+	MaxLag    *time.Duration     `json:"max_lag,omitempty"`
+	Placement *map[string]string `json:"placement,omitempty"`
+}
+
+// Type implements Command.
+func (UpdateVolume) Type() CommandType { return TypeUpdateVolume }
+
 // Type implements Command.
 func (CreateVolume) Type() CommandType { return TypeCreateVolume }
 
@@ -131,6 +145,8 @@ func Decode(b []byte) (Command, error) {
 		return *c, nil
 	case *SetReplicas:
 		return *c, nil
+	case *UpdateVolume:
+		return *c, nil
 	}
 	return nil, fmt.Errorf("%w: type %d", ErrUnknownCommand, typ)
 }
@@ -148,6 +164,8 @@ func newCommand(typ CommandType) Command {
 		return &UpdateProgress{}
 	case TypeSetReplicas:
 		return &SetReplicas{}
+	case TypeUpdateVolume:
+		return &UpdateVolume{}
 	}
 	return nil
 }

@@ -227,36 +227,124 @@ func fmtBehind(d time.Duration) string {
 	return d.String()
 }
 
-// Replacements lists the replica changes the leader should apply now: in
-// each volume whose primary is alive, a replica down for at least grace is
-// replaced by the least loaded alive node holding no copy (ties to the
-// smaller name). A volume with no such node keeps its dead replica and
-// stays degraded.
-func Replacements(vols []Volume, health map[string]string, downSince map[string]time.Time, now time.Time, grace time.Duration, load map[string]int, labels map[string]map[string]string) []SetReplicas {
+// Repairs lists the replica-set changes the leader should apply now, at
+// most one per volume whose primary is alive:
+//   - a replica dead for at least grace is replaced by a spare node (the
+//     least loaded alive node holding no copy and carrying the volume's
+//     placement labels; ties to the smaller name);
+//   - missing replicas (the volume asks for more copies) are added;
+//   - a replica that violates the placement gets a spare added beside it,
+//     and is dropped once every eligible replica has made a batch of the
+//     current epoch durable (add, catch up, then trim: never fewer good
+//     copies than before);
+//   - extra replicas (the volume asks for fewer copies) are dropped: dead
+//     ones first, then violators, then the furthest behind.
+//
+// A volume with no spare keeps its dead replica and stays degraded.
+func Repairs(vols []Volume, health map[string]string, downSince map[string]time.Time, now time.Time, grace time.Duration, load map[string]int, labels map[string]map[string]string) []SetReplicas {
 	var out []SetReplicas
 	for _, v := range vols {
 		if health[v.Primary] != HealthAlive {
 			continue
 		}
-		var next []string
-		changed := false
-		for _, r := range v.ReplicaNodes {
-			since, ok := downSince[r]
-			if !down(health[r]) || !ok || now.Sub(since) < grace {
-				next = append(next, r)
-				continue
-			}
-			spare := spareNode(v, next, health, load, labels)
-			if spare == "" {
-				next = append(next, r)
-				continue
-			}
-			next = append(next, spare)
-			load[spare]++
-			changed = true
-		}
-		if changed {
+		next := repairReplicas(v, health, downSince, now, grace, load, labels)
+		if !slices.Equal(next, v.ReplicaNodes) {
 			out = append(out, SetReplicas{Name: v.Name, ReplicaNodes: next, ExpectEpoch: v.Epoch})
+		}
+	}
+	return out
+}
+
+func repairReplicas(v Volume, health map[string]string, downSince map[string]time.Time, now time.Time, grace time.Duration, load map[string]int, labels map[string]map[string]string) []string {
+	want := max(v.Replicas-1, 0)
+	deadLong := func(r string) bool {
+		since, ok := downSince[r]
+		return down(health[r]) && ok && now.Sub(since) >= grace
+	}
+	violates := func(r string) bool { return !Eligible(labels[r], v.Placement) }
+	addSpare := func(next []string) ([]string, bool) {
+		spare := spareNode(v, next, health, load, labels)
+		if spare == "" {
+			return next, false
+		}
+		load[spare]++
+		return append(next, spare), true
+	}
+	var next []string
+	for _, r := range v.ReplicaNodes {
+		if deadLong(r) {
+			if n, ok := addSpare(next); ok {
+				next = n
+				continue
+			}
+		}
+		next = append(next, r)
+	}
+	for len(next) < want {
+		n, ok := addSpare(next)
+		if !ok {
+			break
+		}
+		next = n
+	}
+	good, violators := 0, 0
+	for _, r := range next {
+		if violates(r) {
+			violators++
+		} else {
+			good++
+		}
+	}
+	if violators > 0 && good < want && len(next) == want {
+		next, _ = addSpare(next) // the violator goes once the spare caught up
+	}
+	return trimReplicas(v, next, want, health, violates)
+}
+
+// trimReplicas drops replicas beyond want: dead ones, then placement
+// violators (only once every eligible replica holds a batch of the current
+// epoch), then the furthest behind.
+func trimReplicas(v Volume, next []string, want int, health map[string]string, violates func(string) bool) []string {
+	if len(next) <= want {
+		return next
+	}
+	caughtUp := func(r string) bool { p := v.Progress[r]; return p.Epoch == v.Epoch && p.Seq > 0 }
+	allGoodCaughtUp := true
+	for _, r := range next {
+		if !violates(r) && !caughtUp(r) {
+			allGoodCaughtUp = false
+		}
+	}
+	violators := slices.ContainsFunc(next, violates)
+	rank := func(r string) int {
+		switch {
+		case down(health[r]):
+			return 0
+		case violates(r):
+			return 1
+		default:
+			return 2
+		}
+	}
+	order := slices.Clone(next)
+	sort.SliceStable(order, func(i, j int) bool {
+		ri, rj := rank(order[i]), rank(order[j])
+		if ri != rj {
+			return ri < rj
+		}
+		return v.Progress[order[j]].after(v.Progress[order[i]]) // less progress goes first
+	})
+	drop := map[string]bool{}
+	for _, r := range order[:len(next)-want] {
+		if violators && !allGoodCaughtUp && !down(health[r]) {
+			break // a placement change is under way: trim once the new copies hold the data
+		}
+		drop[r] = true
+	}
+	var out []string
+	for _, r := range next {
+		if !drop[r] {
+			out = append(out, r)
 		}
 	}
 	return out

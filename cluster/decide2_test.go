@@ -85,17 +85,17 @@ func TestManualPromotion(t *testing.T) {
 	}
 }
 
-func TestReplacements(t *testing.T) {
+func TestRepairs(t *testing.T) {
 	now := time.Date(2026, 1, 1, 0, 10, 0, 0, time.UTC)
 	vols := []Volume{
-		{Name: "a", Primary: "n1", ReplicaNodes: []string{"n2", "n3"}, Epoch: 1},
-		{Name: "b", Primary: "n3", ReplicaNodes: []string{"n1"}, Epoch: 5}, // primary dead: failover's job, not ours
-		{Name: "c", Primary: "n1", ReplicaNodes: []string{"n4"}, Epoch: 2},
+		{Name: "a", Replicas: 3, Primary: "n1", ReplicaNodes: []string{"n2", "n3"}, Epoch: 1},
+		{Name: "b", Replicas: 2, Primary: "n3", ReplicaNodes: []string{"n1"}, Epoch: 5}, // primary dead: failover's job, not ours
+		{Name: "c", Replicas: 2, Primary: "n1", ReplicaNodes: []string{"n4"}, Epoch: 2},
 	}
 	health := map[string]string{"n1": HealthAlive, "n2": HealthAlive, "n3": HealthDead, "n4": HealthDead, "n5": HealthAlive, "n6": HealthAlive}
 	since := map[string]time.Time{"n3": now.Add(-5 * time.Minute), "n4": now.Add(-10 * time.Second)}
 	load := map[string]int{"n5": 3, "n6": 1}
-	got := Replacements(vols, health, since, now, time.Minute, load, nil)
+	got := Repairs(vols, health, since, now, time.Minute, load, nil)
 	want := []SetReplicas{{Name: "a", ReplicaNodes: []string{"n2", "n6"}, ExpectEpoch: 1}}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("got %+v, want %+v", got, want)
@@ -103,7 +103,7 @@ func TestReplacements(t *testing.T) {
 	// No spare node: the dead replica stays.
 	delete(health, "n5")
 	delete(health, "n6")
-	if got := Replacements(vols, health, since, now, time.Minute, map[string]int{}, nil); got != nil {
+	if got := Repairs(vols, health, since, now, time.Minute, map[string]int{}, nil); got != nil {
 		t.Fatalf("replaced without a spare: %+v", got)
 	}
 }
@@ -187,11 +187,70 @@ func TestLabels(t *testing.T) {
 	}
 	// A spare must satisfy the placement.
 	now := time.Date(2026, 1, 1, 0, 10, 0, 0, time.UTC)
-	vols := []Volume{{Name: "a", Primary: "n1", ReplicaNodes: []string{"n2"}, Epoch: 1, Placement: map[string]string{"zone": "a"}}}
+	vols := []Volume{{Name: "a", Replicas: 2, Primary: "n1", ReplicaNodes: []string{"n2"}, Epoch: 1, Placement: map[string]string{"zone": "a"}}}
 	health := map[string]string{"n1": HealthAlive, "n2": HealthDead, "n3": HealthAlive, "n4": HealthAlive}
 	labels := map[string]map[string]string{"n3": {"zone": "b"}, "n4": {"zone": "a"}}
-	got := Replacements(vols, health, map[string]time.Time{"n2": now.Add(-time.Hour)}, now, time.Minute, map[string]int{"n4": 9}, labels)
+	got := Repairs(vols, health, map[string]time.Time{"n2": now.Add(-time.Hour)}, now, time.Minute, map[string]int{"n4": 9}, labels)
 	if len(got) != 1 || !reflect.DeepEqual(got[0].ReplicaNodes, []string{"n4"}) {
 		t.Fatalf("replacement ignoring placement: %+v", got)
+	}
+}
+
+func TestRepairsCountAndPlacement(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 10, 0, 0, time.UTC)
+	alive := map[string]string{"p": HealthAlive, "a": HealthAlive, "b": HealthAlive, "c": HealthAlive, "d": HealthAlive}
+	zoneA := map[string]map[string]string{"p": {"z": "a"}, "a": {"z": "a"}, "b": {"z": "b"}, "c": {"z": "a"}, "d": {"z": "a"}}
+	caught := func(nodes ...string) map[string]Progress {
+		m := map[string]Progress{}
+		for _, n := range nodes {
+			m[n] = Progress{Epoch: 1, Seq: 3}
+		}
+		return m
+	}
+	for _, tc := range []struct {
+		name string
+		v    Volume
+		want []string // nil: no change
+	}{
+		{"scale up adds spares", Volume{Replicas: 4, Primary: "p", ReplicaNodes: []string{"a"}}, []string{"a", "b", "c"}},
+		{"scale down drops the furthest behind", Volume{Replicas: 2, Primary: "p", ReplicaNodes: []string{"a", "b", "c"}, Progress: map[string]Progress{"a": {Epoch: 1, Seq: 2}, "b": {Epoch: 1, Seq: 9}, "c": {Epoch: 1, Seq: 5}}}, []string{"b"}},
+		{"violator gets a spare beside it first", Volume{Replicas: 3, Primary: "p", ReplicaNodes: []string{"a", "b"}, Placement: map[string]string{"z": "a"}, Progress: caught("a", "b")}, []string{"a", "b", "c"}},
+		{"violator kept while the spare catches up", Volume{Replicas: 3, Primary: "p", ReplicaNodes: []string{"a", "b", "c"}, Placement: map[string]string{"z": "a"}, Progress: caught("a", "b")}, nil},
+		{"violator dropped once the spare caught up", Volume{Replicas: 3, Primary: "p", ReplicaNodes: []string{"a", "b", "c"}, Placement: map[string]string{"z": "a"}, Progress: caught("a", "b", "c")}, []string{"a", "c"}},
+		{"steady state", Volume{Replicas: 3, Primary: "p", ReplicaNodes: []string{"a", "c"}, Placement: map[string]string{"z": "a"}, Progress: caught("a", "c")}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.v.Name, tc.v.Epoch = "v", 1
+			got := Repairs([]Volume{tc.v}, alive, nil, now, time.Minute, map[string]int{"d": 5}, zoneA)
+			if tc.want == nil {
+				if got != nil {
+					t.Fatalf("changed: %+v", got)
+				}
+				return
+			}
+			if len(got) != 1 || !reflect.DeepEqual(got[0].ReplicaNodes, tc.want) {
+				t.Fatalf("got %+v, want replicas %v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestFSMUpdateVolume(t *testing.T) {
+	tf := newTestFSM(t)
+	tf.mustApply(vol("v", "a", "b"))
+	n, lag, pl := 3, time.Minute, map[string]string{"z": "a"}
+	tf.mustApply(UpdateVolume{Name: "v", Replicas: &n, MaxLag: &lag, Placement: &pl})
+	v, _ := tf.f.get("v")
+	if v.Replicas != 3 || v.MaxLag != time.Minute || v.Placement["z"] != "a" || len(v.ReplicaNodes) != 1 {
+		t.Fatalf("after update: %+v", v)
+	}
+	bad := 9
+	if err := tf.apply(UpdateVolume{Name: "v", Replicas: &bad}); !errors.Is(err, ErrInvalidReplicas) {
+		t.Fatalf("replicas 9: %v", err)
+	}
+	empty := map[string]string{}
+	tf.mustApply(UpdateVolume{Name: "v", Placement: &empty})
+	if v, _ := tf.f.get("v"); v.Placement != nil || v.Replicas != 3 {
+		t.Fatalf("clearing placement: %+v", v)
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"slices"
 	"sort"
 	"sync"
@@ -91,6 +92,8 @@ func (f *fsm) apply(cmd Command) error {
 		return f.updateProgress(c)
 	case SetReplicas:
 		return f.setReplicas(c)
+	case UpdateVolume:
+		return f.updateVolume(c)
 	}
 	return fmt.Errorf("%w: %T", ErrUnknownCommand, cmd)
 }
@@ -141,6 +144,39 @@ func (f *fsm) setPrimary(c SetPrimary) error {
 	v.Primary = c.Primary
 	v.ReplicaNodes = slices.Clone(c.ReplicaNodes)
 	v.Epoch = c.Epoch
+	return nil
+}
+
+func (f *fsm) updateVolume(c UpdateVolume) error {
+	v, ok := f.volumes[c.Name]
+	if !ok {
+		return fmt.Errorf("%w: %q", ErrNoVolume, c.Name)
+	}
+	if c.Replicas != nil {
+		if err := ValidateReplicas(*c.Replicas); err != nil {
+			return err
+		}
+	}
+	if c.MaxLag != nil && *c.MaxLag < 0 {
+		return fmt.Errorf("%w: volume %q: negative max lag", ErrInvalidCommand, c.Name)
+	}
+	if c.Placement != nil {
+		if err := ValidateLabels(*c.Placement); err != nil {
+			return err
+		}
+	}
+	if c.Replicas != nil {
+		v.Replicas = *c.Replicas
+	}
+	if c.MaxLag != nil {
+		v.MaxLag = *c.MaxLag
+	}
+	if c.Placement != nil {
+		v.Placement = maps.Clone(*c.Placement)
+		if len(v.Placement) == 0 {
+			v.Placement = nil
+		}
+	}
 	return nil
 }
 

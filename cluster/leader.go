@@ -178,7 +178,7 @@ func (c *Cluster) reconcile(stop chan struct{}) time.Duration {
 			c.logger.Warn("volume needs an operator: its primary is down and every live copy is further behind than its max lag", "volume", v.Name, "primary", v.Primary, "max_lag", v.MaxLag)
 		}
 	}
-	for _, cmd := range Replacements(c.fsm.list(), health, downSince, now, c.timing.ReplaceGrace, c.load(), c.members.labels()) {
+	for _, cmd := range Repairs(c.fsm.list(), health, downSince, now, c.timing.ReplaceGrace, c.load(), c.members.labels()) {
 		c.logger.Info("replacing a dead replica", "volume", cmd.Name, "replicas", cmd.ReplicaNodes)
 		if _, err := c.applyLocal(cmd); err != nil {
 			c.logger.Warn("replacing a dead replica was refused", "volume", cmd.Name, "error", err)

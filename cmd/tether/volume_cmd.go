@@ -17,7 +17,7 @@ func newVolumeCmd(g *globals) *cobra.Command {
 		Use:   "volume",
 		Short: "Create, list and inspect replicated volumes",
 	}
-	cmd.AddCommand(newVolumeCreateCmd(g), newVolumeLsCmd(g), newVolumeInspectCmd(g), newVolumePromoteCmd(g), newVolumeMoveCmd(g))
+	cmd.AddCommand(newVolumeCreateCmd(g), newVolumeLsCmd(g), newVolumeInspectCmd(g), newVolumePromoteCmd(g), newVolumeMoveCmd(g), newVolumeUpdateCmd(g))
 	return cmd
 }
 
@@ -232,5 +232,62 @@ up to --wait for the volume to go quiet, and explains what it waits for.`,
 	}
 	cmd.Flags().StringVar(&to, "to", "", "the replica to move the volume to")
 	cmd.Flags().DurationVar(&wait, "wait", 30*time.Second, "how long to wait for the volume to go quiet")
+	return cmd
+}
+
+func newVolumeUpdateCmd(g *globals) *cobra.Command {
+	var replicas uint32
+	var maxLag time.Duration
+	var placement map[string]string
+	var clearPlacement bool
+	cmd := &cobra.Command{
+		Use:   "update NAME",
+		Short: "Change a volume's copy count, max lag or placement",
+		Long: `Change a volume's options. The leader then adds copies on spare nodes, drops
+extra ones (the furthest behind first), or moves copies off nodes that no longer
+match the placement: a new copy is filled before the old one is dropped.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			req := &tetherpb.VolumeUpdateRequest{Name: args[0]}
+			f := cmd.Flags()
+			if f.Changed("replicas") {
+				if replicas == 0 {
+					return fmt.Errorf("--replicas must be at least 1 (it counts the primary)")
+				}
+				req.Replicas = &replicas
+			}
+			if f.Changed("max-lag") {
+				if maxLag < 0 {
+					return fmt.Errorf("--max-lag must not be negative (0 means no limit)")
+				}
+				ms := maxLag.Milliseconds()
+				if maxLag == 0 {
+					ms = -1
+				}
+				req.MaxLagMs = &ms
+			}
+			if f.Changed("placement") && clearPlacement {
+				return fmt.Errorf("--placement and --clear-placement exclude each other")
+			}
+			if f.Changed("placement") || clearPlacement {
+				req.SetPlacement, req.Placement = true, placement
+			}
+			return g.client(cmd, func(ctx context.Context, c tetherpb.ControlClient) error {
+				resp, err := c.VolumeUpdate(ctx, req)
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return printJSON(stdout(cmd), resp.Volume)
+				}
+				fmt.Fprintf(stdout(cmd), "Updated %s; the leader adjusts its copies to match (see tether volume inspect %s)\n", resp.Volume.Name, resp.Volume.Name)
+				return nil
+			})
+		},
+	}
+	cmd.Flags().Uint32Var(&replicas, "replicas", 0, "number of copies, counting the primary")
+	cmd.Flags().DurationVar(&maxLag, "max-lag", 0, "automatic failover refuses a copy further behind than this (0: no limit)")
+	cmd.Flags().StringToStringVar(&placement, "placement", nil, "only nodes with this label hold copies, KEY=VALUE (repeatable)")
+	cmd.Flags().BoolVar(&clearPlacement, "clear-placement", false, "remove the placement constraint")
 	return cmd
 }

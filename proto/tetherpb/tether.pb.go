@@ -857,6 +857,129 @@ func (x *ReplicaStatus) GetError() string {
 	return ""
 }
 
+// VolumeUpdateRequest changes a volume's options; unset fields stay.
+type VolumeUpdateRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Name     string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Replicas *uint32                `protobuf:"varint,2,opt,name=replicas,proto3,oneof" json:"replicas,omitempty"`
+	// Milliseconds; -1 means no limit.
+	MaxLagMs *int64 `protobuf:"varint,3,opt,name=max_lag_ms,json=maxLagMs,proto3,oneof" json:"max_lag_ms,omitempty"`
+	// Replaces the placement when set_placement is true (empty clears it).
+	Placement     map[string]string `protobuf:"bytes,4,rep,name=placement,proto3" json:"placement,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	SetPlacement  bool              `protobuf:"varint,5,opt,name=set_placement,json=setPlacement,proto3" json:"set_placement,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeUpdateRequest) Reset() {
+	*x = VolumeUpdateRequest{}
+	mi := &file_tether_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeUpdateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeUpdateRequest) ProtoMessage() {}
+
+func (x *VolumeUpdateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeUpdateRequest.ProtoReflect.Descriptor instead.
+func (*VolumeUpdateRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *VolumeUpdateRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *VolumeUpdateRequest) GetReplicas() uint32 {
+	if x != nil && x.Replicas != nil {
+		return *x.Replicas
+	}
+	return 0
+}
+
+func (x *VolumeUpdateRequest) GetMaxLagMs() int64 {
+	if x != nil && x.MaxLagMs != nil {
+		return *x.MaxLagMs
+	}
+	return 0
+}
+
+func (x *VolumeUpdateRequest) GetPlacement() map[string]string {
+	if x != nil {
+		return x.Placement
+	}
+	return nil
+}
+
+func (x *VolumeUpdateRequest) GetSetPlacement() bool {
+	if x != nil {
+		return x.SetPlacement
+	}
+	return false
+}
+
+type VolumeUpdateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeUpdateResponse) Reset() {
+	*x = VolumeUpdateResponse{}
+	mi := &file_tether_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeUpdateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeUpdateResponse) ProtoMessage() {}
+
+func (x *VolumeUpdateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeUpdateResponse.ProtoReflect.Descriptor instead.
+func (*VolumeUpdateResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *VolumeUpdateResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
 type VolumePromoteRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -870,7 +993,7 @@ type VolumePromoteRequest struct {
 
 func (x *VolumePromoteRequest) Reset() {
 	*x = VolumePromoteRequest{}
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -882,7 +1005,7 @@ func (x *VolumePromoteRequest) String() string {
 func (*VolumePromoteRequest) ProtoMessage() {}
 
 func (x *VolumePromoteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -895,7 +1018,7 @@ func (x *VolumePromoteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePromoteRequest.ProtoReflect.Descriptor instead.
 func (*VolumePromoteRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{12}
+	return file_tether_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *VolumePromoteRequest) GetName() string {
@@ -931,7 +1054,7 @@ type VolumePromoteResponse struct {
 
 func (x *VolumePromoteResponse) Reset() {
 	*x = VolumePromoteResponse{}
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -943,7 +1066,7 @@ func (x *VolumePromoteResponse) String() string {
 func (*VolumePromoteResponse) ProtoMessage() {}
 
 func (x *VolumePromoteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -956,7 +1079,7 @@ func (x *VolumePromoteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePromoteResponse.ProtoReflect.Descriptor instead.
 func (*VolumePromoteResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{13}
+	return file_tether_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *VolumePromoteResponse) GetVolume() *Volume {
@@ -985,7 +1108,7 @@ type VolumeMoveRequest struct {
 
 func (x *VolumeMoveRequest) Reset() {
 	*x = VolumeMoveRequest{}
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -997,7 +1120,7 @@ func (x *VolumeMoveRequest) String() string {
 func (*VolumeMoveRequest) ProtoMessage() {}
 
 func (x *VolumeMoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1010,7 +1133,7 @@ func (x *VolumeMoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeMoveRequest.ProtoReflect.Descriptor instead.
 func (*VolumeMoveRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{14}
+	return file_tether_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *VolumeMoveRequest) GetName() string {
@@ -1044,7 +1167,7 @@ type VolumeMoveResponse struct {
 
 func (x *VolumeMoveResponse) Reset() {
 	*x = VolumeMoveResponse{}
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1056,7 +1179,7 @@ func (x *VolumeMoveResponse) String() string {
 func (*VolumeMoveResponse) ProtoMessage() {}
 
 func (x *VolumeMoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1069,7 +1192,7 @@ func (x *VolumeMoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeMoveResponse.ProtoReflect.Descriptor instead.
 func (*VolumeMoveResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{15}
+	return file_tether_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *VolumeMoveResponse) GetVolume() *Volume {
@@ -1094,7 +1217,7 @@ type MembersRequest struct {
 
 func (x *MembersRequest) Reset() {
 	*x = MembersRequest{}
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1106,7 +1229,7 @@ func (x *MembersRequest) String() string {
 func (*MembersRequest) ProtoMessage() {}
 
 func (x *MembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1119,7 +1242,7 @@ func (x *MembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersRequest.ProtoReflect.Descriptor instead.
 func (*MembersRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{16}
+	return file_tether_proto_rawDescGZIP(), []int{18}
 }
 
 type Member struct {
@@ -1139,7 +1262,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1151,7 +1274,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1164,7 +1287,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{17}
+	return file_tether_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Member) GetName() string {
@@ -1225,7 +1348,7 @@ type MembersResponse struct {
 
 func (x *MembersResponse) Reset() {
 	*x = MembersResponse{}
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1237,7 +1360,7 @@ func (x *MembersResponse) String() string {
 func (*MembersResponse) ProtoMessage() {}
 
 func (x *MembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1250,7 +1373,7 @@ func (x *MembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersResponse.ProtoReflect.Descriptor instead.
 func (*MembersResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{18}
+	return file_tether_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *MembersResponse) GetMembers() []*Member {
@@ -1268,7 +1391,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1280,7 +1403,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1293,7 +1416,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{19}
+	return file_tether_proto_rawDescGZIP(), []int{21}
 }
 
 type StatusResponse struct {
@@ -1319,7 +1442,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1331,7 +1454,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1344,7 +1467,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{20}
+	return file_tether_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *StatusResponse) GetNode() string {
@@ -1443,7 +1566,7 @@ type FencedVolume struct {
 
 func (x *FencedVolume) Reset() {
 	*x = FencedVolume{}
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1455,7 +1578,7 @@ func (x *FencedVolume) String() string {
 func (*FencedVolume) ProtoMessage() {}
 
 func (x *FencedVolume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1468,7 +1591,7 @@ func (x *FencedVolume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FencedVolume.ProtoReflect.Descriptor instead.
 func (*FencedVolume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{21}
+	return file_tether_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *FencedVolume) GetName() string {
@@ -1511,7 +1634,7 @@ type Security struct {
 
 func (x *Security) Reset() {
 	*x = Security{}
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1523,7 +1646,7 @@ func (x *Security) String() string {
 func (*Security) ProtoMessage() {}
 
 func (x *Security) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1536,7 +1659,7 @@ func (x *Security) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Security.ProtoReflect.Descriptor instead.
 func (*Security) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{22}
+	return file_tether_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Security) GetTls() bool {
@@ -1575,7 +1698,7 @@ type VolumeCreateRequest struct {
 
 func (x *VolumeCreateRequest) Reset() {
 	*x = VolumeCreateRequest{}
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1587,7 +1710,7 @@ func (x *VolumeCreateRequest) String() string {
 func (*VolumeCreateRequest) ProtoMessage() {}
 
 func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1600,7 +1723,7 @@ func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeCreateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{23}
+	return file_tether_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *VolumeCreateRequest) GetName() string {
@@ -1640,7 +1763,7 @@ type VolumeCreateResponse struct {
 
 func (x *VolumeCreateResponse) Reset() {
 	*x = VolumeCreateResponse{}
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1652,7 +1775,7 @@ func (x *VolumeCreateResponse) String() string {
 func (*VolumeCreateResponse) ProtoMessage() {}
 
 func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1665,7 +1788,7 @@ func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeCreateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{24}
+	return file_tether_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *VolumeCreateResponse) GetVolume() *Volume {
@@ -1683,7 +1806,7 @@ type VolumeListRequest struct {
 
 func (x *VolumeListRequest) Reset() {
 	*x = VolumeListRequest{}
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1695,7 +1818,7 @@ func (x *VolumeListRequest) String() string {
 func (*VolumeListRequest) ProtoMessage() {}
 
 func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1708,7 +1831,7 @@ func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListRequest.ProtoReflect.Descriptor instead.
 func (*VolumeListRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{25}
+	return file_tether_proto_rawDescGZIP(), []int{27}
 }
 
 type VolumeListResponse struct {
@@ -1720,7 +1843,7 @@ type VolumeListResponse struct {
 
 func (x *VolumeListResponse) Reset() {
 	*x = VolumeListResponse{}
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1732,7 +1855,7 @@ func (x *VolumeListResponse) String() string {
 func (*VolumeListResponse) ProtoMessage() {}
 
 func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1745,7 +1868,7 @@ func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListResponse.ProtoReflect.Descriptor instead.
 func (*VolumeListResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{26}
+	return file_tether_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *VolumeListResponse) GetVolumes() []*Volume {
@@ -1764,7 +1887,7 @@ type VolumeInspectRequest struct {
 
 func (x *VolumeInspectRequest) Reset() {
 	*x = VolumeInspectRequest{}
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1776,7 +1899,7 @@ func (x *VolumeInspectRequest) String() string {
 func (*VolumeInspectRequest) ProtoMessage() {}
 
 func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1789,7 +1912,7 @@ func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectRequest.ProtoReflect.Descriptor instead.
 func (*VolumeInspectRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{27}
+	return file_tether_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *VolumeInspectRequest) GetName() string {
@@ -1809,7 +1932,7 @@ type VolumeInspectResponse struct {
 
 func (x *VolumeInspectResponse) Reset() {
 	*x = VolumeInspectResponse{}
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1821,7 +1944,7 @@ func (x *VolumeInspectResponse) String() string {
 func (*VolumeInspectResponse) ProtoMessage() {}
 
 func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1834,7 +1957,7 @@ func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectResponse.ProtoReflect.Descriptor instead.
 func (*VolumeInspectResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{28}
+	return file_tether_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *VolumeInspectResponse) GetVolume() *Volume {
@@ -1876,7 +1999,7 @@ type Volume struct {
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1888,7 +2011,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1901,7 +2024,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{29}
+	return file_tether_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Volume) GetName() string {
@@ -2000,7 +2123,7 @@ type ReplicaProgress struct {
 
 func (x *ReplicaProgress) Reset() {
 	*x = ReplicaProgress{}
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2012,7 +2135,7 @@ func (x *ReplicaProgress) String() string {
 func (*ReplicaProgress) ProtoMessage() {}
 
 func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2025,7 +2148,7 @@ func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaProgress.ProtoReflect.Descriptor instead.
 func (*ReplicaProgress) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{30}
+	return file_tether_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ReplicaProgress) GetNode() string {
@@ -2071,7 +2194,7 @@ type VolumeStatus struct {
 
 func (x *VolumeStatus) Reset() {
 	*x = VolumeStatus{}
-	mi := &file_tether_proto_msgTypes[31]
+	mi := &file_tether_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2083,7 +2206,7 @@ func (x *VolumeStatus) String() string {
 func (*VolumeStatus) ProtoMessage() {}
 
 func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[31]
+	mi := &file_tether_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2096,7 +2219,7 @@ func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
 func (*VolumeStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{31}
+	return file_tether_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *VolumeStatus) GetName() string {
@@ -2195,7 +2318,21 @@ const file_tether_proto_rawDesc = "" +
 	"\tacked_seq\x18\x03 \x01(\x04R\backedSeq\x12-\n" +
 	"\x13acked_cut_unix_nano\x18\x04 \x01(\x03R\x10ackedCutUnixNano\x12\x15\n" +
 	"\x06lag_ms\x18\x05 \x01(\x03R\x05lagMs\x12\x14\n" +
-	"\x05error\x18\x06 \x01(\tR\x05error\"P\n" +
+	"\x05error\x18\x06 \x01(\tR\x05error\"\xb9\x02\n" +
+	"\x13VolumeUpdateRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1f\n" +
+	"\breplicas\x18\x02 \x01(\rH\x00R\breplicas\x88\x01\x01\x12!\n" +
+	"\n" +
+	"max_lag_ms\x18\x03 \x01(\x03H\x01R\bmaxLagMs\x88\x01\x01\x12K\n" +
+	"\tplacement\x18\x04 \x03(\v2-.tether.v1.VolumeUpdateRequest.PlacementEntryR\tplacement\x12#\n" +
+	"\rset_placement\x18\x05 \x01(\bR\fsetPlacement\x1a<\n" +
+	"\x0ePlacementEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\v\n" +
+	"\t_replicasB\r\n" +
+	"\v_max_lag_ms\"A\n" +
+	"\x14VolumeUpdateResponse\x12)\n" +
+	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\"P\n" +
 	"\x14VolumePromoteRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
 	"\x02to\x18\x02 \x01(\tR\x02to\x12\x14\n" +
@@ -2311,7 +2448,7 @@ const file_tether_proto_rawDesc = "" +
 	"\n" +
 	"RenewLease\x12\x1c.tether.v1.RenewLeaseRequest\x1a\x1d.tether.v1.RenewLeaseResponse\x12L\n" +
 	"\aPromote\x12\x1f.tether.v1.VolumePromoteRequest\x1a .tether.v1.VolumePromoteResponse\x12C\n" +
-	"\x04Move\x12\x1c.tether.v1.VolumeMoveRequest\x1a\x1d.tether.v1.VolumeMoveResponse2\x99\x04\n" +
+	"\x04Move\x12\x1c.tether.v1.VolumeMoveRequest\x1a\x1d.tether.v1.VolumeMoveResponse2\xea\x04\n" +
 	"\aControl\x12@\n" +
 	"\aMembers\x12\x19.tether.v1.MembersRequest\x1a\x1a.tether.v1.MembersResponse\x12=\n" +
 	"\x06Status\x12\x18.tether.v1.StatusRequest\x1a\x19.tether.v1.StatusResponse\x12O\n" +
@@ -2321,7 +2458,8 @@ const file_tether_proto_rawDesc = "" +
 	"\rVolumeInspect\x12\x1f.tether.v1.VolumeInspectRequest\x1a .tether.v1.VolumeInspectResponse\x12R\n" +
 	"\rVolumePromote\x12\x1f.tether.v1.VolumePromoteRequest\x1a .tether.v1.VolumePromoteResponse\x12I\n" +
 	"\n" +
-	"VolumeMove\x12\x1c.tether.v1.VolumeMoveRequest\x1a\x1d.tether.v1.VolumeMoveResponseB,Z*github.com/tether-io/tether/proto/tetherpbb\x06proto3"
+	"VolumeMove\x12\x1c.tether.v1.VolumeMoveRequest\x1a\x1d.tether.v1.VolumeMoveResponse\x12O\n" +
+	"\fVolumeUpdate\x12\x1e.tether.v1.VolumeUpdateRequest\x1a\x1f.tether.v1.VolumeUpdateResponseB,Z*github.com/tether-io/tether/proto/tetherpbb\x06proto3"
 
 var (
 	file_tether_proto_rawDescOnce sync.Once
@@ -2336,7 +2474,7 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 35)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_tether_proto_goTypes = []any{
 	(FileOp_Kind)(0),              // 0: tether.v1.FileOp.Kind
 	(*StreamRequest)(nil),         // 1: tether.v1.StreamRequest
@@ -2351,29 +2489,32 @@ var file_tether_proto_goTypes = []any{
 	(*PrimaryStatusRequest)(nil),  // 10: tether.v1.PrimaryStatusRequest
 	(*PrimaryStatusResponse)(nil), // 11: tether.v1.PrimaryStatusResponse
 	(*ReplicaStatus)(nil),         // 12: tether.v1.ReplicaStatus
-	(*VolumePromoteRequest)(nil),  // 13: tether.v1.VolumePromoteRequest
-	(*VolumePromoteResponse)(nil), // 14: tether.v1.VolumePromoteResponse
-	(*VolumeMoveRequest)(nil),     // 15: tether.v1.VolumeMoveRequest
-	(*VolumeMoveResponse)(nil),    // 16: tether.v1.VolumeMoveResponse
-	(*MembersRequest)(nil),        // 17: tether.v1.MembersRequest
-	(*Member)(nil),                // 18: tether.v1.Member
-	(*MembersResponse)(nil),       // 19: tether.v1.MembersResponse
-	(*StatusRequest)(nil),         // 20: tether.v1.StatusRequest
-	(*StatusResponse)(nil),        // 21: tether.v1.StatusResponse
-	(*FencedVolume)(nil),          // 22: tether.v1.FencedVolume
-	(*Security)(nil),              // 23: tether.v1.Security
-	(*VolumeCreateRequest)(nil),   // 24: tether.v1.VolumeCreateRequest
-	(*VolumeCreateResponse)(nil),  // 25: tether.v1.VolumeCreateResponse
-	(*VolumeListRequest)(nil),     // 26: tether.v1.VolumeListRequest
-	(*VolumeListResponse)(nil),    // 27: tether.v1.VolumeListResponse
-	(*VolumeInspectRequest)(nil),  // 28: tether.v1.VolumeInspectRequest
-	(*VolumeInspectResponse)(nil), // 29: tether.v1.VolumeInspectResponse
-	(*Volume)(nil),                // 30: tether.v1.Volume
-	(*ReplicaProgress)(nil),       // 31: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),          // 32: tether.v1.VolumeStatus
-	nil,                           // 33: tether.v1.Member.LabelsEntry
-	nil,                           // 34: tether.v1.VolumeCreateRequest.PlacementEntry
-	nil,                           // 35: tether.v1.Volume.PlacementEntry
+	(*VolumeUpdateRequest)(nil),   // 13: tether.v1.VolumeUpdateRequest
+	(*VolumeUpdateResponse)(nil),  // 14: tether.v1.VolumeUpdateResponse
+	(*VolumePromoteRequest)(nil),  // 15: tether.v1.VolumePromoteRequest
+	(*VolumePromoteResponse)(nil), // 16: tether.v1.VolumePromoteResponse
+	(*VolumeMoveRequest)(nil),     // 17: tether.v1.VolumeMoveRequest
+	(*VolumeMoveResponse)(nil),    // 18: tether.v1.VolumeMoveResponse
+	(*MembersRequest)(nil),        // 19: tether.v1.MembersRequest
+	(*Member)(nil),                // 20: tether.v1.Member
+	(*MembersResponse)(nil),       // 21: tether.v1.MembersResponse
+	(*StatusRequest)(nil),         // 22: tether.v1.StatusRequest
+	(*StatusResponse)(nil),        // 23: tether.v1.StatusResponse
+	(*FencedVolume)(nil),          // 24: tether.v1.FencedVolume
+	(*Security)(nil),              // 25: tether.v1.Security
+	(*VolumeCreateRequest)(nil),   // 26: tether.v1.VolumeCreateRequest
+	(*VolumeCreateResponse)(nil),  // 27: tether.v1.VolumeCreateResponse
+	(*VolumeListRequest)(nil),     // 28: tether.v1.VolumeListRequest
+	(*VolumeListResponse)(nil),    // 29: tether.v1.VolumeListResponse
+	(*VolumeInspectRequest)(nil),  // 30: tether.v1.VolumeInspectRequest
+	(*VolumeInspectResponse)(nil), // 31: tether.v1.VolumeInspectResponse
+	(*Volume)(nil),                // 32: tether.v1.Volume
+	(*ReplicaProgress)(nil),       // 33: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),          // 34: tether.v1.VolumeStatus
+	nil,                           // 35: tether.v1.VolumeUpdateRequest.PlacementEntry
+	nil,                           // 36: tether.v1.Member.LabelsEntry
+	nil,                           // 37: tether.v1.VolumeCreateRequest.PlacementEntry
+	nil,                           // 38: tether.v1.Volume.PlacementEntry
 }
 var file_tether_proto_depIdxs = []int32{
 	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
@@ -2381,52 +2522,56 @@ var file_tether_proto_depIdxs = []int32{
 	4,  // 2: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
 	0,  // 3: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
 	12, // 4: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
-	30, // 5: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
-	30, // 6: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
-	33, // 7: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
-	18, // 8: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
-	32, // 9: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
-	22, // 10: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
-	23, // 11: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
-	34, // 12: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
-	30, // 13: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
-	30, // 14: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
-	30, // 15: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
-	32, // 16: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
-	31, // 17: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	35, // 18: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
-	12, // 19: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	1,  // 20: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	8,  // 21: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	10, // 22: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	6,  // 23: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
-	13, // 24: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
-	15, // 25: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
-	17, // 26: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	20, // 27: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	24, // 28: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	26, // 29: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	28, // 30: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	13, // 31: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
-	15, // 32: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
-	5,  // 33: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	9,  // 34: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	11, // 35: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	7,  // 36: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
-	14, // 37: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
-	16, // 38: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
-	19, // 39: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	21, // 40: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	25, // 41: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	27, // 42: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	29, // 43: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	14, // 44: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
-	16, // 45: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
-	33, // [33:46] is the sub-list for method output_type
-	20, // [20:33] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	35, // 5: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
+	32, // 6: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
+	32, // 7: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
+	32, // 8: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
+	36, // 9: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
+	20, // 10: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
+	34, // 11: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
+	24, // 12: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
+	25, // 13: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
+	37, // 14: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
+	32, // 15: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
+	32, // 16: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
+	32, // 17: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
+	34, // 18: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
+	33, // 19: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
+	38, // 20: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
+	12, // 21: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
+	1,  // 22: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	8,  // 23: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	10, // 24: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	6,  // 25: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
+	15, // 26: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
+	17, // 27: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
+	19, // 28: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	22, // 29: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	26, // 30: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	28, // 31: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	30, // 32: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	15, // 33: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
+	17, // 34: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
+	13, // 35: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
+	5,  // 36: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	9,  // 37: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	11, // 38: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	7,  // 39: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
+	16, // 40: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
+	18, // 41: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
+	21, // 42: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	23, // 43: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	27, // 44: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	29, // 45: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	31, // 46: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	16, // 47: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
+	18, // 48: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
+	14, // 49: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
+	36, // [36:50] is the sub-list for method output_type
+	22, // [22:36] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -2439,13 +2584,14 @@ func file_tether_proto_init() {
 		(*StreamRequest_Op)(nil),
 		(*StreamRequest_Commit)(nil),
 	}
+	file_tether_proto_msgTypes[12].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   35,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

@@ -415,6 +415,7 @@ const (
 	Control_VolumeInspect_FullMethodName = "/tether.v1.Control/VolumeInspect"
 	Control_VolumePromote_FullMethodName = "/tether.v1.Control/VolumePromote"
 	Control_VolumeMove_FullMethodName    = "/tether.v1.Control/VolumeMove"
+	Control_VolumeUpdate_FullMethodName  = "/tether.v1.Control/VolumeUpdate"
 )
 
 // ControlClient is the client API for Control service.
@@ -428,6 +429,7 @@ type ControlClient interface {
 	VolumeInspect(ctx context.Context, in *VolumeInspectRequest, opts ...grpc.CallOption) (*VolumeInspectResponse, error)
 	VolumePromote(ctx context.Context, in *VolumePromoteRequest, opts ...grpc.CallOption) (*VolumePromoteResponse, error)
 	VolumeMove(ctx context.Context, in *VolumeMoveRequest, opts ...grpc.CallOption) (*VolumeMoveResponse, error)
+	VolumeUpdate(ctx context.Context, in *VolumeUpdateRequest, opts ...grpc.CallOption) (*VolumeUpdateResponse, error)
 }
 
 type controlClient struct {
@@ -508,6 +510,16 @@ func (c *controlClient) VolumeMove(ctx context.Context, in *VolumeMoveRequest, o
 	return out, nil
 }
 
+func (c *controlClient) VolumeUpdate(ctx context.Context, in *VolumeUpdateRequest, opts ...grpc.CallOption) (*VolumeUpdateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumeUpdateResponse)
+	err := c.cc.Invoke(ctx, Control_VolumeUpdate_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ControlServer is the server API for Control service.
 // All implementations must embed UnimplementedControlServer
 // for forward compatibility.
@@ -519,6 +531,7 @@ type ControlServer interface {
 	VolumeInspect(context.Context, *VolumeInspectRequest) (*VolumeInspectResponse, error)
 	VolumePromote(context.Context, *VolumePromoteRequest) (*VolumePromoteResponse, error)
 	VolumeMove(context.Context, *VolumeMoveRequest) (*VolumeMoveResponse, error)
+	VolumeUpdate(context.Context, *VolumeUpdateRequest) (*VolumeUpdateResponse, error)
 	mustEmbedUnimplementedControlServer()
 }
 
@@ -549,6 +562,9 @@ func (UnimplementedControlServer) VolumePromote(context.Context, *VolumePromoteR
 }
 func (UnimplementedControlServer) VolumeMove(context.Context, *VolumeMoveRequest) (*VolumeMoveResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method VolumeMove not implemented")
+}
+func (UnimplementedControlServer) VolumeUpdate(context.Context, *VolumeUpdateRequest) (*VolumeUpdateResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method VolumeUpdate not implemented")
 }
 func (UnimplementedControlServer) mustEmbedUnimplementedControlServer() {}
 func (UnimplementedControlServer) testEmbeddedByValue()                 {}
@@ -697,6 +713,24 @@ func _Control_VolumeMove_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_VolumeUpdate_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VolumeUpdateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).VolumeUpdate(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_VolumeUpdate_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).VolumeUpdate(ctx, req.(*VolumeUpdateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Control_ServiceDesc is the grpc.ServiceDesc for Control service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -731,6 +765,10 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "VolumeMove",
 			Handler:    _Control_VolumeMove_Handler,
+		},
+		{
+			MethodName: "VolumeUpdate",
+			Handler:    _Control_VolumeUpdate_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
