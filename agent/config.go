@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/tether-io/tether/cluster"
 	"github.com/tether-io/tether/internal/tlsutil"
@@ -101,6 +102,15 @@ func (c *Config) Validate() error {
 	}
 	if err := c.validateSecurity(); err != nil {
 		return err
+	}
+	t := c.Timing
+	for flag, d := range map[string]time.Duration{"--failover-grace": t.FailoverGrace, "--lease": t.LeaseDuration, "--replace-after": t.ReplaceGrace, "--dead-server-after": t.DeadServerGrace} {
+		if d < 0 {
+			return fmt.Errorf("%s %s: must not be negative", flag, d)
+		}
+	}
+	if t.LeaseDuration > 0 && t.LeaseDuration < time.Second {
+		return fmt.Errorf("--lease %s: at least 1s, or primaries fence themselves at every Raft election", t.LeaseDuration)
 	}
 	if err := cluster.ValidateLabels(c.Labels); err != nil {
 		return fmt.Errorf("--label: %w", err)

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -66,6 +67,10 @@ Without --tls-* and a gossip key the agent refuses to start unless --insecure-de
 	f.StringSliceVar(&cfg.Join, "join", nil, "gossip address HOST[:PORT] of another agent (repeatable)")
 	f.IntVar(&cfg.BootstrapExpect, "bootstrap-expect", 0, "form the Raft cluster once this many agents have joined (the first agents; 0 = join an existing cluster)")
 	sec.register(cmd)
+	f.DurationVar(&cfg.Timing.FailoverGrace, "failover-grace", 0, "wait this long after a primary is declared dead before failing over (hysteresis on slow networks)")
+	f.DurationVar(&cfg.Timing.LeaseDuration, "lease", 3*time.Second, "primary lease: an isolated primary stops serving after this long; must outlast a Raft election")
+	f.DurationVar(&cfg.Timing.ReplaceGrace, "replace-after", 2*time.Minute, "replace a replica dead for this long with a spare node")
+	f.DurationVar(&cfg.Timing.DeadServerGrace, "dead-server-after", 5*time.Minute, "remove a server dead for this long from Raft (when quorum allows)")
 	f.StringToStringVar(&cfg.Labels, "label", nil, "a label of this node for placement constraints, KEY=VALUE (repeatable)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
