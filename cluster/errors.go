@@ -26,6 +26,10 @@ var (
 	ErrTooFarBehind    = errors.New("cluster: the copy is further behind than the volume's max lag")
 	ErrLeaseHeld       = errors.New("cluster: the old primary may still hold its lease")
 	ErrInvalidLabels   = errors.New("cluster: invalid labels")
+	// ErrIndeterminate: leadership changed while the change was being
+	// committed, so it may or may not have been; Apply resolves it by
+	// retrying commands that are safe to repeat.
+	ErrIndeterminate = errors.New("cluster: leadership changed during the commit; the change may or may not have been applied")
 )
 
 // businessErrors are the refusals that travel as text in a forwarded Apply.
@@ -33,7 +37,7 @@ var businessErrors = []error{
 	ErrNotLeader, ErrNoLeader, ErrVolumeExists, ErrNoVolume, ErrEpochMismatch,
 	ErrNotParticipant, ErrInvalidName, ErrInvalidReplicas, ErrInvalidCommand,
 	ErrUnknownCommand, ErrNotEnoughNodes, ErrShutdown, ErrPrimaryAlive,
-	ErrTooFarBehind, ErrLeaseHeld, ErrInvalidLabels,
+	ErrTooFarBehind, ErrLeaseHeld, ErrInvalidLabels, ErrIndeterminate,
 }
 
 // ParseError turns the text of an error produced by this package (for
