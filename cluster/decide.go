@@ -156,25 +156,25 @@ func Failovers(vols []Volume, health map[string]string, downSince, leaseUntil ma
 	return out
 }
 
-// neverSynced stands for the distance of a copy that holds no batch at all.
-const neverSynced = time.Duration(1<<63 - 1)
-
 // Behind tells how far node's copy of v is behind the primary's head (the
 // newest batch the primary reported cutting): the difference of their cut
-// times, 0 when the copy holds the head, and the maximum duration when the
-// copy never completed a batch while the primary did.
+// times, and 0 when the copy holds the head. A copy with no recorded batch
+// counts as holding the volume as it was created (empty): it is behind by
+// everything the head holds. Progress is reported in the background, so
+// this errs on the side of "further behind".
 func Behind(v Volume, node string) time.Duration {
 	head, have := v.Progress[v.Primary], v.Progress[node]
 	if !head.after(have) {
 		return 0
 	}
+	since := have.Cut
 	if have.Cut.IsZero() || have.Seq == 0 {
-		return neverSynced
+		since = v.CreatedAt
 	}
-	if head.Cut.Before(have.Cut) {
+	if head.Cut.Before(since) {
 		return 0
 	}
-	return head.Cut.Sub(have.Cut)
+	return head.Cut.Sub(since)
 }
 
 // FailoverBlocked reports whether promoting candidate would give up more
@@ -221,10 +221,7 @@ func orUnknown(health string) string {
 }
 
 func fmtBehind(d time.Duration) string {
-	if d == neverSynced {
-		return "infinitely (it never completed a batch)"
-	}
-	return d.String()
+	return d.Round(time.Millisecond).String()
 }
 
 // Repairs lists the replica-set changes the leader should apply now, at

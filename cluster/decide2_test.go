@@ -9,7 +9,7 @@ import (
 )
 
 func TestBehindAndBlocked(t *testing.T) {
-	v := Volume{Name: "v", Primary: "p", ReplicaNodes: []string{"a", "b", "c"}, Epoch: 2, MaxLag: 10 * time.Second,
+	v := Volume{Name: "v", Primary: "p", ReplicaNodes: []string{"a", "b", "c"}, Epoch: 2, MaxLag: 10 * time.Second, CreatedAt: t0,
 		Progress: map[string]Progress{
 			"p": {Epoch: 2, Seq: 50, Cut: t0.Add(60 * time.Second)},
 			"a": {Epoch: 2, Seq: 50, Cut: t0.Add(60 * time.Second)},
@@ -22,12 +22,19 @@ func TestBehindAndBlocked(t *testing.T) {
 	}{
 		{"a", 0, false},
 		{"b", 15 * time.Second, true},
-		{"c", neverSynced, true},
+		{"c", 60 * time.Second, true}, // no batch recorded: as empty as at creation
 	} {
 		behind, blocked := FailoverBlocked(v, tc.node)
 		if behind != tc.behind || blocked != tc.blocked {
 			t.Errorf("%s: behind %s blocked %v; want %s %v", tc.node, behind, blocked, tc.behind, tc.blocked)
 		}
+	}
+	// A fresh volume whose replica's first acknowledgement was not recorded
+	// yet when the primary died: behind by what was written since creation.
+	fresh := Volume{Name: "f", Primary: "p", ReplicaNodes: []string{"r"}, Epoch: 1, MaxLag: time.Minute, CreatedAt: t0,
+		Progress: map[string]Progress{"p": {Epoch: 1, Seq: 3, Cut: t0.Add(2 * time.Second)}}}
+	if behind, blocked := FailoverBlocked(fresh, "r"); blocked || behind != 2*time.Second {
+		t.Errorf("fresh volume: behind %s blocked %v; want 2s, not blocked", behind, blocked)
 	}
 	v.MaxLag = 0
 	if _, blocked := FailoverBlocked(v, "c"); blocked {
