@@ -215,7 +215,10 @@ func (c *Cluster) CreateVolume(ctx context.Context, name string, replicas int) (
 	if err := ValidateReplicas(replicas); err != nil {
 		return Volume{}, err
 	}
-	if _, ok := c.fsm.get(name); ok {
+	if old, ok := c.fsm.get(name); ok {
+		if old.Deleted() {
+			return Volume{}, c.deletedError(old)
+		}
 		return Volume{}, fmt.Errorf("%w: %q", ErrVolumeExists, name)
 	}
 	alive, _ := c.members.alive()

@@ -49,6 +49,17 @@ type Config struct {
 	Version string
 	Logger  *slog.Logger
 	Timing  Timing
+	// VolumeRetention is how long a deleted volume is kept before the
+	// leader purges it; 0 means DefaultRetention.
+	VolumeRetention time.Duration
+}
+
+// retention is the configured volume retention.
+func (c *Cluster) retention() time.Duration {
+	if c.cfg.VolumeRetention <= 0 {
+		return DefaultRetention
+	}
+	return c.cfg.VolumeRetention
 }
 
 // Timing holds the failure-detection and consensus timings; zero fields
@@ -113,6 +124,8 @@ type Cluster struct {
 	transport  *raft.NetworkTransport
 	store      *raftboltdb.BoltStore
 	gossipAddr string
+	// startIndex is the last Raft index on disk when Start ran.
+	startIndex uint64
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -187,6 +200,7 @@ func (c *Cluster) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	c.startIndex = c.raft.LastIndex()
 	if err := c.setupMemberlist(hasState); err != nil {
 		c.stopRaft()
 		return err

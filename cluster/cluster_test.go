@@ -68,6 +68,7 @@ func startNet(t *testing.T, n int) *testNet {
 type nodeOpts struct {
 	name, join, dataDir, gossip string
 	expect                      int
+	retention                   time.Duration
 }
 
 func (tn *testNet) start(o nodeOpts) *testNode {
@@ -95,6 +96,7 @@ func (tn *testNet) start(o nodeOpts) *testNode {
 		Version:         "test",
 		Logger:          logger,
 		Timing:          testTiming(),
+		VolumeRetention: o.retention,
 	}
 	if o.join != "" {
 		cfg.Join = []string{o.join}

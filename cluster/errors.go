@@ -22,13 +22,15 @@ var (
 	ErrUnknownCommand  = errors.New("cluster: unknown catalog command")
 	ErrNotEnoughNodes  = errors.New("cluster: not enough alive members")
 	ErrShutdown        = errors.New("cluster: shut down")
+	ErrVolumeDeleted   = errors.New("cluster: volume is deleted")
+	ErrNotDeleted      = errors.New("cluster: volume is not deleted")
 )
 
 // businessErrors are the refusals that travel as text in a forwarded Apply.
 var businessErrors = []error{
 	ErrNotLeader, ErrNoLeader, ErrVolumeExists, ErrNoVolume, ErrEpochMismatch,
 	ErrNotParticipant, ErrInvalidName, ErrInvalidReplicas, ErrInvalidCommand,
-	ErrUnknownCommand, ErrNotEnoughNodes, ErrShutdown,
+	ErrUnknownCommand, ErrNotEnoughNodes, ErrShutdown, ErrVolumeDeleted, ErrNotDeleted,
 }
 
 // ParseError turns the text of an error produced by this package (for

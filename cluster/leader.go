@@ -152,6 +152,23 @@ func (c *Cluster) reconcile(stop chan struct{}) {
 			c.logger.Warn("failing volume over was refused", "volume", cmd.Name, "error", err)
 		}
 	}
+	c.purge(stop)
+}
+
+// purge removes the volumes whose retention after deletion has ended.
+func (c *Cluster) purge(stop chan struct{}) {
+	for _, cmd := range Purges(c.fsm.list(), time.Now(), c.retention()) {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		c.logger.Info("purging deleted volume: its retention ended", "volume", cmd.Name,
+			"deleted_at", time.Unix(0, cmd.ExpectDeletedUnixNano).UTC())
+		if _, err := c.applyLocal(cmd); err != nil {
+			c.logger.Warn("purging deleted volume was refused", "volume", cmd.Name, "error", err)
+		}
+	}
 }
 
 // reconcileRaft adds alive members missing from the Raft configuration

@@ -13,7 +13,14 @@ const (
 	StateHealthy   = "healthy"
 	StateDegraded  = "degraded"
 	StateNoPrimary = "no-primary"
+	// StateDeleted is a volume removed (docker volume rm) and kept until
+	// its retention ends; it can be undeleted.
+	StateDeleted = "deleted"
 )
+
+// DefaultRetention is how long a deleted volume is kept before the leader
+// purges it.
+const DefaultRetention = 24 * time.Hour
 
 // MaxReplicas bounds Volume.Replicas (which counts the primary).
 const MaxReplicas = 7
@@ -33,6 +40,20 @@ type Volume struct {
 	State string `json:"state,omitempty"`
 	// Progress is the last durable batch per node, as reported.
 	Progress map[string]Progress `json:"progress,omitempty"`
+	// DeletedUnixNano is when the volume was deleted (soft delete), 0 when
+	// it is not.
+	DeletedUnixNano int64 `json:"deleted_unix_nano,omitempty"`
+}
+
+// Deleted reports whether v is soft-deleted.
+func (v Volume) Deleted() bool { return v.DeletedUnixNano != 0 }
+
+// DeletedAt is when v was deleted (zero when it is not).
+func (v Volume) DeletedAt() time.Time {
+	if v.DeletedUnixNano == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, v.DeletedUnixNano).UTC()
 }
 
 // Progress is the last batch a node holds durably.
