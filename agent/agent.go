@@ -17,6 +17,7 @@ import (
 	"github.com/tether-io/tether/cluster"
 	"github.com/tether-io/tether/proto/tetherpb"
 	"github.com/tether-io/tether/replication"
+	"github.com/tether-io/tether/volumedriver"
 )
 
 // Agent is one tether agent. New builds it, Start runs it, Shutdown (or
@@ -37,6 +38,7 @@ type Agent struct {
 	repl    *replication.Server
 	peers   *peerConns
 	prog    *progressReporter
+	driver  *volumedriver.Driver
 
 	// mu guards primaries: the replication this node runs as primary, by
 	// volume. Only the reconcile loop starts and stops them.
@@ -100,6 +102,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 		Version:         Version,
 		Logger:          a.log,
 		Timing:          a.cfg.Timing,
+		VolumeRetention: a.cfg.VolumeRetention,
 	})
 	if err != nil {
 		return fmt.Errorf("setting up the cluster: %w", err)
@@ -115,6 +118,9 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 		return err
 	}
 	if err := a.startHTTP(); err != nil {
+		return err
+	}
+	if err := a.startDriver(); err != nil {
 		return err
 	}
 	a.log.Info("agent started", "gossip", a.cluster.GossipAddr(), "rpc", rpcAdvertise,
@@ -283,6 +289,7 @@ func (a *Agent) stop(leave bool) {
 		if a.ctlSrv != nil {
 			a.ctlSrv.Stop()
 		}
+		a.stopDriver()
 		a.mu.Lock()
 		for name, rp := range a.primaries {
 			rp.p.Stop()

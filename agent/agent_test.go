@@ -27,13 +27,14 @@ type testCluster struct {
 	ctl    map[string]tetherpb.ControlClient
 }
 
-func startTestCluster(t *testing.T) *testCluster {
+// startTestCluster starts the three agents; opts adjust each one's Config.
+func startTestCluster(t *testing.T, opts ...func(*Config)) *testCluster {
 	t.Helper()
 	tc := &testCluster{t: t, ctl: map[string]tetherpb.ControlClient{}}
 	log := testutil.Logger(t)
 	var join []string
 	for i := 1; i <= 3; i++ {
-		a, err := New(Config{
+		cfg := Config{
 			NodeName:        fmt.Sprintf("n%d", i),
 			DataDir:         t.TempDir(),
 			GossipAddr:      "127.0.0.1:0",
@@ -41,7 +42,11 @@ func startTestCluster(t *testing.T) *testCluster {
 			Join:            join,
 			BootstrapExpect: 3,
 			Logger:          log,
-		})
+		}
+		for _, o := range opts {
+			o(&cfg)
+		}
+		a, err := New(cfg)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/tether-io/tether/cluster"
 )
@@ -44,6 +45,12 @@ type Config struct {
 	BootstrapExpect int
 	Logger          *slog.Logger
 	Timing          cluster.Timing
+	// DriverSocket is the unix socket of the Docker volume driver; empty
+	// serves none (see ResolveDriverSocket for the CLI's default).
+	DriverSocket string
+	// VolumeRetention is how long a deleted volume is kept before it is
+	// purged; 0 means cluster.DefaultRetention.
+	VolumeRetention time.Duration
 }
 
 var nodeNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
@@ -90,6 +97,9 @@ func (c *Config) Validate() error {
 		if j == "" {
 			return errors.New("--join: empty address")
 		}
+	}
+	if err := c.validateDriver(); err != nil {
+		return err
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

@@ -125,6 +125,7 @@ func (a *Agent) volumePB(v cluster.Volume) *tetherpb.Volume {
 		ReplicaNodes: v.ReplicaNodes, Epoch: v.Epoch, State: v.State,
 		CreatedUnixNano: v.CreatedAt.UnixNano(),
 	}
+	a.deletionPB(pb, v)
 	if v.Primary == a.cfg.NodeName || contains(v.ReplicaNodes, a.cfg.NodeName) {
 		pb.Path = a.VolumePaths(v.Name).Data
 	}

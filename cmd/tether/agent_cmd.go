@@ -14,6 +14,7 @@ import (
 func newAgentCmd(g *globals) *cobra.Command {
 	cfg := agent.Config{}
 	var logLevel, logFormat string
+	var drv *driverFlags
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the tether agent on this host",
@@ -30,6 +31,7 @@ Example, on each of three hosts:
 			}
 			cfg.DataDir = g.dataDir
 			cfg.Logger = logger
+			drv.apply(&cfg, logger)
 			if cfg.NodeName == "" {
 				h, err := os.Hostname()
 				if err != nil {
@@ -60,6 +62,7 @@ Example, on each of three hosts:
 	f.IntVar(&cfg.BootstrapExpect, "bootstrap-expect", 0, "form the Raft cluster once this many agents have joined (the first agents; 0 = join an existing cluster)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
+	drv = addDriverFlags(f)
 	return cmd
 }
 

@@ -1364,9 +1364,13 @@ type Volume struct {
 	State    string             `protobuf:"bytes,7,opt,name=state,proto3" json:"state,omitempty"`
 	Progress []*ReplicaProgress `protobuf:"bytes,8,rep,name=progress,proto3" json:"progress,omitempty"`
 	// Local path of the volume's data on the node answering.
-	Path          string `protobuf:"bytes,9,opt,name=path,proto3" json:"path,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Path string `protobuf:"bytes,9,opt,name=path,proto3" json:"path,omitempty"`
+	// When the volume was deleted (state "deleted"); 0 when it is not.
+	DeletedUnixNano int64 `protobuf:"varint,10,opt,name=deleted_unix_nano,json=deletedUnixNano,proto3" json:"deleted_unix_nano,omitempty"`
+	// When a deleted volume will be purged; 0 when it is not deleted.
+	PurgeAfterUnixNano int64 `protobuf:"varint,11,opt,name=purge_after_unix_nano,json=purgeAfterUnixNano,proto3" json:"purge_after_unix_nano,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
@@ -1460,6 +1464,20 @@ func (x *Volume) GetPath() string {
 		return x.Path
 	}
 	return ""
+}
+
+func (x *Volume) GetDeletedUnixNano() int64 {
+	if x != nil {
+		return x.DeletedUnixNano
+	}
+	return 0
+}
+
+func (x *Volume) GetPurgeAfterUnixNano() int64 {
+	if x != nil {
+		return x.PurgeAfterUnixNano
+	}
+	return 0
 }
 
 type ReplicaProgress struct {
@@ -1608,6 +1626,262 @@ func (x *VolumeStatus) GetError() string {
 	return ""
 }
 
+type VolumeRemoveRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeRemoveRequest) Reset() {
+	*x = VolumeRemoveRequest{}
+	mi := &file_tether_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeRemoveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeRemoveRequest) ProtoMessage() {}
+
+func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeRemoveRequest.ProtoReflect.Descriptor instead.
+func (*VolumeRemoveRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *VolumeRemoveRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type VolumeRemoveResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeRemoveResponse) Reset() {
+	*x = VolumeRemoveResponse{}
+	mi := &file_tether_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeRemoveResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeRemoveResponse) ProtoMessage() {}
+
+func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeRemoveResponse.ProtoReflect.Descriptor instead.
+func (*VolumeRemoveResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *VolumeRemoveResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+type VolumeUndeleteRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeUndeleteRequest) Reset() {
+	*x = VolumeUndeleteRequest{}
+	mi := &file_tether_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeUndeleteRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeUndeleteRequest) ProtoMessage() {}
+
+func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeUndeleteRequest.ProtoReflect.Descriptor instead.
+func (*VolumeUndeleteRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *VolumeUndeleteRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type VolumeUndeleteResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeUndeleteResponse) Reset() {
+	*x = VolumeUndeleteResponse{}
+	mi := &file_tether_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeUndeleteResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeUndeleteResponse) ProtoMessage() {}
+
+func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeUndeleteResponse.ProtoReflect.Descriptor instead.
+func (*VolumeUndeleteResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *VolumeUndeleteResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+type VolumePurgeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumePurgeRequest) Reset() {
+	*x = VolumePurgeRequest{}
+	mi := &file_tether_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumePurgeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumePurgeRequest) ProtoMessage() {}
+
+func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumePurgeRequest.ProtoReflect.Descriptor instead.
+func (*VolumePurgeRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *VolumePurgeRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type VolumePurgeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumePurgeResponse) Reset() {
+	*x = VolumePurgeResponse{}
+	mi := &file_tether_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumePurgeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumePurgeResponse) ProtoMessage() {}
+
+func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumePurgeResponse.ProtoReflect.Descriptor instead.
+func (*VolumePurgeResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{29}
+}
+
 var File_tether_proto protoreflect.FileDescriptor
 
 const file_tether_proto_rawDesc = "" +
@@ -1703,7 +1977,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"s\n" +
 	"\x15VolumeInspectResponse\x12)\n" +
 	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\x12/\n" +
-	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\x9b\x02\n" +
+	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\xfa\x02\n" +
 	"\x06Volume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\breplicas\x18\x02 \x01(\rR\breplicas\x12\x18\n" +
@@ -1713,7 +1987,10 @@ const file_tether_proto_rawDesc = "" +
 	"\x11created_unix_nano\x18\x06 \x01(\x03R\x0fcreatedUnixNano\x12\x14\n" +
 	"\x05state\x18\a \x01(\tR\x05state\x126\n" +
 	"\bprogress\x18\b \x03(\v2\x1a.tether.v1.ReplicaProgressR\bprogress\x12\x12\n" +
-	"\x04path\x18\t \x01(\tR\x04path\"q\n" +
+	"\x04path\x18\t \x01(\tR\x04path\x12*\n" +
+	"\x11deleted_unix_nano\x18\n" +
+	" \x01(\x03R\x0fdeletedUnixNano\x121\n" +
+	"\x15purge_after_unix_nano\x18\v \x01(\x03R\x12purgeAfterUnixNano\"q\n" +
 	"\x0fReplicaProgress\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
@@ -1724,19 +2001,33 @@ const file_tether_proto_rawDesc = "" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x04R\x03seq\x124\n" +
 	"\breplicas\x18\x04 \x03(\v2\x18.tether.v1.ReplicaStatusR\breplicas\x12\x14\n" +
-	"\x05error\x18\x05 \x01(\tR\x05error2K\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\")\n" +
+	"\x13VolumeRemoveRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"A\n" +
+	"\x14VolumeRemoveResponse\x12)\n" +
+	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\"+\n" +
+	"\x15VolumeUndeleteRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"C\n" +
+	"\x16VolumeUndeleteResponse\x12)\n" +
+	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\"(\n" +
+	"\x12VolumePurgeRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x15\n" +
+	"\x13VolumePurgeResponse2K\n" +
 	"\vReplication\x12<\n" +
 	"\x06Stream\x12\x18.tether.v1.StreamRequest\x1a\x14.tether.v1.StreamAck(\x010\x012\x96\x01\n" +
 	"\x04Peer\x12:\n" +
 	"\x05Apply\x12\x17.tether.v1.ApplyRequest\x1a\x18.tether.v1.ApplyResponse\x12R\n" +
-	"\rPrimaryStatus\x12\x1f.tether.v1.PrimaryStatusRequest\x1a .tether.v1.PrimaryStatusResponse2\xfa\x02\n" +
+	"\rPrimaryStatus\x12\x1f.tether.v1.PrimaryStatusRequest\x1a .tether.v1.PrimaryStatusResponse2\xf0\x04\n" +
 	"\aControl\x12@\n" +
 	"\aMembers\x12\x19.tether.v1.MembersRequest\x1a\x1a.tether.v1.MembersResponse\x12=\n" +
 	"\x06Status\x12\x18.tether.v1.StatusRequest\x1a\x19.tether.v1.StatusResponse\x12O\n" +
 	"\fVolumeCreate\x12\x1e.tether.v1.VolumeCreateRequest\x1a\x1f.tether.v1.VolumeCreateResponse\x12I\n" +
 	"\n" +
 	"VolumeList\x12\x1c.tether.v1.VolumeListRequest\x1a\x1d.tether.v1.VolumeListResponse\x12R\n" +
-	"\rVolumeInspect\x12\x1f.tether.v1.VolumeInspectRequest\x1a .tether.v1.VolumeInspectResponseB,Z*github.com/tether-io/tether/proto/tetherpbb\x06proto3"
+	"\rVolumeInspect\x12\x1f.tether.v1.VolumeInspectRequest\x1a .tether.v1.VolumeInspectResponse\x12O\n" +
+	"\fVolumeRemove\x12\x1e.tether.v1.VolumeRemoveRequest\x1a\x1f.tether.v1.VolumeRemoveResponse\x12U\n" +
+	"\x0eVolumeUndelete\x12 .tether.v1.VolumeUndeleteRequest\x1a!.tether.v1.VolumeUndeleteResponse\x12L\n" +
+	"\vVolumePurge\x12\x1d.tether.v1.VolumePurgeRequest\x1a\x1e.tether.v1.VolumePurgeResponseB,Z*github.com/tether-io/tether/proto/tetherpbb\x06proto3"
 
 var (
 	file_tether_proto_rawDescOnce sync.Once
@@ -1751,33 +2042,39 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
 var file_tether_proto_goTypes = []any{
-	(FileOp_Kind)(0),              // 0: tether.v1.FileOp.Kind
-	(*StreamRequest)(nil),         // 1: tether.v1.StreamRequest
-	(*Hello)(nil),                 // 2: tether.v1.Hello
-	(*FileOp)(nil),                // 3: tether.v1.FileOp
-	(*Commit)(nil),                // 4: tether.v1.Commit
-	(*StreamAck)(nil),             // 5: tether.v1.StreamAck
-	(*ApplyRequest)(nil),          // 6: tether.v1.ApplyRequest
-	(*ApplyResponse)(nil),         // 7: tether.v1.ApplyResponse
-	(*PrimaryStatusRequest)(nil),  // 8: tether.v1.PrimaryStatusRequest
-	(*PrimaryStatusResponse)(nil), // 9: tether.v1.PrimaryStatusResponse
-	(*ReplicaStatus)(nil),         // 10: tether.v1.ReplicaStatus
-	(*MembersRequest)(nil),        // 11: tether.v1.MembersRequest
-	(*Member)(nil),                // 12: tether.v1.Member
-	(*MembersResponse)(nil),       // 13: tether.v1.MembersResponse
-	(*StatusRequest)(nil),         // 14: tether.v1.StatusRequest
-	(*StatusResponse)(nil),        // 15: tether.v1.StatusResponse
-	(*VolumeCreateRequest)(nil),   // 16: tether.v1.VolumeCreateRequest
-	(*VolumeCreateResponse)(nil),  // 17: tether.v1.VolumeCreateResponse
-	(*VolumeListRequest)(nil),     // 18: tether.v1.VolumeListRequest
-	(*VolumeListResponse)(nil),    // 19: tether.v1.VolumeListResponse
-	(*VolumeInspectRequest)(nil),  // 20: tether.v1.VolumeInspectRequest
-	(*VolumeInspectResponse)(nil), // 21: tether.v1.VolumeInspectResponse
-	(*Volume)(nil),                // 22: tether.v1.Volume
-	(*ReplicaProgress)(nil),       // 23: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),          // 24: tether.v1.VolumeStatus
+	(FileOp_Kind)(0),               // 0: tether.v1.FileOp.Kind
+	(*StreamRequest)(nil),          // 1: tether.v1.StreamRequest
+	(*Hello)(nil),                  // 2: tether.v1.Hello
+	(*FileOp)(nil),                 // 3: tether.v1.FileOp
+	(*Commit)(nil),                 // 4: tether.v1.Commit
+	(*StreamAck)(nil),              // 5: tether.v1.StreamAck
+	(*ApplyRequest)(nil),           // 6: tether.v1.ApplyRequest
+	(*ApplyResponse)(nil),          // 7: tether.v1.ApplyResponse
+	(*PrimaryStatusRequest)(nil),   // 8: tether.v1.PrimaryStatusRequest
+	(*PrimaryStatusResponse)(nil),  // 9: tether.v1.PrimaryStatusResponse
+	(*ReplicaStatus)(nil),          // 10: tether.v1.ReplicaStatus
+	(*MembersRequest)(nil),         // 11: tether.v1.MembersRequest
+	(*Member)(nil),                 // 12: tether.v1.Member
+	(*MembersResponse)(nil),        // 13: tether.v1.MembersResponse
+	(*StatusRequest)(nil),          // 14: tether.v1.StatusRequest
+	(*StatusResponse)(nil),         // 15: tether.v1.StatusResponse
+	(*VolumeCreateRequest)(nil),    // 16: tether.v1.VolumeCreateRequest
+	(*VolumeCreateResponse)(nil),   // 17: tether.v1.VolumeCreateResponse
+	(*VolumeListRequest)(nil),      // 18: tether.v1.VolumeListRequest
+	(*VolumeListResponse)(nil),     // 19: tether.v1.VolumeListResponse
+	(*VolumeInspectRequest)(nil),   // 20: tether.v1.VolumeInspectRequest
+	(*VolumeInspectResponse)(nil),  // 21: tether.v1.VolumeInspectResponse
+	(*Volume)(nil),                 // 22: tether.v1.Volume
+	(*ReplicaProgress)(nil),        // 23: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),           // 24: tether.v1.VolumeStatus
+	(*VolumeRemoveRequest)(nil),    // 25: tether.v1.VolumeRemoveRequest
+	(*VolumeRemoveResponse)(nil),   // 26: tether.v1.VolumeRemoveResponse
+	(*VolumeUndeleteRequest)(nil),  // 27: tether.v1.VolumeUndeleteRequest
+	(*VolumeUndeleteResponse)(nil), // 28: tether.v1.VolumeUndeleteResponse
+	(*VolumePurgeRequest)(nil),     // 29: tether.v1.VolumePurgeRequest
+	(*VolumePurgeResponse)(nil),    // 30: tether.v1.VolumePurgeResponse
 }
 var file_tether_proto_depIdxs = []int32{
 	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
@@ -1793,27 +2090,35 @@ var file_tether_proto_depIdxs = []int32{
 	24, // 10: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
 	23, // 11: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
 	10, // 12: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	1,  // 13: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	6,  // 14: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	8,  // 15: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	11, // 16: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	14, // 17: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	16, // 18: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	18, // 19: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	20, // 20: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	5,  // 21: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	7,  // 22: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	9,  // 23: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	13, // 24: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	15, // 25: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	17, // 26: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	19, // 27: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	21, // 28: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	21, // [21:29] is the sub-list for method output_type
-	13, // [13:21] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	22, // 13: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
+	22, // 14: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
+	1,  // 15: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	6,  // 16: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	8,  // 17: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	11, // 18: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	14, // 19: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	16, // 20: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	18, // 21: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	20, // 22: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	25, // 23: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
+	27, // 24: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
+	29, // 25: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
+	5,  // 26: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	7,  // 27: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	9,  // 28: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	13, // 29: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	15, // 30: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	17, // 31: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	19, // 32: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	21, // 33: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	26, // 34: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
+	28, // 35: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
+	30, // 36: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
+	26, // [26:37] is the sub-list for method output_type
+	15, // [15:26] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -1832,7 +2137,7 @@ func file_tether_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   24,
+			NumMessages:   30,
 			NumExtensions: 0,
 			NumServices:   3,
 		},
