@@ -46,7 +46,7 @@ func driverOn(name, pluginDir string) hostOption {
 			return nil, nil
 		}
 		h.inDir = h.dataDir
-		return []string{"-v", pluginDir + ":" + pluginDir},
+		return []string{"-v", pluginDir + ":" + pluginDir, "-v", "/var/run/docker.sock:/var/run/docker.sock"},
 			[]string{"--driver-socket", filepath.Join(pluginDir, e2eDriverName+".sock")}
 	}
 }
@@ -71,9 +71,10 @@ func TestDockerVolumeDriver(t *testing.T) {
 	// Registered after the topology's cleanup, so it runs first, while
 	// the driver still answers (removing a volume of a vanished driver
 	// would hang on dockerd's retries).
+	shadowed := tp.prefix + "-shadowed"
 	t.Cleanup(func() {
 		docker(t, "rm", "-f", tp.prefix+"-c1", tp.prefix+"-c2")
-		docker(t, "volume", "rm", "-f", vol)
+		docker(t, "volume", "rm", "-f", vol, shadowed)
 	})
 	testutil.EventuallyErr(t, 20*time.Second, func() error {
 		_, err := os.Stat(filepath.Join(pluginDir, e2eDriverName+".sock"))
@@ -138,6 +139,29 @@ func TestDockerVolumeDriver(t *testing.T) {
 	}
 	if out := mustDocker(t, "volume", "inspect", "--format", "{{.Driver}}", vol); out != e2eDriverName {
 		t.Fatalf("undeleted volume's driver: %q", out)
+	}
+	checkDoctor(t, tp, h1, shadowed)
+}
+
+// checkDoctor makes a local Docker volume with the name of a tether volume
+// (what dockerd does silently when the driver is unreachable) and expects
+// tether doctor, run in h1 with the Docker socket, to report it.
+func checkDoctor(t *testing.T, tp *topo, h1 *host, shadowed string) {
+	doctor := []string{"exec", h1.container, "/bin/tether", "--data-dir", h1.inDir, "--json", "doctor", "--driver", e2eDriverName}
+	out, err := docker(t, doctor...)
+	if err != nil || !strings.Contains(out, `"shadows": []`) {
+		t.Fatalf("tether doctor with no shadow: %s %v", out, err)
+	}
+	if err := tp.ctl(h1, &tetherpb.Volume{}, "volume", "create", shadowed, "--replicas", "1"); err != nil {
+		t.Fatal(err)
+	}
+	mustDocker(t, "volume", "create", "-d", "local", shadowed)
+	out, err = docker(t, doctor...)
+	var rep struct {
+		Shadows []struct{ Name, Driver string }
+	}
+	if jerr := json.Unmarshal([]byte(out), &rep); err == nil || jerr != nil || len(rep.Shadows) != 1 || rep.Shadows[0].Name != shadowed || rep.Shadows[0].Driver != "local" {
+		t.Fatalf("tether doctor with a shadow volume: %s %v %v", out, err, jerr)
 	}
 }
 
