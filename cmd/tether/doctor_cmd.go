@@ -104,7 +104,7 @@ Docker (DOCKER_HOST, default unix:///var/run/docker.sock). Exit status 1 when it
 // dockerShadows asks Docker for local-driver volumes and the containers
 // that use the shadows.
 func dockerShadows(ctx context.Context, vols []*tetherpb.Volume, driver string) ([]shadow, error) {
-	cli, err := client.New(client.FromEnv, client.WithAPIVersionNegotiation())
+	cli, err := client.New(client.FromEnv) // negotiates the API version (this engine: 1.41)
 	if err != nil {
 		return nil, fmt.Errorf("docker client: %w", err)
 	}
