@@ -230,3 +230,50 @@ func TestResolveDriverSocket(t *testing.T) {
 		t.Errorf("negative retention: %v", err)
 	}
 }
+
+// TestDriverAfterRestart restarts a one-node cluster's agent on the same
+// data dir: the driver answers Get for the volume (from the replayed
+// catalog, never "no such volume", which would make a booting dockerd
+// forget it) and still counts the mount made before the restart.
+func TestDriverAfterRestart(t *testing.T) {
+	dir := t.TempDir()
+	cfg := Config{NodeName: "solo", DataDir: dir, GossipAddr: "127.0.0.1:0", RPCAddr: "127.0.0.1:0",
+		BootstrapExpect: 1, Logger: testutil.Logger(t)}
+	driverSocketInDataDir(&cfg)
+	start := func() *Agent {
+		a, err := New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := a.Start(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(a.Kill)
+		return a
+	}
+	a := start()
+	testutil.Eventually(t, 20*time.Second, "the single node leads", a.Cluster().IsLeader)
+	dc := newDockerClient(t, cfg.DriverSocket)
+	if e := errText(dc.call("VolumeDriver.Create", map[string]any{"Name": "pg", "Opts": map[string]string{"replicas": "1"}})); e != "" {
+		t.Fatal(e)
+	}
+	id := strings.Repeat("f", 64)
+	if e := errText(dc.call("VolumeDriver.Mount", map[string]any{"Name": "pg", "ID": id})); e != "" {
+		t.Fatal(e)
+	}
+	a.Kill()
+
+	a = start()
+	dc = newDockerClient(t, cfg.DriverSocket)
+	g := dc.call("VolumeDriver.Get", map[string]any{"Name": "pg"}) // right away, as a booting dockerd would
+	vol, _ := g["Volume"].(map[string]any)
+	if vol == nil || errText(g) != "" {
+		t.Fatalf("get right after the restart: %v", g)
+	}
+	if n := a.mountsHere("pg"); n != 1 {
+		t.Fatalf("mount count after the restart: %d", n)
+	}
+	if e := errText(dc.call("VolumeDriver.Unmount", map[string]any{"Name": "pg", "ID": id})); e != "" || a.mountsHere("pg") != 0 {
+		t.Fatalf("unmount after the restart: %q %d", e, a.mountsHere("pg"))
+	}
+}
