@@ -44,6 +44,8 @@ type Agent struct {
 	// volume. Only the reconcile loop starts and stops them.
 	mu        sync.Mutex
 	primaries map[string]*runningPrimary
+	// prepMu serialises prepareVolume (incarnation.go).
+	prepMu sync.Mutex
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -254,8 +256,8 @@ func (a *Agent) resolveVolume(name string) (replication.Paths, error) {
 	if v.Primary != a.cfg.NodeName && !contains(v.ReplicaNodes, a.cfg.NodeName) {
 		return replication.Paths{}, fmt.Errorf("node %s holds no copy of volume %q", a.cfg.NodeName, name)
 	}
-	p := a.VolumePaths(name)
-	if err := ensureVolumeDirs(p); err != nil {
+	p, err := a.prepareVolume(v)
+	if err != nil {
 		return replication.Paths{}, err
 	}
 	return p, nil

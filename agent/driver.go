@@ -167,8 +167,8 @@ func (b *driverBackend) Mount(_ context.Context, name string) (string, error) {
 	if err := decideMount(v, a.cfg.NodeName, a.memberHealth()); err != nil {
 		return "", err
 	}
-	p := a.VolumePaths(name)
-	if err := ensureVolumeDirs(p); err != nil {
+	p, err := a.prepareVolume(v)
+	if err != nil {
 		return "", err
 	}
 	return p.Data, nil

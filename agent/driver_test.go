@@ -277,3 +277,64 @@ func TestDriverAfterRestart(t *testing.T) {
 		t.Fatalf("unmount after the restart: %q %d", e, a.mountsHere("pg"))
 	}
 }
+
+// TestRecreateAfterPurge: a volume purged and created again under the same
+// name starts empty on its primary and replicates to nodes that held the
+// old one, even where the old copy had seen a newer epoch than the new
+// volume's 1 (a replica would refuse the new primary's streams).
+func TestRecreateAfterPurge(t *testing.T) {
+	tc := startTestCluster(t, driverSocketInDataDir)
+	dc := newDockerClient(t, tc.agent("n1").cfg.DriverSocket)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	fileOn := func(node, name string) string {
+		b, _ := os.ReadFile(filepath.Join(tc.agent(node).VolumePaths("pg").Data, name))
+		return string(b)
+	}
+	if e := errText(dc.call("VolumeDriver.Create", map[string]any{"Name": "pg"})); e != "" {
+		t.Fatal(e)
+	}
+	id := strings.Repeat("a", 64)
+	m := dc.call("VolumeDriver.Mount", map[string]any{"Name": "pg", "ID": id})
+	if err := os.WriteFile(filepath.Join(m["Mountpoint"].(string), "old"), []byte("old"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 20*time.Second, "old reaches n2 and n3", func() bool { return fileOn("n2", "old") == "old" && fileOn("n3", "old") == "old" })
+	dc.call("VolumeDriver.Unmount", map[string]any{"Name": "pg", "ID": id})
+	if e := errText(dc.call("VolumeDriver.Remove", map[string]any{"Name": "pg"})); e != "" {
+		t.Fatal(e)
+	}
+	if _, err := tc.ctl["n1"].VolumePurge(ctx, &tetherpb.VolumePurgeRequest{Name: "pg"}); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 10*time.Second, "purge reaches every node", func() bool {
+		for _, a := range tc.agents {
+			if _, ok := a.Cluster().Volume("pg"); ok {
+				return false
+			}
+		}
+		return true
+	})
+	// As if n2's old copy had been through failovers up to epoch 5.
+	if err := os.WriteFile(filepath.Join(tc.agent("n2").VolumePaths("pg").State, "epoch"), []byte("5\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if e := errText(dc.call("VolumeDriver.Create", map[string]any{"Name": "pg"})); e != "" {
+		t.Fatal(e)
+	}
+	m = dc.call("VolumeDriver.Mount", map[string]any{"Name": "pg", "ID": id})
+	if fileOn("n1", "old") != "" {
+		t.Fatal("the new volume holds the purged volume's file")
+	}
+	if err := os.WriteFile(filepath.Join(m["Mountpoint"].(string), "new"), []byte("new"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []string{"n2", "n3"} {
+		testutil.EventuallyErr(t, 20*time.Second, func() error {
+			if fileOn(r, "new") != "new" || fileOn(r, "old") != "" {
+				return fmt.Errorf("%s holds new=%q old=%q", r, fileOn(r, "new"), fileOn(r, "old"))
+			}
+			return nil
+		})
+	}
+}

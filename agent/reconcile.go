@@ -74,7 +74,11 @@ func (a *Agent) reconcile(ctx context.Context) {
 		}
 	}
 	for _, name := range p.replica {
-		if err := ensureVolumeDirs(a.VolumePaths(name)); err != nil {
+		v, ok := a.cluster.Volume(name)
+		if !ok {
+			continue
+		}
+		if _, err := a.prepareVolume(v); err != nil {
 			a.log.Error("cannot prepare replica", "volume", name, "err", err)
 		}
 	}
@@ -84,8 +88,8 @@ func (a *Agent) reconcile(ctx context.Context) {
 // once this node writes in epoch E no stream of an older primary can land
 // here, then starts watching and streaming.
 func (a *Agent) startPrimary(ctx context.Context, v cluster.Volume) error {
-	paths := a.VolumePaths(v.Name)
-	if err := ensureVolumeDirs(paths); err != nil {
+	paths, err := a.prepareVolume(v)
+	if err != nil {
 		return err
 	}
 	if err := a.repl.Fence(v.Name, v.Epoch); err != nil {
