@@ -230,7 +230,8 @@ func (tp *topo) reconnect(h *host) {
 func (tp *topo) cleanup() {
 	if tp.t.Failed() {
 		for _, h := range tp.hosts {
-			out, _ := docker(tp.t, "logs", "--tail", "60", h.container)
+			// The agent logs to stderr, which `docker logs` replays on its stderr.
+			out, _ := exec.Command("docker", "logs", "--tail", "60", h.container).CombinedOutput()
 			tp.t.Logf("---- last log lines of %s ----\n%s", h.name, out)
 		}
 	}
