@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/tether-io/tether/cluster"
+	"github.com/tether-io/tether/internal/tlsutil"
 	"github.com/tether-io/tether/proto/tetherpb"
 	"github.com/tether-io/tether/replication"
 	"github.com/tether-io/tether/volumedriver"
@@ -37,15 +38,20 @@ type Agent struct {
 	cluster *cluster.Cluster
 	repl    *replication.Server
 	peers   *peerConns
+	tls     *tlsutil.Store // nil: plaintext RPC
 	prog    *progressReporter
 	driver  *volumedriver.Driver
+	lease   *leaseKeeper
+	metrics *metrics
 
-	// mu guards primaries: the replication this node runs as primary, by
-	// volume. Only the reconcile loop starts and stops them.
+	// mu guards primaries (the replication this node runs as primary, by
+	// volume) and fenced (volumes this node stopped serving because its
+	// lease lapsed). Only the reconcile loop starts and stops primaries.
 	mu        sync.Mutex
 	primaries map[string]*runningPrimary
 	// prepMu serialises prepareVolume (incarnation.go).
 	prepMu sync.Mutex
+	fenced map[string]fencedVolume
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -68,6 +74,7 @@ func New(cfg Config) (*Agent, error) {
 		cfg:       cfg,
 		log:       cfg.Logger.With("node", cfg.NodeName),
 		primaries: map[string]*runningPrimary{},
+		fenced:    map[string]fencedVolume{},
 	}, nil
 }
 
@@ -83,6 +90,9 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if err := os.MkdirAll(filepath.Join(a.cfg.DataDir, "volumes"), 0o700); err != nil {
 		return fmt.Errorf("creating data dir: %w", err)
 	}
+	if err := a.setupTLS(); err != nil {
+		return err
+	}
 	if err := a.startRPC(); err != nil {
 		return err
 	}
@@ -90,7 +100,10 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
-	a.peers = newPeerConns()
+	if err := a.mux.SetRaftAdvertise(rpcAdvertise); err != nil {
+		return err
+	}
+	a.peers = newPeerConns(a.peerCredentials())
 	a.cluster, err = cluster.New(cluster.Config{
 		NodeName:        a.cfg.NodeName,
 		DataDir:         a.cfg.DataDir,
@@ -101,10 +114,13 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 		BootstrapExpect: a.cfg.BootstrapExpect,
 		RaftLayer:       a.mux.RaftLayer(),
 		Forward:         a.forward,
+		ForwardLease:    a.forwardLease,
 		Version:         Version,
+		Labels:          a.cfg.Labels,
 		Logger:          a.log,
 		Timing:          a.cfg.Timing,
 		VolumeRetention: a.cfg.VolumeRetention,
+		GossipKeys:      a.cfg.GossipKeys,
 	})
 	if err != nil {
 		return fmt.Errorf("setting up the cluster: %w", err)
@@ -112,9 +128,12 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if err := a.cluster.Start(a.ctx); err != nil {
 		return fmt.Errorf("starting the cluster: %w", err)
 	}
-	a.prog = newProgressReporter(a.cluster, a.log)
-	a.wg.Add(2)
+	a.prog = newProgressReporter(a.cluster, a.log, a.cfg.NodeName, a.primaryHeads)
+	a.lease = newLeaseKeeper(a.cluster, a.log)
+	a.metrics = newMetrics(a)
+	a.wg.Add(3)
 	go func() { defer a.wg.Done(); a.prog.run(a.ctx) }()
+	go func() { defer a.wg.Done(); a.lease.run(a.ctx) }()
 	go func() { defer a.wg.Done(); a.reconcileLoop(a.ctx) }()
 	if err := a.startControl(); err != nil {
 		return err
@@ -122,6 +141,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if err := a.startHTTP(); err != nil {
 		return err
 	}
+	a.warnInsecure()
 	if err := a.startDriver(); err != nil {
 		return err
 	}
@@ -137,11 +157,14 @@ func (a *Agent) startRPC() error {
 	}
 	a.rpcLn = ln
 	a.mux = cluster.NewMux(ln, a.log)
+	if err := a.secureMux(); err != nil {
+		return err
+	}
 	a.repl = replication.NewServer(replication.ServerConfig{
 		Resolve: a.resolveVolume,
 		Logger:  a.log,
 	})
-	a.grpcSrv = grpc.NewServer()
+	a.grpcSrv = grpc.NewServer(a.grpcServerOptions()...)
 	a.repl.Register(a.grpcSrv)
 	tetherpb.RegisterPeerServer(a.grpcSrv, &peerServer{a: a})
 	a.mux.Start()

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/tether-io/tether/cluster"
 	"github.com/tether-io/tether/internal/testutil"
 	"github.com/tether-io/tether/proto/tetherpb"
 	"github.com/tether-io/tether/replication"
@@ -30,6 +31,18 @@ type testCluster struct {
 // startTestCluster starts the three agents; opts adjust each one's Config.
 func startTestCluster(t *testing.T, opts ...func(*Config)) *testCluster {
 	t.Helper()
+	return startTestClusterLabeled(t, cluster.Timing{}, nil, opts...)
+}
+
+func startTestClusterWith(t *testing.T, timing cluster.Timing) *testCluster {
+	t.Helper()
+	return startTestClusterLabeled(t, timing, nil)
+}
+
+// startTestClusterLabeled gives node n{i+1} the labels labels[i].
+// opts adjust each node's Config.
+func startTestClusterLabeled(t *testing.T, timing cluster.Timing, labels []map[string]string, opts ...func(*Config)) *testCluster {
+	t.Helper()
 	tc := &testCluster{t: t, ctl: map[string]tetherpb.ControlClient{}}
 	log := testutil.Logger(t)
 	var join []string
@@ -39,9 +52,12 @@ func startTestCluster(t *testing.T, opts ...func(*Config)) *testCluster {
 			DataDir:         t.TempDir(),
 			GossipAddr:      "127.0.0.1:0",
 			RPCAddr:         "127.0.0.1:0",
+			HTTPAddr:        "127.0.0.1:0",
 			Join:            join,
 			BootstrapExpect: 3,
 			Logger:          log,
+			Timing:          timing,
+			Labels:          labelsOf(labels, i-1),
 		}
 		for _, o := range opts {
 			o(&cfg)
@@ -280,4 +296,52 @@ func assertStaleRefused(t *testing.T, a *Agent, volume string, epoch uint64) {
 	if _, err := os.Lstat(filepath.Join(a.VolumePaths(volume).Data, "stale.txt")); err == nil {
 		t.Fatalf("%s wrote a file sent in stale epoch %d", a.NodeName(), epoch)
 	}
+}
+
+// TestPrimaryFencesItselfWithoutQuorum: a primary that can no longer reach
+// a quorum stops serving its volume once its lease runs out, and says so.
+func TestPrimaryFencesItselfWithoutQuorum(t *testing.T) {
+	tc := startTestCluster(t)
+	primary := tc.follower()
+	ctx := context.Background()
+	if _, err := tc.ctl[primary.NodeName()].VolumeCreate(ctx, &tetherpb.VolumeCreateRequest{Name: "vol1", Replicas: 2}); err != nil {
+		t.Fatal(err)
+	}
+	testutil.Eventually(t, 10*time.Second, "the primary serves the volume", func() bool {
+		_, ok := primary.primaryStatus("vol1")
+		return ok
+	})
+	for _, a := range tc.agents {
+		if a != primary {
+			a.Kill()
+		}
+	}
+	lost := time.Now()
+	var st *tetherpb.StatusResponse
+	testutil.EventuallyErr(t, 15*time.Second, func() error {
+		var err error
+		if st, err = tc.ctl[primary.NodeName()].Status(ctx, &tetherpb.StatusRequest{}); err != nil {
+			return err
+		}
+		if st.LeaseHeld || len(st.Fenced) != 1 {
+			return fmt.Errorf("not fenced yet: lease held %v, fenced %v", st.LeaseHeld, st.Fenced)
+		}
+		return nil
+	})
+	if took := time.Since(lost); took < primary.Cluster().LeaseDuration()-time.Second {
+		t.Errorf("fenced after %s, well before the %s lease could lapse", took, primary.Cluster().LeaseDuration())
+	}
+	if st.Fenced[0].Name != "vol1" || st.Fenced[0].Epoch != 1 {
+		t.Fatalf("fenced %+v; want vol1 at epoch 1", st.Fenced[0])
+	}
+	if _, ok := primary.primaryStatus("vol1"); ok {
+		t.Fatal("the fenced primary still runs replication")
+	}
+}
+
+func labelsOf(labels []map[string]string, i int) map[string]string {
+	if i < len(labels) {
+		return labels[i]
+	}
+	return nil
 }

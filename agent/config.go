@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/tether-io/tether/cluster"
+	"github.com/tether-io/tether/internal/tlsutil"
 )
 
 // Version is the agent's version, set at build time with -ldflags.
@@ -51,6 +52,13 @@ type Config struct {
 	// VolumeRetention is how long a deleted volume is kept before it is
 	// purged; 0 means cluster.DefaultRetention.
 	VolumeRetention time.Duration
+	// Labels describe this node for volumes' placement constraints.
+	Labels map[string]string
+	// GossipKeys encrypt gossip, the first one being the primary; TLS
+	// secures the RPC port (gRPC and Raft) with mutual TLS. Empty: off,
+	// with a warning (see security.go).
+	GossipKeys [][]byte
+	TLS        tlsutil.Files
 }
 
 var nodeNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
@@ -100,6 +108,21 @@ func (c *Config) Validate() error {
 	}
 	if err := c.validateDriver(); err != nil {
 		return err
+	}
+	if err := c.validateSecurity(); err != nil {
+		return err
+	}
+	t := c.Timing
+	for flag, d := range map[string]time.Duration{"--failover-grace": t.FailoverGrace, "--lease": t.LeaseDuration, "--replace-after": t.ReplaceGrace, "--dead-server-after": t.DeadServerGrace} {
+		if d < 0 {
+			return fmt.Errorf("%s %s: must not be negative", flag, d)
+		}
+	}
+	if t.LeaseDuration > 0 && t.LeaseDuration < time.Second {
+		return fmt.Errorf("--lease %s: at least 1s, or primaries fence themselves at every Raft election", t.LeaseDuration)
+	}
+	if err := cluster.ValidateLabels(c.Labels); err != nil {
+		return fmt.Errorf("--label: %w", err)
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

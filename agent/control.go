@@ -24,7 +24,7 @@ func (s *controlServer) Members(context.Context, *tetherpb.MembersRequest) (*tet
 	for _, m := range s.a.cluster.Members() {
 		resp.Members = append(resp.Members, &tetherpb.Member{
 			Name: m.Name, GossipAddr: m.GossipAddr, RpcAddr: m.RPCAddr,
-			Health: m.Health, RaftRole: m.RaftRole, Version: m.Version,
+			Health: m.Health, RaftRole: m.RaftRole, Version: m.Version, Labels: m.Labels,
 		})
 	}
 	return resp, nil
@@ -37,12 +37,21 @@ func (s *controlServer) Status(context.Context, *tetherpb.StatusRequest) (*tethe
 	resp := &tetherpb.StatusResponse{
 		Node: a.cfg.NodeName, Version: Version, Leader: leader,
 		RaftState: state, RaftLastIndex: last, DataDir: a.cfg.DataDir,
+		Security: a.securityPB(),
 	}
 	p := planFor(a.cfg.NodeName, a.cluster.Volumes())
 	for _, name := range sortedKeys(p.primary) {
 		resp.PrimaryOf = append(resp.PrimaryOf, a.localVolumeStatus(name))
 	}
 	resp.ReplicaOf = p.replica
+	resp.LeaseHeld = a.lease.valid()
+	resp.LeaseAgeMs = a.lease.age().Milliseconds()
+	a.mu.Lock()
+	for _, name := range sortedKeys(a.fenced) {
+		f := a.fenced[name]
+		resp.Fenced = append(resp.Fenced, &tetherpb.FencedVolume{Name: name, Epoch: f.epoch, SinceUnixNano: f.since.UnixNano(), Reason: f.reason})
+	}
+	a.mu.Unlock()
 	return resp, nil
 }
 
@@ -50,9 +59,18 @@ func (s *controlServer) VolumeCreate(ctx context.Context, req *tetherpb.VolumeCr
 	if req.Replicas == 0 {
 		return nil, status.Error(codes.InvalidArgument, "replicas must be at least 1")
 	}
+	maxLag := cluster.DefaultMaxLag
+	switch {
+	case req.MaxLagMs < -1:
+		return nil, status.Errorf(codes.InvalidArgument, "max lag %dms is invalid: give a duration, or 0 for no limit", req.MaxLagMs)
+	case req.MaxLagMs == -1:
+		maxLag = 0
+	case req.MaxLagMs > 0:
+		maxLag = time.Duration(req.MaxLagMs) * time.Millisecond
+	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	v, err := s.a.cluster.CreateVolume(ctx, req.Name, int(req.Replicas))
+	v, err := s.a.cluster.CreateVolumeSpec(ctx, cluster.VolumeSpec{Name: req.Name, Replicas: int(req.Replicas), MaxLag: maxLag, Placement: req.Placement})
 	if err != nil {
 		return nil, status.Error(errCode(err), err.Error())
 	}
@@ -73,6 +91,67 @@ func (s *controlServer) VolumeInspect(ctx context.Context, req *tetherpb.VolumeI
 		return nil, status.Errorf(codes.NotFound, "no volume named %q", req.Name)
 	}
 	return &tetherpb.VolumeInspectResponse{Volume: s.a.volumePB(v), Status: s.a.liveStatus(ctx, v)}, nil
+}
+
+func (s *controlServer) VolumePromote(ctx context.Context, req *tetherpb.VolumePromoteRequest) (*tetherpb.VolumePromoteResponse, error) {
+	if req.Name == "" || req.To == "" {
+		return nil, status.Error(codes.InvalidArgument, "promote needs a volume name and --to NODE")
+	}
+	v, behind, err := s.a.Promote(ctx, req.Name, req.To, req.Force)
+	if err != nil {
+		return nil, status.Error(errCode(err), err.Error())
+	}
+	return &tetherpb.VolumePromoteResponse{Volume: s.a.volumePB(v), BehindMs: behind.Milliseconds()}, nil
+}
+
+func (s *controlServer) VolumeMove(ctx context.Context, req *tetherpb.VolumeMoveRequest) (*tetherpb.VolumeMoveResponse, error) {
+	if req.Name == "" || req.To == "" {
+		return nil, status.Error(codes.InvalidArgument, "move needs a volume name and --to NODE")
+	}
+	if req.WaitMs < 0 {
+		return nil, status.Error(codes.InvalidArgument, "--wait must not be negative")
+	}
+	t0 := time.Now()
+	v, err := s.a.Move(ctx, req.Name, req.To, time.Duration(req.WaitMs)*time.Millisecond)
+	if err != nil {
+		return nil, status.Error(errCode(err), err.Error())
+	}
+	return &tetherpb.VolumeMoveResponse{Volume: s.a.volumePB(v), TookMs: time.Since(t0).Milliseconds()}, nil
+}
+
+func (s *controlServer) VolumeUpdate(ctx context.Context, req *tetherpb.VolumeUpdateRequest) (*tetherpb.VolumeUpdateResponse, error) {
+	cmd := cluster.UpdateVolume{Name: req.Name}
+	if req.Replicas != nil {
+		n := int(*req.Replicas)
+		cmd.Replicas = &n
+	}
+	if req.MaxLagMs != nil {
+		lag := time.Duration(*req.MaxLagMs) * time.Millisecond
+		switch {
+		case *req.MaxLagMs == -1:
+			lag = 0
+		case *req.MaxLagMs < 0:
+			return nil, status.Errorf(codes.InvalidArgument, "max lag %dms is invalid", *req.MaxLagMs)
+		}
+		cmd.MaxLag = &lag
+	}
+	if req.SetPlacement {
+		pl := req.Placement
+		if pl == nil {
+			pl = map[string]string{}
+		}
+		cmd.Placement = &pl
+	}
+	if cmd.Replicas == nil && cmd.MaxLag == nil && cmd.Placement == nil {
+		return nil, status.Error(codes.InvalidArgument, "nothing to update: give --replicas, --max-lag, --placement or --clear-placement")
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	v, err := s.a.cluster.UpdateVolume(ctx, cmd)
+	if err != nil {
+		return nil, status.Error(errCode(err), err.Error())
+	}
+	return &tetherpb.VolumeUpdateResponse{Volume: s.a.volumePB(v)}, nil
 }
 
 // liveStatus asks the volume's primary for its replication state.
@@ -124,6 +203,11 @@ func (a *Agent) volumePB(v cluster.Volume) *tetherpb.Volume {
 		Name: v.Name, Replicas: uint32(v.Replicas), Primary: v.Primary,
 		ReplicaNodes: v.ReplicaNodes, Epoch: v.Epoch, State: v.State,
 		CreatedUnixNano: v.CreatedAt.UnixNano(),
+		MaxLagMs:        v.MaxLag.Milliseconds(),
+		Placement:       v.Placement,
+	}
+	if v.State == cluster.StateNeedsOperator {
+		pb.Blocked = "the primary is down and every live copy is further behind than the max lag: bring the primary back, or accept the loss with tether volume promote " + v.Name + " --to NODE --force"
 	}
 	a.deletionPB(pb, v)
 	if v.Primary == a.cfg.NodeName || contains(v.ReplicaNodes, a.cfg.NodeName) {
@@ -145,6 +229,8 @@ func errCode(err error) codes.Code {
 		return codes.AlreadyExists
 	case errors.Is(err, cluster.ErrNoVolume):
 		return codes.NotFound
+	case errors.Is(err, cluster.ErrInvalidCommand), errors.Is(err, cluster.ErrInvalidName), errors.Is(err, cluster.ErrInvalidReplicas):
+		return codes.InvalidArgument
 	case errors.Is(err, context.DeadlineExceeded):
 		return codes.DeadlineExceeded
 	default:

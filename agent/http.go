@@ -9,7 +9,8 @@ import (
 	"time"
 )
 
-// startHTTP serves the local HTTP endpoints: /healthz and /v1/status.
+// startHTTP serves the local HTTP endpoints: /healthz, /v1/status and
+// /metrics (Prometheus).
 func (a *Agent) startHTTP() error {
 	if a.cfg.HTTPAddr == "" {
 		return nil
@@ -22,6 +23,7 @@ func (a *Agent) startHTTP() error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", a.handleHealth)
 	mux.HandleFunc("GET /v1/status", a.handleStatus)
+	mux.Handle("GET /metrics", a.metrics.handler())
 	a.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	a.wg.Add(1)
 	go func() {

@@ -8,7 +8,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/status"
 
 	"github.com/tether-io/tether/cluster"
@@ -17,12 +17,15 @@ import (
 
 // peerConns caches one gRPC client connection per peer RPC address.
 type peerConns struct {
+	creds  credentials.TransportCredentials // mutual TLS, or insecure
 	mu     sync.Mutex
 	conns  map[string]*grpc.ClientConn
 	closed bool
 }
 
-func newPeerConns() *peerConns { return &peerConns{conns: map[string]*grpc.ClientConn{}} }
+func newPeerConns(creds credentials.TransportCredentials) *peerConns {
+	return &peerConns{creds: creds, conns: map[string]*grpc.ClientConn{}}
+}
 
 func (p *peerConns) get(addr string) (*grpc.ClientConn, error) {
 	p.mu.Lock()
@@ -33,7 +36,7 @@ func (p *peerConns) get(addr string) (*grpc.ClientConn, error) {
 	if c, ok := p.conns[addr]; ok {
 		return c, nil
 	}
-	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(p.creds))
 	if err != nil {
 		return nil, fmt.Errorf("connecting to peer %s: %w", addr, err)
 	}
@@ -107,6 +110,23 @@ func (a *Agent) forward(ctx context.Context, leaderRPCAddr string, cmd []byte) (
 	return resp.Index, nil
 }
 
+// forwardLease asks the leader to grant node a primary lease.
+func (a *Agent) forwardLease(ctx context.Context, leaderRPCAddr, node string) error {
+	c, err := a.peers.get(leaderRPCAddr)
+	if err != nil {
+		return err
+	}
+	_, err = tetherpb.NewPeerClient(c).RenewLease(ctx, &tetherpb.RenewLeaseRequest{Node: node})
+	switch {
+	case err == nil:
+		return nil
+	case status.Code(err) == codes.FailedPrecondition:
+		return fmt.Errorf("%w (asked %s): %s", cluster.ErrNotLeader, leaderRPCAddr, status.Convert(err).Message())
+	default:
+		return fmt.Errorf("asking the leader at %s for a lease: %w", leaderRPCAddr, err)
+	}
+}
+
 // peerServer answers other agents.
 type peerServer struct {
 	tetherpb.UnimplementedPeerServer
@@ -122,6 +142,19 @@ func (s *peerServer) Apply(ctx context.Context, req *tetherpb.ApplyRequest) (*te
 		return &tetherpb.ApplyResponse{Index: idx, Error: err.Error()}, nil
 	}
 	return &tetherpb.ApplyResponse{Index: idx}, nil
+}
+
+func (s *peerServer) RenewLease(ctx context.Context, req *tetherpb.RenewLeaseRequest) (*tetherpb.RenewLeaseResponse, error) {
+	if req.Node == "" {
+		return nil, status.Error(codes.InvalidArgument, "a lease request must name its node")
+	}
+	if err := s.a.cluster.GrantLease(ctx, req.Node); err != nil {
+		if errors.Is(err, cluster.ErrNotLeader) {
+			return nil, status.Error(codes.FailedPrecondition, err.Error())
+		}
+		return nil, status.Error(codes.Unavailable, err.Error())
+	}
+	return &tetherpb.RenewLeaseResponse{}, nil
 }
 
 func (s *peerServer) PrimaryStatus(_ context.Context, req *tetherpb.PrimaryStatusRequest) (*tetherpb.PrimaryStatusResponse, error) {

@@ -3,6 +3,7 @@ package agent
 import (
 	"reflect"
 	"testing"
+	"time"
 
 	"github.com/tether-io/tether/cluster"
 )
@@ -43,6 +44,9 @@ func TestConfigValidate(t *testing.T) {
 		{NodeName: "n1", AdvertiseIP: "not-an-ip"},
 		{NodeName: "n1", BootstrapExpect: -1},
 		{NodeName: "n1", Join: []string{""}},
+		{NodeName: "n1", Timing: cluster.Timing{LeaseDuration: 100 * time.Millisecond}},
+		{NodeName: "n1", Timing: cluster.Timing{FailoverGrace: -time.Second}},
+		{NodeName: "n1", Labels: map[string]string{"bad key": "x"}},
 	}
 	for _, c := range bad {
 		if err := c.Validate(); err == nil {

@@ -22,14 +22,21 @@ type progressReporter struct {
 	c   *cluster.Cluster
 	log *slog.Logger
 
-	mu      sync.Mutex
-	pending map[progressKey]replication.Ack
+	// heads reports, per volume this node is primary of, its newest batch
+	// (the head a replica's progress is measured against).
+	heads func() map[string]replication.Ack
+	self  string
+
+	mu       sync.Mutex
+	pending  map[progressKey]replication.Ack
+	lastHead map[string]replication.Ack // only the run goroutine touches it
 }
 
 type progressKey struct{ volume, node string }
 
-func newProgressReporter(c *cluster.Cluster, log *slog.Logger) *progressReporter {
-	return &progressReporter{c: c, log: log, pending: map[progressKey]replication.Ack{}}
+func newProgressReporter(c *cluster.Cluster, log *slog.Logger, self string, heads func() map[string]replication.Ack) *progressReporter {
+	return &progressReporter{c: c, log: log, self: self, heads: heads,
+		pending: map[progressKey]replication.Ack{}, lastHead: map[string]replication.Ack{}}
 }
 
 func (r *progressReporter) record(volume, node string, ack replication.Ack) {
@@ -46,7 +53,21 @@ func (r *progressReporter) run(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			r.recordHeads()
 			r.flush(ctx)
+		}
+	}
+}
+
+// recordHeads queues the primary's own progress when it cut a new batch.
+// Its cut time is when this reporter saw the batch, so it may lag the real
+// cut by up to progressInterval; failover's max-lag check tolerates that.
+func (r *progressReporter) recordHeads() {
+	for vol, head := range r.heads() {
+		last := r.lastHead[vol]
+		if head.Epoch != last.Epoch || head.Seq > last.Seq {
+			r.lastHead[vol] = head
+			r.record(vol, r.self, head)
 		}
 	}
 }

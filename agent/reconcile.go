@@ -21,6 +21,7 @@ func (a *Agent) reconcileLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-a.cluster.Changes():
+		case <-a.lease.changed:
 		case <-t.C:
 		}
 	}
@@ -55,19 +56,38 @@ func (a *Agent) reconcile(ctx context.Context) {
 		return
 	}
 	p := planFor(a.cfg.NodeName, a.cluster.Volumes())
+	leaseHeld := a.lease.valid()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for name, rp := range a.primaries {
-		if v, ok := p.primary[name]; !ok || v.Epoch != rp.epoch {
+		v, ok := p.primary[name]
+		switch {
+		case !ok || v.Epoch != rp.epoch:
 			a.log.Info("stopping replication as primary", "volume", name, "epoch", rp.epoch)
-			rp.p.Stop()
-			delete(a.primaries, name)
+		case !leaseHeld:
+			a.fence(name, rp.epoch, "lease lapsed: no Raft quorum confirmed this node's ownership within "+a.cluster.LeaseDuration().String())
+		default:
+			continue
 		}
+		rp.p.Stop()
+		delete(a.primaries, name)
+	}
+	for name, f := range a.fenced {
+		if v, ok := p.primary[name]; !ok || v.Epoch != f.epoch {
+			delete(a.fenced, name) // someone else owns it now; nothing left to fence
+		}
+	}
+	if !leaseHeld {
+		return // serve nothing as primary without a lease
 	}
 	for name, v := range p.primary {
 		if rp, ok := a.primaries[name]; ok {
 			rp.p.SetReplicas(v.ReplicaNodes)
 			continue
+		}
+		if _, ok := a.fenced[name]; ok {
+			a.log.Info("lease regained; serving volume as primary again", "volume", name, "epoch", v.Epoch)
+			delete(a.fenced, name)
 		}
 		if err := a.startPrimary(ctx, v); err != nil {
 			a.log.Error("cannot serve volume as primary", "volume", name, "epoch", v.Epoch, "err", err)
@@ -128,4 +148,31 @@ func (a *Agent) primaryStatus(name string) (replication.PrimaryStatus, bool) {
 		return replication.PrimaryStatus{}, false
 	}
 	return rp.p.Status(), true
+}
+
+// fencedVolume records a volume this node stopped serving as primary.
+type fencedVolume struct {
+	epoch  uint64
+	since  time.Time
+	reason string
+}
+
+// fence records that this node stopped serving volume name in epoch; a.mu
+// is held. The Docker integration stops the volume's containers here.
+func (a *Agent) fence(name string, epoch uint64, reason string) {
+	a.log.Warn("FENCING: stopped serving volume as primary", "volume", name, "epoch", epoch, "reason", reason)
+	a.fenced[name] = fencedVolume{epoch: epoch, since: time.Now(), reason: reason}
+	a.metrics.fencings.Inc()
+}
+
+// primaryHeads reports the newest batch of each volume served here.
+func (a *Agent) primaryHeads() map[string]replication.Ack {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make(map[string]replication.Ack, len(a.primaries))
+	for name, rp := range a.primaries {
+		st := rp.p.Status()
+		out[name] = replication.Ack{Epoch: st.Epoch, Seq: st.Seq, Cut: time.Now()}
+	}
+	return out
 }

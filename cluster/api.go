@@ -209,6 +209,26 @@ func (c *Cluster) raftApply(ctx context.Context, b []byte) (uint64, error) {
 // CreateVolume places a new volume among the alive members (this node
 // preferred as primary) and adds it to the catalog in epoch 1.
 func (c *Cluster) CreateVolume(ctx context.Context, name string, replicas int) (Volume, error) {
+	return c.CreateVolumeSpec(ctx, VolumeSpec{Name: name, Replicas: replicas, MaxLag: DefaultMaxLag})
+}
+
+// VolumeSpec is what a user asks for when creating a volume.
+type VolumeSpec struct {
+	Name     string
+	Replicas int
+	// MaxLag bounds automatic failover (see Volume.MaxLag); 0 = no bound.
+	MaxLag time.Duration
+	// Placement lists labels every node holding a copy must carry.
+	Placement map[string]string
+}
+
+// CreateVolumeSpec creates a volume as spec asks, placing it among the
+// alive members with this node preferred as primary.
+func (c *Cluster) CreateVolumeSpec(ctx context.Context, spec VolumeSpec) (Volume, error) {
+	name, replicas := spec.Name, spec.Replicas
+	if spec.MaxLag < 0 {
+		return Volume{}, fmt.Errorf("%w: max lag %s is negative", ErrInvalidCommand, spec.MaxLag)
+	}
 	if err := ValidateName(name); err != nil {
 		return Volume{}, err
 	}
@@ -221,8 +241,21 @@ func (c *Cluster) CreateVolume(ctx context.Context, name string, replicas int) (
 		}
 		return Volume{}, fmt.Errorf("%w: %q", ErrVolumeExists, name)
 	}
+	if err := ValidateLabels(spec.Placement); err != nil {
+		return Volume{}, fmt.Errorf("placement: %w", err)
+	}
 	alive, _ := c.members.alive()
-	primary, others, err := Place(c.cfg.NodeName, alive, c.load(), replicas)
+	labels := c.members.labels()
+	var eligible []string
+	for _, n := range alive {
+		if Eligible(labels[n], spec.Placement) {
+			eligible = append(eligible, n)
+		}
+	}
+	primary, others, err := Place(c.cfg.NodeName, eligible, c.load(), replicas)
+	if err != nil && len(spec.Placement) > 0 {
+		err = fmt.Errorf("%w (%d of %d alive nodes carry the labels %v)", err, len(eligible), len(alive), spec.Placement)
+	}
 	if err != nil {
 		return Volume{}, fmt.Errorf("cluster: placing volume %q: %w", name, err)
 	}
@@ -233,6 +266,8 @@ func (c *Cluster) CreateVolume(ctx context.Context, name string, replicas int) (
 		ReplicaNodes: others,
 		Epoch:        1,
 		CreatedAt:    time.Now().UTC(),
+		MaxLag:       spec.MaxLag,
+		Placement:    spec.Placement,
 	}
 	if _, err := c.Apply(ctx, CreateVolume{Volume: v}); err != nil {
 		return Volume{}, err
@@ -264,4 +299,76 @@ func (c *Cluster) ReportProgress(ctx context.Context, volume, node string, epoch
 	}
 	_, err := c.Apply(ctx, UpdateProgress{Name: volume, Node: node, Epoch: epoch, Seq: seq, CutUnixNano: cutNano})
 	return err
+}
+
+// UpdateVolume changes a volume's options (nil: unchanged); the leader
+// then adds, replaces or trims replicas to match.
+func (c *Cluster) UpdateVolume(ctx context.Context, cmd UpdateVolume) (Volume, error) {
+	if _, ok := c.fsm.get(cmd.Name); !ok {
+		return Volume{}, fmt.Errorf("%w: %q", ErrNoVolume, cmd.Name)
+	}
+	if cmd.Replicas != nil {
+		if err := ValidateReplicas(*cmd.Replicas); err != nil {
+			return Volume{}, err
+		}
+	}
+	if cmd.Placement != nil {
+		if err := ValidateLabels(*cmd.Placement); err != nil {
+			return Volume{}, fmt.Errorf("placement: %w", err)
+		}
+	}
+	if _, err := c.Apply(ctx, cmd); err != nil {
+		return Volume{}, err
+	}
+	v, _ := c.Volume(cmd.Name)
+	return v, nil
+}
+
+// Promote is an operator's failover, run on the leader: it makes to the
+// primary of volume name in the next epoch, in place of a dead primary
+// whose lease has surely lapsed. force accepts a copy further behind than
+// the volume's max lag. It returns the new record and how far behind the
+// promoted copy was.
+func (c *Cluster) Promote(ctx context.Context, name, to string, force bool) (Volume, time.Duration, error) {
+	if !c.IsLeader() {
+		return Volume{}, 0, ErrNotLeader
+	}
+	v, ok := c.fsm.get(name)
+	if !ok {
+		return Volume{}, 0, fmt.Errorf("%w: %q", ErrNoVolume, name)
+	}
+	health, _ := c.members.health()
+	cmd, behind, err := ManualPromotion(v, to, health, force)
+	if err != nil {
+		return Volume{}, behind, err
+	}
+	until := c.leases.expiries([]string{v.Primary}, c.timing.LeaseDuration+c.timing.LeaseMargin)[v.Primary]
+	if wait := time.Until(until); wait > 0 {
+		return Volume{}, behind, fmt.Errorf("%w: %s may serve %q for %s more; retry then", ErrLeaseHeld, v.Primary, name, wait.Round(100*time.Millisecond))
+	}
+	if _, err := c.Apply(ctx, cmd); err != nil {
+		return Volume{}, behind, err
+	}
+	nv, _ := c.Volume(name)
+	c.logger.Warn("volume promoted by an operator", "volume", name, "new_primary", to, "epoch", cmd.Epoch, "behind", fmtBehind(behind), "forced", force)
+	return nv, behind, nil
+}
+
+// WaitEpoch waits until this node's catalog holds volume name at epoch or
+// later (read your writes after a change made through another node).
+func (c *Cluster) WaitEpoch(ctx context.Context, name string, epoch uint64) error {
+	t := time.NewTicker(5 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if v, ok := c.fsm.get(name); ok && v.Epoch >= epoch {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("cluster: waiting for %q to reach epoch %d here: %w", name, epoch, ctx.Err())
+		case <-c.ctx.Done():
+			return ErrShutdown
+		case <-t.C:
+		}
+	}
 }

@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -46,9 +47,19 @@ type Config struct {
 	// wrapping ErrNotLeader when that node is no longer the leader (so
 	// Apply retries), and the leader's refusal rebuilt with ParseError.
 	Forward func(ctx context.Context, leaderRPCAddr string, cmd []byte) (index uint64, err error)
-	Version string
-	Logger  *slog.Logger
-	Timing  Timing
+	// ForwardLease asks the leader at leaderRPCAddr to grant node a primary
+	// lease (the agent does it over gRPC Peer.RenewLease), with the same
+	// error conventions as Forward.
+	ForwardLease func(ctx context.Context, leaderRPCAddr, node string) error
+	Version      string
+	Logger       *slog.Logger
+	Timing       Timing
+	// Labels describe this node for volumes' placement constraints; they
+	// travel in the gossip meta (see ValidateLabels for the limits).
+	Labels map[string]string
+	// GossipKeys encrypt gossip (see gossipsec.go); the first is the
+	// primary key. None means plaintext gossip.
+	GossipKeys [][]byte
 	// VolumeRetention is how long a deleted volume is kept before the
 	// leader purges it; 0 means DefaultRetention.
 	VolumeRetention time.Duration
@@ -74,6 +85,23 @@ type Timing struct {
 	RaftLeaderLease   time.Duration // default 500ms
 	FailoverGrace     time.Duration // default 0: fail over as soon as the primary is dead
 	ReconcileInterval time.Duration // default 1s
+	// LeaseDuration is how long a primary may keep serving after the
+	// leader last confirmed, with a quorum, that it is still the leader
+	// (default 3s). It must outlast a Raft election, or healthy primaries
+	// fence themselves whenever the leader changes.
+	LeaseDuration time.Duration
+	// LeaseMargin is added on the leader's side before it promotes away
+	// from a primary, for clock-rate differences and scheduling (default 1s).
+	LeaseMargin time.Duration
+	// LeaseRenewInterval is how often a primary renews (default 500ms).
+	LeaseRenewInterval time.Duration
+	// ReplaceGrace is how long a replica may be dead before the leader
+	// replaces it with a spare node, which is then filled (default 2m).
+	ReplaceGrace time.Duration
+	// DeadServerGrace is how long a Raft server may be dead before the
+	// leader removes it from the configuration, when quorum allows
+	// (default 5m). A removed node that returns is added back.
+	DeadServerGrace time.Duration
 }
 
 func (t Timing) withDefaults() Timing {
@@ -89,6 +117,11 @@ func (t Timing) withDefaults() Timing {
 	def(&t.RaftElection, time.Second)
 	def(&t.RaftLeaderLease, 500*time.Millisecond)
 	def(&t.ReconcileInterval, time.Second)
+	def(&t.LeaseDuration, 3*time.Second)
+	def(&t.LeaseMargin, time.Second)
+	def(&t.LeaseRenewInterval, 500*time.Millisecond)
+	def(&t.ReplaceGrace, 2*time.Minute)
+	def(&t.DeadServerGrace, 5*time.Minute)
 	if t.SuspicionMult <= 0 {
 		t.SuspicionMult = 3
 	}
@@ -111,6 +144,10 @@ type Cluster struct {
 	raftNotify  chan bool
 
 	members *membership
+	leases  *leaseTable
+	// needsOperator remembers which volumes the leader loop has warned
+	// about; only the leader loop goroutine touches it.
+	needsOperator map[string]bool
 
 	// gossipMu orders our own gossip announcements (meta updates, leave);
 	// left is set once we have left, after which we announce nothing.
@@ -126,6 +163,7 @@ type Cluster struct {
 	gossipAddr string
 	// startIndex is the last Raft index on disk when Start ran.
 	startIndex uint64
+	joinErr    atomic.Value // string: why the last join failed
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -150,6 +188,12 @@ func New(cfg Config) (*Cluster, error) {
 	case cfg.BootstrapExpect < 0:
 		return nil, fmt.Errorf("cluster: bootstrap-expect %d is negative", cfg.BootstrapExpect)
 	}
+	if err := ValidateLabels(cfg.Labels); err != nil {
+		return nil, fmt.Errorf("node labels: %w", err)
+	}
+	if b, _ := json.Marshal(nodeMeta{RPC: cfg.RPCAdvertise, Version: cfg.Version, Leaving: true, Raft: true, Labels: cfg.Labels}); len(b) > memberlist.MetaMaxSize {
+		return nil, fmt.Errorf("%w: the node's gossip metadata would take %d bytes, more than memberlist's %d: use fewer or shorter labels", ErrInvalidLabels, len(b), memberlist.MetaMaxSize)
+	}
 	if _, _, err := net.SplitHostPort(cfg.RPCAdvertise); err != nil {
 		return nil, fmt.Errorf("cluster: rpc advertise address %q: %w", cfg.RPCAdvertise, err)
 	}
@@ -171,6 +215,8 @@ func New(cfg Config) (*Cluster, error) {
 	}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.fsm = newFSM(logger.With("component", "fsm"), func() { notify(c.changes) })
+	c.leases = newLeaseTable()
+	c.needsOperator = map[string]bool{}
 	c.members = newMembership(cfg.NodeName, func() {
 		notify(c.changes)
 		notify(c.bootstrapCh)

@@ -69,6 +69,7 @@ type nodeOpts struct {
 	name, join, dataDir, gossip string
 	expect                      int
 	retention                   time.Duration
+	gossipKeys                  [][]byte
 }
 
 func (tn *testNet) start(o nodeOpts) *testNode {
@@ -97,6 +98,7 @@ func (tn *testNet) start(o nodeOpts) *testNode {
 		Logger:          logger,
 		Timing:          testTiming(),
 		VolumeRetention: o.retention,
+		GossipKeys:      o.gossipKeys,
 	}
 	if o.join != "" {
 		cfg.Join = []string{o.join}

@@ -3,6 +3,7 @@ package cluster
 import (
 	"encoding/json"
 	"fmt"
+	"time"
 )
 
 // CommandType numbers a catalog command on the wire. Numbers are
@@ -15,8 +16,10 @@ const (
 	TypeDeleteVolume   CommandType = 2
 	TypeSetPrimary     CommandType = 3
 	TypeUpdateProgress CommandType = 4
-	TypeSetDeleted     CommandType = 5
-	TypeUndelete       CommandType = 6
+	TypeSetReplicas    CommandType = 5
+	TypeUpdateVolume   CommandType = 6
+	TypeSetDeleted     CommandType = 7
+	TypeUndelete       CommandType = 8
 )
 
 // IgnoreUnknownFlag is a bit of the type byte telling an FSM that does not
@@ -82,6 +85,30 @@ type UpdateProgress struct {
 	CutUnixNano int64  `json:"cut_unix_nano"`
 }
 
+// SetReplicas replaces a volume's replica set (re-replication). It is
+// refused unless the catalog's epoch equals ExpectEpoch, so it cannot race
+// a failover.
+type SetReplicas struct {
+	Name         string   `json:"name"`
+	ReplicaNodes []string `json:"replica_nodes"`
+	ExpectEpoch  uint64   `json:"expect_epoch"`
+}
+
+// Type implements Command.
+func (SetReplicas) Type() CommandType { return TypeSetReplicas }
+
+// UpdateVolume changes a volume's options; nil fields stay as they are.
+// The leader then adds, replaces or drops replicas to match.
+type UpdateVolume struct {
+	Name      string             `json:"name"`
+	Replicas  *int               `json:"replicas,omitempty"`
+	MaxLag    *time.Duration     `json:"max_lag,omitempty"`
+	Placement *map[string]string `json:"placement,omitempty"`
+}
+
+// Type implements Command.
+func (UpdateVolume) Type() CommandType { return TypeUpdateVolume }
+
 // Type implements Command.
 func (CreateVolume) Type() CommandType { return TypeCreateVolume }
 
@@ -142,6 +169,10 @@ func Decode(b []byte) (Command, error) {
 		return *c, nil
 	case *UpdateProgress:
 		return *c, nil
+	case *SetReplicas:
+		return *c, nil
+	case *UpdateVolume:
+		return *c, nil
 	case *SetDeleted:
 		return *c, nil
 	case *Undelete:
@@ -161,6 +192,10 @@ func newCommand(typ CommandType) Command {
 		return &SetPrimary{}
 	case TypeUpdateProgress:
 		return &UpdateProgress{}
+	case TypeSetReplicas:
+		return &SetReplicas{}
+	case TypeUpdateVolume:
+		return &UpdateVolume{}
 	case TypeSetDeleted:
 		return &SetDeleted{}
 	case TypeUndelete:

@@ -114,14 +114,38 @@ func TestFailoversGrace(t *testing.T) {
 		}
 		return out
 	}
-	if got := names(Failovers(vols, health, since, now, 0)); !reflect.DeepEqual(got, []string{"a", "c"}) {
+	if got := names(Failovers(vols, health, since, nil, now, 0)); !reflect.DeepEqual(got, []string{"a", "c"}) {
 		t.Fatalf("no grace: %q", got)
 	}
-	if got := names(Failovers(vols, health, since, now, 5*time.Second)); !reflect.DeepEqual(got, []string{"a"}) {
+	if got := names(Failovers(vols, health, since, nil, now, 5*time.Second)); !reflect.DeepEqual(got, []string{"a"}) {
 		t.Fatalf("5s grace: %q", got)
 	}
-	if got := names(Failovers(vols, health, since, now, time.Minute)); got != nil {
+	if got := names(Failovers(vols, health, since, nil, now, time.Minute)); got != nil {
 		t.Fatalf("1m grace: %q", got)
+	}
+	// A primary that may still hold its lease keeps its volumes, however
+	// dead it looks: it may be serving writes on the far side of a partition.
+	leases := map[string]time.Time{"n1": now.Add(time.Millisecond), "n3": now}
+	if got := names(Failovers(vols, health, since, leases, now, 0)); !reflect.DeepEqual(got, []string{"c"}) {
+		t.Fatalf("n1's lease still running: %q", got)
+	}
+}
+
+func TestLeaseTableExpiries(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	lt := newLeaseTable()
+	lt.startTerm(t0)
+	lt.grant("a", t0.Add(2*time.Second))
+	got := lt.expiries([]string{"a", "b"}, 4*time.Second)
+	if !got["a"].Equal(t0.Add(6*time.Second)) || !got["b"].Equal(t0.Add(4*time.Second)) {
+		t.Fatalf("expiries = %v", got)
+	}
+	// A new term forgets grants but not the caution: every node may hold a
+	// lease from the previous leader until the new term is one lease old.
+	lt.startTerm(t0.Add(10 * time.Second))
+	got = lt.expiries([]string{"a"}, 4*time.Second)
+	if !got["a"].Equal(t0.Add(14 * time.Second)) {
+		t.Fatalf("after a new term: %v", got)
 	}
 }
 

@@ -22,6 +22,10 @@ var (
 	ErrUnknownCommand  = errors.New("cluster: unknown catalog command")
 	ErrNotEnoughNodes  = errors.New("cluster: not enough alive members")
 	ErrShutdown        = errors.New("cluster: shut down")
+	ErrPrimaryAlive    = errors.New("cluster: the primary is alive")
+	ErrTooFarBehind    = errors.New("cluster: the copy is further behind than the volume's max lag")
+	ErrLeaseHeld       = errors.New("cluster: the old primary may still hold its lease")
+	ErrInvalidLabels   = errors.New("cluster: invalid labels")
 	ErrVolumeDeleted   = errors.New("cluster: volume is deleted")
 	ErrNotDeleted      = errors.New("cluster: volume is not deleted")
 )
@@ -30,7 +34,9 @@ var (
 var businessErrors = []error{
 	ErrNotLeader, ErrNoLeader, ErrVolumeExists, ErrNoVolume, ErrEpochMismatch,
 	ErrNotParticipant, ErrInvalidName, ErrInvalidReplicas, ErrInvalidCommand,
-	ErrUnknownCommand, ErrNotEnoughNodes, ErrShutdown, ErrVolumeDeleted, ErrNotDeleted,
+	ErrUnknownCommand, ErrNotEnoughNodes, ErrShutdown, ErrPrimaryAlive,
+	ErrTooFarBehind, ErrLeaseHeld, ErrInvalidLabels,
+	ErrVolumeDeleted, ErrNotDeleted,
 }
 
 // ParseError turns the text of an error produced by this package (for

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"slices"
 	"sort"
 	"sync"
@@ -115,6 +116,10 @@ func (f *fsm) apply(cmd Command) error {
 		return f.setPrimary(c)
 	case UpdateProgress:
 		return f.updateProgress(c)
+	case SetReplicas:
+		return f.setReplicas(c)
+	case UpdateVolume:
+		return f.updateVolume(c)
 	}
 	return fmt.Errorf("%w: %T", ErrUnknownCommand, cmd)
 }
@@ -134,6 +139,12 @@ func (f *fsm) createVolume(v Volume) error {
 	}
 	if v.Epoch == 0 {
 		return fmt.Errorf("%w: volume %q has epoch 0", ErrInvalidCommand, v.Name)
+	}
+	if err := ValidateLabels(v.Placement); err != nil {
+		return err
+	}
+	if v.MaxLag < 0 {
+		return fmt.Errorf("%w: volume %q has a negative max lag", ErrInvalidCommand, v.Name)
 	}
 	if _, ok := f.volumes[v.Name]; ok {
 		return fmt.Errorf("%w: %q", ErrVolumeExists, v.Name)
@@ -159,6 +170,62 @@ func (f *fsm) setPrimary(c SetPrimary) error {
 	v.Primary = c.Primary
 	v.ReplicaNodes = slices.Clone(c.ReplicaNodes)
 	v.Epoch = c.Epoch
+	return nil
+}
+
+func (f *fsm) updateVolume(c UpdateVolume) error {
+	v, ok := f.volumes[c.Name]
+	if !ok {
+		return fmt.Errorf("%w: %q", ErrNoVolume, c.Name)
+	}
+	if c.Replicas != nil {
+		if err := ValidateReplicas(*c.Replicas); err != nil {
+			return err
+		}
+	}
+	if c.MaxLag != nil && *c.MaxLag < 0 {
+		return fmt.Errorf("%w: volume %q: negative max lag", ErrInvalidCommand, c.Name)
+	}
+	if c.Placement != nil {
+		if err := ValidateLabels(*c.Placement); err != nil {
+			return err
+		}
+	}
+	if c.Replicas != nil {
+		v.Replicas = *c.Replicas
+	}
+	if c.MaxLag != nil {
+		v.MaxLag = *c.MaxLag
+	}
+	if c.Placement != nil {
+		v.Placement = maps.Clone(*c.Placement)
+		if len(v.Placement) == 0 {
+			v.Placement = nil
+		}
+	}
+	return nil
+}
+
+func (f *fsm) setReplicas(c SetReplicas) error {
+	v, ok := f.volumes[c.Name]
+	if !ok {
+		return fmt.Errorf("%w: %q", ErrNoVolume, c.Name)
+	}
+	if v.Epoch != c.ExpectEpoch {
+		return fmt.Errorf("%w: volume %q is at epoch %d; the replica change expected %d", ErrEpochMismatch, c.Name, v.Epoch, c.ExpectEpoch)
+	}
+	if err := validateNodes(v.Primary, c.ReplicaNodes); err != nil {
+		return err
+	}
+	if len(c.ReplicaNodes) > MaxReplicas-1 {
+		return fmt.Errorf("%w: %d replicas for %q, at most %d", ErrInvalidCommand, len(c.ReplicaNodes), c.Name, MaxReplicas-1)
+	}
+	v.ReplicaNodes = slices.Clone(c.ReplicaNodes)
+	for node := range v.Progress {
+		if node != v.Primary && !slices.Contains(v.ReplicaNodes, node) {
+			delete(v.Progress, node) // a node that left the set forgets its progress
+		}
+	}
 	return nil
 }
 

@@ -122,29 +122,45 @@ func (c *Cluster) leaderLoop(stop chan struct{}) {
 		case <-time.After(time.Second):
 		}
 	}
+	c.leases.startTerm(time.Now())
 	c.logger.Info("leading the cluster")
-	ticker := time.NewTicker(c.timing.ReconcileInterval)
-	defer ticker.Stop()
+	timer := time.NewTimer(0)
+	defer timer.Stop()
 	for {
-		c.reconcile(stop)
+		next := c.reconcile(stop)
+		timer.Reset(next)
 		select {
 		case <-stop:
 			return
-		case <-ticker.C:
+		case <-timer.C:
 		case <-c.reconcileCh:
 		}
 	}
 }
 
 // reconcile brings Raft membership and volume primaries in line with
-// gossip membership.
-func (c *Cluster) reconcile(stop chan struct{}) {
+// gossip membership. It returns when to run again: ReconcileInterval, or
+// sooner when a dead primary's lease runs out before that.
+func (c *Cluster) reconcile(stop chan struct{}) time.Duration {
 	c.reconcileRaft()
 	health, downSince := c.members.health()
-	for _, cmd := range Failovers(c.fsm.list(), health, downSince, time.Now(), c.timing.FailoverGrace) {
+	vols := c.fsm.list()
+	primaries := make([]string, 0, len(vols))
+	for _, v := range vols {
+		primaries = append(primaries, v.Primary)
+	}
+	leaseUntil := c.leases.expiries(primaries, c.timing.LeaseDuration+c.timing.LeaseMargin)
+	now := time.Now()
+	next := c.timing.ReconcileInterval
+	for _, p := range primaries {
+		if until := leaseUntil[p]; down(health[p]) && until.After(now) && until.Sub(now) < next {
+			next = until.Sub(now) + time.Millisecond
+		}
+	}
+	for _, cmd := range Failovers(vols, health, downSince, leaseUntil, now, c.timing.FailoverGrace) {
 		select {
 		case <-stop:
-			return
+			return next
 		default:
 		}
 		c.logger.Info("failing volume over", "volume", cmd.Name, "new_primary", cmd.Primary, "replicas", cmd.ReplicaNodes, "epoch", cmd.Epoch)
@@ -152,7 +168,24 @@ func (c *Cluster) reconcile(stop chan struct{}) {
 			c.logger.Warn("failing volume over was refused", "volume", cmd.Name, "error", err)
 		}
 	}
+	for _, v := range vols {
+		needs := VolumeState(v, health) == StateNeedsOperator
+		if needs == c.needsOperator[v.Name] {
+			continue
+		}
+		c.needsOperator[v.Name] = needs
+		if needs {
+			c.logger.Warn("volume needs an operator: its primary is down and every live copy is further behind than its max lag", "volume", v.Name, "primary", v.Primary, "max_lag", v.MaxLag)
+		}
+	}
+	for _, cmd := range Repairs(c.fsm.list(), health, downSince, now, c.timing.ReplaceGrace, c.load(), c.members.labels()) {
+		c.logger.Info("replacing a dead replica", "volume", cmd.Name, "replicas", cmd.ReplicaNodes)
+		if _, err := c.applyLocal(cmd); err != nil {
+			c.logger.Warn("replacing a dead replica was refused", "volume", cmd.Name, "error", err)
+		}
+	}
 	c.purge(stop)
+	return next
 }
 
 // purge removes the volumes whose retention after deletion has ended.
@@ -181,10 +214,23 @@ func (c *Cluster) reconcileRaft() {
 		c.logger.Warn("reading raft configuration failed", "error", err)
 		return
 	}
-	health, _ := c.members.health()
+	health, downSince := c.members.health()
+	var servers []RaftServer
+	for _, s := range f.Configuration().Servers {
+		servers = append(servers, RaftServer{ID: string(s.ID), Voter: s.Suffrage == raft.Voter})
+	}
+	remove := DeadServers(servers, c.cfg.NodeName, health, downSince, time.Now(), c.timing.DeadServerGrace)
 	known := map[raft.ServerID]raft.Server{}
 	voters := 0
 	for _, s := range f.Configuration().Servers {
+		if slices.Contains(remove, string(s.ID)) {
+			if err := c.raft.RemoveServer(s.ID, 0, raftOpTimeout).Error(); err != nil {
+				c.logger.Warn("removing dead server from raft failed", "member", s.ID, "error", err)
+				return
+			}
+			c.logger.Warn("removed a server dead for longer than the grace from raft", "member", s.ID, "grace", c.timing.DeadServerGrace)
+			continue
+		}
 		if health[string(s.ID)] == HealthLeft && string(s.ID) != c.cfg.NodeName {
 			if err := c.raft.RemoveServer(s.ID, 0, raftOpTimeout).Error(); err != nil {
 				c.logger.Warn("removing departed member from raft failed", "member", s.ID, "error", err)
@@ -204,8 +250,13 @@ func (c *Cluster) reconcileRaft() {
 		s, ok := known[id]
 		var err error
 		switch {
-		case ok && s.Address == addr:
+		case ok && s.Address == addr && (s.Suffrage == raft.Voter || voters >= maxVoters):
 			continue
+		case ok && s.Address == addr:
+			err = c.raft.AddVoter(id, addr, 0, raftOpTimeout).Error() // promote a nonvoter
+			if err == nil {
+				voters++
+			}
 		case ok && s.Suffrage == raft.Voter:
 			err = c.raft.AddVoter(id, addr, 0, raftOpTimeout).Error()
 		case ok:

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log"
+	"maps"
 	"net"
 	"sort"
 	"strconv"
@@ -22,6 +23,7 @@ type Member struct {
 	Health     string // alive, suspect, dead or left
 	RaftRole   string // leader, voter, nonvoter or none
 	Version    string
+	Labels     map[string]string
 }
 
 // nodeMeta is what each node gossips about itself (≤ 512 bytes).
@@ -34,6 +36,8 @@ type nodeMeta struct {
 	// Raft is set once the node is part of a formed Raft cluster; a node
 	// that sees such a member never bootstraps a cluster of its own.
 	Raft bool `json:"raft,omitempty"`
+	// Labels describe the node for placement constraints (zone=a, ssd=1).
+	Labels map[string]string `json:"labels,omitempty"`
 }
 
 // memberInfo is the last known state of one node; dead nodes stay here
@@ -167,6 +171,7 @@ func (m *membership) list() []Member {
 			RPCAddr:    info.meta.RPC,
 			Health:     info.health,
 			Version:    info.meta.Version,
+			Labels:     maps.Clone(info.meta.Labels),
 		})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
@@ -186,6 +191,17 @@ func (m *membership) health() (health map[string]string, downSince map[string]ti
 		}
 	}
 	return health, downSince
+}
+
+// labels returns each known node's labels.
+func (m *membership) labels() map[string]map[string]string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make(map[string]map[string]string, len(m.members))
+	for name, info := range m.members {
+		out[name] = info.meta.Labels
+	}
+	return out
 }
 
 // alive returns the sorted names of alive members and their rpc addresses
@@ -221,6 +237,9 @@ func (c *Cluster) setupMemberlist(raftFormed bool) error {
 	conf.Events = c.members
 	conf.Delegate = c.members
 	conf.Logger = log.New(&levelWriter{l: c.logger.With("component", "memberlist")}, "", 0)
+	if err := applyGossipKeys(conf, c.cfg.GossipKeys); err != nil {
+		return err
+	}
 	advertise := c.cfg.GossipAdvertise
 	if advertise == "" && isUnspecified(bindHost) {
 		ip, err := pickAdvertiseIP()
@@ -236,7 +255,7 @@ func (c *Cluster) setupMemberlist(raftFormed bool) error {
 		}
 		conf.AdvertiseAddr, conf.AdvertisePort = host, port
 	}
-	c.members.setLocal(nodeMeta{RPC: c.cfg.RPCAdvertise, Version: c.cfg.Version, Raft: raftFormed})
+	c.members.setLocal(nodeMeta{RPC: c.cfg.RPCAdvertise, Version: c.cfg.Version, Raft: raftFormed, Labels: c.cfg.Labels})
 	ml, err := memberlist.Create(conf)
 	if err != nil {
 		return fmt.Errorf("cluster: starting gossip on %s: %w", c.cfg.GossipBind, err)
@@ -261,9 +280,12 @@ func (c *Cluster) joinLoop(ctx context.Context) {
 	for {
 		n, err := c.ml.Join(addrs)
 		if n > 0 {
+			c.joinErr.Store("")
 			c.logger.Info("joined gossip cluster", "contacted", n)
 			return
 		}
+		err = explainJoinError(err, c.GossipEncrypted())
+		c.joinErr.Store(err.Error())
 		c.logger.Warn("joining gossip cluster failed; retrying", "join", addrs, "error", err, "retry_in", wait)
 		select {
 		case <-ctx.Done():

@@ -71,6 +71,17 @@ func (m *Mux) GRPCListener() net.Listener { return m.grpc }
 // RaftLayer is the stream layer for Raft's NetworkTransport.
 func (m *Mux) RaftLayer() raft.StreamLayer { return m.raft }
 
+// SetRaftAdvertise sets the address the Raft layer reports as its own
+// (host:port peers dial). Call it before handing RaftLayer to Raft.
+func (m *Mux) SetRaftAdvertise(addr string) error {
+	tcp, err := net.ResolveTCPAddr("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("cluster: raft advertise address %q: %w", addr, err)
+	}
+	m.raft.advertise = tcp
+	return nil
+}
+
 // Close stops accepting, closes the listener and connections still being
 // classified, and waits for its goroutines.
 func (m *Mux) Close() error {
@@ -137,14 +148,15 @@ func (m *Mux) untrack(conn net.Conn) {
 	m.mu.Unlock()
 }
 
-// route reads the first byte of conn and hands it to Raft or gRPC.
+// route reads the first byte of conn and hands it to Raft (after the TLS
+// handshake when Raft is secured, see muxtls.go) or gRPC.
 func (m *Mux) route(conn net.Conn) {
 	first := make([]byte, 1)
-	_ = conn.SetReadDeadline(time.Now().Add(peekTimeout))
+	_ = conn.SetDeadline(time.Now().Add(peekTimeout))
 	_, err := io.ReadFull(conn, first)
-	_ = conn.SetReadDeadline(time.Time{})
-	m.untrack(conn)
 	if err != nil {
+		_ = conn.SetDeadline(time.Time{})
+		m.untrack(conn)
 		if m.ctx.Err() == nil {
 			m.logger.Debug("rpc connection sent nothing", "remote", conn.RemoteAddr().String(), "error", err)
 		}
@@ -152,9 +164,21 @@ func (m *Mux) route(conn net.Conn) {
 		return
 	}
 	if first[0] == RaftMagic {
-		m.raft.deliver(conn)
+		secured, err := m.raft.secureAccepted(conn)
+		_ = conn.SetDeadline(time.Time{})
+		m.untrack(conn)
+		if err != nil {
+			if m.ctx.Err() == nil {
+				m.logger.Warn("refused a raft connection", "remote", conn.RemoteAddr().String(), "error", err)
+			}
+			_ = conn.Close()
+			return
+		}
+		m.raft.deliver(secured)
 		return
 	}
+	_ = conn.SetDeadline(time.Time{})
+	m.untrack(conn)
 	m.grpc.deliver(&peekedConn{Conn: conn, first: first})
 }
 
@@ -222,6 +246,18 @@ func (l *subListener) Addr() net.Addr { return l.addr }
 // raftLayer is the raft.StreamLayer side of the mux.
 type raftLayer struct {
 	*subListener
+	advertise net.Addr // what Addr reports, when set
+	tls       raftTLS  // zero: plaintext Raft
+}
+
+// Addr is the address Raft tells its peers (NetworkTransport uses it as
+// this node's address in every request), so it must be the advertised one,
+// not a wildcard bind address such as [::]:7661.
+func (l *raftLayer) Addr() net.Addr {
+	if l.advertise != nil {
+		return l.advertise
+	}
+	return l.subListener.Addr()
 }
 
 // Dial connects to another node's RPC port and announces Raft.
@@ -239,5 +275,5 @@ func (l *raftLayer) Dial(address raft.ServerAddress, timeout time.Duration) (net
 		return nil, fmt.Errorf("cluster: announcing raft to %s: %w", address, err)
 	}
 	_ = conn.SetWriteDeadline(time.Time{})
-	return conn, nil
+	return l.secureDialed(conn, address, timeout)
 }

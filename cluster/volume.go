@@ -16,7 +16,14 @@ const (
 	// StateDeleted is a volume removed (docker volume rm) and kept until
 	// its retention ends; it can be undeleted.
 	StateDeleted = "deleted"
+	// StateNeedsOperator: the primary is down and every live copy is
+	// further behind than the volume's max lag; promote one with
+	// `tether volume promote --force`, or bring the primary back.
+	StateNeedsOperator = "needs-operator"
 )
+
+// DefaultMaxLag is the max lag of a volume created without one.
+const DefaultMaxLag = 5 * time.Minute
 
 // DefaultRetention is how long a deleted volume is kept before the leader
 // purges it.
@@ -38,8 +45,14 @@ type Volume struct {
 	// State is healthy, degraded or no-primary; filled by Cluster from
 	// membership, empty in the FSM.
 	State string `json:"state,omitempty"`
-	// Progress is the last durable batch per node, as reported.
+	// Progress is the last durable batch per node, as reported. The
+	// primary's own entry is its head: the newest batch it has cut.
 	Progress map[string]Progress `json:"progress,omitempty"`
+	// MaxLag bounds how far behind its primary's head a copy may be for
+	// automatic failover to promote it; 0 means no bound.
+	MaxLag time.Duration `json:"max_lag,omitempty"`
+	// Placement lists labels every node holding a copy must carry.
+	Placement map[string]string `json:"placement,omitempty"`
 	// DeletedUnixNano is when the volume was deleted (soft delete), 0 when
 	// it is not.
 	DeletedUnixNano int64 `json:"deleted_unix_nano,omitempty"`
@@ -76,6 +89,9 @@ func (v Volume) clone() Volume {
 	v.ReplicaNodes = slices.Clone(v.ReplicaNodes)
 	if v.Progress != nil {
 		v.Progress = maps.Clone(v.Progress)
+	}
+	if v.Placement != nil {
+		v.Placement = maps.Clone(v.Placement)
 	}
 	return v
 }
@@ -118,4 +134,34 @@ func validateNodes(primary string, replicas []string) error {
 		seen[r] = true
 	}
 	return nil
+}
+
+var labelRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
+
+// maxLabels bounds a node's labels so that its gossip meta stays under
+// memberlist's 512 bytes.
+const maxLabels = 8
+
+// ValidateLabels checks node labels or a placement constraint: at most 8
+// pairs, keys and values of 1 to 63 letters, digits, '_', '.' or '-'.
+func ValidateLabels(labels map[string]string) error {
+	if len(labels) > maxLabels {
+		return fmt.Errorf("%w: %d labels, at most %d", ErrInvalidLabels, len(labels), maxLabels)
+	}
+	for k, v := range labels {
+		if !labelRE.MatchString(k) || !labelRE.MatchString(v) {
+			return fmt.Errorf("%w: %q=%q (want 1 to 63 of [A-Za-z0-9_.-], starting with a letter or digit)", ErrInvalidLabels, k, v)
+		}
+	}
+	return nil
+}
+
+// Eligible reports whether a node with labels satisfies placement.
+func Eligible(labels, placement map[string]string) bool {
+	for k, want := range placement {
+		if labels[k] != want {
+			return false
+		}
+	}
+	return true
 }

@@ -133,8 +133,19 @@ func TestIsolatedPrimary(t *testing.T) {
 	nv := waitFailover(t, tp, tp.host(v.ReplicaNodes[0]), v)
 	np := tp.host(nv.Primary)
 
-	// The isolated node still believes it is primary; what it writes now
-	// belongs to the old epoch.
+	// Cut off from the quorum, the old primary's lease lapsed: it fenced
+	// itself (no leader could have promoted h2 before that).
+	testutil.EventuallyErr(t, 20*time.Second, func() error {
+		var st tetherpb.StatusResponse
+		if err := tp.ctl(old, &st, "status"); err != nil {
+			return err
+		}
+		if st.LeaseHeld || len(st.Fenced) != 1 || st.Fenced[0].Name != "vol" {
+			return fmt.Errorf("isolated h1 is not fenced: lease %v, fenced %v", st.LeaseHeld, st.Fenced)
+		}
+		return nil
+	})
+	// What a workload still writes there belongs to the old epoch.
 	tp.sh(old, "echo stale > /var/lib/tether/volumes/vol/data/stale-epoch-write")
 	tp.sh(np, fmt.Sprintf(workload, "after"))
 

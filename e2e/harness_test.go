@@ -140,6 +140,7 @@ func startTopo(t *testing.T, n int, opts ...hostOption) *topo {
 	for i := 1; i <= n; i++ {
 		names = append(names, fmt.Sprintf("h%d", i))
 	}
+	sec := newSecurity(t)
 	for i, name := range names {
 		h := &host{name: name, container: tp.prefix + "-" + name, dataDir: t.TempDir(), inDir: "/var/lib/tether", ip: fmt.Sprintf("%s.%d", subnet, 11+i)}
 		var runArgs, agentArgs []string
@@ -152,6 +153,7 @@ func startTopo(t *testing.T, n int, opts ...hostOption) *topo {
 		args = append(append(args, runArgs...), image, "--data-dir", h.inDir,
 			"agent", "--node-name", name, "--bootstrap-expect", fmt.Sprint(n), "--log-level", "debug")
 		args = append(args, agentArgs...)
+		args = append(args, sec.agentArgs(h)...)
 		for _, other := range names {
 			if other != name {
 				args = append(args, "--join", other)
@@ -168,6 +170,9 @@ func startTopo(t *testing.T, n int, opts ...hostOption) *topo {
 			}
 			if st.Leader == "" {
 				return fmt.Errorf("%s knows no leader", h.name)
+			}
+			if sec := st.GetSecurity(); !sec.GetTls() || !sec.GetGossipEncrypted() {
+				return fmt.Errorf("%s is not secured: %v", h.name, sec)
 			}
 		}
 		return nil
@@ -229,10 +234,23 @@ func (tp *topo) reconnect(h *host) {
 
 func (tp *topo) cleanup() {
 	if tp.t.Failed() {
+		dir := filepath.Join("logs", tp.t.Name())
+		_ = os.MkdirAll(dir, 0o755)
 		for _, h := range tp.hosts {
-			// The agent logs to stderr, which `docker logs` replays on its stderr.
-			out, _ := exec.Command("docker", "logs", "--tail", "60", h.container).CombinedOutput()
-			tp.t.Logf("---- last log lines of %s ----\n%s", h.name, out)
+			out, _ := exec.Command("docker", "logs", h.container).CombinedOutput()
+			path := filepath.Join(dir, h.name+".log")
+			_ = os.WriteFile(path, out, 0o644)
+			lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+			var important []string
+			for _, l := range lines {
+				if strings.Contains(l, "level=WARN") || strings.Contains(l, "level=ERROR") || strings.Contains(l, "level=INFO") && !strings.Contains(l, "raft") {
+					important = append(important, l)
+				}
+			}
+			if len(important) > 40 {
+				important = important[len(important)-40:]
+			}
+			tp.t.Logf("---- %s: last INFO/WARN/ERROR lines (whole log in e2e/%s) ----\n%s", h.name, path, strings.Join(important, "\n"))
 		}
 	}
 	for _, h := range tp.hosts {

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -15,18 +16,25 @@ func newAgentCmd(g *globals) *cobra.Command {
 	cfg := agent.Config{}
 	var logLevel, logFormat string
 	var drv *driverFlags
+	var sec securityFlags
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the tether agent on this host",
 		Long: `Run the tether agent: join the cluster, serve the volumes this host holds and
 replicate them. Run one on every Docker host.
 
-Example, on each of three hosts:
-  tether agent --node-name h1 --join 10.0.0.11 --join 10.0.0.12 --bootstrap-expect 3`,
+Example, on each of three hosts (keys and certificates: see tether keygen and tether tls):
+  tether agent --node-name h1 --join 10.0.0.12 --join 10.0.0.13 --bootstrap-expect 3 \
+    --gossip-key "$KEY" --tls-ca ca.pem --tls-cert h1.pem --tls-key h1-key.pem
+
+Without --tls-* and a gossip key the agent refuses to start unless --insecure-dev is given.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			logger, err := newLogger(logLevel, logFormat)
 			if err != nil {
+				return err
+			}
+			if err := sec.apply(&cfg); err != nil {
 				return err
 			}
 			cfg.DataDir = g.dataDir
@@ -60,6 +68,12 @@ Example, on each of three hosts:
 	f.StringVar(&cfg.AdvertiseIP, "advertise", "", "IP address other agents reach this one at (default: the bind address, or the default route's)")
 	f.StringSliceVar(&cfg.Join, "join", nil, "gossip address HOST[:PORT] of another agent (repeatable)")
 	f.IntVar(&cfg.BootstrapExpect, "bootstrap-expect", 0, "form the Raft cluster once this many agents have joined (the first agents; 0 = join an existing cluster)")
+	sec.register(cmd)
+	f.DurationVar(&cfg.Timing.FailoverGrace, "failover-grace", 0, "wait this long after a primary is declared dead before failing over (hysteresis on slow networks)")
+	f.DurationVar(&cfg.Timing.LeaseDuration, "lease", 3*time.Second, "primary lease: an isolated primary stops serving after this long; must outlast a Raft election")
+	f.DurationVar(&cfg.Timing.ReplaceGrace, "replace-after", 2*time.Minute, "replace a replica dead for this long with a spare node")
+	f.DurationVar(&cfg.Timing.DeadServerGrace, "dead-server-after", 5*time.Minute, "remove a server dead for this long from Raft (when quorum allows)")
+	f.StringToStringVar(&cfg.Labels, "label", nil, "a label of this node for placement constraints, KEY=VALUE (repeatable)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	drv = addDriverFlags(f)

@@ -3,7 +3,9 @@ package main
 import (
 	"context"
 	"fmt"
+	"sort"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -25,9 +27,9 @@ func newMembersCmd(g *globals) *cobra.Command {
 					return printJSON(stdout(cmd), resp)
 				}
 				w := table(stdout(cmd))
-				fmt.Fprintln(w, "NAME\tGOSSIP\tRPC\tHEALTH\tRAFT\tVERSION")
+				fmt.Fprintln(w, "NAME\tGOSSIP\tRPC\tHEALTH\tRAFT\tVERSION\tLABELS")
 				for _, m := range resp.Members {
-					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, m.GossipAddr, m.RpcAddr, m.Health, m.RaftRole, m.Version)
+					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", m.Name, m.GossipAddr, m.RpcAddr, m.Health, m.RaftRole, m.Version, labelString(m.Labels))
 				}
 				return w.Flush()
 			})
@@ -58,6 +60,18 @@ func newStatusCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(w, "Version:\t%s\n", resp.Version)
 				fmt.Fprintf(w, "Data dir:\t%s\n", resp.DataDir)
 				fmt.Fprintf(w, "Raft:\t%s, last index %d, leader %s\n", resp.RaftState, resp.RaftLastIndex, leader)
+				fmt.Fprintf(w, "Security:\t%s\n", securityLine(resp.Security))
+				if je := resp.GetSecurity().GetJoinError(); je != "" {
+					fmt.Fprintf(w, "Gossip join:\t%s\n", je)
+				}
+				lease := fmt.Sprintf("held (confirmed %s ago)", (time.Duration(resp.LeaseAgeMs) * time.Millisecond).Round(time.Millisecond))
+				if !resp.LeaseHeld {
+					lease = "NOT held: this node serves no volume as primary"
+				}
+				fmt.Fprintf(w, "Primary lease:\t%s\n", lease)
+				for _, f := range resp.Fenced {
+					fmt.Fprintf(w, "FENCED:\t%s (epoch %d) since %s: %s\n", f.Name, f.Epoch, time.Unix(0, f.SinceUnixNano).UTC().Format(time.RFC3339), f.Reason)
+				}
 				fmt.Fprintf(w, "Replica of:\t%s\n", orNone(strings.Join(resp.ReplicaOf, ", ")))
 				if len(resp.PrimaryOf) == 0 {
 					fmt.Fprintf(w, "Primary of:\t(none)\n")
@@ -82,4 +96,18 @@ func orNone(s string) string {
 		return "(none)"
 	}
 	return s
+}
+
+// labelString prints labels as k=v,k=v in key order.
+func labelString(labels map[string]string) string {
+	keys := make([]string, 0, len(labels))
+	for k := range labels {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	parts := make([]string, 0, len(keys))
+	for _, k := range keys {
+		parts = append(parts, k+"="+labels[k])
+	}
+	return orNone(strings.Join(parts, ","))
 }

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/tether-io/tether/agent"
+	"github.com/tether-io/tether/internal/tlsutil"
 	"github.com/tether-io/tether/proto/tetherpb"
 	"github.com/tether-io/tether/replication"
 )
@@ -49,6 +50,7 @@ type node struct {
 	exited  chan struct{}
 	conn    *grpc.ClientConn
 	ctl     tetherpb.ControlClient
+	tls     tlsutil.Files
 }
 
 type run struct {
@@ -56,6 +58,8 @@ type run struct {
 	dir   string
 	nodes []*node
 	start time.Time
+	// keyring is the gossip keyring file (secure.go).
+	keyring string
 }
 
 // Run runs the demo and returns an error when any step fails.
@@ -103,6 +107,9 @@ func (r *run) startAgents(ctx context.Context) error {
 		}
 		r.nodes = append(r.nodes, n)
 	}
+	if err := r.setupSecurity(); err != nil {
+		return err
+	}
 	var joins []string
 	for _, n := range r.nodes {
 		joins = append(joins, n.gossip)
@@ -145,6 +152,7 @@ func (r *run) startAgent(n *node, joins []string) error {
 	args := []string{"agent", "--node-name", n.name, "--data-dir", n.dataDir,
 		"--gossip-addr", n.gossip, "--rpc-addr", n.rpc, "--http-addr", n.http,
 		"--bootstrap-expect", "3", "--log-level", "debug"}
+	args = append(args, r.securityArgs(n)...)
 	for _, j := range joins {
 		if j != n.gossip {
 			args = append(args, "--join", j)

@@ -489,6 +489,86 @@ func (x *StreamAck) GetCutUnixNano() int64 {
 	return 0
 }
 
+type RenewLeaseRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenewLeaseRequest) Reset() {
+	*x = RenewLeaseRequest{}
+	mi := &file_tether_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenewLeaseRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenewLeaseRequest) ProtoMessage() {}
+
+func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenewLeaseRequest.ProtoReflect.Descriptor instead.
+func (*RenewLeaseRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *RenewLeaseRequest) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+type RenewLeaseResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RenewLeaseResponse) Reset() {
+	*x = RenewLeaseResponse{}
+	mi := &file_tether_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RenewLeaseResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RenewLeaseResponse) ProtoMessage() {}
+
+func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
+func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{6}
+}
+
 type ApplyRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Command       []byte                 `protobuf:"bytes,1,opt,name=command,proto3" json:"command,omitempty"`
@@ -498,7 +578,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -510,7 +590,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -523,7 +603,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{5}
+	return file_tether_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ApplyRequest) GetCommand() []byte {
@@ -545,7 +625,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -557,7 +637,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -570,7 +650,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{6}
+	return file_tether_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ApplyResponse) GetIndex() uint64 {
@@ -596,7 +676,7 @@ type PrimaryStatusRequest struct {
 
 func (x *PrimaryStatusRequest) Reset() {
 	*x = PrimaryStatusRequest{}
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -608,7 +688,7 @@ func (x *PrimaryStatusRequest) String() string {
 func (*PrimaryStatusRequest) ProtoMessage() {}
 
 func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -621,7 +701,7 @@ func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusRequest.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{7}
+	return file_tether_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *PrimaryStatusRequest) GetVolume() string {
@@ -642,7 +722,7 @@ type PrimaryStatusResponse struct {
 
 func (x *PrimaryStatusResponse) Reset() {
 	*x = PrimaryStatusResponse{}
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -654,7 +734,7 @@ func (x *PrimaryStatusResponse) String() string {
 func (*PrimaryStatusResponse) ProtoMessage() {}
 
 func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -667,7 +747,7 @@ func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusResponse.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{8}
+	return file_tether_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PrimaryStatusResponse) GetReplicas() []*ReplicaStatus {
@@ -707,7 +787,7 @@ type ReplicaStatus struct {
 
 func (x *ReplicaStatus) Reset() {
 	*x = ReplicaStatus{}
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -719,7 +799,7 @@ func (x *ReplicaStatus) String() string {
 func (*ReplicaStatus) ProtoMessage() {}
 
 func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -732,7 +812,7 @@ func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaStatus.ProtoReflect.Descriptor instead.
 func (*ReplicaStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{9}
+	return file_tether_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ReplicaStatus) GetNode() string {
@@ -777,6 +857,358 @@ func (x *ReplicaStatus) GetError() string {
 	return ""
 }
 
+// VolumeUpdateRequest changes a volume's options; unset fields stay.
+type VolumeUpdateRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Name     string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Replicas *uint32                `protobuf:"varint,2,opt,name=replicas,proto3,oneof" json:"replicas,omitempty"`
+	// Milliseconds; -1 means no limit.
+	MaxLagMs *int64 `protobuf:"varint,3,opt,name=max_lag_ms,json=maxLagMs,proto3,oneof" json:"max_lag_ms,omitempty"`
+	// Replaces the placement when set_placement is true (empty clears it).
+	Placement     map[string]string `protobuf:"bytes,4,rep,name=placement,proto3" json:"placement,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	SetPlacement  bool              `protobuf:"varint,5,opt,name=set_placement,json=setPlacement,proto3" json:"set_placement,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeUpdateRequest) Reset() {
+	*x = VolumeUpdateRequest{}
+	mi := &file_tether_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeUpdateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeUpdateRequest) ProtoMessage() {}
+
+func (x *VolumeUpdateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeUpdateRequest.ProtoReflect.Descriptor instead.
+func (*VolumeUpdateRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *VolumeUpdateRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *VolumeUpdateRequest) GetReplicas() uint32 {
+	if x != nil && x.Replicas != nil {
+		return *x.Replicas
+	}
+	return 0
+}
+
+func (x *VolumeUpdateRequest) GetMaxLagMs() int64 {
+	if x != nil && x.MaxLagMs != nil {
+		return *x.MaxLagMs
+	}
+	return 0
+}
+
+func (x *VolumeUpdateRequest) GetPlacement() map[string]string {
+	if x != nil {
+		return x.Placement
+	}
+	return nil
+}
+
+func (x *VolumeUpdateRequest) GetSetPlacement() bool {
+	if x != nil {
+		return x.SetPlacement
+	}
+	return false
+}
+
+type VolumeUpdateResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeUpdateResponse) Reset() {
+	*x = VolumeUpdateResponse{}
+	mi := &file_tether_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeUpdateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeUpdateResponse) ProtoMessage() {}
+
+func (x *VolumeUpdateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeUpdateResponse.ProtoReflect.Descriptor instead.
+func (*VolumeUpdateResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *VolumeUpdateResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+type VolumePromoteRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	To    string                 `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	// force promotes even when the target is further behind than the
+	// volume's max lag.
+	Force         bool `protobuf:"varint,3,opt,name=force,proto3" json:"force,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumePromoteRequest) Reset() {
+	*x = VolumePromoteRequest{}
+	mi := &file_tether_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumePromoteRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumePromoteRequest) ProtoMessage() {}
+
+func (x *VolumePromoteRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumePromoteRequest.ProtoReflect.Descriptor instead.
+func (*VolumePromoteRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *VolumePromoteRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *VolumePromoteRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+func (x *VolumePromoteRequest) GetForce() bool {
+	if x != nil {
+		return x.Force
+	}
+	return false
+}
+
+type VolumePromoteResponse struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Volume *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	// How far the promoted copy was behind the old primary's last reported
+	// batch, in milliseconds (what the promotion gave up).
+	BehindMs      int64 `protobuf:"varint,2,opt,name=behind_ms,json=behindMs,proto3" json:"behind_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumePromoteResponse) Reset() {
+	*x = VolumePromoteResponse{}
+	mi := &file_tether_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumePromoteResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumePromoteResponse) ProtoMessage() {}
+
+func (x *VolumePromoteResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumePromoteResponse.ProtoReflect.Descriptor instead.
+func (*VolumePromoteResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *VolumePromoteResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+func (x *VolumePromoteResponse) GetBehindMs() int64 {
+	if x != nil {
+		return x.BehindMs
+	}
+	return 0
+}
+
+type VolumeMoveRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	To    string                 `protobuf:"bytes,2,opt,name=to,proto3" json:"to,omitempty"`
+	// How long to wait for the volume to go quiet, in milliseconds.
+	WaitMs        int64 `protobuf:"varint,3,opt,name=wait_ms,json=waitMs,proto3" json:"wait_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeMoveRequest) Reset() {
+	*x = VolumeMoveRequest{}
+	mi := &file_tether_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeMoveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeMoveRequest) ProtoMessage() {}
+
+func (x *VolumeMoveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeMoveRequest.ProtoReflect.Descriptor instead.
+func (*VolumeMoveRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *VolumeMoveRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *VolumeMoveRequest) GetTo() string {
+	if x != nil {
+		return x.To
+	}
+	return ""
+}
+
+func (x *VolumeMoveRequest) GetWaitMs() int64 {
+	if x != nil {
+		return x.WaitMs
+	}
+	return 0
+}
+
+type VolumeMoveResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	TookMs        int64                  `protobuf:"varint,2,opt,name=took_ms,json=tookMs,proto3" json:"took_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeMoveResponse) Reset() {
+	*x = VolumeMoveResponse{}
+	mi := &file_tether_proto_msgTypes[17]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeMoveResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeMoveResponse) ProtoMessage() {}
+
+func (x *VolumeMoveResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[17]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeMoveResponse.ProtoReflect.Descriptor instead.
+func (*VolumeMoveResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{17}
+}
+
+func (x *VolumeMoveResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+func (x *VolumeMoveResponse) GetTookMs() int64 {
+	if x != nil {
+		return x.TookMs
+	}
+	return 0
+}
+
 type MembersRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -785,7 +1217,7 @@ type MembersRequest struct {
 
 func (x *MembersRequest) Reset() {
 	*x = MembersRequest{}
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -797,7 +1229,7 @@ func (x *MembersRequest) String() string {
 func (*MembersRequest) ProtoMessage() {}
 
 func (x *MembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -810,7 +1242,7 @@ func (x *MembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersRequest.ProtoReflect.Descriptor instead.
 func (*MembersRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{10}
+	return file_tether_proto_rawDescGZIP(), []int{18}
 }
 
 type Member struct {
@@ -821,15 +1253,16 @@ type Member struct {
 	// alive, suspect, dead or left.
 	Health string `protobuf:"bytes,4,opt,name=health,proto3" json:"health,omitempty"`
 	// leader, voter, nonvoter or none.
-	RaftRole      string `protobuf:"bytes,5,opt,name=raft_role,json=raftRole,proto3" json:"raft_role,omitempty"`
-	Version       string `protobuf:"bytes,6,opt,name=version,proto3" json:"version,omitempty"`
+	RaftRole      string            `protobuf:"bytes,5,opt,name=raft_role,json=raftRole,proto3" json:"raft_role,omitempty"`
+	Version       string            `protobuf:"bytes,6,opt,name=version,proto3" json:"version,omitempty"`
+	Labels        map[string]string `protobuf:"bytes,7,rep,name=labels,proto3" json:"labels,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -841,7 +1274,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -854,7 +1287,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{11}
+	return file_tether_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Member) GetName() string {
@@ -899,6 +1332,13 @@ func (x *Member) GetVersion() string {
 	return ""
 }
 
+func (x *Member) GetLabels() map[string]string {
+	if x != nil {
+		return x.Labels
+	}
+	return nil
+}
+
 type MembersResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Members       []*Member              `protobuf:"bytes,1,rep,name=members,proto3" json:"members,omitempty"`
@@ -908,7 +1348,7 @@ type MembersResponse struct {
 
 func (x *MembersResponse) Reset() {
 	*x = MembersResponse{}
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -920,7 +1360,7 @@ func (x *MembersResponse) String() string {
 func (*MembersResponse) ProtoMessage() {}
 
 func (x *MembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -933,7 +1373,7 @@ func (x *MembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersResponse.ProtoReflect.Descriptor instead.
 func (*MembersResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{12}
+	return file_tether_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *MembersResponse) GetMembers() []*Member {
@@ -951,7 +1391,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -963,7 +1403,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -976,7 +1416,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{13}
+	return file_tether_proto_rawDescGZIP(), []int{21}
 }
 
 type StatusResponse struct {
@@ -989,13 +1429,20 @@ type StatusResponse struct {
 	PrimaryOf     []*VolumeStatus        `protobuf:"bytes,6,rep,name=primary_of,json=primaryOf,proto3" json:"primary_of,omitempty"`
 	ReplicaOf     []string               `protobuf:"bytes,7,rep,name=replica_of,json=replicaOf,proto3" json:"replica_of,omitempty"`
 	DataDir       string                 `protobuf:"bytes,8,opt,name=data_dir,json=dataDir,proto3" json:"data_dir,omitempty"`
+	// Whether this node holds a primary lease, and how long ago it was last
+	// confirmed by the leader.
+	LeaseHeld  bool  `protobuf:"varint,9,opt,name=lease_held,json=leaseHeld,proto3" json:"lease_held,omitempty"`
+	LeaseAgeMs int64 `protobuf:"varint,10,opt,name=lease_age_ms,json=leaseAgeMs,proto3" json:"lease_age_ms,omitempty"`
+	// Volumes this node stopped serving as primary because its lease lapsed.
+	Fenced        []*FencedVolume `protobuf:"bytes,11,rep,name=fenced,proto3" json:"fenced,omitempty"`
+	Security      *Security       `protobuf:"bytes,20,opt,name=security,proto3" json:"security,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1007,7 +1454,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1020,7 +1467,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{14}
+	return file_tether_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *StatusResponse) GetNode() string {
@@ -1079,17 +1526,179 @@ func (x *StatusResponse) GetDataDir() string {
 	return ""
 }
 
-type VolumeCreateRequest struct {
+func (x *StatusResponse) GetLeaseHeld() bool {
+	if x != nil {
+		return x.LeaseHeld
+	}
+	return false
+}
+
+func (x *StatusResponse) GetLeaseAgeMs() int64 {
+	if x != nil {
+		return x.LeaseAgeMs
+	}
+	return 0
+}
+
+func (x *StatusResponse) GetFenced() []*FencedVolume {
+	if x != nil {
+		return x.Fenced
+	}
+	return nil
+}
+
+func (x *StatusResponse) GetSecurity() *Security {
+	if x != nil {
+		return x.Security
+	}
+	return nil
+}
+
+type FencedVolume struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Replicas      uint32                 `protobuf:"varint,2,opt,name=replicas,proto3" json:"replicas,omitempty"`
+	Epoch         uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	SinceUnixNano int64                  `protobuf:"varint,3,opt,name=since_unix_nano,json=sinceUnixNano,proto3" json:"since_unix_nano,omitempty"`
+	Reason        string                 `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FencedVolume) Reset() {
+	*x = FencedVolume{}
+	mi := &file_tether_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FencedVolume) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FencedVolume) ProtoMessage() {}
+
+func (x *FencedVolume) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FencedVolume.ProtoReflect.Descriptor instead.
+func (*FencedVolume) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *FencedVolume) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *FencedVolume) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *FencedVolume) GetSinceUnixNano() int64 {
+	if x != nil {
+		return x.SinceUnixNano
+	}
+	return 0
+}
+
+func (x *FencedVolume) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// Security is the agent's transport security (DESIGN.md, Security).
+type Security struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Tls             bool                   `protobuf:"varint,1,opt,name=tls,proto3" json:"tls,omitempty"`                                                // RPC (gRPC and Raft) over mutual TLS
+	GossipEncrypted bool                   `protobuf:"varint,2,opt,name=gossip_encrypted,json=gossipEncrypted,proto3" json:"gossip_encrypted,omitempty"` // memberlist traffic encrypted with the gossip key
+	JoinError       string                 `protobuf:"bytes,3,opt,name=join_error,json=joinError,proto3" json:"join_error,omitempty"`                    // why joining the gossip cluster last failed ("" once joined)
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *Security) Reset() {
+	*x = Security{}
+	mi := &file_tether_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Security) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Security) ProtoMessage() {}
+
+func (x *Security) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Security.ProtoReflect.Descriptor instead.
+func (*Security) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *Security) GetTls() bool {
+	if x != nil {
+		return x.Tls
+	}
+	return false
+}
+
+func (x *Security) GetGossipEncrypted() bool {
+	if x != nil {
+		return x.GossipEncrypted
+	}
+	return false
+}
+
+func (x *Security) GetJoinError() string {
+	if x != nil {
+		return x.JoinError
+	}
+	return ""
+}
+
+type VolumeCreateRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Name     string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Replicas uint32                 `protobuf:"varint,2,opt,name=replicas,proto3" json:"replicas,omitempty"`
+	// Automatic failover refuses a copy further behind than this
+	// (milliseconds); 0 means the default (5 minutes), -1 no limit.
+	MaxLagMs int64 `protobuf:"varint,3,opt,name=max_lag_ms,json=maxLagMs,proto3" json:"max_lag_ms,omitempty"`
+	// Labels every node holding a copy must carry.
+	Placement     map[string]string `protobuf:"bytes,4,rep,name=placement,proto3" json:"placement,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *VolumeCreateRequest) Reset() {
 	*x = VolumeCreateRequest{}
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1101,7 +1710,7 @@ func (x *VolumeCreateRequest) String() string {
 func (*VolumeCreateRequest) ProtoMessage() {}
 
 func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1114,7 +1723,7 @@ func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeCreateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{15}
+	return file_tether_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *VolumeCreateRequest) GetName() string {
@@ -1131,6 +1740,20 @@ func (x *VolumeCreateRequest) GetReplicas() uint32 {
 	return 0
 }
 
+func (x *VolumeCreateRequest) GetMaxLagMs() int64 {
+	if x != nil {
+		return x.MaxLagMs
+	}
+	return 0
+}
+
+func (x *VolumeCreateRequest) GetPlacement() map[string]string {
+	if x != nil {
+		return x.Placement
+	}
+	return nil
+}
+
 type VolumeCreateResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
@@ -1140,7 +1763,7 @@ type VolumeCreateResponse struct {
 
 func (x *VolumeCreateResponse) Reset() {
 	*x = VolumeCreateResponse{}
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1152,7 +1775,7 @@ func (x *VolumeCreateResponse) String() string {
 func (*VolumeCreateResponse) ProtoMessage() {}
 
 func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1165,7 +1788,7 @@ func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeCreateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{16}
+	return file_tether_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *VolumeCreateResponse) GetVolume() *Volume {
@@ -1183,7 +1806,7 @@ type VolumeListRequest struct {
 
 func (x *VolumeListRequest) Reset() {
 	*x = VolumeListRequest{}
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1195,7 +1818,7 @@ func (x *VolumeListRequest) String() string {
 func (*VolumeListRequest) ProtoMessage() {}
 
 func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1208,7 +1831,7 @@ func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListRequest.ProtoReflect.Descriptor instead.
 func (*VolumeListRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{17}
+	return file_tether_proto_rawDescGZIP(), []int{27}
 }
 
 type VolumeListResponse struct {
@@ -1220,7 +1843,7 @@ type VolumeListResponse struct {
 
 func (x *VolumeListResponse) Reset() {
 	*x = VolumeListResponse{}
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1232,7 +1855,7 @@ func (x *VolumeListResponse) String() string {
 func (*VolumeListResponse) ProtoMessage() {}
 
 func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1245,7 +1868,7 @@ func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListResponse.ProtoReflect.Descriptor instead.
 func (*VolumeListResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{18}
+	return file_tether_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *VolumeListResponse) GetVolumes() []*Volume {
@@ -1264,7 +1887,7 @@ type VolumeInspectRequest struct {
 
 func (x *VolumeInspectRequest) Reset() {
 	*x = VolumeInspectRequest{}
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1276,7 +1899,7 @@ func (x *VolumeInspectRequest) String() string {
 func (*VolumeInspectRequest) ProtoMessage() {}
 
 func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1289,7 +1912,7 @@ func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectRequest.ProtoReflect.Descriptor instead.
 func (*VolumeInspectRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{19}
+	return file_tether_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *VolumeInspectRequest) GetName() string {
@@ -1309,7 +1932,7 @@ type VolumeInspectResponse struct {
 
 func (x *VolumeInspectResponse) Reset() {
 	*x = VolumeInspectResponse{}
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1321,7 +1944,7 @@ func (x *VolumeInspectResponse) String() string {
 func (*VolumeInspectResponse) ProtoMessage() {}
 
 func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1334,7 +1957,7 @@ func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectResponse.ProtoReflect.Descriptor instead.
 func (*VolumeInspectResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{20}
+	return file_tether_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *VolumeInspectResponse) GetVolume() *Volume {
@@ -1365,17 +1988,22 @@ type Volume struct {
 	Progress []*ReplicaProgress `protobuf:"bytes,8,rep,name=progress,proto3" json:"progress,omitempty"`
 	// Local path of the volume's data on the node answering.
 	Path string `protobuf:"bytes,9,opt,name=path,proto3" json:"path,omitempty"`
+	// Automatic failover refuses a copy further behind than this; 0 = no limit.
+	MaxLagMs int64 `protobuf:"varint,10,opt,name=max_lag_ms,json=maxLagMs,proto3" json:"max_lag_ms,omitempty"`
+	// Why the volume waits for an operator, when it does.
+	Blocked   string            `protobuf:"bytes,11,opt,name=blocked,proto3" json:"blocked,omitempty"`
+	Placement map[string]string `protobuf:"bytes,12,rep,name=placement,proto3" json:"placement,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// When the volume was deleted (state "deleted"); 0 when it is not.
-	DeletedUnixNano int64 `protobuf:"varint,10,opt,name=deleted_unix_nano,json=deletedUnixNano,proto3" json:"deleted_unix_nano,omitempty"`
+	DeletedUnixNano int64 `protobuf:"varint,13,opt,name=deleted_unix_nano,json=deletedUnixNano,proto3" json:"deleted_unix_nano,omitempty"`
 	// When a deleted volume will be purged; 0 when it is not deleted.
-	PurgeAfterUnixNano int64 `protobuf:"varint,11,opt,name=purge_after_unix_nano,json=purgeAfterUnixNano,proto3" json:"purge_after_unix_nano,omitempty"`
+	PurgeAfterUnixNano int64 `protobuf:"varint,14,opt,name=purge_after_unix_nano,json=purgeAfterUnixNano,proto3" json:"purge_after_unix_nano,omitempty"`
 	unknownFields      protoimpl.UnknownFields
 	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1387,7 +2015,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1400,7 +2028,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{21}
+	return file_tether_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Volume) GetName() string {
@@ -1466,6 +2094,27 @@ func (x *Volume) GetPath() string {
 	return ""
 }
 
+func (x *Volume) GetMaxLagMs() int64 {
+	if x != nil {
+		return x.MaxLagMs
+	}
+	return 0
+}
+
+func (x *Volume) GetBlocked() string {
+	if x != nil {
+		return x.Blocked
+	}
+	return ""
+}
+
+func (x *Volume) GetPlacement() map[string]string {
+	if x != nil {
+		return x.Placement
+	}
+	return nil
+}
+
 func (x *Volume) GetDeletedUnixNano() int64 {
 	if x != nil {
 		return x.DeletedUnixNano
@@ -1492,7 +2141,7 @@ type ReplicaProgress struct {
 
 func (x *ReplicaProgress) Reset() {
 	*x = ReplicaProgress{}
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1504,7 +2153,7 @@ func (x *ReplicaProgress) String() string {
 func (*ReplicaProgress) ProtoMessage() {}
 
 func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1517,7 +2166,7 @@ func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaProgress.ProtoReflect.Descriptor instead.
 func (*ReplicaProgress) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{22}
+	return file_tether_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ReplicaProgress) GetNode() string {
@@ -1563,7 +2212,7 @@ type VolumeStatus struct {
 
 func (x *VolumeStatus) Reset() {
 	*x = VolumeStatus{}
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1575,7 +2224,7 @@ func (x *VolumeStatus) String() string {
 func (*VolumeStatus) ProtoMessage() {}
 
 func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1588,7 +2237,7 @@ func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
 func (*VolumeStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{23}
+	return file_tether_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *VolumeStatus) GetName() string {
@@ -1635,7 +2284,7 @@ type VolumeRemoveRequest struct {
 
 func (x *VolumeRemoveRequest) Reset() {
 	*x = VolumeRemoveRequest{}
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1647,7 +2296,7 @@ func (x *VolumeRemoveRequest) String() string {
 func (*VolumeRemoveRequest) ProtoMessage() {}
 
 func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1660,7 +2309,7 @@ func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveRequest.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{24}
+	return file_tether_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *VolumeRemoveRequest) GetName() string {
@@ -1679,7 +2328,7 @@ type VolumeRemoveResponse struct {
 
 func (x *VolumeRemoveResponse) Reset() {
 	*x = VolumeRemoveResponse{}
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1691,7 +2340,7 @@ func (x *VolumeRemoveResponse) String() string {
 func (*VolumeRemoveResponse) ProtoMessage() {}
 
 func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1704,7 +2353,7 @@ func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveResponse.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{25}
+	return file_tether_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *VolumeRemoveResponse) GetVolume() *Volume {
@@ -1723,7 +2372,7 @@ type VolumeUndeleteRequest struct {
 
 func (x *VolumeUndeleteRequest) Reset() {
 	*x = VolumeUndeleteRequest{}
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1735,7 +2384,7 @@ func (x *VolumeUndeleteRequest) String() string {
 func (*VolumeUndeleteRequest) ProtoMessage() {}
 
 func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1748,7 +2397,7 @@ func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteRequest.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{26}
+	return file_tether_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *VolumeUndeleteRequest) GetName() string {
@@ -1767,7 +2416,7 @@ type VolumeUndeleteResponse struct {
 
 func (x *VolumeUndeleteResponse) Reset() {
 	*x = VolumeUndeleteResponse{}
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1779,7 +2428,7 @@ func (x *VolumeUndeleteResponse) String() string {
 func (*VolumeUndeleteResponse) ProtoMessage() {}
 
 func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1792,7 +2441,7 @@ func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteResponse.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{27}
+	return file_tether_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *VolumeUndeleteResponse) GetVolume() *Volume {
@@ -1811,7 +2460,7 @@ type VolumePurgeRequest struct {
 
 func (x *VolumePurgeRequest) Reset() {
 	*x = VolumePurgeRequest{}
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1823,7 +2472,7 @@ func (x *VolumePurgeRequest) String() string {
 func (*VolumePurgeRequest) ProtoMessage() {}
 
 func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1836,7 +2485,7 @@ func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeRequest.ProtoReflect.Descriptor instead.
 func (*VolumePurgeRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{28}
+	return file_tether_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *VolumePurgeRequest) GetName() string {
@@ -1854,7 +2503,7 @@ type VolumePurgeResponse struct {
 
 func (x *VolumePurgeResponse) Reset() {
 	*x = VolumePurgeResponse{}
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1866,7 +2515,7 @@ func (x *VolumePurgeResponse) String() string {
 func (*VolumePurgeResponse) ProtoMessage() {}
 
 func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1879,7 +2528,7 @@ func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeResponse.ProtoReflect.Descriptor instead.
 func (*VolumePurgeResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{29}
+	return file_tether_proto_rawDescGZIP(), []int{39}
 }
 
 var File_tether_proto protoreflect.FileDescriptor
@@ -1922,7 +2571,10 @@ const file_tether_proto_rawDesc = "" +
 	"\tStreamAck\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\"\n" +
-	"\rcut_unix_nano\x18\x03 \x01(\x03R\vcutUnixNano\"(\n" +
+	"\rcut_unix_nano\x18\x03 \x01(\x03R\vcutUnixNano\"'\n" +
+	"\x11RenewLeaseRequest\x12\x12\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\"\x14\n" +
+	"\x12RenewLeaseResponse\"(\n" +
 	"\fApplyRequest\x12\x18\n" +
 	"\acommand\x18\x01 \x01(\fR\acommand\";\n" +
 	"\rApplyResponse\x12\x14\n" +
@@ -1940,8 +2592,36 @@ const file_tether_proto_rawDesc = "" +
 	"\tacked_seq\x18\x03 \x01(\x04R\backedSeq\x12-\n" +
 	"\x13acked_cut_unix_nano\x18\x04 \x01(\x03R\x10ackedCutUnixNano\x12\x15\n" +
 	"\x06lag_ms\x18\x05 \x01(\x03R\x05lagMs\x12\x14\n" +
-	"\x05error\x18\x06 \x01(\tR\x05error\"\x10\n" +
-	"\x0eMembersRequest\"\xa7\x01\n" +
+	"\x05error\x18\x06 \x01(\tR\x05error\"\xb9\x02\n" +
+	"\x13VolumeUpdateRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1f\n" +
+	"\breplicas\x18\x02 \x01(\rH\x00R\breplicas\x88\x01\x01\x12!\n" +
+	"\n" +
+	"max_lag_ms\x18\x03 \x01(\x03H\x01R\bmaxLagMs\x88\x01\x01\x12K\n" +
+	"\tplacement\x18\x04 \x03(\v2-.tether.v1.VolumeUpdateRequest.PlacementEntryR\tplacement\x12#\n" +
+	"\rset_placement\x18\x05 \x01(\bR\fsetPlacement\x1a<\n" +
+	"\x0ePlacementEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\v\n" +
+	"\t_replicasB\r\n" +
+	"\v_max_lag_ms\"A\n" +
+	"\x14VolumeUpdateResponse\x12)\n" +
+	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\"P\n" +
+	"\x14VolumePromoteRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
+	"\x02to\x18\x02 \x01(\tR\x02to\x12\x14\n" +
+	"\x05force\x18\x03 \x01(\bR\x05force\"_\n" +
+	"\x15VolumePromoteResponse\x12)\n" +
+	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\x12\x1b\n" +
+	"\tbehind_ms\x18\x02 \x01(\x03R\bbehindMs\"P\n" +
+	"\x11VolumeMoveRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x0e\n" +
+	"\x02to\x18\x02 \x01(\tR\x02to\x12\x17\n" +
+	"\await_ms\x18\x03 \x01(\x03R\x06waitMs\"X\n" +
+	"\x12VolumeMoveResponse\x12)\n" +
+	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\x12\x17\n" +
+	"\atook_ms\x18\x02 \x01(\x03R\x06tookMs\"\x10\n" +
+	"\x0eMembersRequest\"\x99\x02\n" +
 	"\x06Member\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1f\n" +
 	"\vgossip_addr\x18\x02 \x01(\tR\n" +
@@ -1949,10 +2629,14 @@ const file_tether_proto_rawDesc = "" +
 	"\brpc_addr\x18\x03 \x01(\tR\arpcAddr\x12\x16\n" +
 	"\x06health\x18\x04 \x01(\tR\x06health\x12\x1b\n" +
 	"\traft_role\x18\x05 \x01(\tR\braftRole\x12\x18\n" +
-	"\aversion\x18\x06 \x01(\tR\aversion\">\n" +
+	"\aversion\x18\x06 \x01(\tR\aversion\x125\n" +
+	"\x06labels\x18\a \x03(\v2\x1d.tether.v1.Member.LabelsEntryR\x06labels\x1a9\n" +
+	"\vLabelsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\">\n" +
 	"\x0fMembersResponse\x12+\n" +
 	"\amembers\x18\x01 \x03(\v2\x11.tether.v1.MemberR\amembers\"\x0f\n" +
-	"\rStatusRequest\"\x8f\x02\n" +
+	"\rStatusRequest\"\xb2\x03\n" +
 	"\x0eStatusResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\x16\n" +
@@ -1964,10 +2648,33 @@ const file_tether_proto_rawDesc = "" +
 	"primary_of\x18\x06 \x03(\v2\x17.tether.v1.VolumeStatusR\tprimaryOf\x12\x1d\n" +
 	"\n" +
 	"replica_of\x18\a \x03(\tR\treplicaOf\x12\x19\n" +
-	"\bdata_dir\x18\b \x01(\tR\adataDir\"E\n" +
+	"\bdata_dir\x18\b \x01(\tR\adataDir\x12\x1d\n" +
+	"\n" +
+	"lease_held\x18\t \x01(\bR\tleaseHeld\x12 \n" +
+	"\flease_age_ms\x18\n" +
+	" \x01(\x03R\n" +
+	"leaseAgeMs\x12/\n" +
+	"\x06fenced\x18\v \x03(\v2\x17.tether.v1.FencedVolumeR\x06fenced\x12/\n" +
+	"\bsecurity\x18\x14 \x01(\v2\x13.tether.v1.SecurityR\bsecurity\"x\n" +
+	"\fFencedVolume\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12&\n" +
+	"\x0fsince_unix_nano\x18\x03 \x01(\x03R\rsinceUnixNano\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\"f\n" +
+	"\bSecurity\x12\x10\n" +
+	"\x03tls\x18\x01 \x01(\bR\x03tls\x12)\n" +
+	"\x10gossip_encrypted\x18\x02 \x01(\bR\x0fgossipEncrypted\x12\x1d\n" +
+	"\n" +
+	"join_error\x18\x03 \x01(\tR\tjoinError\"\xee\x01\n" +
 	"\x13VolumeCreateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
-	"\breplicas\x18\x02 \x01(\rR\breplicas\"A\n" +
+	"\breplicas\x18\x02 \x01(\rR\breplicas\x12\x1c\n" +
+	"\n" +
+	"max_lag_ms\x18\x03 \x01(\x03R\bmaxLagMs\x12K\n" +
+	"\tplacement\x18\x04 \x03(\v2-.tether.v1.VolumeCreateRequest.PlacementEntryR\tplacement\x1a<\n" +
+	"\x0ePlacementEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"A\n" +
 	"\x14VolumeCreateResponse\x12)\n" +
 	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\"\x13\n" +
 	"\x11VolumeListRequest\"A\n" +
@@ -1977,7 +2684,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"s\n" +
 	"\x15VolumeInspectResponse\x12)\n" +
 	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\x12/\n" +
-	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\xfa\x02\n" +
+	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\xb0\x04\n" +
 	"\x06Volume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\breplicas\x18\x02 \x01(\rR\breplicas\x12\x18\n" +
@@ -1987,10 +2694,17 @@ const file_tether_proto_rawDesc = "" +
 	"\x11created_unix_nano\x18\x06 \x01(\x03R\x0fcreatedUnixNano\x12\x14\n" +
 	"\x05state\x18\a \x01(\tR\x05state\x126\n" +
 	"\bprogress\x18\b \x03(\v2\x1a.tether.v1.ReplicaProgressR\bprogress\x12\x12\n" +
-	"\x04path\x18\t \x01(\tR\x04path\x12*\n" +
-	"\x11deleted_unix_nano\x18\n" +
-	" \x01(\x03R\x0fdeletedUnixNano\x121\n" +
-	"\x15purge_after_unix_nano\x18\v \x01(\x03R\x12purgeAfterUnixNano\"q\n" +
+	"\x04path\x18\t \x01(\tR\x04path\x12\x1c\n" +
+	"\n" +
+	"max_lag_ms\x18\n" +
+	" \x01(\x03R\bmaxLagMs\x12\x18\n" +
+	"\ablocked\x18\v \x01(\tR\ablocked\x12>\n" +
+	"\tplacement\x18\f \x03(\v2 .tether.v1.Volume.PlacementEntryR\tplacement\x12*\n" +
+	"\x11deleted_unix_nano\x18\r \x01(\x03R\x0fdeletedUnixNano\x121\n" +
+	"\x15purge_after_unix_nano\x18\x0e \x01(\x03R\x12purgeAfterUnixNano\x1a<\n" +
+	"\x0ePlacementEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"q\n" +
 	"\x0fReplicaProgress\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
@@ -2014,10 +2728,14 @@ const file_tether_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x15\n" +
 	"\x13VolumePurgeResponse2K\n" +
 	"\vReplication\x12<\n" +
-	"\x06Stream\x12\x18.tether.v1.StreamRequest\x1a\x14.tether.v1.StreamAck(\x010\x012\x96\x01\n" +
+	"\x06Stream\x12\x18.tether.v1.StreamRequest\x1a\x14.tether.v1.StreamAck(\x010\x012\xf4\x02\n" +
 	"\x04Peer\x12:\n" +
 	"\x05Apply\x12\x17.tether.v1.ApplyRequest\x1a\x18.tether.v1.ApplyResponse\x12R\n" +
-	"\rPrimaryStatus\x12\x1f.tether.v1.PrimaryStatusRequest\x1a .tether.v1.PrimaryStatusResponse2\xf0\x04\n" +
+	"\rPrimaryStatus\x12\x1f.tether.v1.PrimaryStatusRequest\x1a .tether.v1.PrimaryStatusResponse\x12I\n" +
+	"\n" +
+	"RenewLease\x12\x1c.tether.v1.RenewLeaseRequest\x1a\x1d.tether.v1.RenewLeaseResponse\x12L\n" +
+	"\aPromote\x12\x1f.tether.v1.VolumePromoteRequest\x1a .tether.v1.VolumePromoteResponse\x12C\n" +
+	"\x04Move\x12\x1c.tether.v1.VolumeMoveRequest\x1a\x1d.tether.v1.VolumeMoveResponse2\xe0\x06\n" +
 	"\aControl\x12@\n" +
 	"\aMembers\x12\x19.tether.v1.MembersRequest\x1a\x1a.tether.v1.MembersResponse\x12=\n" +
 	"\x06Status\x12\x18.tether.v1.StatusRequest\x1a\x19.tether.v1.StatusResponse\x12O\n" +
@@ -2027,7 +2745,11 @@ const file_tether_proto_rawDesc = "" +
 	"\rVolumeInspect\x12\x1f.tether.v1.VolumeInspectRequest\x1a .tether.v1.VolumeInspectResponse\x12O\n" +
 	"\fVolumeRemove\x12\x1e.tether.v1.VolumeRemoveRequest\x1a\x1f.tether.v1.VolumeRemoveResponse\x12U\n" +
 	"\x0eVolumeUndelete\x12 .tether.v1.VolumeUndeleteRequest\x1a!.tether.v1.VolumeUndeleteResponse\x12L\n" +
-	"\vVolumePurge\x12\x1d.tether.v1.VolumePurgeRequest\x1a\x1e.tether.v1.VolumePurgeResponseB,Z*github.com/tether-io/tether/proto/tetherpbb\x06proto3"
+	"\vVolumePurge\x12\x1d.tether.v1.VolumePurgeRequest\x1a\x1e.tether.v1.VolumePurgeResponse\x12R\n" +
+	"\rVolumePromote\x12\x1f.tether.v1.VolumePromoteRequest\x1a .tether.v1.VolumePromoteResponse\x12I\n" +
+	"\n" +
+	"VolumeMove\x12\x1c.tether.v1.VolumeMoveRequest\x1a\x1d.tether.v1.VolumeMoveResponse\x12O\n" +
+	"\fVolumeUpdate\x12\x1e.tether.v1.VolumeUpdateRequest\x1a\x1f.tether.v1.VolumeUpdateResponseB,Z*github.com/tether-io/tether/proto/tetherpbb\x06proto3"
 
 var (
 	file_tether_proto_rawDescOnce sync.Once
@@ -2042,7 +2764,7 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 30)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
 var file_tether_proto_goTypes = []any{
 	(FileOp_Kind)(0),               // 0: tether.v1.FileOp.Kind
 	(*StreamRequest)(nil),          // 1: tether.v1.StreamRequest
@@ -2050,75 +2772,110 @@ var file_tether_proto_goTypes = []any{
 	(*FileOp)(nil),                 // 3: tether.v1.FileOp
 	(*Commit)(nil),                 // 4: tether.v1.Commit
 	(*StreamAck)(nil),              // 5: tether.v1.StreamAck
-	(*ApplyRequest)(nil),           // 6: tether.v1.ApplyRequest
-	(*ApplyResponse)(nil),          // 7: tether.v1.ApplyResponse
-	(*PrimaryStatusRequest)(nil),   // 8: tether.v1.PrimaryStatusRequest
-	(*PrimaryStatusResponse)(nil),  // 9: tether.v1.PrimaryStatusResponse
-	(*ReplicaStatus)(nil),          // 10: tether.v1.ReplicaStatus
-	(*MembersRequest)(nil),         // 11: tether.v1.MembersRequest
-	(*Member)(nil),                 // 12: tether.v1.Member
-	(*MembersResponse)(nil),        // 13: tether.v1.MembersResponse
-	(*StatusRequest)(nil),          // 14: tether.v1.StatusRequest
-	(*StatusResponse)(nil),         // 15: tether.v1.StatusResponse
-	(*VolumeCreateRequest)(nil),    // 16: tether.v1.VolumeCreateRequest
-	(*VolumeCreateResponse)(nil),   // 17: tether.v1.VolumeCreateResponse
-	(*VolumeListRequest)(nil),      // 18: tether.v1.VolumeListRequest
-	(*VolumeListResponse)(nil),     // 19: tether.v1.VolumeListResponse
-	(*VolumeInspectRequest)(nil),   // 20: tether.v1.VolumeInspectRequest
-	(*VolumeInspectResponse)(nil),  // 21: tether.v1.VolumeInspectResponse
-	(*Volume)(nil),                 // 22: tether.v1.Volume
-	(*ReplicaProgress)(nil),        // 23: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),           // 24: tether.v1.VolumeStatus
-	(*VolumeRemoveRequest)(nil),    // 25: tether.v1.VolumeRemoveRequest
-	(*VolumeRemoveResponse)(nil),   // 26: tether.v1.VolumeRemoveResponse
-	(*VolumeUndeleteRequest)(nil),  // 27: tether.v1.VolumeUndeleteRequest
-	(*VolumeUndeleteResponse)(nil), // 28: tether.v1.VolumeUndeleteResponse
-	(*VolumePurgeRequest)(nil),     // 29: tether.v1.VolumePurgeRequest
-	(*VolumePurgeResponse)(nil),    // 30: tether.v1.VolumePurgeResponse
+	(*RenewLeaseRequest)(nil),      // 6: tether.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),     // 7: tether.v1.RenewLeaseResponse
+	(*ApplyRequest)(nil),           // 8: tether.v1.ApplyRequest
+	(*ApplyResponse)(nil),          // 9: tether.v1.ApplyResponse
+	(*PrimaryStatusRequest)(nil),   // 10: tether.v1.PrimaryStatusRequest
+	(*PrimaryStatusResponse)(nil),  // 11: tether.v1.PrimaryStatusResponse
+	(*ReplicaStatus)(nil),          // 12: tether.v1.ReplicaStatus
+	(*VolumeUpdateRequest)(nil),    // 13: tether.v1.VolumeUpdateRequest
+	(*VolumeUpdateResponse)(nil),   // 14: tether.v1.VolumeUpdateResponse
+	(*VolumePromoteRequest)(nil),   // 15: tether.v1.VolumePromoteRequest
+	(*VolumePromoteResponse)(nil),  // 16: tether.v1.VolumePromoteResponse
+	(*VolumeMoveRequest)(nil),      // 17: tether.v1.VolumeMoveRequest
+	(*VolumeMoveResponse)(nil),     // 18: tether.v1.VolumeMoveResponse
+	(*MembersRequest)(nil),         // 19: tether.v1.MembersRequest
+	(*Member)(nil),                 // 20: tether.v1.Member
+	(*MembersResponse)(nil),        // 21: tether.v1.MembersResponse
+	(*StatusRequest)(nil),          // 22: tether.v1.StatusRequest
+	(*StatusResponse)(nil),         // 23: tether.v1.StatusResponse
+	(*FencedVolume)(nil),           // 24: tether.v1.FencedVolume
+	(*Security)(nil),               // 25: tether.v1.Security
+	(*VolumeCreateRequest)(nil),    // 26: tether.v1.VolumeCreateRequest
+	(*VolumeCreateResponse)(nil),   // 27: tether.v1.VolumeCreateResponse
+	(*VolumeListRequest)(nil),      // 28: tether.v1.VolumeListRequest
+	(*VolumeListResponse)(nil),     // 29: tether.v1.VolumeListResponse
+	(*VolumeInspectRequest)(nil),   // 30: tether.v1.VolumeInspectRequest
+	(*VolumeInspectResponse)(nil),  // 31: tether.v1.VolumeInspectResponse
+	(*Volume)(nil),                 // 32: tether.v1.Volume
+	(*ReplicaProgress)(nil),        // 33: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),           // 34: tether.v1.VolumeStatus
+	(*VolumeRemoveRequest)(nil),    // 35: tether.v1.VolumeRemoveRequest
+	(*VolumeRemoveResponse)(nil),   // 36: tether.v1.VolumeRemoveResponse
+	(*VolumeUndeleteRequest)(nil),  // 37: tether.v1.VolumeUndeleteRequest
+	(*VolumeUndeleteResponse)(nil), // 38: tether.v1.VolumeUndeleteResponse
+	(*VolumePurgeRequest)(nil),     // 39: tether.v1.VolumePurgeRequest
+	(*VolumePurgeResponse)(nil),    // 40: tether.v1.VolumePurgeResponse
+	nil,                            // 41: tether.v1.VolumeUpdateRequest.PlacementEntry
+	nil,                            // 42: tether.v1.Member.LabelsEntry
+	nil,                            // 43: tether.v1.VolumeCreateRequest.PlacementEntry
+	nil,                            // 44: tether.v1.Volume.PlacementEntry
 }
 var file_tether_proto_depIdxs = []int32{
 	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
 	3,  // 1: tether.v1.StreamRequest.op:type_name -> tether.v1.FileOp
 	4,  // 2: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
 	0,  // 3: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
-	10, // 4: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
-	12, // 5: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
-	24, // 6: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
-	22, // 7: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
-	22, // 8: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
-	22, // 9: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
-	24, // 10: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
-	23, // 11: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	10, // 12: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	22, // 13: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
-	22, // 14: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
-	1,  // 15: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	6,  // 16: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	8,  // 17: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	11, // 18: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	14, // 19: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	16, // 20: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	18, // 21: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	20, // 22: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	25, // 23: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
-	27, // 24: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
-	29, // 25: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
-	5,  // 26: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	7,  // 27: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	9,  // 28: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	13, // 29: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	15, // 30: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	17, // 31: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	19, // 32: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	21, // 33: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	26, // 34: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
-	28, // 35: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
-	30, // 36: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
-	26, // [26:37] is the sub-list for method output_type
-	15, // [15:26] is the sub-list for method input_type
-	15, // [15:15] is the sub-list for extension type_name
-	15, // [15:15] is the sub-list for extension extendee
-	0,  // [0:15] is the sub-list for field type_name
+	12, // 4: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
+	41, // 5: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
+	32, // 6: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
+	32, // 7: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
+	32, // 8: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
+	42, // 9: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
+	20, // 10: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
+	34, // 11: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
+	24, // 12: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
+	25, // 13: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
+	43, // 14: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
+	32, // 15: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
+	32, // 16: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
+	32, // 17: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
+	34, // 18: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
+	33, // 19: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
+	44, // 20: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
+	12, // 21: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
+	32, // 22: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
+	32, // 23: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
+	1,  // 24: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	8,  // 25: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	10, // 26: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	6,  // 27: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
+	15, // 28: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
+	17, // 29: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
+	19, // 30: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	22, // 31: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	26, // 32: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	28, // 33: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	30, // 34: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	35, // 35: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
+	37, // 36: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
+	39, // 37: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
+	15, // 38: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
+	17, // 39: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
+	13, // 40: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
+	5,  // 41: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	9,  // 42: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	11, // 43: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	7,  // 44: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
+	16, // 45: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
+	18, // 46: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
+	21, // 47: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	23, // 48: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	27, // 49: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	29, // 50: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	31, // 51: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	36, // 52: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
+	38, // 53: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
+	40, // 54: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
+	16, // 55: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
+	18, // 56: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
+	14, // 57: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
+	41, // [41:58] is the sub-list for method output_type
+	24, // [24:41] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -2131,13 +2888,14 @@ func file_tether_proto_init() {
 		(*StreamRequest_Op)(nil),
 		(*StreamRequest_Commit)(nil),
 	}
+	file_tether_proto_msgTypes[12].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   30,
+			NumMessages:   44,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

@@ -138,6 +138,9 @@ var Replication_ServiceDesc = grpc.ServiceDesc{
 const (
 	Peer_Apply_FullMethodName         = "/tether.v1.Peer/Apply"
 	Peer_PrimaryStatus_FullMethodName = "/tether.v1.Peer/PrimaryStatus"
+	Peer_RenewLease_FullMethodName    = "/tether.v1.Peer/RenewLease"
+	Peer_Promote_FullMethodName       = "/tether.v1.Peer/Promote"
+	Peer_Move_FullMethodName          = "/tether.v1.Peer/Move"
 )
 
 // PeerClient is the client API for Peer service.
@@ -150,6 +153,14 @@ type PeerClient interface {
 	// PrimaryStatus reports the replication state of volumes this node is
 	// primary for.
 	PrimaryStatus(ctx context.Context, in *PrimaryStatusRequest, opts ...grpc.CallOption) (*PrimaryStatusResponse, error)
+	// RenewLease asks the leader to confirm it still leads a quorum and to
+	// grant node a primary lease. A non-leader answers FailedPrecondition.
+	RenewLease(ctx context.Context, in *RenewLeaseRequest, opts ...grpc.CallOption) (*RenewLeaseResponse, error)
+	// Promote runs an operator's promotion on the leader (which knows the
+	// old primary's lease). A non-leader answers FailedPrecondition.
+	Promote(ctx context.Context, in *VolumePromoteRequest, opts ...grpc.CallOption) (*VolumePromoteResponse, error)
+	// Move runs a planned move on the volume's primary.
+	Move(ctx context.Context, in *VolumeMoveRequest, opts ...grpc.CallOption) (*VolumeMoveResponse, error)
 }
 
 type peerClient struct {
@@ -180,6 +191,36 @@ func (c *peerClient) PrimaryStatus(ctx context.Context, in *PrimaryStatusRequest
 	return out, nil
 }
 
+func (c *peerClient) RenewLease(ctx context.Context, in *RenewLeaseRequest, opts ...grpc.CallOption) (*RenewLeaseResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RenewLeaseResponse)
+	err := c.cc.Invoke(ctx, Peer_RenewLease_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *peerClient) Promote(ctx context.Context, in *VolumePromoteRequest, opts ...grpc.CallOption) (*VolumePromoteResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumePromoteResponse)
+	err := c.cc.Invoke(ctx, Peer_Promote_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *peerClient) Move(ctx context.Context, in *VolumeMoveRequest, opts ...grpc.CallOption) (*VolumeMoveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumeMoveResponse)
+	err := c.cc.Invoke(ctx, Peer_Move_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PeerServer is the server API for Peer service.
 // All implementations must embed UnimplementedPeerServer
 // for forward compatibility.
@@ -190,6 +231,14 @@ type PeerServer interface {
 	// PrimaryStatus reports the replication state of volumes this node is
 	// primary for.
 	PrimaryStatus(context.Context, *PrimaryStatusRequest) (*PrimaryStatusResponse, error)
+	// RenewLease asks the leader to confirm it still leads a quorum and to
+	// grant node a primary lease. A non-leader answers FailedPrecondition.
+	RenewLease(context.Context, *RenewLeaseRequest) (*RenewLeaseResponse, error)
+	// Promote runs an operator's promotion on the leader (which knows the
+	// old primary's lease). A non-leader answers FailedPrecondition.
+	Promote(context.Context, *VolumePromoteRequest) (*VolumePromoteResponse, error)
+	// Move runs a planned move on the volume's primary.
+	Move(context.Context, *VolumeMoveRequest) (*VolumeMoveResponse, error)
 	mustEmbedUnimplementedPeerServer()
 }
 
@@ -205,6 +254,15 @@ func (UnimplementedPeerServer) Apply(context.Context, *ApplyRequest) (*ApplyResp
 }
 func (UnimplementedPeerServer) PrimaryStatus(context.Context, *PrimaryStatusRequest) (*PrimaryStatusResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method PrimaryStatus not implemented")
+}
+func (UnimplementedPeerServer) RenewLease(context.Context, *RenewLeaseRequest) (*RenewLeaseResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method RenewLease not implemented")
+}
+func (UnimplementedPeerServer) Promote(context.Context, *VolumePromoteRequest) (*VolumePromoteResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Promote not implemented")
+}
+func (UnimplementedPeerServer) Move(context.Context, *VolumeMoveRequest) (*VolumeMoveResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Move not implemented")
 }
 func (UnimplementedPeerServer) mustEmbedUnimplementedPeerServer() {}
 func (UnimplementedPeerServer) testEmbeddedByValue()              {}
@@ -263,6 +321,60 @@ func _Peer_PrimaryStatus_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Peer_RenewLease_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RenewLeaseRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PeerServer).RenewLease(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Peer_RenewLease_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PeerServer).RenewLease(ctx, req.(*RenewLeaseRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Peer_Promote_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VolumePromoteRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PeerServer).Promote(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Peer_Promote_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PeerServer).Promote(ctx, req.(*VolumePromoteRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Peer_Move_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VolumeMoveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PeerServer).Move(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Peer_Move_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PeerServer).Move(ctx, req.(*VolumeMoveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Peer_ServiceDesc is the grpc.ServiceDesc for Peer service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -278,6 +390,18 @@ var Peer_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "PrimaryStatus",
 			Handler:    _Peer_PrimaryStatus_Handler,
 		},
+		{
+			MethodName: "RenewLease",
+			Handler:    _Peer_RenewLease_Handler,
+		},
+		{
+			MethodName: "Promote",
+			Handler:    _Peer_Promote_Handler,
+		},
+		{
+			MethodName: "Move",
+			Handler:    _Peer_Move_Handler,
+		},
 	},
 	Streams:  []grpc.StreamDesc{},
 	Metadata: "tether.proto",
@@ -292,6 +416,9 @@ const (
 	Control_VolumeRemove_FullMethodName   = "/tether.v1.Control/VolumeRemove"
 	Control_VolumeUndelete_FullMethodName = "/tether.v1.Control/VolumeUndelete"
 	Control_VolumePurge_FullMethodName    = "/tether.v1.Control/VolumePurge"
+	Control_VolumePromote_FullMethodName  = "/tether.v1.Control/VolumePromote"
+	Control_VolumeMove_FullMethodName     = "/tether.v1.Control/VolumeMove"
+	Control_VolumeUpdate_FullMethodName   = "/tether.v1.Control/VolumeUpdate"
 )
 
 // ControlClient is the client API for Control service.
@@ -309,6 +436,9 @@ type ControlClient interface {
 	VolumeUndelete(ctx context.Context, in *VolumeUndeleteRequest, opts ...grpc.CallOption) (*VolumeUndeleteResponse, error)
 	// VolumePurge removes a deleted volume for good before its retention ends.
 	VolumePurge(ctx context.Context, in *VolumePurgeRequest, opts ...grpc.CallOption) (*VolumePurgeResponse, error)
+	VolumePromote(ctx context.Context, in *VolumePromoteRequest, opts ...grpc.CallOption) (*VolumePromoteResponse, error)
+	VolumeMove(ctx context.Context, in *VolumeMoveRequest, opts ...grpc.CallOption) (*VolumeMoveResponse, error)
+	VolumeUpdate(ctx context.Context, in *VolumeUpdateRequest, opts ...grpc.CallOption) (*VolumeUpdateResponse, error)
 }
 
 type controlClient struct {
@@ -399,6 +529,36 @@ func (c *controlClient) VolumePurge(ctx context.Context, in *VolumePurgeRequest,
 	return out, nil
 }
 
+func (c *controlClient) VolumePromote(ctx context.Context, in *VolumePromoteRequest, opts ...grpc.CallOption) (*VolumePromoteResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumePromoteResponse)
+	err := c.cc.Invoke(ctx, Control_VolumePromote_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) VolumeMove(ctx context.Context, in *VolumeMoveRequest, opts ...grpc.CallOption) (*VolumeMoveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumeMoveResponse)
+	err := c.cc.Invoke(ctx, Control_VolumeMove_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) VolumeUpdate(ctx context.Context, in *VolumeUpdateRequest, opts ...grpc.CallOption) (*VolumeUpdateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumeUpdateResponse)
+	err := c.cc.Invoke(ctx, Control_VolumeUpdate_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ControlServer is the server API for Control service.
 // All implementations must embed UnimplementedControlServer
 // for forward compatibility.
@@ -414,6 +574,9 @@ type ControlServer interface {
 	VolumeUndelete(context.Context, *VolumeUndeleteRequest) (*VolumeUndeleteResponse, error)
 	// VolumePurge removes a deleted volume for good before its retention ends.
 	VolumePurge(context.Context, *VolumePurgeRequest) (*VolumePurgeResponse, error)
+	VolumePromote(context.Context, *VolumePromoteRequest) (*VolumePromoteResponse, error)
+	VolumeMove(context.Context, *VolumeMoveRequest) (*VolumeMoveResponse, error)
+	VolumeUpdate(context.Context, *VolumeUpdateRequest) (*VolumeUpdateResponse, error)
 	mustEmbedUnimplementedControlServer()
 }
 
@@ -447,6 +610,15 @@ func (UnimplementedControlServer) VolumeUndelete(context.Context, *VolumeUndelet
 }
 func (UnimplementedControlServer) VolumePurge(context.Context, *VolumePurgeRequest) (*VolumePurgeResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method VolumePurge not implemented")
+}
+func (UnimplementedControlServer) VolumePromote(context.Context, *VolumePromoteRequest) (*VolumePromoteResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method VolumePromote not implemented")
+}
+func (UnimplementedControlServer) VolumeMove(context.Context, *VolumeMoveRequest) (*VolumeMoveResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method VolumeMove not implemented")
+}
+func (UnimplementedControlServer) VolumeUpdate(context.Context, *VolumeUpdateRequest) (*VolumeUpdateResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method VolumeUpdate not implemented")
 }
 func (UnimplementedControlServer) mustEmbedUnimplementedControlServer() {}
 func (UnimplementedControlServer) testEmbeddedByValue()                 {}
@@ -613,6 +785,60 @@ func _Control_VolumePurge_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_VolumePromote_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VolumePromoteRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).VolumePromote(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_VolumePromote_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).VolumePromote(ctx, req.(*VolumePromoteRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_VolumeMove_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VolumeMoveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).VolumeMove(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_VolumeMove_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).VolumeMove(ctx, req.(*VolumeMoveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_VolumeUpdate_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VolumeUpdateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).VolumeUpdate(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_VolumeUpdate_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).VolumeUpdate(ctx, req.(*VolumeUpdateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Control_ServiceDesc is the grpc.ServiceDesc for Control service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -651,6 +877,18 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "VolumePurge",
 			Handler:    _Control_VolumePurge_Handler,
+		},
+		{
+			MethodName: "VolumePromote",
+			Handler:    _Control_VolumePromote_Handler,
+		},
+		{
+			MethodName: "VolumeMove",
+			Handler:    _Control_VolumeMove_Handler,
+		},
+		{
+			MethodName: "VolumeUpdate",
+			Handler:    _Control_VolumeUpdate_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

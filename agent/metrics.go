@@ -1,0 +1,100 @@
+package agent
+
+import (
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// metrics exposes the agent's state to Prometheus. It reads the live state
+// at scrape time (a Collector), so nothing has to keep gauges in step; the
+// only stored values are counters of events.
+type metrics struct {
+	a        *Agent
+	registry *prometheus.Registry
+
+	fencings prometheus.Counter
+
+	lag, connected, acked, epoch, primary, leaseHeld, isLeader, members *prometheus.Desc
+}
+
+func newMetrics(a *Agent) *metrics {
+	m := &metrics{
+		a:        a,
+		registry: prometheus.NewRegistry(),
+		fencings: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_fencings_total",
+			Help: "Times this node stopped serving a volume as primary because its lease lapsed.",
+		}),
+		lag: prometheus.NewDesc("tether_replica_lag_seconds",
+			"Age of the oldest change the replica has not made durable (0 when caught up), seen by the primary.",
+			[]string{"volume", "replica"}, nil),
+		connected: prometheus.NewDesc("tether_replica_connected",
+			"1 when the primary's stream to the replica is up.", []string{"volume", "replica"}, nil),
+		acked: prometheus.NewDesc("tether_replica_acked_batch",
+			"Sequence number of the last batch the replica made durable.", []string{"volume", "replica"}, nil),
+		epoch: prometheus.NewDesc("tether_volume_epoch",
+			"The volume's epoch in this node's catalog.", []string{"volume"}, nil),
+		primary: prometheus.NewDesc("tether_volume_primary",
+			"1 when this node serves the volume as primary.", []string{"volume"}, nil),
+		leaseHeld: prometheus.NewDesc("tether_lease_held",
+			"1 when this node holds a primary lease.", nil, nil),
+		isLeader: prometheus.NewDesc("tether_raft_leader",
+			"1 when this node is the Raft leader.", nil, nil),
+		members: prometheus.NewDesc("tether_members",
+			"Cluster members by health, as this node sees them.", []string{"health"}, nil),
+	}
+	m.registry.MustRegister(m, m.fencings,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+func (m *metrics) handler() http.Handler {
+	return promhttp.HandlerFor(m.registry, promhttp.HandlerOpts{})
+}
+
+// Describe implements prometheus.Collector.
+func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{m.lag, m.connected, m.acked, m.epoch, m.primary, m.leaseHeld, m.isLeader, m.members} {
+		ch <- d
+	}
+}
+
+// Collect implements prometheus.Collector.
+func (m *metrics) Collect(ch chan<- prometheus.Metric) {
+	a := m.a
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	for _, v := range a.cluster.Volumes() {
+		if v.Primary != a.cfg.NodeName && !contains(v.ReplicaNodes, a.cfg.NodeName) {
+			continue
+		}
+		gauge(m.epoch, float64(v.Epoch), v.Name)
+		st, serving := a.primaryStatus(v.Name)
+		gauge(m.primary, b2f(serving), v.Name)
+		for _, r := range st.Replicas {
+			gauge(m.lag, r.Lag.Seconds(), v.Name, r.Node)
+			gauge(m.connected, b2f(r.Connected), v.Name, r.Node)
+			gauge(m.acked, float64(r.AckedSeq), v.Name, r.Node)
+		}
+	}
+	gauge(m.leaseHeld, b2f(a.lease.valid()))
+	gauge(m.isLeader, b2f(a.cluster.IsLeader()))
+	counts := map[string]int{}
+	for _, mem := range a.cluster.Members() {
+		counts[mem.Health]++
+	}
+	for _, h := range sortedKeys(counts) {
+		gauge(m.members, float64(counts[h]), h)
+	}
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
