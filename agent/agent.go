@@ -41,6 +41,7 @@ type Agent struct {
 	tls     *tlsutil.Store // nil: plaintext RPC
 	prog    *progressReporter
 	driver  *volumedriver.Driver
+	fencer  *Fencer
 	lease   *leaseKeeper
 	metrics *metrics
 

@@ -85,12 +85,41 @@ func (a *Agent) startDriver() error {
 		return fmt.Errorf("docker volume driver: %w", err)
 	}
 	a.driver = d
+	f, err := NewFencer(FencerConfig{Driver: a.DriverName(), Logger: a.log.With("component", "fencer")})
+	if err != nil {
+		return fmt.Errorf("container fencer: %w", err)
+	}
+	a.fencer = f
 	return nil
+}
+
+// fenceContainers stops, in the background, this host's containers that
+// use volume (its lease lapsed: another host may be promoted). a.mu may be
+// held; the reconcile loop that calls it keeps a.wg above zero.
+func (a *Agent) fenceContainers(volume string) {
+	if a.fencer == nil {
+		return
+	}
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		ctx, cancel := context.WithTimeout(a.ctx, 2*time.Minute)
+		defer cancel()
+		stopped, err := a.fencer.StopContainersUsing(ctx, volume)
+		if err != nil {
+			a.log.Error("FENCING: could not stop every container using the volume", "volume", volume, "stopped", stopped, "err", err)
+			return
+		}
+		a.log.Warn("FENCING: stopped the containers using the volume", "volume", volume, "stopped", stopped)
+	}()
 }
 
 func (a *Agent) stopDriver() {
 	if a.driver != nil {
 		a.driver.Close()
+	}
+	if a.fencer != nil {
+		a.fencer.Close()
 	}
 }
 
@@ -158,7 +187,7 @@ func (b *driverBackend) List() []volumedriver.Volume {
 	return out
 }
 
-func (b *driverBackend) Mount(_ context.Context, name string) (string, error) {
+func (b *driverBackend) Mount(ctx context.Context, name string) (string, error) {
 	a := b.a
 	v, ok := a.cluster.Volume(name)
 	if !ok || v.Deleted() {
@@ -167,11 +196,35 @@ func (b *driverBackend) Mount(_ context.Context, name string) (string, error) {
 	if err := decideMount(v, a.cfg.NodeName, a.memberHealth()); err != nil {
 		return "", err
 	}
+	if err := a.waitLease(ctx, v.Name); err != nil {
+		return "", err
+	}
 	p, err := a.prepareVolume(v)
 	if err != nil {
 		return "", err
 	}
 	return p.Data, nil
+}
+
+// leaseWait bounds how long a mount waits for this host's primary lease
+// (just after the agent started, or during a Raft election).
+const leaseWait = 10 * time.Second
+
+// waitLease waits until this host holds its primary lease: a primary
+// without one may already have been replaced, so it takes no new mounts.
+func (a *Agent) waitLease(ctx context.Context, volume string) error {
+	ctx, cancel := context.WithTimeout(ctx, leaseWait)
+	defer cancel()
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for !a.lease.valid() {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("volume %s: this host is its primary but holds no lease (no Raft quorum confirmed it within %s); it takes no new mounts until a quorum is reachable again", volume, leaseWait)
+		case <-t.C:
+		}
+	}
+	return nil
 }
 
 // decideMount says whether node may mount v now. Only the primary may:

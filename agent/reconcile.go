@@ -163,6 +163,7 @@ func (a *Agent) fence(name string, epoch uint64, reason string) {
 	a.log.Warn("FENCING: stopped serving volume as primary", "volume", name, "epoch", epoch, "reason", reason)
 	a.fenced[name] = fencedVolume{epoch: epoch, since: time.Now(), reason: reason}
 	a.metrics.fencings.Inc()
+	a.fenceContainers(name)
 }
 
 // primaryHeads reports the newest batch of each volume served here.

@@ -187,3 +187,63 @@ func checkInspect(t *testing.T, vol string) error {
 	t.Logf("docker volume inspect: Mountpoint %s Status %v", v.Mountpoint, v.Status)
 	return nil
 }
+
+// TestDockerSelfFencing isolates the host serving a volume that a running
+// container uses: once its primary lease lapses the agent fences the
+// volume and stops the container through the Docker API, while the
+// majority promotes a replica.
+func TestDockerSelfFencing(t *testing.T) {
+	requireE2E(t)
+	lockDriverName(t)
+	pluginDir := filepath.Join("/run/docker/plugins", e2eDriverName)
+	if err := os.MkdirAll(pluginDir, 0o755); err != nil {
+		t.Fatalf("creating the plugin directory (needs root): %v", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(pluginDir) })
+	tp := startTopo(t, 3, driverOn("h1", pluginDir))
+	image := buildImage(t)
+	h1 := tp.host("h1")
+	vol, ctr := tp.prefix+"-v", tp.prefix+"-app"
+	isolated := false
+	t.Cleanup(func() {
+		docker(t, "rm", "-f", ctr)
+		if isolated {
+			tp.reconnect(h1) // the driver needs a quorum to delete the volume
+		}
+		docker(t, "volume", "rm", "-f", vol)
+	})
+	testutil.EventuallyErr(t, 20*time.Second, func() error {
+		_, err := os.Stat(filepath.Join(pluginDir, e2eDriverName+".sock"))
+		return err
+	})
+	mustDocker(t, "volume", "create", "-d", e2eDriverName, "-o", "replicas=3", vol)
+	mustDocker(t, "run", "-d", "--name", ctr, "--entrypoint", "/bin/busybox", "-v", vol+":/data", image,
+		"sh", "-c", "while true; do date >> /data/log; sleep 0.2; done")
+	testutil.EventuallyErr(t, 30*time.Second, func() error {
+		if _, err := os.Stat(filepath.Join(tp.host("h2").volumeDir(vol), "log")); err != nil {
+			return fmt.Errorf("the container's writes have not reached h2: %w", err)
+		}
+		return nil
+	})
+	tp.disconnect(h1)
+	isolated = true
+	cut := time.Now()
+	testutil.EventuallyErr(t, 60*time.Second, func() error {
+		out, err := docker(t, "inspect", "--format", "{{.State.Running}}", ctr)
+		if err != nil || out != "false" {
+			return fmt.Errorf("container still running after h1 was isolated: %q %v", out, err)
+		}
+		return nil
+	})
+	t.Logf("container stopped %s after its host was isolated", time.Since(cut).Round(time.Millisecond))
+	testutil.EventuallyErr(t, 60*time.Second, func() error {
+		vi, err := tp.inspect(tp.host("h2"), vol)
+		if err != nil {
+			return err
+		}
+		if vi.Volume.Primary == "h1" || vi.Volume.Epoch < 2 {
+			return fmt.Errorf("not failed over yet: primary %s epoch %d", vi.Volume.Primary, vi.Volume.Epoch)
+		}
+		return nil
+	})
+}
