@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -193,8 +194,14 @@ func (b *driverBackend) Mount(ctx context.Context, name string) (string, error) 
 	if !ok || v.Deleted() {
 		return "", fmt.Errorf("no such volume: %s", name)
 	}
-	if err := decideMount(v, a.cfg.NodeName, a.memberHealth()); err != nil {
+	moveHere, err := decideMount(v, a.cfg.NodeName, a.memberHealth())
+	if err != nil {
 		return "", err
+	}
+	if moveHere {
+		if v, err = a.moveForMount(ctx, v); err != nil {
+			return "", err
+		}
 	}
 	if err := a.waitLease(ctx, v.Name); err != nil {
 		return "", err
@@ -204,6 +211,21 @@ func (b *driverBackend) Mount(ctx context.Context, name string) (string, error) 
 		return "", err
 	}
 	return p.Data, nil
+}
+
+// moveForMount moves v to this host so that a container here can mount
+// it (planned move: no loss; refused by the primary while it has the
+// volume mounted).
+func (a *Agent) moveForMount(ctx context.Context, v cluster.Volume) (cluster.Volume, error) {
+	a.log.Info("moving volume here for a Docker mount", "volume", v.Name, "from", v.Primary)
+	if _, err := a.Move(ctx, v.Name, a.cfg.NodeName, DefaultMoveWait); err != nil {
+		return v, fmt.Errorf("volume %s is served by host %s; moving it here for this mount failed: %w", v.Name, v.Primary, err)
+	}
+	nv, ok := a.cluster.Volume(v.Name)
+	if !ok || nv.Primary != a.cfg.NodeName {
+		return v, fmt.Errorf("volume %s: moved, but this host's catalog does not show it as the primary yet; try again", v.Name)
+	}
+	return nv, nil
 }
 
 // leaseWait bounds how long a mount waits for this host's primary lease
@@ -227,29 +249,33 @@ func (a *Agent) waitLease(ctx context.Context, volume string) error {
 	return nil
 }
 
-// decideMount says whether node may mount v now. Only the primary may:
-// it is the single writer of its epoch. Moving a volume to the node that
-// mounts it is not built yet, so elsewhere the answer explains where the
-// volume lives, or that it is failing over.
-func decideMount(v cluster.Volume, node string, health map[string]string) error {
+// decideMount says how node may mount v now: here (it is the primary),
+// after moving the volume here (it holds a replica and the primary is
+// alive: the volume follows its container; the primary refuses if it has
+// the volume mounted), or not at all, with the reason.
+func decideMount(v cluster.Volume, node string, health map[string]string) (moveHere bool, err error) {
 	switch {
 	case v.Primary == node:
-		return nil
+		return false, nil
 	case v.Primary == "":
-		return fmt.Errorf("volume %s has no primary host", v.Name)
+		return false, fmt.Errorf("volume %s has no primary host", v.Name)
 	}
 	switch health[v.Primary] {
 	case cluster.HealthDead, cluster.HealthLeft:
 		for _, r := range v.ReplicaNodes {
 			if health[r] == cluster.HealthAlive {
-				return fmt.Errorf("volume %s: its primary host %s is down and no replica has been promoted yet; tether fails it over by itself, try again in a few seconds (then mount it on the new primary)", v.Name, v.Primary)
+				return false, fmt.Errorf("volume %s: its primary host %s is down and no replica has been promoted yet; tether fails it over by itself, try again in a few seconds (then mount it on the new primary)", v.Name, v.Primary)
 			}
 		}
-		return fmt.Errorf("volume %s: its primary host %s is down and no replica of it is alive to take over (replicas: %s)", v.Name, v.Primary, strings.Join(v.ReplicaNodes, ", "))
-	case cluster.HealthSuspect:
-		return fmt.Errorf("volume %s is served by host %s, which is not answering right now; mount it there (moving a volume to the host that mounts it is not built yet)", v.Name, v.Primary)
+		return false, fmt.Errorf("volume %s: its primary host %s is down and no replica of it is alive to take over (replicas: %s)", v.Name, v.Primary, strings.Join(v.ReplicaNodes, ", "))
+	case cluster.HealthAlive:
+	default:
+		return false, fmt.Errorf("volume %s is served by host %s, which is not answering right now; try again, or mount it there", v.Name, v.Primary)
 	}
-	return fmt.Errorf("volume %s is served by host %s; mount it there (moving a volume to the host that mounts it is not built yet)", v.Name, v.Primary)
+	if !slices.Contains(v.ReplicaNodes, node) {
+		return false, fmt.Errorf("volume %s is served by host %s and this host holds no copy of it (replicas: %s); mount it on one of those", v.Name, v.Primary, strings.Join(v.ReplicaNodes, ", "))
+	}
+	return true, nil
 }
 
 // memberHealth maps member names to their gossip health.
@@ -312,4 +338,34 @@ func pluginDirExists() bool {
 // DefaultDriverSocketFor resolves --driver-socket for this process.
 func DefaultDriverSocketFor(flag string) (path, why string) {
 	return ResolveDriverSocket(flag, os.Geteuid(), pluginDirExists())
+}
+
+// ErrVolumeInUse refuses to hand a volume to another host while containers
+// here have it mounted: a volume has one writer.
+var ErrVolumeInUse = errors.New("agent: the volume is mounted on its primary host")
+
+// refuseIfMounted fails when Docker containers on this host mount volume.
+func (a *Agent) refuseIfMounted(volume string) error {
+	if n := a.mountsHere(volume); n > 0 {
+		return a.inUseError(volume, n)
+	}
+	return nil
+}
+
+// whileUnmounted runs fn (a move's commit) only if no container on this
+// host mounts volume, and keeps new mounts of it waiting meanwhile.
+func (a *Agent) whileUnmounted(volume string, fn func() error) error {
+	if a.driver == nil {
+		return fn()
+	}
+	return a.driver.Exclusive(volume, func(mounts int) error {
+		if mounts > 0 {
+			return a.inUseError(volume, mounts)
+		}
+		return fn()
+	})
+}
+
+func (a *Agent) inUseError(volume string, n int) error {
+	return fmt.Errorf("%w: volume %s is mounted %d time(s) on host %s and has a single writer; stop the containers using it there first", ErrVolumeInUse, volume, n, a.cfg.NodeName)
 }

@@ -92,9 +92,6 @@ func TestDriverOnCluster(t *testing.T) {
 		return nil
 	})
 	id := strings.Repeat("e", 64)
-	if e := errText(dc["n2"].call("VolumeDriver.Mount", map[string]any{"Name": "pg", "ID": id})); !strings.Contains(e, "volume pg is served by host n1; mount it there") {
-		t.Fatalf("mount on a replica: %q", e)
-	}
 	m := dc["n1"].call("VolumeDriver.Mount", map[string]any{"Name": "pg", "ID": id})
 	mp, _ := m["Mountpoint"].(string)
 	if errText(m) != "" || mp != tc.agent("n1").VolumePaths("pg").Data {
@@ -156,41 +153,69 @@ func TestDriverOnCluster(t *testing.T) {
 	if _, err := tc.ctl["n3"].VolumeUndelete(ctx, &tetherpb.VolumeUndeleteRequest{Name: "pg"}); err != nil {
 		t.Fatal(err)
 	}
-	testutil.EventuallyErr(t, 10*time.Second, func() error {
-		if g := dc["n1"].call("VolumeDriver.Get", map[string]any{"Name": "pg"}); g["Volume"] == nil {
-			return fmt.Errorf("undeleted volume not back: %v", g)
-		}
-		return nil
-	})
+	for _, a := range tc.agents {
+		testutil.EventuallyErr(t, 10*time.Second, func() error {
+			if g := dc[a.NodeName()].call("VolumeDriver.Get", map[string]any{"Name": "pg"}); g["Volume"] == nil {
+				return fmt.Errorf("undeleted volume not back on %s: %v", a.NodeName(), g)
+			}
+			return nil
+		})
+	}
 	b, err := os.ReadFile(filepath.Join(mp, "x"))
 	if err != nil || string(b) != "hi\n" {
 		t.Fatalf("data after undelete: %q %v", b, err)
+	}
+
+	// The volume follows its container: a mount on a replica moves it
+	// there, unless a container on the primary has it mounted.
+	if e := errText(dc["n1"].call("VolumeDriver.Mount", map[string]any{"Name": "pg", "ID": id})); e != "" {
+		t.Fatal(e)
+	}
+	id2 := strings.Repeat("d", 64)
+	if e := errText(dc["n2"].call("VolumeDriver.Mount", map[string]any{"Name": "pg", "ID": id2})); !strings.Contains(e, "mounted 1 time(s) on host n1 and has a single writer") {
+		t.Fatalf("mount on a replica while the primary has it mounted: %q", e)
+	}
+	dc["n1"].call("VolumeDriver.Unmount", map[string]any{"Name": "pg", "ID": id})
+	m = dc["n2"].call("VolumeDriver.Mount", map[string]any{"Name": "pg", "ID": id2})
+	if errText(m) != "" || m["Mountpoint"] != tc.agent("n2").VolumePaths("pg").Data {
+		t.Fatalf("mount on a replica once the primary released it: %v", m)
+	}
+	if b, err := os.ReadFile(filepath.Join(m["Mountpoint"].(string), "x")); err != nil || string(b) != "hi\n" {
+		t.Fatalf("data after the move: %q %v", b, err)
+	}
+	if v, _ := tc.agent("n2").Cluster().Volume("pg"); v.Primary != "n2" || v.Epoch != 2 {
+		t.Fatalf("after the move: primary %s epoch %d", v.Primary, v.Epoch)
+	}
+	if e := errText(dc["n1"].call("VolumeDriver.Mount", map[string]any{"Name": "pg", "ID": id})); !strings.Contains(e, "on host n2 and has a single writer") {
+		t.Fatalf("mount back on n1 while n2 has it mounted: %q", e)
 	}
 }
 
 func TestDecideMount(t *testing.T) {
 	v := cluster.Volume{Name: "pg", Primary: "a", ReplicaNodes: []string{"b", "c"}, Epoch: 2}
-	alive := map[string]string{"a": "alive", "b": "alive", "c": "alive"}
+	alive := map[string]string{"a": "alive", "b": "alive", "c": "alive", "z": "alive"}
 	for _, tc := range []struct {
 		name   string
 		node   string
 		v      cluster.Volume
 		health map[string]string
+		move   bool
 		want   string
 	}{
-		{"primary", "a", v, alive, ""},
-		{"replica", "b", v, alive, "volume pg is served by host a; mount it there (moving a volume to the host that mounts it is not built yet)"},
-		{"stranger", "z", v, alive, "served by host a"},
-		{"primary suspect", "b", v, map[string]string{"a": "suspect", "b": "alive"}, "not answering right now"},
-		{"primary dead", "b", v, map[string]string{"a": "dead", "b": "alive"}, "no replica has been promoted yet"},
-		{"all dead", "z", v, map[string]string{"a": "dead", "b": "dead", "c": "left"}, "no replica of it is alive"},
-		{"no primary", "a", cluster.Volume{Name: "pg"}, alive, "has no primary"},
+		{"primary", "a", v, alive, false, ""},
+		{"replica: the volume follows", "b", v, alive, true, ""},
+		{"stranger", "z", v, alive, false, "volume pg is served by host a and this host holds no copy of it (replicas: b, c)"},
+		{"primary suspect", "b", v, map[string]string{"a": "suspect", "b": "alive"}, false, "not answering right now"},
+		{"primary unknown", "b", v, map[string]string{"b": "alive"}, false, "not answering right now"},
+		{"primary dead", "b", v, map[string]string{"a": "dead", "b": "alive"}, false, "no replica has been promoted yet"},
+		{"all dead", "z", v, map[string]string{"a": "dead", "b": "dead", "c": "left"}, false, "no replica of it is alive"},
+		{"no primary", "a", cluster.Volume{Name: "pg"}, alive, false, "has no primary"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			err := decideMount(tc.v, tc.node, tc.health)
+			move, err := decideMount(tc.v, tc.node, tc.health)
 			if tc.want == "" {
-				if err != nil {
-					t.Fatal(err)
+				if err != nil || move != tc.move {
+					t.Fatalf("move %v err %v, want move %v", move, err, tc.move)
 				}
 				return
 			}

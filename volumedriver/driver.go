@@ -71,6 +71,11 @@ type Driver struct {
 	log          *slog.Logger
 	readyTimeout time.Duration
 
+	// locks holds one mutex per volume, taken across a Mount's backend
+	// call and its count, and by Exclusive.
+	locksMu sync.Mutex
+	locks   map[string]*sync.Mutex
+
 	mu       sync.Mutex
 	srv      *http.Server
 	sockPath string
@@ -95,11 +100,33 @@ func New(cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Driver{backend: cfg.Backend, mounts: mt, log: cfg.Logger, readyTimeout: cfg.ReadyTimeout}, nil
+	return &Driver{backend: cfg.Backend, mounts: mt, log: cfg.Logger, readyTimeout: cfg.ReadyTimeout, locks: map[string]*sync.Mutex{}}, nil
 }
 
 // MountCount is how many Docker mounts of volume are active on this host.
 func (d *Driver) MountCount(volume string) int { return d.mounts.count(volume) }
+
+// lock returns volume's mutex.
+func (d *Driver) lock(volume string) *sync.Mutex {
+	d.locksMu.Lock()
+	defer d.locksMu.Unlock()
+	m, ok := d.locks[volume]
+	if !ok {
+		m = &sync.Mutex{}
+		d.locks[volume] = m
+	}
+	return m
+}
+
+// Exclusive runs fn with the number of active mounts of volume on this
+// host, while no Mount of it can proceed: a volume's owner uses it to hand
+// the volume to another host only if nothing here has it mounted.
+func (d *Driver) Exclusive(volume string, fn func(mounts int) error) error {
+	m := d.lock(volume)
+	m.Lock()
+	defer m.Unlock()
+	return fn(d.mounts.count(volume))
+}
 
 // MountedVolumes lists the volumes mounted on this host, sorted.
 func (d *Driver) MountedVolumes() []string { return d.mounts.volumes() }
@@ -279,6 +306,9 @@ func (d *Driver) mount(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusBadRequest, err)
 		return
 	}
+	m := d.lock(req.Name)
+	m.Lock()
+	defer m.Unlock()
 	mp, err := d.backend.Mount(r.Context(), req.Name)
 	if err != nil {
 		d.log.Warn("mount refused", "volume", req.Name, "id", req.ID, "err", err)
