@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -16,11 +17,11 @@ import (
 const catalogOpTimeout = 10 * time.Second
 
 func (s *controlServer) VolumeRemove(ctx context.Context, req *tetherpb.VolumeRemoveRequest) (*tetherpb.VolumeRemoveResponse, error) {
-	if n := s.a.mountsHere(req.Name); n > 0 {
-		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is mounted %d time(s) on this host; stop the containers using it first", req.Name, n)
-	}
 	ctx, cancel := context.WithTimeout(ctx, catalogOpTimeout)
 	defer cancel()
+	if err := s.a.checkUnmounted(ctx, req.Name); err != nil {
+		return nil, status.Error(codes.FailedPrecondition, err.Error())
+	}
 	v, err := s.a.cluster.SoftDeleteVolume(ctx, req.Name)
 	if err != nil {
 		return nil, status.Error(deleteErrCode(err), err.Error())
@@ -71,4 +72,34 @@ func (a *Agent) deletionPB(pb *tetherpb.Volume, v cluster.Volume) {
 		pb.DeletedUnixNano = v.DeletedUnixNano
 		pb.PurgeAfterUnixNano = v.DeletedAt().Add(a.cluster.Retention()).UnixNano()
 	}
+}
+
+// checkUnmounted refuses to delete a volume that containers have mounted,
+// here or on its primary (the only other host that can mount it). When the
+// primary cannot be asked, the delete goes ahead: it is reversible and the
+// primary keeps serving the volume until it is purged.
+func (a *Agent) checkUnmounted(ctx context.Context, name string) error {
+	if n := a.mountsHere(name); n > 0 {
+		return fmt.Errorf("volume %s is mounted %d time(s) on this host; stop the containers using it first", name, n)
+	}
+	v, ok := a.cluster.Volume(name)
+	if !ok || v.Primary == "" || v.Primary == a.cfg.NodeName {
+		return nil
+	}
+	pc, err := a.dialPeer(v.Primary)
+	if err != nil {
+		a.log.Warn("deleting a volume without asking its primary whether it is mounted", "volume", name, "primary", v.Primary, "err", err)
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	st, err := pc.PrimaryStatus(ctx, &tetherpb.PrimaryStatusRequest{Volume: name})
+	if err != nil {
+		a.log.Warn("deleting a volume without knowing whether its primary has it mounted", "volume", name, "primary", v.Primary, "err", err)
+		return nil
+	}
+	if st.DockerMounts > 0 {
+		return fmt.Errorf("volume %s is mounted %d time(s) on its primary host %s; stop the containers using it there first", name, st.DockerMounts, v.Primary)
+	}
+	return nil
 }

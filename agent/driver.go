@@ -158,6 +158,9 @@ func (b *driverBackend) Create(ctx context.Context, name string, opts volumedriv
 func (b *driverBackend) Remove(ctx context.Context, name string) error {
 	ctx, cancel := context.WithTimeout(ctx, driverOpTimeout)
 	defer cancel()
+	if err := b.a.checkUnmounted(ctx, name); err != nil {
+		return err
+	}
 	v, err := b.a.cluster.SoftDeleteVolume(ctx, name)
 	if errors.Is(err, cluster.ErrNoVolume) {
 		return nil // already gone: let Docker forget it too

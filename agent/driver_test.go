@@ -189,6 +189,14 @@ func TestDriverOnCluster(t *testing.T) {
 	if e := errText(dc["n1"].call("VolumeDriver.Mount", map[string]any{"Name": "pg", "ID": id})); !strings.Contains(e, "on host n2 and has a single writer") {
 		t.Fatalf("mount back on n1 while n2 has it mounted: %q", e)
 	}
+	if e := errText(dc["n1"].call("VolumeDriver.Remove", map[string]any{"Name": "pg"})); !strings.Contains(e, "mounted 1 time(s) on its primary host n2") {
+		t.Fatalf("remove on n1 while the primary n2 has it mounted: %q", e)
+	}
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel2()
+	if _, err := tc.ctl["n3"].VolumeRemove(ctx2, &tetherpb.VolumeRemoveRequest{Name: "pg"}); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("tether volume rm on n3 while n2 has it mounted: %v", err)
+	}
 }
 
 func TestDecideMount(t *testing.T) {

@@ -712,10 +712,12 @@ func (x *PrimaryStatusRequest) GetVolume() string {
 }
 
 type PrimaryStatusResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Replicas      []*ReplicaStatus       `protobuf:"bytes,1,rep,name=replicas,proto3" json:"replicas,omitempty"`
-	Epoch         uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
-	Seq           uint64                 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Replicas []*ReplicaStatus       `protobuf:"bytes,1,rep,name=replicas,proto3" json:"replicas,omitempty"`
+	Epoch    uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Seq      uint64                 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
+	// Docker mounts of the volume on the primary (its volume driver's count).
+	DockerMounts  uint32 `protobuf:"varint,4,opt,name=docker_mounts,json=dockerMounts,proto3" json:"docker_mounts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -767,6 +769,13 @@ func (x *PrimaryStatusResponse) GetEpoch() uint64 {
 func (x *PrimaryStatusResponse) GetSeq() uint64 {
 	if x != nil {
 		return x.Seq
+	}
+	return 0
+}
+
+func (x *PrimaryStatusResponse) GetDockerMounts() uint32 {
+	if x != nil {
+		return x.DockerMounts
 	}
 	return 0
 }
@@ -2581,11 +2590,12 @@ const file_tether_proto_rawDesc = "" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\".\n" +
 	"\x14PrimaryStatusRequest\x12\x16\n" +
-	"\x06volume\x18\x01 \x01(\tR\x06volume\"u\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\"\x9a\x01\n" +
 	"\x15PrimaryStatusResponse\x124\n" +
 	"\breplicas\x18\x01 \x03(\v2\x18.tether.v1.ReplicaStatusR\breplicas\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
-	"\x03seq\x18\x03 \x01(\x04R\x03seq\"\xba\x01\n" +
+	"\x03seq\x18\x03 \x01(\x04R\x03seq\x12#\n" +
+	"\rdocker_mounts\x18\x04 \x01(\rR\fdockerMounts\"\xba\x01\n" +
 	"\rReplicaStatus\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1c\n" +
 	"\tconnected\x18\x02 \x01(\bR\tconnected\x12\x1b\n" +
