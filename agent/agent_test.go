@@ -43,12 +43,10 @@ func startTestClusterWith(t *testing.T, timing cluster.Timing) *testCluster {
 // opts adjust each node's Config.
 func startTestClusterLabeled(t *testing.T, timing cluster.Timing, labels []map[string]string, opts ...func(*Config)) *testCluster {
 	t.Helper()
-	tc := &testCluster{t: t, ctl: map[string]tetherpb.ControlClient{}}
 	log := testutil.Logger(t)
-	var join []string
-	for i := 1; i <= 3; i++ {
+	return startCluster(t, func(i int, join []string) Config {
 		cfg := Config{
-			NodeName:        fmt.Sprintf("n%d", i),
+			NodeName:        fmt.Sprintf("n%d", i+1),
 			DataDir:         t.TempDir(),
 			GossipAddr:      "127.0.0.1:0",
 			RPCAddr:         "127.0.0.1:0",
@@ -57,12 +55,25 @@ func startTestClusterLabeled(t *testing.T, timing cluster.Timing, labels []map[s
 			BootstrapExpect: 3,
 			Logger:          log,
 			Timing:          timing,
-			Labels:          labelsOf(labels, i-1),
+			Labels:          labelsOf(labels, i),
 		}
 		for _, o := range opts {
 			o(&cfg)
 		}
-		a, err := New(cfg)
+		return cfg
+	})
+}
+
+// startCluster starts three agents with the configs cfg makes (given the
+// node's index and the gossip addresses to join), each with a control
+// client, and waits until all know the Raft leader. Everything stops with
+// the test.
+func startCluster(t *testing.T, cfg func(i int, join []string) Config) *testCluster {
+	t.Helper()
+	tc := &testCluster{t: t, ctl: map[string]tetherpb.ControlClient{}}
+	var join []string
+	for i := 0; i < 3; i++ {
+		a, err := New(cfg(i, join))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -123,23 +134,6 @@ func (tc *testCluster) inspect(via, volume string) (*tetherpb.VolumeInspectRespo
 	return tc.ctl[via].VolumeInspect(ctx, &tetherpb.VolumeInspectRequest{Name: volume})
 }
 
-// sameTree fails unless want's and got's trees are equal byte for byte
-// (content, type, mode, symlink target, mtime).
-func sameTree(want, got string) error {
-	a, err := replication.Manifest(want)
-	if err != nil {
-		return err
-	}
-	b, err := replication.Manifest(got)
-	if err != nil {
-		return err
-	}
-	if d := replication.DiffManifests(a, b); len(d) > 0 {
-		return fmt.Errorf("%s differs from %s: %s", got, want, strings.Join(d, "; "))
-	}
-	return nil
-}
-
 func writeTree(t *testing.T, root, tag string) {
 	t.Helper()
 	files := map[string]string{
@@ -198,7 +192,7 @@ func runFailover(t *testing.T, tc *testCluster, primary *Agent) {
 	writeTree(t, src, "before")
 	for _, r := range v.ReplicaNodes {
 		dst := tc.agent(r).VolumePaths("vol1").Data
-		testutil.EventuallyErr(t, 15*time.Second, func() error { return sameTree(src, dst) })
+		testutil.EventuallyErr(t, 15*time.Second, func() error { return replication.SameTree(src, dst) })
 	}
 	before, err := replication.Manifest(src)
 	if err != nil {
@@ -259,7 +253,7 @@ func runFailover(t *testing.T, tc *testCluster, primary *Agent) {
 	})
 	writeTree(t, src2, "after")
 	testutil.EventuallyErr(t, 15*time.Second, func() error {
-		return sameTree(src2, tc.agent(other).VolumePaths("vol1").Data)
+		return replication.SameTree(src2, tc.agent(other).VolumePaths("vol1").Data)
 	})
 
 	// A stream in the old epoch is refused by both survivors, and writes nothing.
@@ -267,7 +261,7 @@ func runFailover(t *testing.T, tc *testCluster, primary *Agent) {
 		assertStaleRefused(t, tc.agent(name), "vol1", 1)
 	}
 	testutil.EventuallyErr(t, 5*time.Second, func() error {
-		return sameTree(src2, tc.agent(other).VolumePaths("vol1").Data)
+		return replication.SameTree(src2, tc.agent(other).VolumePaths("vol1").Data)
 	})
 }
 

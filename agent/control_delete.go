@@ -76,8 +76,9 @@ func (a *Agent) deletionPB(pb *tetherpb.Volume, v cluster.Volume) {
 
 // checkUnmounted refuses to delete a volume that containers have mounted,
 // here or on its primary (the only other host that can mount it). When the
-// primary cannot be asked, the delete goes ahead: it is reversible and the
-// primary keeps serving the volume until it is purged.
+// primary cannot be asked (or this node's catalog still names a former
+// primary, which no longer serves it), the delete goes ahead: it is
+// reversible and the volume keeps being served until it is purged.
 func (a *Agent) checkUnmounted(ctx context.Context, name string) error {
 	if n := a.mountsHere(name); n > 0 {
 		return fmt.Errorf("volume %s is mounted %d time(s) on this host; stop the containers using it first", name, n)

@@ -192,6 +192,10 @@ func TestDriverOnCluster(t *testing.T) {
 	if e := errText(dc["n1"].call("VolumeDriver.Remove", map[string]any{"Name": "pg"})); !strings.Contains(e, "mounted 1 time(s) on its primary host n2") {
 		t.Fatalf("remove on n1 while the primary n2 has it mounted: %q", e)
 	}
+	testutil.Eventually(t, 10*time.Second, "n3 sees the move", func() bool {
+		v, _ := tc.agent("n3").Cluster().Volume("pg")
+		return v.Primary == "n2"
+	})
 	ctx2, cancel2 := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel2()
 	if _, err := tc.ctl["n3"].VolumeRemove(ctx2, &tetherpb.VolumeRemoveRequest{Name: "pg"}); status.Code(err) != codes.FailedPrecondition {

@@ -30,7 +30,7 @@ func createSynced(t *testing.T, tc *testCluster, primary *Agent, name string) *t
 	src := primary.VolumePaths(name).Data
 	writeTree(t, src, "before")
 	for _, r := range resp.Volume.ReplicaNodes {
-		testutil.EventuallyErr(t, 15*time.Second, func() error { return sameTree(src, tc.agent(r).VolumePaths(name).Data) })
+		testutil.EventuallyErr(t, 15*time.Second, func() error { return replication.SameTree(src, tc.agent(r).VolumePaths(name).Data) })
 	}
 	return resp.Volume
 }
@@ -69,7 +69,7 @@ func TestPlannedMove(t *testing.T) {
 	})
 	writeTree(t, newPrimary.VolumePaths("vol1").Data, "after")
 	testutil.EventuallyErr(t, 15*time.Second, func() error {
-		return sameTree(newPrimary.VolumePaths("vol1").Data, from.VolumePaths("vol1").Data)
+		return replication.SameTree(newPrimary.VolumePaths("vol1").Data, from.VolumePaths("vol1").Data)
 	})
 }
 
@@ -161,7 +161,7 @@ func TestDeadServerRemovedAndReplicaReplaced(t *testing.T) {
 		if len(v.ReplicaNodes) != 1 || v.ReplicaNodes[0] == victim.NodeName() {
 			return fmt.Errorf("replicas still %v", v.ReplicaNodes)
 		}
-		return sameTree(primary.VolumePaths("vol1").Data, tc.agentOrSpare(v.ReplicaNodes[0], spare).VolumePaths("vol1").Data)
+		return replication.SameTree(primary.VolumePaths("vol1").Data, tc.agentOrSpare(v.ReplicaNodes[0], spare).VolumePaths("vol1").Data)
 	})
 }
 
@@ -193,7 +193,7 @@ func TestVolumeUpdateScales(t *testing.T) {
 			return fmt.Errorf("replicas %v", v.ReplicaNodes)
 		}
 		for _, r := range v.ReplicaNodes {
-			if err := sameTree(primary.VolumePaths("vol1").Data, tc.agent(r).VolumePaths("vol1").Data); err != nil {
+			if err := replication.SameTree(primary.VolumePaths("vol1").Data, tc.agent(r).VolumePaths("vol1").Data); err != nil {
 				return err
 			}
 		}

@@ -67,12 +67,17 @@ func (a *Agent) rpcAddrOf(node string) (string, error) {
 	return "", fmt.Errorf("node %s is not a known member", node)
 }
 
-func (a *Agent) dialReplication(_ context.Context, node string) (tetherpb.ReplicationClient, error) {
+// connTo returns the cached connection to node's RPC address.
+func (a *Agent) connTo(node string) (*grpc.ClientConn, error) {
 	addr, err := a.rpcAddrOf(node)
 	if err != nil {
 		return nil, err
 	}
-	c, err := a.peers.get(addr)
+	return a.peers.get(addr)
+}
+
+func (a *Agent) dialReplication(_ context.Context, node string) (tetherpb.ReplicationClient, error) {
+	c, err := a.connTo(node)
 	if err != nil {
 		return nil, err
 	}
@@ -80,11 +85,7 @@ func (a *Agent) dialReplication(_ context.Context, node string) (tetherpb.Replic
 }
 
 func (a *Agent) dialPeer(node string) (tetherpb.PeerClient, error) {
-	addr, err := a.rpcAddrOf(node)
-	if err != nil {
-		return nil, err
-	}
-	c, err := a.peers.get(addr)
+	c, err := a.connTo(node)
 	if err != nil {
 		return nil, err
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/tether-io/tether/internal/testutil"
 	"github.com/tether-io/tether/internal/tlsutil"
 	"github.com/tether-io/tether/proto/tetherpb"
+	"github.com/tether-io/tether/replication"
 )
 
 // Three agents with mutual TLS and encrypted gossip form a cluster, forward
@@ -23,40 +24,13 @@ import (
 func TestSecureCluster(t *testing.T) {
 	pki := testutil.NewPKI(t)
 	key := [][]byte{bytes.Repeat([]byte{7}, 32)}
-	tc := &testCluster{t: t, ctl: map[string]tetherpb.ControlClient{}}
-	var join []string
-	for i := 1; i <= 3; i++ {
-		name := fmt.Sprintf("n%d", i)
-		a, err := New(Config{
+	tc := startCluster(t, func(i int, join []string) Config {
+		name := fmt.Sprintf("n%d", i+1)
+		return Config{
 			NodeName: name, DataDir: t.TempDir(), GossipAddr: "127.0.0.1:0", RPCAddr: "127.0.0.1:0",
 			Join: join, BootstrapExpect: 3, Logger: testutil.Logger(t),
 			GossipKeys: key, TLS: pki.Node(name),
-		})
-		if err != nil {
-			t.Fatal(err)
 		}
-		if err := a.Start(context.Background()); err != nil {
-			t.Fatalf("starting %s: %v", name, err)
-		}
-		t.Cleanup(a.Kill)
-		if join == nil {
-			join = []string{a.GossipAddr()}
-		}
-		conn, err := grpc.NewClient("unix://"+a.SocketPath(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { conn.Close() })
-		tc.ctl[name] = tetherpb.NewControlClient(conn)
-		tc.agents = append(tc.agents, a)
-	}
-	testutil.Eventually(t, 30*time.Second, "every agent knows the Raft leader", func() bool {
-		for _, a := range tc.agents {
-			if l, _ := a.Cluster().Leader(); l == "" {
-				return false
-			}
-		}
-		return true
 	})
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -84,7 +58,7 @@ func TestSecureCluster(t *testing.T) {
 	writeTree(t, src, "tls")
 	for _, r := range resp.Volume.ReplicaNodes {
 		dst := tc.agent(r).VolumePaths("secure").Data
-		testutil.EventuallyErr(t, 15*time.Second, func() error { return sameTree(src, dst) })
+		testutil.EventuallyErr(t, 15*time.Second, func() error { return replication.SameTree(src, dst) })
 	}
 
 	// The RPC port: a cluster member gets an answer, others are refused.
@@ -114,7 +88,7 @@ func TestSecureCluster(t *testing.T) {
 	// An agent with the wrong gossip key stays out and says why.
 	wrong, err := New(Config{
 		NodeName: "n4", DataDir: t.TempDir(), GossipAddr: "127.0.0.1:0", RPCAddr: "127.0.0.1:0",
-		Join: join, Logger: testutil.Logger(t),
+		Join: []string{tc.agents[0].GossipAddr()}, Logger: testutil.Logger(t),
 		GossipKeys: [][]byte{bytes.Repeat([]byte{8}, 32)}, TLS: pki.Node("n4"),
 	})
 	if err != nil {

@@ -110,8 +110,17 @@ func (c *Cluster) Apply(ctx context.Context, cmd Command) (uint64, error) {
 	if !c.ready.Load() {
 		return 0, fmt.Errorf("%w: not started", ErrShutdown)
 	}
+	retried := false
 	for {
 		idx, retry, err := c.applyOnce(ctx, b)
+		if errors.Is(err, ErrIndeterminate) && !retried {
+			// Every catalog command is safe to send again: each either
+			// checks a precondition or only moves state forward. A refusal
+			// of the repeat that shows the first attempt landed is success.
+			retried, retry = true, true
+		} else if retried && err != nil && !retry && c.landed(ctx, cmd) {
+			return idx, nil
+		}
 		if !retry {
 			if err == nil {
 				// Read your writes: a caller that reads the catalog of this
@@ -128,6 +137,40 @@ func (c *Cluster) Apply(ctx context.Context, cmd Command) (uint64, error) {
 		case <-time.After(forwardRetryDelay):
 		}
 	}
+}
+
+// landed reports whether cmd, whose repeat was refused, took effect the
+// first time: the catalog here shows its result (waiting briefly for this
+// node to catch up).
+func (c *Cluster) landed(ctx context.Context, cmd Command) bool {
+	check := func() bool {
+		switch cmd := cmd.(type) {
+		case CreateVolume:
+			v, ok := c.fsm.get(cmd.Volume.Name)
+			return ok && v.CreatedAt.Equal(cmd.Volume.CreatedAt) && v.Primary == cmd.Volume.Primary
+		case SetPrimary:
+			v, ok := c.fsm.get(cmd.Name)
+			return ok && v.Epoch == cmd.Epoch && v.Primary == cmd.Primary
+		case DeleteVolume:
+			_, ok := c.fsm.get(cmd.Name)
+			return !ok
+		case Undelete: // (a repeated SetDeleted is accepted: it keeps the first time)
+			v, ok := c.fsm.get(cmd.Name)
+			return ok && !v.Deleted()
+		}
+		return false
+	}
+	deadline := time.After(2 * time.Second)
+	for !check() {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-deadline:
+			return false
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+	return true
 }
 
 // waitApplied waits until this node's catalog has applied index idx.
@@ -197,6 +240,9 @@ func (c *Cluster) raftApply(ctx context.Context, b []byte) (uint64, error) {
 		}
 		if errors.Is(err, raft.ErrRaftShutdown) {
 			return 0, ErrShutdown
+		}
+		if errors.Is(err, raft.ErrLeadershipLost) {
+			return 0, fmt.Errorf("%w: %w", ErrIndeterminate, err)
 		}
 		return 0, fmt.Errorf("cluster: committing catalog change: %w", err)
 	}

@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"context"
 	"errors"
 	"reflect"
 	"testing"
@@ -252,5 +253,32 @@ func TestFSMUpdateVolume(t *testing.T) {
 	tf.mustApply(UpdateVolume{Name: "v", Placement: &empty})
 	if v, _ := tf.f.get("v"); v.Placement != nil || v.Replicas != 3 {
 		t.Fatalf("clearing placement: %+v", v)
+	}
+}
+
+// TestLandedAfterIndeterminate: after a commit of unknown outcome, a
+// refused repeat counts as success exactly when the catalog shows the
+// first attempt's result.
+func TestLandedAfterIndeterminate(t *testing.T) {
+	tf := newTestFSM(t)
+	c := &Cluster{fsm: tf.f}
+	create := vol("v", "a", "b")
+	tf.mustApply(create)
+	ctx := context.Background()
+	if !c.landed(ctx, create) {
+		t.Fatal("our own create not recognised")
+	}
+	other := create
+	other.Volume.CreatedAt = create.Volume.CreatedAt.Add(time.Second)
+	if c.landed(ctx, other) {
+		t.Fatal("someone else's volume of the same name taken for ours")
+	}
+	sp := SetPrimary{Name: "v", Primary: "b", ReplicaNodes: []string{"a"}, Epoch: 2, ExpectEpoch: 1}
+	if c.landed(ctx, sp) {
+		t.Fatal("a promotion that did not happen counted as landed")
+	}
+	tf.mustApply(sp)
+	if !c.landed(ctx, sp) {
+		t.Fatal("a promotion that happened not recognised")
 	}
 }

@@ -26,8 +26,12 @@ var (
 	ErrTooFarBehind    = errors.New("cluster: the copy is further behind than the volume's max lag")
 	ErrLeaseHeld       = errors.New("cluster: the old primary may still hold its lease")
 	ErrInvalidLabels   = errors.New("cluster: invalid labels")
-	ErrVolumeDeleted   = errors.New("cluster: volume is deleted")
-	ErrNotDeleted      = errors.New("cluster: volume is not deleted")
+	// ErrIndeterminate: leadership changed while the change was being
+	// committed, so it may or may not have been; Apply resolves it by
+	// retrying commands that are safe to repeat.
+	ErrIndeterminate = errors.New("cluster: leadership changed during the commit; the change may or may not have been applied")
+	ErrVolumeDeleted = errors.New("cluster: volume is deleted")
+	ErrNotDeleted    = errors.New("cluster: volume is not deleted")
 )
 
 // businessErrors are the refusals that travel as text in a forwarded Apply.
@@ -35,7 +39,7 @@ var businessErrors = []error{
 	ErrNotLeader, ErrNoLeader, ErrVolumeExists, ErrNoVolume, ErrEpochMismatch,
 	ErrNotParticipant, ErrInvalidName, ErrInvalidReplicas, ErrInvalidCommand,
 	ErrUnknownCommand, ErrNotEnoughNodes, ErrShutdown, ErrPrimaryAlive,
-	ErrTooFarBehind, ErrLeaseHeld, ErrInvalidLabels,
+	ErrTooFarBehind, ErrLeaseHeld, ErrInvalidLabels, ErrIndeterminate,
 	ErrVolumeDeleted, ErrNotDeleted,
 }
 

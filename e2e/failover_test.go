@@ -5,7 +5,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"testing"
 	"time"
 
@@ -24,21 +23,6 @@ chmod 600 /var/lib/tether/volumes/vol/data/%[1]s/conf
 ln -s conf /var/lib/tether/volumes/vol/data/%[1]s/conf.link
 rm /var/lib/tether/volumes/vol/data/%[1]s/sub/deeper/f5
 `
-
-func sameTree(want, got string) error {
-	a, err := replication.Manifest(want)
-	if err != nil {
-		return err
-	}
-	b, err := replication.Manifest(got)
-	if err != nil {
-		return err
-	}
-	if d := replication.DiffManifests(a, b); len(d) > 0 {
-		return fmt.Errorf("%s differs from %s: %s", got, want, strings.Join(d, "; "))
-	}
-	return nil
-}
 
 // createAndFill creates volume "vol" on h1 and waits until both replicas
 // hold what a workload wrote on the primary.
@@ -59,7 +43,7 @@ func createAndFill(t *testing.T, tp *topo) *tetherpb.Volume {
 	tp.sh(primary, fmt.Sprintf(workload, "before"))
 	for _, r := range v.ReplicaNodes {
 		testutil.EventuallyErr(t, 30*time.Second, func() error {
-			return sameTree(primary.volumeDir("vol"), tp.host(r).volumeDir("vol"))
+			return replication.SameTree(primary.volumeDir("vol"), tp.host(r).volumeDir("vol"))
 		})
 	}
 	return &v
@@ -116,7 +100,7 @@ func TestKillPrimaryHost(t *testing.T) {
 		survivor = v.ReplicaNodes[1]
 	}
 	testutil.EventuallyErr(t, 30*time.Second, func() error {
-		return sameTree(np.volumeDir("vol"), tp.host(survivor).volumeDir("vol"))
+		return replication.SameTree(np.volumeDir("vol"), tp.host(survivor).volumeDir("vol"))
 	})
 }
 
@@ -153,7 +137,7 @@ func TestIsolatedPrimary(t *testing.T) {
 	// Healed: h1 follows the catalog, stops serving as primary and becomes a
 	// replica of the new primary, whose tree it converges to.
 	testutil.EventuallyErr(t, 90*time.Second, func() error {
-		return sameTree(np.volumeDir("vol"), old.volumeDir("vol"))
+		return replication.SameTree(np.volumeDir("vol"), old.volumeDir("vol"))
 	})
 	if _, err := os.Lstat(filepath.Join(np.volumeDir("vol"), "stale-epoch-write")); err == nil {
 		t.Fatal("a write of the old epoch reached the new primary")

@@ -241,7 +241,7 @@ func (r *run) waitReplicas(ctx context.Context, primary *node, replicas []string
 			continue
 		}
 		err := r.wait(ctx, "the files to reach "+name, func(context.Context) error {
-			return sameTree(primary.volumeDir(), rep.volumeDir())
+			return replication.SameTree(primary.volumeDir(), rep.volumeDir())
 		})
 		if err != nil {
 			return err
@@ -324,7 +324,7 @@ func (r *run) failover(ctx context.Context) error {
 	st, _ = survivor.ctl.Status(ctx, &tetherpb.StatusRequest{})
 	r.say("  %s promoted to primary in %s: epoch %d -> %d (Raft leader now %s)\n", nv.Primary, took.Round(time.Millisecond), vi.Volume.Epoch, nv.Epoch, st.GetLeader())
 	newPrimary := r.byName(nv.Primary)
-	if err := sameTree(old.volumeDir(), newPrimary.volumeDir()); err != nil {
+	if err := replication.SameTree(old.volumeDir(), newPrimary.volumeDir()); err != nil {
 		return fmt.Errorf("the new primary's copy differs from what the old primary held: %w", err)
 	}
 	r.say("  %s's copy equals what %s held when it died: nothing was lost\n\n", nv.Primary, old.name)
@@ -458,21 +458,6 @@ func writeFiles(root, tag string) ([]string, error) {
 		out = append(out, fmt.Sprintf("%s (%d bytes, mode %04o, written to a temp file and renamed)", f.path, len(f.data), f.mode))
 	}
 	return out, nil
-}
-
-func sameTree(a, b string) error {
-	ma, err := replication.Manifest(a)
-	if err != nil {
-		return err
-	}
-	mb, err := replication.Manifest(b)
-	if err != nil {
-		return err
-	}
-	if d := replication.DiffManifests(ma, mb); len(d) > 0 {
-		return errors.New(strings.Join(d, "; "))
-	}
-	return nil
 }
 
 // freeAddr finds a free loopback port (free for UDP too when udp is set, as
