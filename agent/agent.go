@@ -104,24 +104,28 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 	if err := a.mux.SetRaftAdvertise(rpcAdvertise); err != nil {
 		return err
 	}
-	a.peers = newPeerConns(a.peerCredentials())
+	if a.cfg.Dial != nil {
+		a.mux.SetRaftDialer(a.cfg.Dial)
+	}
+	a.peers = newPeerConns(a.peerCredentials(), a.cfg.Dial)
 	a.cluster, err = cluster.New(cluster.Config{
-		NodeName:        a.cfg.NodeName,
-		DataDir:         a.cfg.DataDir,
-		GossipBind:      a.cfg.GossipAddr,
-		GossipAdvertise: a.gossipAdvertise(),
-		RPCAdvertise:    rpcAdvertise,
-		Join:            a.cfg.Join,
-		BootstrapExpect: a.cfg.BootstrapExpect,
-		RaftLayer:       a.mux.RaftLayer(),
-		Forward:         a.forward,
-		ForwardLease:    a.forwardLease,
-		Version:         Version,
-		Labels:          a.cfg.Labels,
-		Logger:          a.log,
-		Timing:          a.cfg.Timing,
-		VolumeRetention: a.cfg.VolumeRetention,
-		GossipKeys:      a.cfg.GossipKeys,
+		NodeName:            a.cfg.NodeName,
+		DataDir:             a.cfg.DataDir,
+		GossipBind:          a.cfg.GossipAddr,
+		GossipAdvertise:     a.gossipAdvertise(),
+		RPCAdvertise:        rpcAdvertise,
+		Join:                a.cfg.Join,
+		BootstrapExpect:     a.cfg.BootstrapExpect,
+		RaftLayer:           a.mux.RaftLayer(),
+		Forward:             a.forward,
+		ForwardLease:        a.forwardLease,
+		Version:             Version,
+		Labels:              a.cfg.Labels,
+		WrapGossipTransport: a.cfg.WrapGossipTransport,
+		Logger:              a.log,
+		Timing:              a.cfg.Timing,
+		VolumeRetention:     a.cfg.VolumeRetention,
+		GossipKeys:          a.cfg.GossipKeys,
 	})
 	if err != nil {
 		return fmt.Errorf("setting up the cluster: %w", err)

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -11,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/hashicorp/memberlist"
 
 	"github.com/tether-io/tether/cluster"
 	"github.com/tether-io/tether/internal/tlsutil"
@@ -54,6 +57,11 @@ type Config struct {
 	VolumeRetention time.Duration
 	// Labels describe this node for volumes' placement constraints.
 	Labels map[string]string
+	// Dial and WrapGossipTransport replace the network for outgoing RPC
+	// (gRPC and Raft) connections and for gossip; tests use them to inject
+	// partitions, delay and loss. nil: the real network.
+	Dial                func(ctx context.Context, network, addr string) (net.Conn, error)
+	WrapGossipTransport func(memberlist.Transport) memberlist.Transport
 	// GossipKeys encrypt gossip, the first one being the primary; TLS
 	// secures the RPC port (gRPC and Raft) with mutual TLS. Empty: off,
 	// with a warning (see security.go).

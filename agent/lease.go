@@ -22,6 +22,7 @@ type leaseKeeper struct {
 	mu       sync.Mutex
 	lastOK   time.Time // when the last successful renewal was *sent*
 	validTil time.Time
+	index    uint64 // the leader's catalog index at the last grant
 	lastErr  error
 }
 
@@ -34,6 +35,17 @@ func (k *leaseKeeper) valid() bool {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	return time.Now().Before(k.validTil)
+}
+
+// caughtUp reports whether this node's catalog has applied what the leader
+// had applied at the last grant. A node must not *start* serving a volume
+// before that: back from a partition, its stale catalog may still name it
+// primary of a volume that moved on. (A primary that kept its lease all
+// along cannot have been moved: the leader waits the lease out first.)
+func (k *leaseKeeper) caughtUp() bool {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.c.AppliedIndex() >= k.index
 }
 
 // age is how long ago the lease was last confirmed (0 if never).
@@ -76,13 +88,14 @@ func (k *leaseKeeper) run(ctx context.Context) {
 func (k *leaseKeeper) renew(ctx context.Context, interval time.Duration) bool {
 	sent := time.Now()
 	rctx, cancel := context.WithTimeout(ctx, 2*interval)
-	err := k.c.RenewLease(rctx)
+	index, err := k.c.RenewLease(rctx)
 	cancel()
 	k.mu.Lock()
 	wasValid := time.Now().Before(k.validTil)
 	if err == nil {
 		k.lastOK = sent
 		k.validTil = sent.Add(k.c.LeaseDuration())
+		k.index = index
 	}
 	k.lastErr = err
 	k.mu.Unlock()

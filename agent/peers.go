@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"sync"
 
 	"google.golang.org/grpc"
@@ -18,13 +19,14 @@ import (
 // peerConns caches one gRPC client connection per peer RPC address.
 type peerConns struct {
 	creds  credentials.TransportCredentials // mutual TLS, or insecure
+	dial   func(ctx context.Context, network, addr string) (net.Conn, error)
 	mu     sync.Mutex
 	conns  map[string]*grpc.ClientConn
 	closed bool
 }
 
-func newPeerConns(creds credentials.TransportCredentials) *peerConns {
-	return &peerConns{creds: creds, conns: map[string]*grpc.ClientConn{}}
+func newPeerConns(creds credentials.TransportCredentials, dial func(ctx context.Context, network, addr string) (net.Conn, error)) *peerConns {
+	return &peerConns{creds: creds, dial: dial, conns: map[string]*grpc.ClientConn{}}
 }
 
 func (p *peerConns) get(addr string) (*grpc.ClientConn, error) {
@@ -36,7 +38,13 @@ func (p *peerConns) get(addr string) (*grpc.ClientConn, error) {
 	if c, ok := p.conns[addr]; ok {
 		return c, nil
 	}
-	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(p.creds))
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(p.creds)}
+	if p.dial != nil {
+		opts = append(opts, grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+			return p.dial(ctx, "tcp", addr)
+		}))
+	}
+	c, err := grpc.NewClient(addr, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("connecting to peer %s: %w", addr, err)
 	}
@@ -112,19 +120,19 @@ func (a *Agent) forward(ctx context.Context, leaderRPCAddr string, cmd []byte) (
 }
 
 // forwardLease asks the leader to grant node a primary lease.
-func (a *Agent) forwardLease(ctx context.Context, leaderRPCAddr, node string) error {
+func (a *Agent) forwardLease(ctx context.Context, leaderRPCAddr, node string) (uint64, error) {
 	c, err := a.peers.get(leaderRPCAddr)
 	if err != nil {
-		return err
+		return 0, err
 	}
-	_, err = tetherpb.NewPeerClient(c).RenewLease(ctx, &tetherpb.RenewLeaseRequest{Node: node})
+	resp, err := tetherpb.NewPeerClient(c).RenewLease(ctx, &tetherpb.RenewLeaseRequest{Node: node})
 	switch {
 	case err == nil:
-		return nil
+		return resp.Index, nil
 	case status.Code(err) == codes.FailedPrecondition:
-		return fmt.Errorf("%w (asked %s): %s", cluster.ErrNotLeader, leaderRPCAddr, status.Convert(err).Message())
+		return 0, fmt.Errorf("%w (asked %s): %s", cluster.ErrNotLeader, leaderRPCAddr, status.Convert(err).Message())
 	default:
-		return fmt.Errorf("asking the leader at %s for a lease: %w", leaderRPCAddr, err)
+		return 0, fmt.Errorf("asking the leader at %s for a lease: %w", leaderRPCAddr, err)
 	}
 }
 
@@ -149,13 +157,14 @@ func (s *peerServer) RenewLease(ctx context.Context, req *tetherpb.RenewLeaseReq
 	if req.Node == "" {
 		return nil, status.Error(codes.InvalidArgument, "a lease request must name its node")
 	}
-	if err := s.a.cluster.GrantLease(ctx, req.Node); err != nil {
+	index, err := s.a.cluster.GrantLease(ctx, req.Node)
+	if err != nil {
 		if errors.Is(err, cluster.ErrNotLeader) {
 			return nil, status.Error(codes.FailedPrecondition, err.Error())
 		}
 		return nil, status.Error(codes.Unavailable, err.Error())
 	}
-	return &tetherpb.RenewLeaseResponse{}, nil
+	return &tetherpb.RenewLeaseResponse{Index: index}, nil
 }
 
 func (s *peerServer) PrimaryStatus(_ context.Context, req *tetherpb.PrimaryStatusRequest) (*tetherpb.PrimaryStatusResponse, error) {

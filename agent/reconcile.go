@@ -77,8 +77,8 @@ func (a *Agent) reconcile(ctx context.Context) {
 			delete(a.fenced, name) // someone else owns it now; nothing left to fence
 		}
 	}
-	if !leaseHeld {
-		return // serve nothing as primary without a lease
+	if !leaseHeld || !a.lease.caughtUp() {
+		return // start nothing as primary without a lease and a current catalog
 	}
 	for name, v := range p.primary {
 		if rp, ok := a.primaries[name]; ok {

@@ -50,13 +50,16 @@ type Config struct {
 	// ForwardLease asks the leader at leaderRPCAddr to grant node a primary
 	// lease (the agent does it over gRPC Peer.RenewLease), with the same
 	// error conventions as Forward.
-	ForwardLease func(ctx context.Context, leaderRPCAddr, node string) error
+	ForwardLease func(ctx context.Context, leaderRPCAddr, node string) (index uint64, err error)
 	Version      string
 	Logger       *slog.Logger
 	Timing       Timing
 	// Labels describe this node for volumes' placement constraints; they
 	// travel in the gossip meta (see ValidateLabels for the limits).
 	Labels map[string]string
+	// WrapGossipTransport, when set, wraps memberlist's network transport
+	// (tests inject partitions, delay and loss this way).
+	WrapGossipTransport func(memberlist.Transport) memberlist.Transport
 	// GossipKeys encrypt gossip (see gossipsec.go); the first is the
 	// primary key. None means plaintext gossip.
 	GossipKeys [][]byte

@@ -63,43 +63,49 @@ func (t *leaseTable) expiries(nodes []string, lease time.Duration) map[string]ti
 
 // RenewLease asks the leader (this node or, forwarded, another) to grant
 // this node a primary lease. On success the caller holds it for
-// LeaseDuration from when it called.
-func (c *Cluster) RenewLease(ctx context.Context) error {
+// LeaseDuration from when it called, but may act on its catalog only once
+// it has applied index (the leader's catalog at the grant): a node that was
+// cut off must not serve a volume its stale catalog still gives it.
+func (c *Cluster) RenewLease(ctx context.Context) (index uint64, err error) {
 	if !c.ready.Load() {
-		return fmt.Errorf("%w: not started", ErrShutdown)
+		return 0, fmt.Errorf("%w: not started", ErrShutdown)
 	}
 	if c.IsLeader() {
 		return c.GrantLease(ctx, c.cfg.NodeName)
 	}
 	name, addr := c.Leader()
 	if addr == "" || name == c.cfg.NodeName {
-		return ErrNoLeader
+		return 0, ErrNoLeader
 	}
 	if c.cfg.ForwardLease == nil {
-		return fmt.Errorf("%w: %s leads and this node has no way to ask it for a lease", ErrNotLeader, name)
+		return 0, fmt.Errorf("%w: %s leads and this node has no way to ask it for a lease", ErrNotLeader, name)
 	}
 	return c.cfg.ForwardLease(ctx, addr, c.cfg.NodeName)
 }
 
+// AppliedIndex is the Raft index of the last catalog entry applied here.
+func (c *Cluster) AppliedIndex() uint64 { return c.fsm.appliedIndex() }
+
 // GrantLease is the leader's side of RenewLease: it confirms leadership
-// with a quorum, then records the grant.
-func (c *Cluster) GrantLease(ctx context.Context, node string) error {
+// with a quorum, records the grant and returns its applied catalog index.
+func (c *Cluster) GrantLease(ctx context.Context, node string) (uint64, error) {
 	if !c.ready.Load() {
-		return fmt.Errorf("%w: not started", ErrShutdown)
+		return 0, fmt.Errorf("%w: not started", ErrShutdown)
 	}
 	if !c.IsLeader() {
-		return ErrNotLeader
+		return 0, ErrNotLeader
 	}
 	// VerifyLeader resolves within the Raft leader lease: either a quorum
 	// answered or this node stepped down.
+	index := c.fsm.appliedIndex()
 	if err := c.raft.VerifyLeader().Error(); err != nil {
-		return fmt.Errorf("%w: could not confirm leadership with a quorum: %w", ErrNotLeader, err)
+		return 0, fmt.Errorf("%w: could not confirm leadership with a quorum: %w", ErrNotLeader, err)
 	}
 	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("cluster: confirming leadership for a lease: %w", err)
+		return 0, fmt.Errorf("cluster: confirming leadership for a lease: %w", err)
 	}
 	c.leases.grant(node, time.Now())
-	return nil
+	return index, nil
 }
 
 // LeaseDuration is the configured primary lease.

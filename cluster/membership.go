@@ -256,6 +256,16 @@ func (c *Cluster) setupMemberlist(raftFormed bool) error {
 		conf.AdvertiseAddr, conf.AdvertisePort = host, port
 	}
 	c.members.setLocal(nodeMeta{RPC: c.cfg.RPCAdvertise, Version: c.cfg.Version, Raft: raftFormed, Labels: c.cfg.Labels})
+	if c.cfg.WrapGossipTransport != nil {
+		nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{BindAddrs: []string{bindHost}, BindPort: bindPort, Logger: conf.Logger})
+		if err != nil {
+			return fmt.Errorf("cluster: starting gossip on %s: %w", c.cfg.GossipBind, err)
+		}
+		if bindPort == 0 {
+			conf.BindPort = nt.GetAutoBindPort()
+		}
+		conf.Transport = c.cfg.WrapGossipTransport(nt)
+	}
 	ml, err := memberlist.Create(conf)
 	if err != nil {
 		return fmt.Errorf("cluster: starting gossip on %s: %w", c.cfg.GossipBind, err)

@@ -71,6 +71,12 @@ func (m *Mux) GRPCListener() net.Listener { return m.grpc }
 // RaftLayer is the stream layer for Raft's NetworkTransport.
 func (m *Mux) RaftLayer() raft.StreamLayer { return m.raft }
 
+// SetRaftDialer makes outgoing Raft connections go through dial (tests
+// inject network faults this way). Call it before handing RaftLayer to Raft.
+func (m *Mux) SetRaftDialer(dial func(ctx context.Context, network, addr string) (net.Conn, error)) {
+	m.raft.dial = dial
+}
+
 // SetRaftAdvertise sets the address the Raft layer reports as its own
 // (host:port peers dial). Call it before handing RaftLayer to Raft.
 func (m *Mux) SetRaftAdvertise(addr string) error {
@@ -247,7 +253,10 @@ func (l *subListener) Addr() net.Addr { return l.addr }
 type raftLayer struct {
 	*subListener
 	advertise net.Addr // what Addr reports, when set
-	tls       raftTLS  // zero: plaintext Raft
+	// dial replaces net.Dialer for outgoing Raft connections (fault
+	// injection in tests); set before Raft starts.
+	dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	tls  raftTLS // zero: plaintext Raft
 }
 
 // Addr is the address Raft tells its peers (NetworkTransport uses it as
@@ -262,8 +271,14 @@ func (l *raftLayer) Addr() net.Addr {
 
 // Dial connects to another node's RPC port and announces Raft.
 func (l *raftLayer) Dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
-	d := net.Dialer{Timeout: timeout}
-	conn, err := d.Dial("tcp", string(address))
+	dial := l.dial
+	if dial == nil {
+		d := net.Dialer{Timeout: timeout}
+		dial = d.DialContext
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	conn, err := dial(ctx, "tcp", string(address))
+	cancel()
 	if err != nil {
 		return nil, fmt.Errorf("cluster: dialing raft at %s: %w", address, err)
 	}

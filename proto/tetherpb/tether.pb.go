@@ -534,7 +534,10 @@ func (x *RenewLeaseRequest) GetNode() string {
 }
 
 type RenewLeaseResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The leader's applied catalog index at the grant: the lease holder may
+	// act on its catalog only once it has applied this far.
+	Index         uint64 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -567,6 +570,13 @@ func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
 // Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
 	return file_tether_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *RenewLeaseResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
 }
 
 type ApplyRequest struct {
@@ -2582,8 +2592,9 @@ const file_tether_proto_rawDesc = "" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\"\n" +
 	"\rcut_unix_nano\x18\x03 \x01(\x03R\vcutUnixNano\"'\n" +
 	"\x11RenewLeaseRequest\x12\x12\n" +
-	"\x04node\x18\x01 \x01(\tR\x04node\"\x14\n" +
-	"\x12RenewLeaseResponse\"(\n" +
+	"\x04node\x18\x01 \x01(\tR\x04node\"*\n" +
+	"\x12RenewLeaseResponse\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"(\n" +
 	"\fApplyRequest\x12\x18\n" +
 	"\acommand\x18\x01 \x01(\fR\acommand\";\n" +
 	"\rApplyResponse\x12\x14\n" +
