@@ -18,6 +18,7 @@ import (
 	"github.com/tether-io/tether/internal/tlsutil"
 	"github.com/tether-io/tether/proto/tetherpb"
 	"github.com/tether-io/tether/replication"
+	"github.com/tether-io/tether/volumedriver"
 )
 
 // Agent is one tether agent. New builds it, Start runs it, Shutdown (or
@@ -39,6 +40,8 @@ type Agent struct {
 	peers   *peerConns
 	tls     *tlsutil.Store // nil: plaintext RPC
 	prog    *progressReporter
+	driver  *volumedriver.Driver
+	fencer  *Fencer
 	lease   *leaseKeeper
 	metrics *metrics
 
@@ -47,7 +50,9 @@ type Agent struct {
 	// lease lapsed). Only the reconcile loop starts and stops primaries.
 	mu        sync.Mutex
 	primaries map[string]*runningPrimary
-	fenced    map[string]fencedVolume
+	// prepMu serialises prepareVolume (incarnation.go).
+	prepMu sync.Mutex
+	fenced map[string]fencedVolume
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -119,6 +124,7 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 		WrapGossipTransport: a.cfg.WrapGossipTransport,
 		Logger:              a.log,
 		Timing:              a.cfg.Timing,
+		VolumeRetention:     a.cfg.VolumeRetention,
 		GossipKeys:          a.cfg.GossipKeys,
 	})
 	if err != nil {
@@ -141,6 +147,9 @@ func (a *Agent) Start(ctx context.Context) (err error) {
 		return err
 	}
 	a.warnInsecure()
+	if err := a.startDriver(); err != nil {
+		return err
+	}
 	a.log.Info("agent started", "gossip", a.cluster.GossipAddr(), "rpc", rpcAdvertise,
 		"control", SocketPath(a.cfg.DataDir), "http", a.HTTPAddr(), "version", Version)
 	return nil
@@ -275,8 +284,8 @@ func (a *Agent) resolveVolume(name string) (replication.Paths, error) {
 	if v.Primary != a.cfg.NodeName && !contains(v.ReplicaNodes, a.cfg.NodeName) {
 		return replication.Paths{}, fmt.Errorf("node %s holds no copy of volume %q", a.cfg.NodeName, name)
 	}
-	p := a.VolumePaths(name)
-	if err := ensureVolumeDirs(p); err != nil {
+	p, err := a.prepareVolume(v)
+	if err != nil {
 		return replication.Paths{}, err
 	}
 	return p, nil
@@ -310,6 +319,7 @@ func (a *Agent) stop(leave bool) {
 		if a.ctlSrv != nil {
 			a.ctlSrv.Stop()
 		}
+		a.stopDriver()
 		a.mu.Lock()
 		for name, rp := range a.primaries {
 			rp.p.Stop()

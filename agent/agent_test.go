@@ -28,9 +28,10 @@ type testCluster struct {
 	ctl    map[string]tetherpb.ControlClient
 }
 
-func startTestCluster(t *testing.T) *testCluster {
+// startTestCluster starts the three agents; opts adjust each one's Config.
+func startTestCluster(t *testing.T, opts ...func(*Config)) *testCluster {
 	t.Helper()
-	return startTestClusterWith(t, cluster.Timing{})
+	return startTestClusterLabeled(t, cluster.Timing{}, nil, opts...)
 }
 
 func startTestClusterWith(t *testing.T, timing cluster.Timing) *testCluster {
@@ -39,11 +40,12 @@ func startTestClusterWith(t *testing.T, timing cluster.Timing) *testCluster {
 }
 
 // startTestClusterLabeled gives node n{i+1} the labels labels[i].
-func startTestClusterLabeled(t *testing.T, timing cluster.Timing, labels []map[string]string) *testCluster {
+// opts adjust each node's Config.
+func startTestClusterLabeled(t *testing.T, timing cluster.Timing, labels []map[string]string, opts ...func(*Config)) *testCluster {
 	t.Helper()
 	log := testutil.Logger(t)
 	return startCluster(t, func(i int, join []string) Config {
-		return Config{
+		cfg := Config{
 			NodeName:        fmt.Sprintf("n%d", i+1),
 			DataDir:         t.TempDir(),
 			GossipAddr:      "127.0.0.1:0",
@@ -55,6 +57,10 @@ func startTestClusterLabeled(t *testing.T, timing cluster.Timing, labels []map[s
 			Timing:          timing,
 			Labels:          labelsOf(labels, i),
 		}
+		for _, o := range opts {
+			o(&cfg)
+		}
+		return cfg
 	})
 }
 

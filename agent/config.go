@@ -49,6 +49,12 @@ type Config struct {
 	BootstrapExpect int
 	Logger          *slog.Logger
 	Timing          cluster.Timing
+	// DriverSocket is the unix socket of the Docker volume driver; empty
+	// serves none (see ResolveDriverSocket for the CLI's default).
+	DriverSocket string
+	// VolumeRetention is how long a deleted volume is kept before it is
+	// purged; 0 means cluster.DefaultRetention.
+	VolumeRetention time.Duration
 	// Labels describe this node for volumes' placement constraints.
 	Labels map[string]string
 	// Dial and WrapGossipTransport replace the network for outgoing RPC
@@ -107,6 +113,9 @@ func (c *Config) Validate() error {
 		if j == "" {
 			return errors.New("--join: empty address")
 		}
+	}
+	if err := c.validateDriver(); err != nil {
+		return err
 	}
 	if err := c.validateSecurity(); err != nil {
 		return err

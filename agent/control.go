@@ -209,6 +209,7 @@ func (a *Agent) volumePB(v cluster.Volume) *tetherpb.Volume {
 	if v.State == cluster.StateNeedsOperator {
 		pb.Blocked = "the primary is down and every live copy is further behind than the max lag: bring the primary back, or accept the loss with tether volume promote " + v.Name + " --to NODE --force"
 	}
+	a.deletionPB(pb, v)
 	if v.Primary == a.cfg.NodeName || contains(v.ReplicaNodes, a.cfg.NodeName) {
 		pb.Path = a.VolumePaths(v.Name).Data
 	}

@@ -409,4 +409,3 @@ func TestChaosSeeded(t *testing.T) {
 		fc.converged(t, name, 90*time.Second)
 	}
 }
-

@@ -49,6 +49,9 @@ func (a *Agent) Move(ctx context.Context, name, to string, wait time.Duration) (
 	case v.Primary != a.cfg.NodeName:
 		return a.forwardMove(ctx, v.Primary, name, to, wait)
 	}
+	if err := a.refuseIfMounted(name); err != nil {
+		return cluster.Volume{}, err
+	}
 	if err := a.waitQuiet(ctx, name, to, wait); err != nil {
 		return cluster.Volume{}, err
 	}
@@ -60,7 +63,11 @@ func (a *Agent) Move(ctx context.Context, name, to string, wait time.Duration) (
 	}
 	replicas = append(replicas, v.Primary)
 	cmd := cluster.SetPrimary{Name: name, Primary: to, ReplicaNodes: replicas, Epoch: v.Epoch + 1, ExpectEpoch: v.Epoch}
-	if _, err := a.cluster.Apply(ctx, cmd); err != nil {
+	err := a.whileUnmounted(name, func() error { // single writer: no Docker mount here may race the commit
+		_, err := a.cluster.Apply(ctx, cmd)
+		return err
+	})
+	if err != nil {
 		return cluster.Volume{}, fmt.Errorf("committing the move of %q to %s: %w", name, to, err)
 	}
 	a.log.Info("volume moved", "volume", name, "from", a.cfg.NodeName, "to", to, "epoch", cmd.Epoch)

@@ -94,7 +94,11 @@ func (a *Agent) reconcile(ctx context.Context) {
 		}
 	}
 	for _, name := range p.replica {
-		if err := ensureVolumeDirs(a.VolumePaths(name)); err != nil {
+		v, ok := a.cluster.Volume(name)
+		if !ok {
+			continue
+		}
+		if _, err := a.prepareVolume(v); err != nil {
 			a.log.Error("cannot prepare replica", "volume", name, "err", err)
 		}
 	}
@@ -104,8 +108,8 @@ func (a *Agent) reconcile(ctx context.Context) {
 // once this node writes in epoch E no stream of an older primary can land
 // here, then starts watching and streaming.
 func (a *Agent) startPrimary(ctx context.Context, v cluster.Volume) error {
-	paths := a.VolumePaths(v.Name)
-	if err := ensureVolumeDirs(paths); err != nil {
+	paths, err := a.prepareVolume(v)
+	if err != nil {
 		return err
 	}
 	if err := a.repl.Fence(v.Name, v.Epoch); err != nil {
@@ -159,6 +163,7 @@ func (a *Agent) fence(name string, epoch uint64, reason string) {
 	a.log.Warn("FENCING: stopped serving volume as primary", "volume", name, "epoch", epoch, "reason", reason)
 	a.fenced[name] = fencedVolume{epoch: epoch, since: time.Now(), reason: reason}
 	a.metrics.fencings.Inc()
+	a.fenceContainers(name)
 }
 
 // primaryHeads reports the newest batch of each volume served here.

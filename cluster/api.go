@@ -154,6 +154,9 @@ func (c *Cluster) landed(ctx context.Context, cmd Command) bool {
 		case DeleteVolume:
 			_, ok := c.fsm.get(cmd.Name)
 			return !ok
+		case Undelete: // (a repeated SetDeleted is accepted: it keeps the first time)
+			v, ok := c.fsm.get(cmd.Name)
+			return ok && !v.Deleted()
 		}
 		return false
 	}
@@ -278,7 +281,10 @@ func (c *Cluster) CreateVolumeSpec(ctx context.Context, spec VolumeSpec) (Volume
 	if err := ValidateReplicas(replicas); err != nil {
 		return Volume{}, err
 	}
-	if _, ok := c.fsm.get(name); ok {
+	if old, ok := c.fsm.get(name); ok {
+		if old.Deleted() {
+			return Volume{}, c.deletedError(old)
+		}
 		return Volume{}, fmt.Errorf("%w: %q", ErrVolumeExists, name)
 	}
 	if err := ValidateLabels(spec.Placement); err != nil {

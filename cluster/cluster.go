@@ -63,6 +63,17 @@ type Config struct {
 	// GossipKeys encrypt gossip (see gossipsec.go); the first is the
 	// primary key. None means plaintext gossip.
 	GossipKeys [][]byte
+	// VolumeRetention is how long a deleted volume is kept before the
+	// leader purges it; 0 means DefaultRetention.
+	VolumeRetention time.Duration
+}
+
+// retention is the configured volume retention.
+func (c *Cluster) retention() time.Duration {
+	if c.cfg.VolumeRetention <= 0 {
+		return DefaultRetention
+	}
+	return c.cfg.VolumeRetention
 }
 
 // Timing holds the failure-detection and consensus timings; zero fields
@@ -153,6 +164,8 @@ type Cluster struct {
 	transport  *raft.NetworkTransport
 	store      *raftboltdb.BoltStore
 	gossipAddr string
+	// startIndex is the last Raft index on disk when Start ran.
+	startIndex uint64
 	joinErr    atomic.Value // string: why the last join failed
 
 	ctx    context.Context
@@ -236,6 +249,7 @@ func (c *Cluster) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	c.startIndex = c.raft.LastIndex()
 	if err := c.setupMemberlist(hasState); err != nil {
 		c.stopRaft()
 		return err

@@ -68,6 +68,7 @@ func startNet(t *testing.T, n int) *testNet {
 type nodeOpts struct {
 	name, join, dataDir, gossip string
 	expect                      int
+	retention                   time.Duration
 	gossipKeys                  [][]byte
 }
 
@@ -96,6 +97,7 @@ func (tn *testNet) start(o nodeOpts) *testNode {
 		Version:         "test",
 		Logger:          logger,
 		Timing:          testTiming(),
+		VolumeRetention: o.retention,
 		GossipKeys:      o.gossipKeys,
 	}
 	if o.join != "" {

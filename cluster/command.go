@@ -18,6 +18,8 @@ const (
 	TypeUpdateProgress CommandType = 4
 	TypeSetReplicas    CommandType = 5
 	TypeUpdateVolume   CommandType = 6
+	TypeSetDeleted     CommandType = 7
+	TypeUndelete       CommandType = 8
 )
 
 // IgnoreUnknownFlag is a bit of the type byte telling an FSM that does not
@@ -40,8 +42,26 @@ type CreateVolume struct {
 	Volume Volume `json:"volume"`
 }
 
-// DeleteVolume removes a volume from the catalog.
+// DeleteVolume removes a volume from the catalog for good (a purge). When
+// ExpectDeletedUnixNano is set it is refused unless the volume is
+// soft-deleted at exactly that time, so a purge decided before an undelete
+// cannot remove the undeleted volume.
 type DeleteVolume struct {
+	Name                  string `json:"name"`
+	ExpectDeletedUnixNano int64  `json:"expect_deleted_unix_nano,omitempty"`
+}
+
+// SetDeleted soft-deletes a volume at DeletedUnixNano: it stays in the
+// catalog (and replicated) until the leader purges it after the retention
+// period, and Undelete brings it back. Deleting a deleted volume keeps the
+// first deletion time.
+type SetDeleted struct {
+	Name            string `json:"name"`
+	DeletedUnixNano int64  `json:"deleted_unix_nano"`
+}
+
+// Undelete brings a soft-deleted volume back.
+type Undelete struct {
 	Name string `json:"name"`
 }
 
@@ -101,6 +121,12 @@ func (SetPrimary) Type() CommandType { return TypeSetPrimary }
 // Type implements Command.
 func (UpdateProgress) Type() CommandType { return TypeUpdateProgress }
 
+// Type implements Command.
+func (SetDeleted) Type() CommandType { return TypeSetDeleted }
+
+// Type implements Command.
+func (Undelete) Type() CommandType { return TypeUndelete }
+
 // Encode writes cmd in its wire form.
 func Encode(cmd Command) ([]byte, error) {
 	if cmd == nil || newCommand(cmd.Type()) == nil {
@@ -147,6 +173,10 @@ func Decode(b []byte) (Command, error) {
 		return *c, nil
 	case *UpdateVolume:
 		return *c, nil
+	case *SetDeleted:
+		return *c, nil
+	case *Undelete:
+		return *c, nil
 	}
 	return nil, fmt.Errorf("%w: type %d", ErrUnknownCommand, typ)
 }
@@ -166,6 +196,10 @@ func newCommand(typ CommandType) Command {
 		return &SetReplicas{}
 	case TypeUpdateVolume:
 		return &UpdateVolume{}
+	case TypeSetDeleted:
+		return &SetDeleted{}
+	case TypeUndelete:
+		return &Undelete{}
 	}
 	return nil
 }

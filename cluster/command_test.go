@@ -15,6 +15,9 @@ func TestEncodeDecodeRoundTrip(t *testing.T) {
 		DeleteVolume{Name: "db"},
 		SetPrimary{Name: "db", Primary: "b", ReplicaNodes: []string{"a"}, Epoch: 2, ExpectEpoch: 1},
 		UpdateProgress{Name: "db", Node: "b", Epoch: 2, Seq: 7, CutUnixNano: created.UnixNano()},
+		SetDeleted{Name: "db", DeletedUnixNano: created.UnixNano()},
+		Undelete{Name: "db"},
+		DeleteVolume{Name: "db", ExpectDeletedUnixNano: created.UnixNano()},
 	}
 	for _, cmd := range cmds {
 		t.Run(fmt.Sprintf("%T", cmd), func(t *testing.T) {

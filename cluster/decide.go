@@ -74,6 +74,9 @@ func dedupe(in []string) []string {
 // no-primary when its primary is down, healthy when the primary and every
 // replica are alive, degraded otherwise.
 func VolumeState(v Volume, health map[string]string) string {
+	if v.Deleted() {
+		return StateDeleted
+	}
 	if down(health[v.Primary]) {
 		if cmd, ok := ChooseFailover(v, health); ok {
 			if _, blocked := FailoverBlocked(v, cmd.Primary); blocked {
@@ -408,6 +411,18 @@ func DeadServers(servers []RaftServer, self string, health map[string]string, do
 		}
 		voters--
 		out = append(out, id)
+	}
+	return out
+}
+
+// Purges lists the purges due at now: DeleteVolume for every volume
+// deleted at least retention ago, bound to its deletion time.
+func Purges(vols []Volume, now time.Time, retention time.Duration) []DeleteVolume {
+	var out []DeleteVolume
+	for _, v := range vols {
+		if v.Deleted() && !now.Before(v.DeletedAt().Add(retention)) {
+			out = append(out, DeleteVolume{Name: v.Name, ExpectDeletedUnixNano: v.DeletedUnixNano})
+		}
 	}
 	return out
 }

@@ -182,3 +182,27 @@ func TestValidateName(t *testing.T) {
 		}
 	}
 }
+
+func TestPurges(t *testing.T) {
+	now := time.Date(2026, 12, 7, 12, 0, 0, 0, time.UTC)
+	del := func(name string, ago time.Duration) Volume {
+		return Volume{Name: name, DeletedUnixNano: now.Add(-ago).UnixNano()}
+	}
+	vols := []Volume{
+		{Name: "live"},
+		del("fresh", time.Hour),
+		del("exact", 24*time.Hour),
+		del("old", 48*time.Hour),
+	}
+	got := Purges(vols, now, 24*time.Hour)
+	want := []DeleteVolume{
+		{Name: "exact", ExpectDeletedUnixNano: vols[2].DeletedUnixNano},
+		{Name: "old", ExpectDeletedUnixNano: vols[3].DeletedUnixNano},
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("Purges = %+v, want %+v", got, want)
+	}
+	if got := VolumeState(vols[1], map[string]string{}); got != StateDeleted {
+		t.Fatalf("state of a deleted volume = %q", got)
+	}
+}

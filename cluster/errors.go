@@ -30,6 +30,8 @@ var (
 	// committed, so it may or may not have been; Apply resolves it by
 	// retrying commands that are safe to repeat.
 	ErrIndeterminate = errors.New("cluster: leadership changed during the commit; the change may or may not have been applied")
+	ErrVolumeDeleted = errors.New("cluster: volume is deleted")
+	ErrNotDeleted    = errors.New("cluster: volume is not deleted")
 )
 
 // businessErrors are the refusals that travel as text in a forwarded Apply.
@@ -38,6 +40,7 @@ var businessErrors = []error{
 	ErrNotParticipant, ErrInvalidName, ErrInvalidReplicas, ErrInvalidCommand,
 	ErrUnknownCommand, ErrNotEnoughNodes, ErrShutdown, ErrPrimaryAlive,
 	ErrTooFarBehind, ErrLeaseHeld, ErrInvalidLabels, ErrIndeterminate,
+	ErrVolumeDeleted, ErrNotDeleted,
 }
 
 // ParseError turns the text of an error produced by this package (for

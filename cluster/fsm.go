@@ -81,10 +81,36 @@ func (f *fsm) apply(cmd Command) error {
 	case CreateVolume:
 		return f.createVolume(c.Volume)
 	case DeleteVolume:
-		if _, ok := f.volumes[c.Name]; !ok {
+		v, ok := f.volumes[c.Name]
+		if !ok {
 			return fmt.Errorf("%w: %q", ErrNoVolume, c.Name)
 		}
+		if c.ExpectDeletedUnixNano != 0 && v.DeletedUnixNano != c.ExpectDeletedUnixNano {
+			return fmt.Errorf("%w: %q is no longer the deletion this purge was for", ErrNotDeleted, c.Name)
+		}
 		delete(f.volumes, c.Name)
+		return nil
+	case SetDeleted:
+		v, ok := f.volumes[c.Name]
+		if !ok {
+			return fmt.Errorf("%w: %q", ErrNoVolume, c.Name)
+		}
+		if c.DeletedUnixNano <= 0 {
+			return fmt.Errorf("%w: deletion time of %q is %d", ErrInvalidCommand, c.Name, c.DeletedUnixNano)
+		}
+		if v.DeletedUnixNano == 0 {
+			v.DeletedUnixNano = c.DeletedUnixNano
+		}
+		return nil
+	case Undelete:
+		v, ok := f.volumes[c.Name]
+		if !ok {
+			return fmt.Errorf("%w: %q", ErrNoVolume, c.Name)
+		}
+		if v.DeletedUnixNano == 0 {
+			return fmt.Errorf("%w: %q", ErrNotDeleted, c.Name)
+		}
+		v.DeletedUnixNano = 0
 		return nil
 	case SetPrimary:
 		return f.setPrimary(c)

@@ -114,6 +114,11 @@ func TestFSMBusinessErrors(t *testing.T) {
 		{"progress missing volume", UpdateProgress{Name: "nope", Node: "a", Epoch: 1, Seq: 1}, ErrNoVolume},
 		{"progress stranger", UpdateProgress{Name: "db", Node: "z", Epoch: 1, Seq: 1}, ErrNotParticipant},
 		{"progress future epoch", UpdateProgress{Name: "db", Node: "b", Epoch: 2, Seq: 1}, ErrEpochMismatch},
+		{"set deleted missing", SetDeleted{Name: "nope", DeletedUnixNano: 1}, ErrNoVolume},
+		{"set deleted no time", SetDeleted{Name: "db"}, ErrInvalidCommand},
+		{"undelete missing", Undelete{Name: "nope"}, ErrNoVolume},
+		{"undelete live volume", Undelete{Name: "db"}, ErrNotDeleted},
+		{"purge of a live volume", DeleteVolume{Name: "db", ExpectDeletedUnixNano: 5}, ErrNotDeleted},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := tf.f.list()
@@ -244,5 +249,31 @@ func TestFSMRestoreRejectsGarbage(t *testing.T) {
 		if err := f.Restore(io.NopCloser(strings.NewReader(in))); err == nil {
 			t.Errorf("Restore(%q) succeeded", in)
 		}
+	}
+}
+
+// TestFSMSoftDelete: delete keeps the volume with its first deletion time,
+// undelete clears it, and a purge bound to an old deletion is refused
+// after an undelete (and a later delete).
+func TestFSMSoftDelete(t *testing.T) {
+	tf := newTestFSM(t)
+	tf.mustApply(vol("db", "a", "b"))
+	tf.mustApply(SetDeleted{Name: "db", DeletedUnixNano: 100})
+	tf.mustApply(SetDeleted{Name: "db", DeletedUnixNano: 200})
+	v, _ := tf.f.get("db")
+	if !v.Deleted() || v.DeletedUnixNano != 100 {
+		t.Fatalf("after two deletes: %+v", v)
+	}
+	tf.mustApply(Undelete{Name: "db"})
+	tf.mustApply(SetDeleted{Name: "db", DeletedUnixNano: 300})
+	if err := tf.apply(DeleteVolume{Name: "db", ExpectDeletedUnixNano: 100}); !errors.Is(err, ErrNotDeleted) {
+		t.Fatalf("stale purge: %v", err)
+	}
+	if _, ok := tf.f.get("db"); !ok {
+		t.Fatal("a stale purge removed the volume")
+	}
+	tf.mustApply(DeleteVolume{Name: "db", ExpectDeletedUnixNano: 300})
+	if _, ok := tf.f.get("db"); ok {
+		t.Fatal("purge did not remove the volume")
 	}
 }

@@ -184,7 +184,24 @@ func (c *Cluster) reconcile(stop chan struct{}) time.Duration {
 			c.logger.Warn("replacing a dead replica was refused", "volume", cmd.Name, "error", err)
 		}
 	}
+	c.purge(stop)
 	return next
+}
+
+// purge removes the volumes whose retention after deletion has ended.
+func (c *Cluster) purge(stop chan struct{}) {
+	for _, cmd := range Purges(c.fsm.list(), time.Now(), c.retention()) {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		c.logger.Info("purging deleted volume: its retention ended", "volume", cmd.Name,
+			"deleted_at", time.Unix(0, cmd.ExpectDeletedUnixNano).UTC())
+		if _, err := c.applyLocal(cmd); err != nil {
+			c.logger.Warn("purging deleted volume was refused", "volume", cmd.Name, "error", err)
+		}
+	}
 }
 
 // reconcileRaft adds alive members missing from the Raft configuration

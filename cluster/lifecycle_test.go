@@ -77,6 +77,8 @@ func TestSingleNodeRestart(t *testing.T) {
 			}
 		}()
 		testutil.Eventually(t, 10*time.Second, "single node leads", c.IsLeader)
+		// Leading comes before the replay of the log on disk is applied.
+		testutil.Eventually(t, 10*time.Second, "catalog replayed", c.CatalogCurrent)
 		check(c)
 	}
 	run(func(c *Cluster) {

@@ -13,6 +13,9 @@ const (
 	StateHealthy   = "healthy"
 	StateDegraded  = "degraded"
 	StateNoPrimary = "no-primary"
+	// StateDeleted is a volume removed (docker volume rm) and kept until
+	// its retention ends; it can be undeleted.
+	StateDeleted = "deleted"
 	// StateNeedsOperator: the primary is down and every live copy is
 	// further behind than the volume's max lag; promote one with
 	// `tether volume promote --force`, or bring the primary back.
@@ -21,6 +24,10 @@ const (
 
 // DefaultMaxLag is the max lag of a volume created without one.
 const DefaultMaxLag = 5 * time.Minute
+
+// DefaultRetention is how long a deleted volume is kept before the leader
+// purges it.
+const DefaultRetention = 24 * time.Hour
 
 // MaxReplicas bounds Volume.Replicas (which counts the primary).
 const MaxReplicas = 7
@@ -46,6 +53,20 @@ type Volume struct {
 	MaxLag time.Duration `json:"max_lag,omitempty"`
 	// Placement lists labels every node holding a copy must carry.
 	Placement map[string]string `json:"placement,omitempty"`
+	// DeletedUnixNano is when the volume was deleted (soft delete), 0 when
+	// it is not.
+	DeletedUnixNano int64 `json:"deleted_unix_nano,omitempty"`
+}
+
+// Deleted reports whether v is soft-deleted.
+func (v Volume) Deleted() bool { return v.DeletedUnixNano != 0 }
+
+// DeletedAt is when v was deleted (zero when it is not).
+func (v Volume) DeletedAt() time.Time {
+	if v.DeletedUnixNano == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, v.DeletedUnixNano).UTC()
 }
 
 // Progress is the last batch a node holds durably.

@@ -98,8 +98,16 @@ type host struct {
 	name      string
 	container string
 	dataDir   string
-	ip        string
+	// inDir is where the data dir is mounted inside the container:
+	// /var/lib/tether, or dataDir itself for hosts that serve the Docker
+	// volume driver (dockerd uses the Mountpoint as a host path).
+	inDir string
+	ip    string
 }
+
+// hostOption adjusts a host before its container starts: it may set
+// h.inDir and returns extra `docker run` and `tether agent` arguments.
+type hostOption func(h *host) (runArgs, agentArgs []string)
 
 type topo struct {
 	t       *testing.T
@@ -109,7 +117,7 @@ type topo struct {
 }
 
 // startTopo starts n hosts on a new network, joined into one cluster.
-func startTopo(t *testing.T, n int) *topo {
+func startTopo(t *testing.T, n int, opts ...hostOption) *topo {
 	t.Helper()
 	image := buildImage(t)
 	tp := &topo{t: t, prefix: fmt.Sprintf("tether-e2e-%d", time.Now().UnixNano()%1e9)}
@@ -134,10 +142,17 @@ func startTopo(t *testing.T, n int) *topo {
 	}
 	sec := newSecurity(t)
 	for i, name := range names {
-		h := &host{name: name, container: tp.prefix + "-" + name, dataDir: t.TempDir(), ip: fmt.Sprintf("%s.%d", subnet, 11+i)}
+		h := &host{name: name, container: tp.prefix + "-" + name, dataDir: t.TempDir(), inDir: "/var/lib/tether", ip: fmt.Sprintf("%s.%d", subnet, 11+i)}
+		var runArgs, agentArgs []string
+		for _, o := range opts {
+			r, a := o(h)
+			runArgs, agentArgs = append(runArgs, r...), append(agentArgs, a...)
+		}
 		args := []string{"run", "-d", "--name", h.container, "--hostname", name, "--network", tp.network, "--ip", h.ip,
-			"--network-alias", name, "-v", h.dataDir + ":/var/lib/tether", image,
-			"agent", "--node-name", name, "--bootstrap-expect", fmt.Sprint(n), "--log-level", "debug"}
+			"--network-alias", name, "-v", h.dataDir + ":" + h.inDir}
+		args = append(append(args, runArgs...), image, "--data-dir", h.inDir,
+			"agent", "--node-name", name, "--bootstrap-expect", fmt.Sprint(n), "--log-level", "debug")
+		args = append(args, agentArgs...)
 		args = append(args, sec.agentArgs(h)...)
 		for _, other := range names {
 			if other != name {
@@ -177,7 +192,7 @@ func (tp *topo) host(name string) *host {
 
 // ctl runs a tether CLI command inside h's container and decodes its JSON.
 func (tp *topo) ctl(h *host, into proto.Message, args ...string) error {
-	out, err := docker(tp.t, append([]string{"exec", h.container, "/bin/tether", "--json", "--timeout", "5s"}, args...)...)
+	out, err := docker(tp.t, append([]string{"exec", h.container, "/bin/tether", "--json", "--timeout", "5s", "--data-dir", h.inDir}, args...)...)
 	if err != nil {
 		return err
 	}

@@ -40,6 +40,6 @@ func (s *security) agentArgs(h *host) []string {
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	in := func(p string) string { return "/var/lib/tether/tls/" + filepath.Base(p) }
+	in := func(p string) string { return filepath.Join(h.inDir, "tls", filepath.Base(p)) }
 	return []string{"--tls-ca", in(f.CA), "--tls-cert", in(f.Cert), "--tls-key", in(f.Key), "--gossip-key", s.key}
 }

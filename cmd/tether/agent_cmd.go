@@ -15,6 +15,7 @@ import (
 func newAgentCmd(g *globals) *cobra.Command {
 	cfg := agent.Config{}
 	var logLevel, logFormat string
+	var drv *driverFlags
 	var sec securityFlags
 	cmd := &cobra.Command{
 		Use:   "agent",
@@ -38,6 +39,7 @@ Without --tls-* and a gossip key the agent refuses to start unless --insecure-de
 			}
 			cfg.DataDir = g.dataDir
 			cfg.Logger = logger
+			drv.apply(&cfg, logger)
 			if cfg.NodeName == "" {
 				h, err := os.Hostname()
 				if err != nil {
@@ -74,6 +76,7 @@ Without --tls-* and a gossip key the agent refuses to start unless --insecure-de
 	f.StringToStringVar(&cfg.Labels, "label", nil, "a label of this node for placement constraints, KEY=VALUE (repeatable)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
+	drv = addDriverFlags(f)
 	return cmd
 }
 

@@ -17,7 +17,8 @@ func newVolumeCmd(g *globals) *cobra.Command {
 		Use:   "volume",
 		Short: "Create, list and inspect replicated volumes",
 	}
-	cmd.AddCommand(newVolumeCreateCmd(g), newVolumeLsCmd(g), newVolumeInspectCmd(g), newVolumePromoteCmd(g), newVolumeMoveCmd(g), newVolumeUpdateCmd(g))
+	cmd.AddCommand(newVolumeCreateCmd(g), newVolumeLsCmd(g), newVolumeInspectCmd(g), newVolumePromoteCmd(g), newVolumeMoveCmd(g), newVolumeUpdateCmd(g),
+		newVolumeRmCmd(g), newVolumeUndeleteCmd(g), newVolumePurgeCmd(g))
 	return cmd
 }
 
@@ -134,6 +135,9 @@ func printInspect(out io.Writer, resp *tetherpb.VolumeInspectResponse) error {
 	fmt.Fprintf(w, "Created:\t%s\n", time.Unix(0, v.CreatedUnixNano).UTC().Format(time.RFC3339))
 	if v.Path != "" {
 		fmt.Fprintf(w, "Path here:\t%s\n", v.Path)
+	}
+	if v.DeletedUnixNano != 0 {
+		fmt.Fprintf(w, "Deleted:\t%s (purged after %s; tether volume undelete %s)\n", fmtTime(v.DeletedUnixNano), fmtTime(v.PurgeAfterUnixNano), v.Name)
 	}
 	if err := w.Flush(); err != nil {
 		return err

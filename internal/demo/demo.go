@@ -151,7 +151,8 @@ func (r *run) startAgent(n *node, joins []string) error {
 	}
 	args := []string{"agent", "--node-name", n.name, "--data-dir", n.dataDir,
 		"--gossip-addr", n.gossip, "--rpc-addr", n.rpc, "--http-addr", n.http,
-		"--bootstrap-expect", "3", "--log-level", "debug"}
+		"--bootstrap-expect", "3", "--log-level", "debug",
+		"--driver-socket", ""} // three agents on one host: no Docker volume driver (they would share its socket)
 	args = append(args, r.securityArgs(n)...)
 	for _, j := range joins {
 		if j != n.gossip {

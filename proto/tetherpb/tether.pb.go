@@ -722,10 +722,12 @@ func (x *PrimaryStatusRequest) GetVolume() string {
 }
 
 type PrimaryStatusResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Replicas      []*ReplicaStatus       `protobuf:"bytes,1,rep,name=replicas,proto3" json:"replicas,omitempty"`
-	Epoch         uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
-	Seq           uint64                 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Replicas []*ReplicaStatus       `protobuf:"bytes,1,rep,name=replicas,proto3" json:"replicas,omitempty"`
+	Epoch    uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Seq      uint64                 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
+	// Docker mounts of the volume on the primary (its volume driver's count).
+	DockerMounts  uint32 `protobuf:"varint,4,opt,name=docker_mounts,json=dockerMounts,proto3" json:"docker_mounts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -777,6 +779,13 @@ func (x *PrimaryStatusResponse) GetEpoch() uint64 {
 func (x *PrimaryStatusResponse) GetSeq() uint64 {
 	if x != nil {
 		return x.Seq
+	}
+	return 0
+}
+
+func (x *PrimaryStatusResponse) GetDockerMounts() uint32 {
+	if x != nil {
+		return x.DockerMounts
 	}
 	return 0
 }
@@ -2001,10 +2010,14 @@ type Volume struct {
 	// Automatic failover refuses a copy further behind than this; 0 = no limit.
 	MaxLagMs int64 `protobuf:"varint,10,opt,name=max_lag_ms,json=maxLagMs,proto3" json:"max_lag_ms,omitempty"`
 	// Why the volume waits for an operator, when it does.
-	Blocked       string            `protobuf:"bytes,11,opt,name=blocked,proto3" json:"blocked,omitempty"`
-	Placement     map[string]string `protobuf:"bytes,12,rep,name=placement,proto3" json:"placement,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Blocked   string            `protobuf:"bytes,11,opt,name=blocked,proto3" json:"blocked,omitempty"`
+	Placement map[string]string `protobuf:"bytes,12,rep,name=placement,proto3" json:"placement,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// When the volume was deleted (state "deleted"); 0 when it is not.
+	DeletedUnixNano int64 `protobuf:"varint,13,opt,name=deleted_unix_nano,json=deletedUnixNano,proto3" json:"deleted_unix_nano,omitempty"`
+	// When a deleted volume will be purged; 0 when it is not deleted.
+	PurgeAfterUnixNano int64 `protobuf:"varint,14,opt,name=purge_after_unix_nano,json=purgeAfterUnixNano,proto3" json:"purge_after_unix_nano,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
@@ -2119,6 +2132,20 @@ func (x *Volume) GetPlacement() map[string]string {
 		return x.Placement
 	}
 	return nil
+}
+
+func (x *Volume) GetDeletedUnixNano() int64 {
+	if x != nil {
+		return x.DeletedUnixNano
+	}
+	return 0
+}
+
+func (x *Volume) GetPurgeAfterUnixNano() int64 {
+	if x != nil {
+		return x.PurgeAfterUnixNano
+	}
+	return 0
 }
 
 type ReplicaProgress struct {
@@ -2267,6 +2294,262 @@ func (x *VolumeStatus) GetError() string {
 	return ""
 }
 
+type VolumeRemoveRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeRemoveRequest) Reset() {
+	*x = VolumeRemoveRequest{}
+	mi := &file_tether_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeRemoveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeRemoveRequest) ProtoMessage() {}
+
+func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeRemoveRequest.ProtoReflect.Descriptor instead.
+func (*VolumeRemoveRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *VolumeRemoveRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type VolumeRemoveResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeRemoveResponse) Reset() {
+	*x = VolumeRemoveResponse{}
+	mi := &file_tether_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeRemoveResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeRemoveResponse) ProtoMessage() {}
+
+func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeRemoveResponse.ProtoReflect.Descriptor instead.
+func (*VolumeRemoveResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *VolumeRemoveResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+type VolumeUndeleteRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeUndeleteRequest) Reset() {
+	*x = VolumeUndeleteRequest{}
+	mi := &file_tether_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeUndeleteRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeUndeleteRequest) ProtoMessage() {}
+
+func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeUndeleteRequest.ProtoReflect.Descriptor instead.
+func (*VolumeUndeleteRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *VolumeUndeleteRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type VolumeUndeleteResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        *Volume                `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumeUndeleteResponse) Reset() {
+	*x = VolumeUndeleteResponse{}
+	mi := &file_tether_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumeUndeleteResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumeUndeleteResponse) ProtoMessage() {}
+
+func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumeUndeleteResponse.ProtoReflect.Descriptor instead.
+func (*VolumeUndeleteResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *VolumeUndeleteResponse) GetVolume() *Volume {
+	if x != nil {
+		return x.Volume
+	}
+	return nil
+}
+
+type VolumePurgeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumePurgeRequest) Reset() {
+	*x = VolumePurgeRequest{}
+	mi := &file_tether_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumePurgeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumePurgeRequest) ProtoMessage() {}
+
+func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumePurgeRequest.ProtoReflect.Descriptor instead.
+func (*VolumePurgeRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *VolumePurgeRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type VolumePurgeResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *VolumePurgeResponse) Reset() {
+	*x = VolumePurgeResponse{}
+	mi := &file_tether_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *VolumePurgeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*VolumePurgeResponse) ProtoMessage() {}
+
+func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use VolumePurgeResponse.ProtoReflect.Descriptor instead.
+func (*VolumePurgeResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{39}
+}
+
 var File_tether_proto protoreflect.FileDescriptor
 
 const file_tether_proto_rawDesc = "" +
@@ -2318,11 +2601,12 @@ const file_tether_proto_rawDesc = "" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\".\n" +
 	"\x14PrimaryStatusRequest\x12\x16\n" +
-	"\x06volume\x18\x01 \x01(\tR\x06volume\"u\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\"\x9a\x01\n" +
 	"\x15PrimaryStatusResponse\x124\n" +
 	"\breplicas\x18\x01 \x03(\v2\x18.tether.v1.ReplicaStatusR\breplicas\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
-	"\x03seq\x18\x03 \x01(\x04R\x03seq\"\xba\x01\n" +
+	"\x03seq\x18\x03 \x01(\x04R\x03seq\x12#\n" +
+	"\rdocker_mounts\x18\x04 \x01(\rR\fdockerMounts\"\xba\x01\n" +
 	"\rReplicaStatus\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1c\n" +
 	"\tconnected\x18\x02 \x01(\bR\tconnected\x12\x1b\n" +
@@ -2421,7 +2705,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"s\n" +
 	"\x15VolumeInspectResponse\x12)\n" +
 	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\x12/\n" +
-	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\xd1\x03\n" +
+	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\xb0\x04\n" +
 	"\x06Volume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\breplicas\x18\x02 \x01(\rR\breplicas\x12\x18\n" +
@@ -2436,7 +2720,9 @@ const file_tether_proto_rawDesc = "" +
 	"max_lag_ms\x18\n" +
 	" \x01(\x03R\bmaxLagMs\x12\x18\n" +
 	"\ablocked\x18\v \x01(\tR\ablocked\x12>\n" +
-	"\tplacement\x18\f \x03(\v2 .tether.v1.Volume.PlacementEntryR\tplacement\x1a<\n" +
+	"\tplacement\x18\f \x03(\v2 .tether.v1.Volume.PlacementEntryR\tplacement\x12*\n" +
+	"\x11deleted_unix_nano\x18\r \x01(\x03R\x0fdeletedUnixNano\x121\n" +
+	"\x15purge_after_unix_nano\x18\x0e \x01(\x03R\x12purgeAfterUnixNano\x1a<\n" +
 	"\x0ePlacementEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"q\n" +
@@ -2450,7 +2736,18 @@ const file_tether_proto_rawDesc = "" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x04R\x03seq\x124\n" +
 	"\breplicas\x18\x04 \x03(\v2\x18.tether.v1.ReplicaStatusR\breplicas\x12\x14\n" +
-	"\x05error\x18\x05 \x01(\tR\x05error2K\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\")\n" +
+	"\x13VolumeRemoveRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"A\n" +
+	"\x14VolumeRemoveResponse\x12)\n" +
+	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\"+\n" +
+	"\x15VolumeUndeleteRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"C\n" +
+	"\x16VolumeUndeleteResponse\x12)\n" +
+	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\"(\n" +
+	"\x12VolumePurgeRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x15\n" +
+	"\x13VolumePurgeResponse2K\n" +
 	"\vReplication\x12<\n" +
 	"\x06Stream\x12\x18.tether.v1.StreamRequest\x1a\x14.tether.v1.StreamAck(\x010\x012\xf4\x02\n" +
 	"\x04Peer\x12:\n" +
@@ -2459,14 +2756,17 @@ const file_tether_proto_rawDesc = "" +
 	"\n" +
 	"RenewLease\x12\x1c.tether.v1.RenewLeaseRequest\x1a\x1d.tether.v1.RenewLeaseResponse\x12L\n" +
 	"\aPromote\x12\x1f.tether.v1.VolumePromoteRequest\x1a .tether.v1.VolumePromoteResponse\x12C\n" +
-	"\x04Move\x12\x1c.tether.v1.VolumeMoveRequest\x1a\x1d.tether.v1.VolumeMoveResponse2\xea\x04\n" +
+	"\x04Move\x12\x1c.tether.v1.VolumeMoveRequest\x1a\x1d.tether.v1.VolumeMoveResponse2\xe0\x06\n" +
 	"\aControl\x12@\n" +
 	"\aMembers\x12\x19.tether.v1.MembersRequest\x1a\x1a.tether.v1.MembersResponse\x12=\n" +
 	"\x06Status\x12\x18.tether.v1.StatusRequest\x1a\x19.tether.v1.StatusResponse\x12O\n" +
 	"\fVolumeCreate\x12\x1e.tether.v1.VolumeCreateRequest\x1a\x1f.tether.v1.VolumeCreateResponse\x12I\n" +
 	"\n" +
 	"VolumeList\x12\x1c.tether.v1.VolumeListRequest\x1a\x1d.tether.v1.VolumeListResponse\x12R\n" +
-	"\rVolumeInspect\x12\x1f.tether.v1.VolumeInspectRequest\x1a .tether.v1.VolumeInspectResponse\x12R\n" +
+	"\rVolumeInspect\x12\x1f.tether.v1.VolumeInspectRequest\x1a .tether.v1.VolumeInspectResponse\x12O\n" +
+	"\fVolumeRemove\x12\x1e.tether.v1.VolumeRemoveRequest\x1a\x1f.tether.v1.VolumeRemoveResponse\x12U\n" +
+	"\x0eVolumeUndelete\x12 .tether.v1.VolumeUndeleteRequest\x1a!.tether.v1.VolumeUndeleteResponse\x12L\n" +
+	"\vVolumePurge\x12\x1d.tether.v1.VolumePurgeRequest\x1a\x1e.tether.v1.VolumePurgeResponse\x12R\n" +
 	"\rVolumePromote\x12\x1f.tether.v1.VolumePromoteRequest\x1a .tether.v1.VolumePromoteResponse\x12I\n" +
 	"\n" +
 	"VolumeMove\x12\x1c.tether.v1.VolumeMoveRequest\x1a\x1d.tether.v1.VolumeMoveResponse\x12O\n" +
@@ -2485,47 +2785,53 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
 var file_tether_proto_goTypes = []any{
-	(FileOp_Kind)(0),              // 0: tether.v1.FileOp.Kind
-	(*StreamRequest)(nil),         // 1: tether.v1.StreamRequest
-	(*Hello)(nil),                 // 2: tether.v1.Hello
-	(*FileOp)(nil),                // 3: tether.v1.FileOp
-	(*Commit)(nil),                // 4: tether.v1.Commit
-	(*StreamAck)(nil),             // 5: tether.v1.StreamAck
-	(*RenewLeaseRequest)(nil),     // 6: tether.v1.RenewLeaseRequest
-	(*RenewLeaseResponse)(nil),    // 7: tether.v1.RenewLeaseResponse
-	(*ApplyRequest)(nil),          // 8: tether.v1.ApplyRequest
-	(*ApplyResponse)(nil),         // 9: tether.v1.ApplyResponse
-	(*PrimaryStatusRequest)(nil),  // 10: tether.v1.PrimaryStatusRequest
-	(*PrimaryStatusResponse)(nil), // 11: tether.v1.PrimaryStatusResponse
-	(*ReplicaStatus)(nil),         // 12: tether.v1.ReplicaStatus
-	(*VolumeUpdateRequest)(nil),   // 13: tether.v1.VolumeUpdateRequest
-	(*VolumeUpdateResponse)(nil),  // 14: tether.v1.VolumeUpdateResponse
-	(*VolumePromoteRequest)(nil),  // 15: tether.v1.VolumePromoteRequest
-	(*VolumePromoteResponse)(nil), // 16: tether.v1.VolumePromoteResponse
-	(*VolumeMoveRequest)(nil),     // 17: tether.v1.VolumeMoveRequest
-	(*VolumeMoveResponse)(nil),    // 18: tether.v1.VolumeMoveResponse
-	(*MembersRequest)(nil),        // 19: tether.v1.MembersRequest
-	(*Member)(nil),                // 20: tether.v1.Member
-	(*MembersResponse)(nil),       // 21: tether.v1.MembersResponse
-	(*StatusRequest)(nil),         // 22: tether.v1.StatusRequest
-	(*StatusResponse)(nil),        // 23: tether.v1.StatusResponse
-	(*FencedVolume)(nil),          // 24: tether.v1.FencedVolume
-	(*Security)(nil),              // 25: tether.v1.Security
-	(*VolumeCreateRequest)(nil),   // 26: tether.v1.VolumeCreateRequest
-	(*VolumeCreateResponse)(nil),  // 27: tether.v1.VolumeCreateResponse
-	(*VolumeListRequest)(nil),     // 28: tether.v1.VolumeListRequest
-	(*VolumeListResponse)(nil),    // 29: tether.v1.VolumeListResponse
-	(*VolumeInspectRequest)(nil),  // 30: tether.v1.VolumeInspectRequest
-	(*VolumeInspectResponse)(nil), // 31: tether.v1.VolumeInspectResponse
-	(*Volume)(nil),                // 32: tether.v1.Volume
-	(*ReplicaProgress)(nil),       // 33: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),          // 34: tether.v1.VolumeStatus
-	nil,                           // 35: tether.v1.VolumeUpdateRequest.PlacementEntry
-	nil,                           // 36: tether.v1.Member.LabelsEntry
-	nil,                           // 37: tether.v1.VolumeCreateRequest.PlacementEntry
-	nil,                           // 38: tether.v1.Volume.PlacementEntry
+	(FileOp_Kind)(0),               // 0: tether.v1.FileOp.Kind
+	(*StreamRequest)(nil),          // 1: tether.v1.StreamRequest
+	(*Hello)(nil),                  // 2: tether.v1.Hello
+	(*FileOp)(nil),                 // 3: tether.v1.FileOp
+	(*Commit)(nil),                 // 4: tether.v1.Commit
+	(*StreamAck)(nil),              // 5: tether.v1.StreamAck
+	(*RenewLeaseRequest)(nil),      // 6: tether.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),     // 7: tether.v1.RenewLeaseResponse
+	(*ApplyRequest)(nil),           // 8: tether.v1.ApplyRequest
+	(*ApplyResponse)(nil),          // 9: tether.v1.ApplyResponse
+	(*PrimaryStatusRequest)(nil),   // 10: tether.v1.PrimaryStatusRequest
+	(*PrimaryStatusResponse)(nil),  // 11: tether.v1.PrimaryStatusResponse
+	(*ReplicaStatus)(nil),          // 12: tether.v1.ReplicaStatus
+	(*VolumeUpdateRequest)(nil),    // 13: tether.v1.VolumeUpdateRequest
+	(*VolumeUpdateResponse)(nil),   // 14: tether.v1.VolumeUpdateResponse
+	(*VolumePromoteRequest)(nil),   // 15: tether.v1.VolumePromoteRequest
+	(*VolumePromoteResponse)(nil),  // 16: tether.v1.VolumePromoteResponse
+	(*VolumeMoveRequest)(nil),      // 17: tether.v1.VolumeMoveRequest
+	(*VolumeMoveResponse)(nil),     // 18: tether.v1.VolumeMoveResponse
+	(*MembersRequest)(nil),         // 19: tether.v1.MembersRequest
+	(*Member)(nil),                 // 20: tether.v1.Member
+	(*MembersResponse)(nil),        // 21: tether.v1.MembersResponse
+	(*StatusRequest)(nil),          // 22: tether.v1.StatusRequest
+	(*StatusResponse)(nil),         // 23: tether.v1.StatusResponse
+	(*FencedVolume)(nil),           // 24: tether.v1.FencedVolume
+	(*Security)(nil),               // 25: tether.v1.Security
+	(*VolumeCreateRequest)(nil),    // 26: tether.v1.VolumeCreateRequest
+	(*VolumeCreateResponse)(nil),   // 27: tether.v1.VolumeCreateResponse
+	(*VolumeListRequest)(nil),      // 28: tether.v1.VolumeListRequest
+	(*VolumeListResponse)(nil),     // 29: tether.v1.VolumeListResponse
+	(*VolumeInspectRequest)(nil),   // 30: tether.v1.VolumeInspectRequest
+	(*VolumeInspectResponse)(nil),  // 31: tether.v1.VolumeInspectResponse
+	(*Volume)(nil),                 // 32: tether.v1.Volume
+	(*ReplicaProgress)(nil),        // 33: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),           // 34: tether.v1.VolumeStatus
+	(*VolumeRemoveRequest)(nil),    // 35: tether.v1.VolumeRemoveRequest
+	(*VolumeRemoveResponse)(nil),   // 36: tether.v1.VolumeRemoveResponse
+	(*VolumeUndeleteRequest)(nil),  // 37: tether.v1.VolumeUndeleteRequest
+	(*VolumeUndeleteResponse)(nil), // 38: tether.v1.VolumeUndeleteResponse
+	(*VolumePurgeRequest)(nil),     // 39: tether.v1.VolumePurgeRequest
+	(*VolumePurgeResponse)(nil),    // 40: tether.v1.VolumePurgeResponse
+	nil,                            // 41: tether.v1.VolumeUpdateRequest.PlacementEntry
+	nil,                            // 42: tether.v1.Member.LabelsEntry
+	nil,                            // 43: tether.v1.VolumeCreateRequest.PlacementEntry
+	nil,                            // 44: tether.v1.Volume.PlacementEntry
 }
 var file_tether_proto_depIdxs = []int32{
 	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
@@ -2533,56 +2839,64 @@ var file_tether_proto_depIdxs = []int32{
 	4,  // 2: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
 	0,  // 3: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
 	12, // 4: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
-	35, // 5: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
+	41, // 5: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
 	32, // 6: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
 	32, // 7: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
 	32, // 8: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
-	36, // 9: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
+	42, // 9: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
 	20, // 10: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
 	34, // 11: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
 	24, // 12: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
 	25, // 13: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
-	37, // 14: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
+	43, // 14: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
 	32, // 15: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
 	32, // 16: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
 	32, // 17: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
 	34, // 18: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
 	33, // 19: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	38, // 20: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
+	44, // 20: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
 	12, // 21: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	1,  // 22: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	8,  // 23: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	10, // 24: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	6,  // 25: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
-	15, // 26: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
-	17, // 27: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
-	19, // 28: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	22, // 29: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	26, // 30: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	28, // 31: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	30, // 32: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	15, // 33: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
-	17, // 34: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
-	13, // 35: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
-	5,  // 36: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	9,  // 37: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	11, // 38: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	7,  // 39: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
-	16, // 40: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
-	18, // 41: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
-	21, // 42: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	23, // 43: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	27, // 44: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	29, // 45: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	31, // 46: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	16, // 47: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
-	18, // 48: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
-	14, // 49: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
-	36, // [36:50] is the sub-list for method output_type
-	22, // [22:36] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	32, // 22: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
+	32, // 23: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
+	1,  // 24: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	8,  // 25: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	10, // 26: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	6,  // 27: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
+	15, // 28: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
+	17, // 29: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
+	19, // 30: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	22, // 31: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	26, // 32: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	28, // 33: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	30, // 34: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	35, // 35: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
+	37, // 36: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
+	39, // 37: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
+	15, // 38: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
+	17, // 39: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
+	13, // 40: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
+	5,  // 41: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	9,  // 42: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	11, // 43: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	7,  // 44: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
+	16, // 45: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
+	18, // 46: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
+	21, // 47: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	23, // 48: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	27, // 49: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	29, // 50: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	31, // 51: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	36, // 52: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
+	38, // 53: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
+	40, // 54: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
+	16, // 55: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
+	18, // 56: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
+	14, // 57: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
+	41, // [41:58] is the sub-list for method output_type
+	24, // [24:41] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -2602,7 +2916,7 @@ func file_tether_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   38,
+			NumMessages:   44,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

@@ -408,14 +408,17 @@ var Peer_ServiceDesc = grpc.ServiceDesc{
 }
 
 const (
-	Control_Members_FullMethodName       = "/tether.v1.Control/Members"
-	Control_Status_FullMethodName        = "/tether.v1.Control/Status"
-	Control_VolumeCreate_FullMethodName  = "/tether.v1.Control/VolumeCreate"
-	Control_VolumeList_FullMethodName    = "/tether.v1.Control/VolumeList"
-	Control_VolumeInspect_FullMethodName = "/tether.v1.Control/VolumeInspect"
-	Control_VolumePromote_FullMethodName = "/tether.v1.Control/VolumePromote"
-	Control_VolumeMove_FullMethodName    = "/tether.v1.Control/VolumeMove"
-	Control_VolumeUpdate_FullMethodName  = "/tether.v1.Control/VolumeUpdate"
+	Control_Members_FullMethodName        = "/tether.v1.Control/Members"
+	Control_Status_FullMethodName         = "/tether.v1.Control/Status"
+	Control_VolumeCreate_FullMethodName   = "/tether.v1.Control/VolumeCreate"
+	Control_VolumeList_FullMethodName     = "/tether.v1.Control/VolumeList"
+	Control_VolumeInspect_FullMethodName  = "/tether.v1.Control/VolumeInspect"
+	Control_VolumeRemove_FullMethodName   = "/tether.v1.Control/VolumeRemove"
+	Control_VolumeUndelete_FullMethodName = "/tether.v1.Control/VolumeUndelete"
+	Control_VolumePurge_FullMethodName    = "/tether.v1.Control/VolumePurge"
+	Control_VolumePromote_FullMethodName  = "/tether.v1.Control/VolumePromote"
+	Control_VolumeMove_FullMethodName     = "/tether.v1.Control/VolumeMove"
+	Control_VolumeUpdate_FullMethodName   = "/tether.v1.Control/VolumeUpdate"
 )
 
 // ControlClient is the client API for Control service.
@@ -427,6 +430,12 @@ type ControlClient interface {
 	VolumeCreate(ctx context.Context, in *VolumeCreateRequest, opts ...grpc.CallOption) (*VolumeCreateResponse, error)
 	VolumeList(ctx context.Context, in *VolumeListRequest, opts ...grpc.CallOption) (*VolumeListResponse, error)
 	VolumeInspect(ctx context.Context, in *VolumeInspectRequest, opts ...grpc.CallOption) (*VolumeInspectResponse, error)
+	// VolumeRemove soft-deletes a volume (what docker volume rm does): it is
+	// kept for the retention period and VolumeUndelete brings it back.
+	VolumeRemove(ctx context.Context, in *VolumeRemoveRequest, opts ...grpc.CallOption) (*VolumeRemoveResponse, error)
+	VolumeUndelete(ctx context.Context, in *VolumeUndeleteRequest, opts ...grpc.CallOption) (*VolumeUndeleteResponse, error)
+	// VolumePurge removes a deleted volume for good before its retention ends.
+	VolumePurge(ctx context.Context, in *VolumePurgeRequest, opts ...grpc.CallOption) (*VolumePurgeResponse, error)
 	VolumePromote(ctx context.Context, in *VolumePromoteRequest, opts ...grpc.CallOption) (*VolumePromoteResponse, error)
 	VolumeMove(ctx context.Context, in *VolumeMoveRequest, opts ...grpc.CallOption) (*VolumeMoveResponse, error)
 	VolumeUpdate(ctx context.Context, in *VolumeUpdateRequest, opts ...grpc.CallOption) (*VolumeUpdateResponse, error)
@@ -490,6 +499,36 @@ func (c *controlClient) VolumeInspect(ctx context.Context, in *VolumeInspectRequ
 	return out, nil
 }
 
+func (c *controlClient) VolumeRemove(ctx context.Context, in *VolumeRemoveRequest, opts ...grpc.CallOption) (*VolumeRemoveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumeRemoveResponse)
+	err := c.cc.Invoke(ctx, Control_VolumeRemove_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) VolumeUndelete(ctx context.Context, in *VolumeUndeleteRequest, opts ...grpc.CallOption) (*VolumeUndeleteResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumeUndeleteResponse)
+	err := c.cc.Invoke(ctx, Control_VolumeUndelete_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *controlClient) VolumePurge(ctx context.Context, in *VolumePurgeRequest, opts ...grpc.CallOption) (*VolumePurgeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(VolumePurgeResponse)
+	err := c.cc.Invoke(ctx, Control_VolumePurge_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 func (c *controlClient) VolumePromote(ctx context.Context, in *VolumePromoteRequest, opts ...grpc.CallOption) (*VolumePromoteResponse, error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(VolumePromoteResponse)
@@ -529,6 +568,12 @@ type ControlServer interface {
 	VolumeCreate(context.Context, *VolumeCreateRequest) (*VolumeCreateResponse, error)
 	VolumeList(context.Context, *VolumeListRequest) (*VolumeListResponse, error)
 	VolumeInspect(context.Context, *VolumeInspectRequest) (*VolumeInspectResponse, error)
+	// VolumeRemove soft-deletes a volume (what docker volume rm does): it is
+	// kept for the retention period and VolumeUndelete brings it back.
+	VolumeRemove(context.Context, *VolumeRemoveRequest) (*VolumeRemoveResponse, error)
+	VolumeUndelete(context.Context, *VolumeUndeleteRequest) (*VolumeUndeleteResponse, error)
+	// VolumePurge removes a deleted volume for good before its retention ends.
+	VolumePurge(context.Context, *VolumePurgeRequest) (*VolumePurgeResponse, error)
 	VolumePromote(context.Context, *VolumePromoteRequest) (*VolumePromoteResponse, error)
 	VolumeMove(context.Context, *VolumeMoveRequest) (*VolumeMoveResponse, error)
 	VolumeUpdate(context.Context, *VolumeUpdateRequest) (*VolumeUpdateResponse, error)
@@ -556,6 +601,15 @@ func (UnimplementedControlServer) VolumeList(context.Context, *VolumeListRequest
 }
 func (UnimplementedControlServer) VolumeInspect(context.Context, *VolumeInspectRequest) (*VolumeInspectResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method VolumeInspect not implemented")
+}
+func (UnimplementedControlServer) VolumeRemove(context.Context, *VolumeRemoveRequest) (*VolumeRemoveResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method VolumeRemove not implemented")
+}
+func (UnimplementedControlServer) VolumeUndelete(context.Context, *VolumeUndeleteRequest) (*VolumeUndeleteResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method VolumeUndelete not implemented")
+}
+func (UnimplementedControlServer) VolumePurge(context.Context, *VolumePurgeRequest) (*VolumePurgeResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method VolumePurge not implemented")
 }
 func (UnimplementedControlServer) VolumePromote(context.Context, *VolumePromoteRequest) (*VolumePromoteResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method VolumePromote not implemented")
@@ -677,6 +731,60 @@ func _Control_VolumeInspect_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Control_VolumeRemove_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VolumeRemoveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).VolumeRemove(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_VolumeRemove_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).VolumeRemove(ctx, req.(*VolumeRemoveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_VolumeUndelete_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VolumeUndeleteRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).VolumeUndelete(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_VolumeUndelete_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).VolumeUndelete(ctx, req.(*VolumeUndeleteRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Control_VolumePurge_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(VolumePurgeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ControlServer).VolumePurge(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Control_VolumePurge_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ControlServer).VolumePurge(ctx, req.(*VolumePurgeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Control_VolumePromote_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(VolumePromoteRequest)
 	if err := dec(in); err != nil {
@@ -757,6 +865,18 @@ var Control_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "VolumeInspect",
 			Handler:    _Control_VolumeInspect_Handler,
+		},
+		{
+			MethodName: "VolumeRemove",
+			Handler:    _Control_VolumeRemove_Handler,
+		},
+		{
+			MethodName: "VolumeUndelete",
+			Handler:    _Control_VolumeUndelete_Handler,
+		},
+		{
+			MethodName: "VolumePurge",
+			Handler:    _Control_VolumePurge_Handler,
 		},
 		{
 			MethodName: "VolumePromote",

@@ -1,0 +1,55 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/tether-io/tether/agent"
+	"github.com/tether-io/tether/internal/testutil"
+)
+
+// TestFenceStopsContainersUsingVolume runs the fencer against the real
+// engine: of two containers it stops exactly the one that mounts the
+// fenced volume of the fencer's driver (busybox sleep as PID 1 ignores
+// SIGTERM, so the engine kills it after the stop timeout). The local
+// driver stands in for tether's: the fencer only sees driver names.
+func TestFenceStopsContainersUsingVolume(t *testing.T) {
+	requireE2E(t)
+	image := buildImage(t)
+	prefix := fmt.Sprintf("tether-e2e-fence-%d", time.Now().UnixNano()%1e9)
+	volA, volB := prefix+"-a", prefix+"-b"
+	ca, cb := prefix+"-ca", prefix+"-cb"
+	t.Cleanup(func() {
+		docker(t, "rm", "-f", ca, cb)
+		docker(t, "volume", "rm", "-f", volA, volB)
+	})
+	for c, v := range map[string]string{ca: volA, cb: volB} {
+		// Created with an explicit driver first: `docker run -v NEW:/x`
+		// would ask every legacy driver dockerd ever saw (see README.md).
+		mustDocker(t, "volume", "create", "-d", "local", v)
+		mustDocker(t, "run", "-d", "--name", c, "--entrypoint", "/bin/busybox", "-v", v+":/data", image, "sleep", "600")
+	}
+	f, err := agent.NewFencer(agent.FencerConfig{Driver: "local", StopTimeout: time.Second, Logger: testutil.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	stopped, err := f.StopContainersUsing(ctx, volA)
+	if err != nil || !slices.Equal(stopped, []string{ca}) {
+		t.Fatalf("StopContainersUsing(%s) = %v, %v; want [%s]", volA, stopped, err, ca)
+	}
+	if out := mustDocker(t, "inspect", "--format", "{{.State.Running}}", ca); out != "false" {
+		t.Fatalf("%s still running: %s", ca, out)
+	}
+	if out := mustDocker(t, "inspect", "--format", "{{.State.Running}}", cb); out != "true" {
+		t.Fatalf("%s (other volume) was stopped: %s", cb, out)
+	}
+	if stopped, err := f.StopContainersUsing(ctx, volA); err != nil || len(stopped) != 0 {
+		t.Fatalf("second fence: %v %v", stopped, err)
+	}
+}

@@ -1,0 +1,429 @@
+package volumedriver
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+)
+
+// Volume is what the Backend tells Docker about one volume.
+type Volume struct {
+	Name string
+	// Mountpoint is the host path of the volume's data on this host, or ""
+	// when this host cannot mount it.
+	Mountpoint string
+	CreatedAt  time.Time
+	// Status shows up in `docker volume inspect`.
+	Status map[string]any
+}
+
+// Backend is what the driver needs from the volumes' owner. Get and List
+// must answer from local state without blocking on the network or on the
+// Docker API.
+type Backend interface {
+	// WaitReady blocks until the local catalog is current enough to say
+	// that a volume does not exist, or ctx ends.
+	WaitReady(ctx context.Context) error
+	// Create makes a new volume with validated options.
+	Create(ctx context.Context, name string, opts CreateOptions) error
+	// Remove deletes a volume (tether keeps it for a retention period).
+	Remove(ctx context.Context, name string) error
+	// Get returns a volume Docker may see; ok is false for an unknown or
+	// deleted one.
+	Get(name string) (v Volume, ok bool)
+	// List returns every volume Docker may see.
+	List() []Volume
+	// Mount checks that this host may mount the volume now and returns the
+	// host path to give Docker.
+	Mount(ctx context.Context, name string) (mountpoint string, err error)
+}
+
+// DefaultReadyTimeout bounds how long Get and List wait for the Backend's
+// catalog; it stays below dockerd's 60 s timeout for those calls.
+const DefaultReadyTimeout = 50 * time.Second
+
+// maxBody bounds a request body; Docker's are a few hundred bytes.
+const maxBody = 1 << 20
+
+// Config configures a Driver.
+type Config struct {
+	Backend Backend
+	// StatePath is the file that keeps the mount table across restarts.
+	StatePath string
+	Logger    *slog.Logger
+	// ReadyTimeout overrides DefaultReadyTimeout (tests).
+	ReadyTimeout time.Duration
+}
+
+// Driver serves the volume plugin protocol for a Backend.
+type Driver struct {
+	backend      Backend
+	mounts       *mountTable
+	log          *slog.Logger
+	readyTimeout time.Duration
+
+	// locks holds one mutex per volume, taken across a Mount's backend
+	// call and its count, and by Exclusive.
+	locksMu sync.Mutex
+	locks   map[string]*sync.Mutex
+
+	mu       sync.Mutex
+	srv      *http.Server
+	sockPath string
+	wg       sync.WaitGroup
+}
+
+// New loads the mount table and builds a driver; it opens no socket.
+func New(cfg Config) (*Driver, error) {
+	if cfg.Backend == nil {
+		return nil, errors.New("volumedriver: a backend is required")
+	}
+	if cfg.StatePath == "" {
+		return nil, errors.New("volumedriver: a state file path is required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.ReadyTimeout <= 0 {
+		cfg.ReadyTimeout = DefaultReadyTimeout
+	}
+	mt, err := loadMountTable(cfg.StatePath)
+	if err != nil {
+		return nil, err
+	}
+	return &Driver{backend: cfg.Backend, mounts: mt, log: cfg.Logger, readyTimeout: cfg.ReadyTimeout, locks: map[string]*sync.Mutex{}}, nil
+}
+
+// MountCount is how many Docker mounts of volume are active on this host.
+func (d *Driver) MountCount(volume string) int { return d.mounts.count(volume) }
+
+// lock returns volume's mutex.
+func (d *Driver) lock(volume string) *sync.Mutex {
+	d.locksMu.Lock()
+	defer d.locksMu.Unlock()
+	m, ok := d.locks[volume]
+	if !ok {
+		m = &sync.Mutex{}
+		d.locks[volume] = m
+	}
+	return m
+}
+
+// Exclusive runs fn with the number of active mounts of volume on this
+// host, while no Mount of it can proceed: a volume's owner uses it to hand
+// the volume to another host only if nothing here has it mounted.
+func (d *Driver) Exclusive(volume string, fn func(mounts int) error) error {
+	m := d.lock(volume)
+	m.Lock()
+	defer m.Unlock()
+	return fn(d.mounts.count(volume))
+}
+
+// MountedVolumes lists the volumes mounted on this host, sorted.
+func (d *Driver) MountedVolumes() []string { return d.mounts.volumes() }
+
+// Start listens on the unix socket path (replacing a stale socket, refusing
+// when another process answers on it) and serves until Close.
+func (d *Driver) Start(path string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("creating the plugin socket directory: %w", err)
+	}
+	if err := removeStale(path); err != nil {
+		return err
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return fmt.Errorf("listening on the plugin socket %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		ln.Close()
+		return fmt.Errorf("setting the plugin socket's mode: %w", err)
+	}
+	srv := &http.Server{Handler: d.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	d.mu.Lock()
+	d.srv, d.sockPath = srv, path
+	d.mu.Unlock()
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			d.log.Error("volume plugin server stopped", "err", err)
+		}
+	}()
+	d.log.Info("docker volume driver listening", "socket", path)
+	return nil
+}
+
+// Close stops serving and removes the socket.
+func (d *Driver) Close() {
+	d.mu.Lock()
+	srv, path := d.srv, d.sockPath
+	d.srv = nil
+	d.mu.Unlock()
+	if srv == nil {
+		return
+	}
+	srv.Close()
+	d.wg.Wait()
+	os.Remove(path)
+}
+
+// removeStale removes a socket left by a dead process.
+func removeStale(path string) error {
+	if _, err := os.Lstat(path); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return fmt.Errorf("another process serves the plugin socket %s: stop it or pick another --driver-socket", path)
+	}
+	if err := os.Remove(path); err != nil {
+		return fmt.Errorf("removing stale plugin socket: %w", err)
+	}
+	return nil
+}
+
+// Handler is the protocol's HTTP handler (exported for tests and for
+// serving on another listener, e.g. from socket activation).
+func (d *Driver) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /Plugin.Activate", func(w http.ResponseWriter, _ *http.Request) {
+		reply(w, http.StatusOK, implementsResponse{Implements: []string{"VolumeDriver"}})
+	})
+	mux.HandleFunc("POST /VolumeDriver.Capabilities", func(w http.ResponseWriter, _ *http.Request) {
+		reply(w, http.StatusOK, capabilitiesResponse{Capabilities: capabilities{Scope: "global"}})
+	})
+	mux.HandleFunc("POST /VolumeDriver.Create", d.create)
+	mux.HandleFunc("POST /VolumeDriver.Remove", d.remove)
+	mux.HandleFunc("POST /VolumeDriver.Mount", d.mount)
+	mux.HandleFunc("POST /VolumeDriver.Unmount", d.unmount)
+	mux.HandleFunc("POST /VolumeDriver.Path", d.path)
+	mux.HandleFunc("POST /VolumeDriver.Get", d.get)
+	mux.HandleFunc("POST /VolumeDriver.List", d.list)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		fail(w, http.StatusNotFound, fmt.Errorf("%s %s is not part of the volume plugin protocol", r.Method, r.URL.Path))
+	})
+	return mux
+}
+
+// decode reads a JSON body into v; an empty body leaves v zero (Docker
+// sends none for Activate and {} for List).
+func decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	b, err := io.ReadAll(io.LimitReader(r.Body, maxBody+1))
+	if err != nil {
+		fail(w, http.StatusBadRequest, fmt.Errorf("reading the request: %w", err))
+		return false
+	}
+	if len(b) > maxBody {
+		fail(w, http.StatusRequestEntityTooLarge, fmt.Errorf("request body larger than %d bytes", maxBody))
+		return false
+	}
+	if len(b) == 0 {
+		return true
+	}
+	if err := json.Unmarshal(b, v); err != nil {
+		fail(w, http.StatusBadRequest, fmt.Errorf("invalid request body: %w", err))
+		return false
+	}
+	return true
+}
+
+func reply(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/vnd.docker.plugins.v1.2+json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// fail answers an error the way dockerd reads it: {"Err": "..."}.
+func fail(w http.ResponseWriter, code int, err error) {
+	reply(w, code, errResponse{Err: err.Error()})
+}
+
+func (d *Driver) create(w http.ResponseWriter, r *http.Request) {
+	var req createRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if err := ValidateName(req.Name); err != nil {
+		fail(w, http.StatusBadRequest, err)
+		return
+	}
+	opts, err := ParseCreateOptions(req.Opts)
+	if err != nil {
+		fail(w, http.StatusBadRequest, err)
+		return
+	}
+	if err := d.backend.Create(r.Context(), req.Name, opts); err != nil {
+		d.log.Warn("docker volume create refused", "volume", req.Name, "err", err)
+		fail(w, http.StatusInternalServerError, err)
+		return
+	}
+	d.log.Info("volume created for docker", "volume", req.Name, "replicas", opts.Replicas)
+	reply(w, http.StatusOK, errResponse{})
+}
+
+func (d *Driver) remove(w http.ResponseWriter, r *http.Request) {
+	var req nameRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if err := ValidateName(req.Name); err != nil {
+		fail(w, http.StatusBadRequest, err)
+		return
+	}
+	if n := d.mounts.count(req.Name); n > 0 {
+		fail(w, http.StatusConflict, fmt.Errorf("volume %s is still mounted %d time(s) on this host; stop the containers using it first", req.Name, n))
+		return
+	}
+	if err := d.backend.Remove(r.Context(), req.Name); err != nil {
+		d.log.Warn("docker volume rm refused", "volume", req.Name, "err", err)
+		fail(w, http.StatusInternalServerError, err)
+		return
+	}
+	d.log.Info("volume removed by docker", "volume", req.Name)
+	reply(w, http.StatusOK, errResponse{})
+}
+
+func (d *Driver) mount(w http.ResponseWriter, r *http.Request) {
+	var req mountRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if err := ValidateName(req.Name); err != nil {
+		fail(w, http.StatusBadRequest, err)
+		return
+	}
+	if err := validateMountID(req.ID); err != nil {
+		fail(w, http.StatusBadRequest, err)
+		return
+	}
+	m := d.lock(req.Name)
+	m.Lock()
+	defer m.Unlock()
+	mp, err := d.backend.Mount(r.Context(), req.Name)
+	if err != nil {
+		d.log.Warn("mount refused", "volume", req.Name, "id", req.ID, "err", err)
+		fail(w, http.StatusInternalServerError, err)
+		return
+	}
+	total, err := d.mounts.add(req.Name, req.ID)
+	if err != nil {
+		fail(w, http.StatusInternalServerError, fmt.Errorf("recording the mount of %s: %w", req.Name, err))
+		return
+	}
+	d.log.Info("volume mounted", "volume", req.Name, "id", req.ID, "mounts_here", total, "path", mp)
+	reply(w, http.StatusOK, mountResponse{Mountpoint: mp})
+}
+
+func (d *Driver) unmount(w http.ResponseWriter, r *http.Request) {
+	var req mountRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if err := ValidateName(req.Name); err != nil {
+		fail(w, http.StatusBadRequest, err)
+		return
+	}
+	total, err := d.mounts.remove(req.Name, req.ID)
+	if err != nil {
+		fail(w, http.StatusInternalServerError, fmt.Errorf("recording the unmount of %s: %w", req.Name, err))
+		return
+	}
+	d.log.Info("volume unmounted", "volume", req.Name, "id", req.ID, "mounts_here", total)
+	reply(w, http.StatusOK, errResponse{})
+}
+
+func (d *Driver) path(w http.ResponseWriter, r *http.Request) {
+	var req nameRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if err := ValidateName(req.Name); err != nil {
+		fail(w, http.StatusBadRequest, err)
+		return
+	}
+	v, ok, err := d.lookup(r.Context(), req.Name)
+	if err != nil {
+		fail(w, http.StatusServiceUnavailable, err)
+		return
+	}
+	if !ok {
+		fail(w, http.StatusNotFound, fmt.Errorf("no such volume: %s", req.Name))
+		return
+	}
+	reply(w, http.StatusOK, mountResponse{Mountpoint: v.Mountpoint})
+}
+
+func (d *Driver) get(w http.ResponseWriter, r *http.Request) {
+	var req nameRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if err := ValidateName(req.Name); err != nil {
+		fail(w, http.StatusBadRequest, err)
+		return
+	}
+	v, ok, err := d.lookup(r.Context(), req.Name)
+	if err != nil {
+		fail(w, http.StatusServiceUnavailable, err)
+		return
+	}
+	if !ok {
+		// No volume and no error: dockerd says "no such volume", and
+		// `docker volume create` goes on to Create.
+		reply(w, http.StatusOK, getResponse{})
+		return
+	}
+	wv := toWire(v)
+	reply(w, http.StatusOK, getResponse{Volume: &wv})
+}
+
+// lookup answers from the backend, waiting for its catalog only when the
+// name is unknown (a restarting agent must not make Docker forget a volume
+// that its catalog has not replayed yet).
+func (d *Driver) lookup(ctx context.Context, name string) (Volume, bool, error) {
+	if v, ok := d.backend.Get(name); ok {
+		return v, true, nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, d.readyTimeout)
+	defer cancel()
+	if err := d.backend.WaitReady(ctx); err != nil {
+		return Volume{}, false, fmt.Errorf("tether's catalog is not ready yet, cannot tell whether volume %s exists: %w", name, err)
+	}
+	v, ok := d.backend.Get(name)
+	return v, ok, nil
+}
+
+func (d *Driver) list(w http.ResponseWriter, r *http.Request) {
+	var req struct{}
+	if !decode(w, r, &req) {
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), d.readyTimeout)
+	defer cancel()
+	if err := d.backend.WaitReady(ctx); err != nil {
+		d.log.Warn("listing volumes for docker before the catalog is ready; the list may be incomplete", "err", err)
+	}
+	resp := listResponse{Volumes: []wireVolume{}}
+	for _, v := range d.backend.List() {
+		resp.Volumes = append(resp.Volumes, toWire(v))
+	}
+	reply(w, http.StatusOK, resp)
+}
+
+func toWire(v Volume) wireVolume {
+	wv := wireVolume{Name: v.Name, Mountpoint: v.Mountpoint, Status: v.Status}
+	if !v.CreatedAt.IsZero() {
+		wv.CreatedAt = v.CreatedAt.UTC().Format(time.RFC3339)
+	}
+	return wv
+}

@@ -1,0 +1,84 @@
+package volumedriver
+
+import (
+	"fmt"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// Create option keys (docker volume create -o KEY=VALUE).
+const (
+	OptReplicas = "replicas"
+)
+
+// DefaultReplicas is the copy count of a volume created without -o replicas.
+const DefaultReplicas = 3
+
+// MaxReplicas bounds the replicas option (it counts the primary).
+const MaxReplicas = 7
+
+// knownOptions lists the create options, for the error on an unknown one.
+var knownOptions = []string{OptReplicas}
+
+// CreateOptions are the validated options of a create request.
+type CreateOptions struct {
+	// Replicas counts every copy, the primary's included.
+	Replicas int
+}
+
+// ParseCreateOptions checks Docker's create options and fills defaults.
+// Unknown keys are refused with the list of known ones, so that a typo does
+// not silently give a volume with the default settings.
+func ParseCreateOptions(opts map[string]string) (CreateOptions, error) {
+	out := CreateOptions{Replicas: DefaultReplicas}
+	keys := make([]string, 0, len(opts))
+	for k := range opts {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		v := opts[k]
+		switch k {
+		case OptReplicas:
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil || n < 1 || n > MaxReplicas {
+				return CreateOptions{}, fmt.Errorf("option replicas=%q: want a whole number from 1 to %d (copies, the primary included)", v, MaxReplicas)
+			}
+			out.Replicas = n
+		default:
+			return CreateOptions{}, fmt.Errorf("unknown option %q for a tether volume (known options: %s)", k, strings.Join(knownOptions, ", "))
+		}
+	}
+	return out, nil
+}
+
+// nameRE is the volume names tether accepts (the catalog's rule, checked
+// again there): a letter or digit, then up to 127 of [A-Za-z0-9_.-].
+var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$`)
+
+// ValidateName checks a volume name from Docker.
+func ValidateName(name string) error {
+	if name == "" {
+		return fmt.Errorf("volume name is empty")
+	}
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("invalid volume name %q: use a letter or digit, then up to 127 letters, digits, '_', '.' or '-'", name)
+	}
+	return nil
+}
+
+// mountIDRE is Docker's opaque mount ID: random hex (64 characters in every
+// engine since 1.12); anything printable and short is accepted.
+var mountIDRE = regexp.MustCompile(`^[A-Za-z0-9_.:-]{1,128}$`)
+
+func validateMountID(id string) error {
+	if id == "" {
+		return fmt.Errorf("mount request without an ID: tether needs Docker 1.12 or newer, which sends one")
+	}
+	if !mountIDRE.MatchString(id) {
+		return fmt.Errorf("invalid mount ID %q", id)
+	}
+	return nil
+}
