@@ -191,7 +191,7 @@ func TestCreate(t *testing.T) {
 		{`{"Name":"x1","Opts":{"replicas":"0"}}`, "replicas"},
 		{`{"Name":"x2","Opts":{"replicas":"8"}}`, "1 to 7"},
 		{`{"Name":"x3","Opts":{"replicas":"three"}}`, "whole number"},
-		{`{"Name":"x4","Opts":{"replica":"2"}}`, `unknown option "replica" for a tether volume (known options: replicas)`},
+		{`{"Name":"x4","Opts":{"replica":"2"}}`, `unknown option "replica" for a tether volume (known options: replicas, max-lag, placement)`},
 		{`{"Name":"-bad","Opts":{}}`, "invalid volume name"},
 		{`{"Name":"a/b"}`, "invalid volume name"},
 		{`{"Opts":{}}`, "volume name is empty"},
@@ -404,6 +404,12 @@ func TestParseCreateOptions(t *testing.T) {
 		{map[string]string{"replicas": "-1"}, 0, "from 1 to 7"},
 		{map[string]string{"replicas": ""}, 0, "from 1 to 7"},
 		{map[string]string{"replicas": "2", "size": "1G"}, 0, `unknown option "size"`},
+		{map[string]string{"max-lag": "30s"}, 3, ""},
+		{map[string]string{"max-lag": "soon"}, 0, "want a duration"},
+		{map[string]string{"max-lag": "-1s"}, 0, "want a duration"},
+		{map[string]string{"placement": "zone=a,disk=ssd"}, 3, ""},
+		{map[string]string{"placement": "zone"}, 0, "KEY=VALUE"},
+		{map[string]string{"placement": "zone=a,"}, 0, "KEY=VALUE"},
 	} {
 		got, err := ParseCreateOptions(tc.opts)
 		if tc.wantErr != "" {

@@ -6,12 +6,18 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Create option keys (docker volume create -o KEY=VALUE).
 const (
-	OptReplicas = "replicas"
+	OptReplicas  = "replicas"
+	OptMaxLag    = "max-lag"
+	OptPlacement = "placement"
 )
+
+// DefaultMaxLag is the max lag of a volume created without -o max-lag.
+const DefaultMaxLag = 5 * time.Minute
 
 // DefaultReplicas is the copy count of a volume created without -o replicas.
 const DefaultReplicas = 3
@@ -20,19 +26,23 @@ const DefaultReplicas = 3
 const MaxReplicas = 7
 
 // knownOptions lists the create options, for the error on an unknown one.
-var knownOptions = []string{OptReplicas}
+var knownOptions = []string{OptReplicas, OptMaxLag, OptPlacement}
 
 // CreateOptions are the validated options of a create request.
 type CreateOptions struct {
 	// Replicas counts every copy, the primary's included.
 	Replicas int
+	// MaxLag bounds automatic failover; 0 means no bound.
+	MaxLag time.Duration
+	// Placement lists labels every node holding a copy must carry.
+	Placement map[string]string
 }
 
 // ParseCreateOptions checks Docker's create options and fills defaults.
 // Unknown keys are refused with the list of known ones, so that a typo does
 // not silently give a volume with the default settings.
 func ParseCreateOptions(opts map[string]string) (CreateOptions, error) {
-	out := CreateOptions{Replicas: DefaultReplicas}
+	out := CreateOptions{Replicas: DefaultReplicas, MaxLag: DefaultMaxLag}
 	keys := make([]string, 0, len(opts))
 	for k := range opts {
 		keys = append(keys, k)
@@ -47,9 +57,35 @@ func ParseCreateOptions(opts map[string]string) (CreateOptions, error) {
 				return CreateOptions{}, fmt.Errorf("option replicas=%q: want a whole number from 1 to %d (copies, the primary included)", v, MaxReplicas)
 			}
 			out.Replicas = n
+		case OptMaxLag:
+			d, err := time.ParseDuration(strings.TrimSpace(v))
+			if err != nil || d < 0 {
+				return CreateOptions{}, fmt.Errorf("option max-lag=%q: want a duration such as 30s or 5m (0: no limit)", v)
+			}
+			out.MaxLag = d
+		case OptPlacement:
+			pl, err := parsePlacement(v)
+			if err != nil {
+				return CreateOptions{}, err
+			}
+			out.Placement = pl
 		default:
 			return CreateOptions{}, fmt.Errorf("unknown option %q for a tether volume (known options: %s)", k, strings.Join(knownOptions, ", "))
 		}
+	}
+	return out, nil
+}
+
+// parsePlacement reads "zone=a,disk=ssd" (node labels every copy's node
+// must carry; the catalog checks their form).
+func parsePlacement(v string) (map[string]string, error) {
+	out := map[string]string{}
+	for _, pair := range strings.Split(v, ",") {
+		k, val, ok := strings.Cut(strings.TrimSpace(pair), "=")
+		if !ok || k == "" || val == "" {
+			return nil, fmt.Errorf("option placement=%q: want KEY=VALUE pairs separated by commas, e.g. placement=zone=a,disk=ssd", v)
+		}
+		out[k] = val
 	}
 	return out, nil
 }
