@@ -20,6 +20,11 @@ help: ## Show this list.
 build: ## Build the static binary bin/tether.
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/tether ./cmd/tether
 
+.PHONY: image
+image: build ## Build the FROM-scratch agent image tether:latest (and tether:$(VERSION)).
+	cp $(BIN)/tether deploy/tether
+	docker build -q -t tether:latest -t tether:$(VERSION) -f deploy/Dockerfile deploy; rc=$$?; rm -f deploy/tether; exit $$rc
+
 .PHONY: test
 test: ## Run every test with the race detector.
 	$(GO) test -race -count=1 -timeout 15m ./...
