@@ -15,11 +15,13 @@
 // for a volume (raised by a newer primary's Hello or by Fence) and refuses
 // streams of an older one.
 //
-// Today a batch carries whole files, a rename travels as a delete of the
-// old path and a re-send of the new one, and a primary that starts (or a
-// replica whose position it does not know) sends the whole tree. Ownership,
-// extended attributes, hard links and special files (devices, fifos,
-// sockets) are not replicated.
+// A batch carries each changed file's data extents (holes stay holes),
+// numeric owner and group, mode, extended attributes and mtime to the
+// nanosecond; the further names of a hard-linked file travel as HARDLINK
+// ops naming the first, and fifos are recreated. Devices and sockets are
+// skipped with a warning. A rename travels as a delete of the old path and
+// a re-send of the new one, and a primary that starts (or a replica whose
+// position it does not know) sends the whole tree.
 //
 // Manifest and DiffManifests compare two trees entry by entry; tests and
 // demos use them to check that a replica equals its primary.

@@ -65,8 +65,9 @@ type ReplicaState struct {
 
 // Primary streams a volume's changes to its replicas.
 type Primary struct {
-	cfg PrimaryConfig
-	log *slog.Logger
+	cfg  PrimaryConfig
+	log  *slog.Logger
+	warn *onceLogger
 
 	mu       sync.Mutex
 	replicas []string
@@ -101,7 +102,8 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Primary{cfg: cfg, log: log.With("component", "replication-primary", "volume", cfg.Volume, "epoch", cfg.Epoch),
+	log = log.With("component", "replication-primary", "volume", cfg.Volume, "epoch", cfg.Epoch)
+	return &Primary{cfg: cfg, log: log, warn: newOnceLogger(log),
 		replicas: slices.Clone(cfg.Replicas), senders: map[string]*sender{}}, nil
 }
 

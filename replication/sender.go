@@ -329,7 +329,10 @@ func (s *sender) sendBatch(stream tetherpb.Replication_StreamClient, b *outBatch
 	if err != nil {
 		return fmt.Errorf("read batch %d from the volume: %w", b.seq, err)
 	}
-	if err := sendBatch(s.p.root, stream.Send, p, b.seq, b.cut, b.full); err != nil {
+	for _, rel := range p.skipped {
+		s.p.warn.warn("skip:"+rel, "not replicating a device or socket", "path", rel)
+	}
+	if err := sendBatch(s.p.root, stream.Send, p, b.seq, b.cut, b.full, s.p.warn); err != nil {
 		return fmt.Errorf("send batch %d to %s: %w", b.seq, s.node, err)
 	}
 	s.log.Debug("batch sent", "seq", b.seq, "full", b.full, "deletes", len(p.deletes), "dirs", len(p.dirs), "files", len(p.others))

@@ -31,8 +31,9 @@ type ServerConfig struct {
 type Server struct {
 	tetherpb.UnimplementedReplicationServer
 
-	cfg ServerConfig
-	log *slog.Logger
+	cfg  ServerConfig
+	log  *slog.Logger
+	warn *onceLogger
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -78,7 +79,8 @@ func NewServer(cfg ServerConfig) *Server {
 		log = slog.Default()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Server{cfg: cfg, log: log.With("component", "replication-server"), ctx: ctx, cancel: cancel,
+	log = log.With("component", "replication-server")
+	return &Server{cfg: cfg, log: log, warn: newOnceLogger(log), ctx: ctx, cancel: cancel,
 		volumes: map[string]*replicaVolume{}}
 }
 
@@ -412,7 +414,7 @@ func (c *inboundSession) apply(b *batch, full bool) error {
 		return fmt.Errorf("open volume data directory: %w", err)
 	}
 	defer root.Close()
-	return applyBatch(root, b, full)
+	return applyBatch(root, b, full, c.s.warn)
 }
 
 // recoverInterrupted cleans up after a batch whose application was

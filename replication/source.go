@@ -21,7 +21,8 @@ const chunkSize = 1 << 20
 type plan struct {
 	deletes []string
 	dirs    map[string]fs.FileInfo // MKDIR: new directories and changed metadata
-	others  map[string]fs.FileInfo // regular files and symlinks
+	others  map[string]fs.FileInfo // regular files, symlinks and fifos
+	skipped []string               // devices and sockets, which are not replicated
 }
 
 func newPlan() *plan {
@@ -57,6 +58,9 @@ func dirtyPlan(root *os.Root, dirty map[string]bool) (*plan, error) {
 			if rel != rootPath {
 				p.deletes = append(p.deletes, rel)
 			}
+			if ok {
+				p.skipped = append(p.skipped, rel)
+			}
 		case fi.IsDir():
 			p.dirs[rel] = fi
 			if subtree && rel != rootPath {
@@ -73,14 +77,77 @@ func dirtyPlan(root *os.Root, dirty map[string]bool) (*plan, error) {
 		return nil, err
 	}
 	p.dropConflicts()
+	if err := p.completeLinks(root); err != nil {
+		return nil, err
+	}
 	return p, nil
 }
 
 // replicated reports whether an entry's type is carried: directories,
-// regular files and symlinks (not devices, fifos or sockets).
+// regular files, symlinks and fifos (not devices or sockets).
 func replicated(fi fs.FileInfo) bool {
 	t := fi.Mode().Type()
-	return t == 0 || t == fs.ModeDir || t == fs.ModeSymlink
+	return t == 0 || t == fs.ModeDir || t == fs.ModeSymlink || t == fs.ModeNamedPipe
+}
+
+// completeLinks adds the other names of every hard-linked file of the plan,
+// so that the replica links them all to the one new inode (a write to one
+// name changes the contents seen through the others, but inotify reports
+// only the name written). It walks the tree only when a name is missing.
+func (p *plan) completeLinks(root *os.Root) error {
+	want := map[inodeKey]uint64{}
+	have := map[inodeKey]uint64{}
+	for _, fi := range p.others {
+		if !fi.Mode().IsRegular() {
+			continue
+		}
+		if k, n := inodeOf(fi); n > 1 {
+			want[k], have[k] = n, have[k]+1
+		}
+	}
+	missing := false
+	for k, n := range want {
+		missing = missing || have[k] < n
+	}
+	if !missing {
+		return nil
+	}
+	return walkTree(root, rootPath, func(rel string, fi fs.FileInfo) {
+		if !fi.Mode().IsRegular() {
+			return
+		}
+		if k, _ := inodeOf(fi); want[k] > 0 {
+			p.others[rel] = fi
+		}
+	})
+}
+
+// walkTree calls fn for every entry below dir.
+func walkTree(root *os.Root, dir string, fn func(rel string, fi fs.FileInfo)) error {
+	entries, err := readDirRoot(root, dir)
+	if isGone(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read directory %q: %w", dir, err)
+	}
+	for _, e := range entries {
+		rel := joinRel(dir, e.Name())
+		fi, err := e.Info()
+		if isGone(err) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("read %q: %w", rel, err)
+		}
+		fn(rel, fi)
+		if fi.IsDir() {
+			if err := walkTree(root, rel, fn); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // lstatReal returns the entry at rel if every ancestor is a real directory.
@@ -124,6 +191,7 @@ func (p *plan) collect(root *os.Root, dir string) error {
 		}
 		switch {
 		case !replicated(fi):
+			p.skipped = append(p.skipped, rel)
 		case fi.IsDir():
 			p.dirs[rel] = fi
 			if err := p.collect(root, rel); err != nil {
@@ -190,8 +258,9 @@ func (p *plan) dropConflicts() {
 type sendFunc func(*tetherpb.StreamRequest) error
 
 // send streams the plan's ops: deletes, then directories shallow to deep,
-// then files and symlinks.
-func (p *plan) send(root *os.Root, send sendFunc) error {
+// then files, symlinks and fifos. Of the names of a hard-linked file, the
+// first carries the contents and the others are sent as HARDLINK ops.
+func (p *plan) send(root *os.Root, send sendFunc, warn *onceLogger) error {
 	slices.Sort(p.deletes)
 	for _, rel := range slices.Compact(p.deletes) {
 		if err := sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_DELETE, Path: []byte(rel)}); err != nil {
@@ -199,10 +268,7 @@ func (p *plan) send(root *os.Root, send sendFunc) error {
 		}
 	}
 	for _, rel := range sortedDirs(p.dirs) {
-		fi := p.dirs[rel]
-		op := &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_MKDIR, Path: []byte(rel),
-			Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano()}
-		if err := sendOp(send, op); err != nil {
+		if err := sendDir(root, send, rel, p.dirs[rel], warn); err != nil {
 			return err
 		}
 	}
@@ -211,19 +277,59 @@ func (p *plan) send(root *os.Root, send sendFunc) error {
 		others = append(others, rel)
 	}
 	slices.Sort(others)
+	links := map[inodeKey]string{}
 	for _, rel := range others {
 		fi := p.others[rel]
 		var err error
-		if fi.Mode().Type() == fs.ModeSymlink {
+		switch fi.Mode().Type() {
+		case fs.ModeSymlink:
 			err = sendSymlink(root, send, rel, fi)
-		} else {
-			err = sendFile(root, send, rel, fi)
+		case fs.ModeNamedPipe:
+			uid, gid := ownerOf(fi)
+			err = sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FIFO, Path: []byte(rel),
+				Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid})
+		default:
+			err = sendFile(root, send, rel, fi, links, warn)
 		}
 		if err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// sendDir sends a directory's metadata.
+func sendDir(root *os.Root, send sendFunc, rel string, fi fs.FileInfo, warn *onceLogger) error {
+	uid, gid := ownerOf(fi)
+	op := &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_MKDIR, Path: []byte(rel),
+		Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid}
+	d, err := root.OpenFile(rel, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_DIRECTORY, 0)
+	if isGone(err) || errors.Is(err, syscall.ELOOP) {
+		return nil // changed since planned; its event brings it again
+	}
+	if err != nil {
+		return fmt.Errorf("open directory %q: %w", rel, err)
+	}
+	op.Xattrs, err = xattrsOrWarn(d, rel, warn)
+	_ = d.Close()
+	if err != nil {
+		return err
+	}
+	return sendOp(send, op)
+}
+
+// xattrsOrWarn reads the extended attributes of an open file; where the
+// file system has none, it warns (once) and returns none.
+func xattrsOrWarn(f *os.File, rel string, warn *onceLogger) ([]*tetherpb.Xattr, error) {
+	xs, err := readXattrs(int(f.Fd()))
+	if errors.Is(err, errXattrUnsupported) {
+		warn.warn("xattr", "the volume's file system has no extended attributes; none are replicated")
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%q: %w", rel, err)
+	}
+	return xs, nil
 }
 
 // sortedDirs orders directories shallow to deep.
@@ -253,14 +359,17 @@ func sendSymlink(root *os.Root, send sendFunc, rel string, fi fs.FileInfo) error
 	if err != nil {
 		return fmt.Errorf("read symlink %q: %w", rel, err)
 	}
+	uid, gid := ownerOf(fi)
 	return sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_SYMLINK, Path: []byte(rel),
-		LinkTarget: []byte(target), MtimeUnixNano: fi.ModTime().UnixNano()})
+		LinkTarget: []byte(target), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid})
 }
 
-// sendFile streams a regular file in chunks. The file is opened and checked
-// to be the one planned (not a symlink swapped in since); its mode and mtime
-// come from the open file.
-func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo) error {
+// sendFile streams a regular file: its data extents in chunks, then a last
+// op with its size and metadata. The file is opened and checked to be the
+// one planned (not a symlink swapped in since); its metadata comes from the
+// open file. A further name of a file already sent (links) becomes a
+// HARDLINK op.
+func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo, links map[inodeKey]string, warn *onceLogger) error {
 	f, err := root.OpenFile(rel, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if isGone(err) || errors.Is(err, syscall.ELOOP) {
 		return nil
@@ -276,30 +385,60 @@ func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo) err
 	if !fi.Mode().IsRegular() || !os.SameFile(fi, planned) {
 		return nil // replaced since planned; its event brings it again
 	}
-	mode, mtime := toWireMode(fi.Mode()), fi.ModTime().UnixNano()
-	var off uint64
-	for {
-		buf := make([]byte, chunkSize)
-		n, err := io.ReadFull(f, buf)
-		last := errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
-		if err != nil && !last {
-			return fmt.Errorf("read %q: %w", rel, err)
+	if key, nlink := inodeOf(fi); nlink > 1 {
+		if to, ok := links[key]; ok {
+			return sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_HARDLINK, Path: []byte(rel), HardlinkTo: []byte(to)})
 		}
-		op := &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte(rel), Data: buf[:n],
-			Offset: off, More: !last, Mode: mode, MtimeUnixNano: mtime}
-		if err := sendOp(send, op); err != nil {
-			return err
-		}
-		if last {
-			return nil
-		}
-		off += uint64(n)
+		links[key] = rel
 	}
+	xs, err := xattrsOrWarn(f, rel, warn)
+	if err != nil {
+		return err
+	}
+	size := fi.Size()
+	exts, err := dataExtents(f, size)
+	if err != nil {
+		return fmt.Errorf("read %q: %w", rel, err)
+	}
+	end, err := sendExtents(f, send, rel, exts)
+	if err != nil {
+		return err
+	}
+	uid, gid := ownerOf(fi)
+	return sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte(rel), Offset: uint64(end),
+		Size: uint64(size), Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid, Xattrs: xs})
+}
+
+// sendExtents sends the data extents of f in chunks and returns the end of
+// the data sent (less than planned when the file shrank meanwhile).
+func sendExtents(f *os.File, send sendFunc, rel string, exts []extent) (int64, error) {
+	var end int64
+	for _, e := range exts {
+		for off := e.off; off < e.off+e.n; {
+			buf := make([]byte, min(chunkSize, e.off+e.n-off))
+			n, err := f.ReadAt(buf, off)
+			if err != nil && !errors.Is(err, io.EOF) {
+				return 0, fmt.Errorf("read %q: %w", rel, err)
+			}
+			if n > 0 {
+				if err := sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte(rel),
+					Data: buf[:n], Offset: uint64(off), More: true}); err != nil {
+					return 0, err
+				}
+				end = off + int64(n)
+			}
+			if n < len(buf) {
+				return end, nil // the file shrank; its event brings it again
+			}
+			off += int64(n)
+		}
+	}
+	return end, nil
 }
 
 // sendBatch streams a plan and its Commit.
-func sendBatch(root *os.Root, send sendFunc, p *plan, seq uint64, cut time.Time, full bool) error {
-	if err := p.send(root, send); err != nil {
+func sendBatch(root *os.Root, send sendFunc, p *plan, seq uint64, cut time.Time, full bool, warn *onceLogger) error {
+	if err := p.send(root, send, warn); err != nil {
 		return err
 	}
 	return send(&tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Commit{Commit: &tetherpb.Commit{

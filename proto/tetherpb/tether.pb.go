@@ -44,6 +44,11 @@ const (
 	FileOp_KIND_DELETE FileOp_Kind = 4
 	// RENAME moves path to new_path.
 	FileOp_KIND_RENAME FileOp_Kind = 5
+	// FIFO creates a named pipe with mode, owner and mtime.
+	FileOp_KIND_FIFO FileOp_Kind = 6
+	// HARDLINK makes path another name of hardlink_to, a path that a FILE
+	// op earlier in the same batch wrote (so content travels once).
+	FileOp_KIND_HARDLINK FileOp_Kind = 7
 )
 
 // Enum value maps for FileOp_Kind.
@@ -55,6 +60,8 @@ var (
 		3: "KIND_SYMLINK",
 		4: "KIND_DELETE",
 		5: "KIND_RENAME",
+		6: "KIND_FIFO",
+		7: "KIND_HARDLINK",
 	}
 	FileOp_Kind_value = map[string]int32{
 		"KIND_UNSPECIFIED": 0,
@@ -63,6 +70,8 @@ var (
 		"KIND_SYMLINK":     3,
 		"KIND_DELETE":      4,
 		"KIND_RENAME":      5,
+		"KIND_FIFO":        6,
+		"KIND_HARDLINK":    7,
 	}
 )
 
@@ -267,6 +276,19 @@ type FileOp struct {
 	More          bool   `protobuf:"varint,7,opt,name=more,proto3" json:"more,omitempty"`
 	MtimeUnixNano int64  `protobuf:"varint,8,opt,name=mtime_unix_nano,json=mtimeUnixNano,proto3" json:"mtime_unix_nano,omitempty"`
 	LinkTarget    []byte `protobuf:"bytes,9,opt,name=link_target,json=linkTarget,proto3" json:"link_target,omitempty"`
+	// Numeric owner and group (FILE, MKDIR, SYMLINK, FIFO), applied as is.
+	Uid uint32 `protobuf:"varint,10,opt,name=uid,proto3" json:"uid,omitempty"`
+	Gid uint32 `protobuf:"varint,11,opt,name=gid,proto3" json:"gid,omitempty"`
+	// Extended attributes (FILE and MKDIR; on the last op of a FILE): the
+	// complete set, so the replica removes the ones not listed.
+	Xattrs []*Xattr `protobuf:"bytes,12,rep,name=xattrs,proto3" json:"xattrs,omitempty"`
+	// FILE: the file's size. Chunks carry only its data extents (offsets
+	// increase but may skip holes, which the replica keeps as holes); the
+	// last op (more = false) may carry no data. A size smaller than the end
+	// of the data is taken as that end.
+	Size uint64 `protobuf:"varint,13,opt,name=size,proto3" json:"size,omitempty"`
+	// HARDLINK: the path this one becomes another name of.
+	HardlinkTo    []byte `protobuf:"bytes,14,opt,name=hardlink_to,json=hardlinkTo,proto3" json:"hardlink_to,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -364,6 +386,93 @@ func (x *FileOp) GetLinkTarget() []byte {
 	return nil
 }
 
+func (x *FileOp) GetUid() uint32 {
+	if x != nil {
+		return x.Uid
+	}
+	return 0
+}
+
+func (x *FileOp) GetGid() uint32 {
+	if x != nil {
+		return x.Gid
+	}
+	return 0
+}
+
+func (x *FileOp) GetXattrs() []*Xattr {
+	if x != nil {
+		return x.Xattrs
+	}
+	return nil
+}
+
+func (x *FileOp) GetSize() uint64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *FileOp) GetHardlinkTo() []byte {
+	if x != nil {
+		return x.HardlinkTo
+	}
+	return nil
+}
+
+type Xattr struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          []byte                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Value         []byte                 `protobuf:"bytes,2,opt,name=value,proto3" json:"value,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Xattr) Reset() {
+	*x = Xattr{}
+	mi := &file_tether_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Xattr) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Xattr) ProtoMessage() {}
+
+func (x *Xattr) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Xattr.ProtoReflect.Descriptor instead.
+func (*Xattr) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *Xattr) GetName() []byte {
+	if x != nil {
+		return x.Name
+	}
+	return nil
+}
+
+func (x *Xattr) GetValue() []byte {
+	if x != nil {
+		return x.Value
+	}
+	return nil
+}
+
 type Commit struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Sequence number of the batch within the epoch, starting at 1.
@@ -372,14 +481,18 @@ type Commit struct {
 	CutUnixNano int64 `protobuf:"varint,2,opt,name=cut_unix_nano,json=cutUnixNano,proto3" json:"cut_unix_nano,omitempty"`
 	// full is set on a batch that carries the whole tree: the replica removes
 	// everything the batch did not name.
-	Full          bool `protobuf:"varint,3,opt,name=full,proto3" json:"full,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Full bool `protobuf:"varint,3,opt,name=full,proto3" json:"full,omitempty"`
+	// file_consistent_only is set when the primary could not take a
+	// crash-consistent cut (writes never paused and no freeze hook helped):
+	// each file is intact, but files may be from different instants.
+	FileConsistentOnly bool `protobuf:"varint,4,opt,name=file_consistent_only,json=fileConsistentOnly,proto3" json:"file_consistent_only,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_tether_proto_msgTypes[3]
+	mi := &file_tether_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -391,7 +504,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[3]
+	mi := &file_tether_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -404,7 +517,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{3}
+	return file_tether_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Commit) GetSeq() uint64 {
@@ -428,6 +541,13 @@ func (x *Commit) GetFull() bool {
 	return false
 }
 
+func (x *Commit) GetFileConsistentOnly() bool {
+	if x != nil {
+		return x.FileConsistentOnly
+	}
+	return false
+}
+
 type StreamAck struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Epoch uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
@@ -440,7 +560,7 @@ type StreamAck struct {
 
 func (x *StreamAck) Reset() {
 	*x = StreamAck{}
-	mi := &file_tether_proto_msgTypes[4]
+	mi := &file_tether_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -452,7 +572,7 @@ func (x *StreamAck) String() string {
 func (*StreamAck) ProtoMessage() {}
 
 func (x *StreamAck) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[4]
+	mi := &file_tether_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -465,7 +585,7 @@ func (x *StreamAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamAck.ProtoReflect.Descriptor instead.
 func (*StreamAck) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{4}
+	return file_tether_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *StreamAck) GetEpoch() uint64 {
@@ -498,7 +618,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -510,7 +630,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -523,7 +643,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{5}
+	return file_tether_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ApplyRequest) GetCommand() []byte {
@@ -545,7 +665,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -557,7 +677,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -570,7 +690,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{6}
+	return file_tether_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ApplyResponse) GetIndex() uint64 {
@@ -596,7 +716,7 @@ type PrimaryStatusRequest struct {
 
 func (x *PrimaryStatusRequest) Reset() {
 	*x = PrimaryStatusRequest{}
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -608,7 +728,7 @@ func (x *PrimaryStatusRequest) String() string {
 func (*PrimaryStatusRequest) ProtoMessage() {}
 
 func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -621,7 +741,7 @@ func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusRequest.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{7}
+	return file_tether_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *PrimaryStatusRequest) GetVolume() string {
@@ -642,7 +762,7 @@ type PrimaryStatusResponse struct {
 
 func (x *PrimaryStatusResponse) Reset() {
 	*x = PrimaryStatusResponse{}
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -654,7 +774,7 @@ func (x *PrimaryStatusResponse) String() string {
 func (*PrimaryStatusResponse) ProtoMessage() {}
 
 func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -667,7 +787,7 @@ func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusResponse.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{8}
+	return file_tether_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *PrimaryStatusResponse) GetReplicas() []*ReplicaStatus {
@@ -707,7 +827,7 @@ type ReplicaStatus struct {
 
 func (x *ReplicaStatus) Reset() {
 	*x = ReplicaStatus{}
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -719,7 +839,7 @@ func (x *ReplicaStatus) String() string {
 func (*ReplicaStatus) ProtoMessage() {}
 
 func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -732,7 +852,7 @@ func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaStatus.ProtoReflect.Descriptor instead.
 func (*ReplicaStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{9}
+	return file_tether_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ReplicaStatus) GetNode() string {
@@ -785,7 +905,7 @@ type MembersRequest struct {
 
 func (x *MembersRequest) Reset() {
 	*x = MembersRequest{}
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -797,7 +917,7 @@ func (x *MembersRequest) String() string {
 func (*MembersRequest) ProtoMessage() {}
 
 func (x *MembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -810,7 +930,7 @@ func (x *MembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersRequest.ProtoReflect.Descriptor instead.
 func (*MembersRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{10}
+	return file_tether_proto_rawDescGZIP(), []int{11}
 }
 
 type Member struct {
@@ -829,7 +949,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -841,7 +961,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -854,7 +974,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{11}
+	return file_tether_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Member) GetName() string {
@@ -908,7 +1028,7 @@ type MembersResponse struct {
 
 func (x *MembersResponse) Reset() {
 	*x = MembersResponse{}
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -920,7 +1040,7 @@ func (x *MembersResponse) String() string {
 func (*MembersResponse) ProtoMessage() {}
 
 func (x *MembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -933,7 +1053,7 @@ func (x *MembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersResponse.ProtoReflect.Descriptor instead.
 func (*MembersResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{12}
+	return file_tether_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *MembersResponse) GetMembers() []*Member {
@@ -951,7 +1071,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -963,7 +1083,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -976,7 +1096,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{13}
+	return file_tether_proto_rawDescGZIP(), []int{14}
 }
 
 type StatusResponse struct {
@@ -995,7 +1115,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1007,7 +1127,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1020,7 +1140,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{14}
+	return file_tether_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StatusResponse) GetNode() string {
@@ -1089,7 +1209,7 @@ type VolumeCreateRequest struct {
 
 func (x *VolumeCreateRequest) Reset() {
 	*x = VolumeCreateRequest{}
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1101,7 +1221,7 @@ func (x *VolumeCreateRequest) String() string {
 func (*VolumeCreateRequest) ProtoMessage() {}
 
 func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1114,7 +1234,7 @@ func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeCreateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{15}
+	return file_tether_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *VolumeCreateRequest) GetName() string {
@@ -1140,7 +1260,7 @@ type VolumeCreateResponse struct {
 
 func (x *VolumeCreateResponse) Reset() {
 	*x = VolumeCreateResponse{}
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1152,7 +1272,7 @@ func (x *VolumeCreateResponse) String() string {
 func (*VolumeCreateResponse) ProtoMessage() {}
 
 func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1165,7 +1285,7 @@ func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeCreateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{16}
+	return file_tether_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *VolumeCreateResponse) GetVolume() *Volume {
@@ -1183,7 +1303,7 @@ type VolumeListRequest struct {
 
 func (x *VolumeListRequest) Reset() {
 	*x = VolumeListRequest{}
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1195,7 +1315,7 @@ func (x *VolumeListRequest) String() string {
 func (*VolumeListRequest) ProtoMessage() {}
 
 func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1208,7 +1328,7 @@ func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListRequest.ProtoReflect.Descriptor instead.
 func (*VolumeListRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{17}
+	return file_tether_proto_rawDescGZIP(), []int{18}
 }
 
 type VolumeListResponse struct {
@@ -1220,7 +1340,7 @@ type VolumeListResponse struct {
 
 func (x *VolumeListResponse) Reset() {
 	*x = VolumeListResponse{}
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1232,7 +1352,7 @@ func (x *VolumeListResponse) String() string {
 func (*VolumeListResponse) ProtoMessage() {}
 
 func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1245,7 +1365,7 @@ func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListResponse.ProtoReflect.Descriptor instead.
 func (*VolumeListResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{18}
+	return file_tether_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *VolumeListResponse) GetVolumes() []*Volume {
@@ -1264,7 +1384,7 @@ type VolumeInspectRequest struct {
 
 func (x *VolumeInspectRequest) Reset() {
 	*x = VolumeInspectRequest{}
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1276,7 +1396,7 @@ func (x *VolumeInspectRequest) String() string {
 func (*VolumeInspectRequest) ProtoMessage() {}
 
 func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1289,7 +1409,7 @@ func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectRequest.ProtoReflect.Descriptor instead.
 func (*VolumeInspectRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{19}
+	return file_tether_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *VolumeInspectRequest) GetName() string {
@@ -1309,7 +1429,7 @@ type VolumeInspectResponse struct {
 
 func (x *VolumeInspectResponse) Reset() {
 	*x = VolumeInspectResponse{}
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1321,7 +1441,7 @@ func (x *VolumeInspectResponse) String() string {
 func (*VolumeInspectResponse) ProtoMessage() {}
 
 func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1334,7 +1454,7 @@ func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectResponse.ProtoReflect.Descriptor instead.
 func (*VolumeInspectResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{20}
+	return file_tether_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *VolumeInspectResponse) GetVolume() *Volume {
@@ -1371,7 +1491,7 @@ type Volume struct {
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1383,7 +1503,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1396,7 +1516,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{21}
+	return file_tether_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Volume) GetName() string {
@@ -1474,7 +1594,7 @@ type ReplicaProgress struct {
 
 func (x *ReplicaProgress) Reset() {
 	*x = ReplicaProgress{}
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1486,7 +1606,7 @@ func (x *ReplicaProgress) String() string {
 func (*ReplicaProgress) ProtoMessage() {}
 
 func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1499,7 +1619,7 @@ func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaProgress.ProtoReflect.Descriptor instead.
 func (*ReplicaProgress) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{22}
+	return file_tether_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *ReplicaProgress) GetNode() string {
@@ -1545,7 +1665,7 @@ type VolumeStatus struct {
 
 func (x *VolumeStatus) Reset() {
 	*x = VolumeStatus{}
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1557,7 +1677,7 @@ func (x *VolumeStatus) String() string {
 func (*VolumeStatus) ProtoMessage() {}
 
 func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1570,7 +1690,7 @@ func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
 func (*VolumeStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{23}
+	return file_tether_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *VolumeStatus) GetName() string {
@@ -1621,7 +1741,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x05Hello\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12!\n" +
-	"\fprimary_node\x18\x03 \x01(\tR\vprimaryNode\"\xf1\x02\n" +
+	"\fprimary_node\x18\x03 \x01(\tR\vprimaryNode\"\x97\x04\n" +
 	"\x06FileOp\x12*\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x16.tether.v1.FileOp.KindR\x04kind\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\fR\x04path\x12\x19\n" +
@@ -1632,7 +1752,14 @@ const file_tether_proto_rawDesc = "" +
 	"\x04more\x18\a \x01(\bR\x04more\x12&\n" +
 	"\x0fmtime_unix_nano\x18\b \x01(\x03R\rmtimeUnixNano\x12\x1f\n" +
 	"\vlink_target\x18\t \x01(\fR\n" +
-	"linkTarget\"o\n" +
+	"linkTarget\x12\x10\n" +
+	"\x03uid\x18\n" +
+	" \x01(\rR\x03uid\x12\x10\n" +
+	"\x03gid\x18\v \x01(\rR\x03gid\x12(\n" +
+	"\x06xattrs\x18\f \x03(\v2\x10.tether.v1.XattrR\x06xattrs\x12\x12\n" +
+	"\x04size\x18\r \x01(\x04R\x04size\x12\x1f\n" +
+	"\vhardlink_to\x18\x0e \x01(\fR\n" +
+	"hardlinkTo\"\x91\x01\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n" +
 	"\n" +
@@ -1640,11 +1767,17 @@ const file_tether_proto_rawDesc = "" +
 	"\tKIND_FILE\x10\x02\x12\x10\n" +
 	"\fKIND_SYMLINK\x10\x03\x12\x0f\n" +
 	"\vKIND_DELETE\x10\x04\x12\x0f\n" +
-	"\vKIND_RENAME\x10\x05\"R\n" +
+	"\vKIND_RENAME\x10\x05\x12\r\n" +
+	"\tKIND_FIFO\x10\x06\x12\x11\n" +
+	"\rKIND_HARDLINK\x10\a\"1\n" +
+	"\x05Xattr\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\fR\x04name\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\fR\x05value\"\x84\x01\n" +
 	"\x06Commit\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\"\n" +
 	"\rcut_unix_nano\x18\x02 \x01(\x03R\vcutUnixNano\x12\x12\n" +
-	"\x04full\x18\x03 \x01(\bR\x04full\"W\n" +
+	"\x04full\x18\x03 \x01(\bR\x04full\x120\n" +
+	"\x14file_consistent_only\x18\x04 \x01(\bR\x12fileConsistentOnly\"W\n" +
 	"\tStreamAck\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\"\n" +
@@ -1751,69 +1884,71 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 24)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_tether_proto_goTypes = []any{
 	(FileOp_Kind)(0),              // 0: tether.v1.FileOp.Kind
 	(*StreamRequest)(nil),         // 1: tether.v1.StreamRequest
 	(*Hello)(nil),                 // 2: tether.v1.Hello
 	(*FileOp)(nil),                // 3: tether.v1.FileOp
-	(*Commit)(nil),                // 4: tether.v1.Commit
-	(*StreamAck)(nil),             // 5: tether.v1.StreamAck
-	(*ApplyRequest)(nil),          // 6: tether.v1.ApplyRequest
-	(*ApplyResponse)(nil),         // 7: tether.v1.ApplyResponse
-	(*PrimaryStatusRequest)(nil),  // 8: tether.v1.PrimaryStatusRequest
-	(*PrimaryStatusResponse)(nil), // 9: tether.v1.PrimaryStatusResponse
-	(*ReplicaStatus)(nil),         // 10: tether.v1.ReplicaStatus
-	(*MembersRequest)(nil),        // 11: tether.v1.MembersRequest
-	(*Member)(nil),                // 12: tether.v1.Member
-	(*MembersResponse)(nil),       // 13: tether.v1.MembersResponse
-	(*StatusRequest)(nil),         // 14: tether.v1.StatusRequest
-	(*StatusResponse)(nil),        // 15: tether.v1.StatusResponse
-	(*VolumeCreateRequest)(nil),   // 16: tether.v1.VolumeCreateRequest
-	(*VolumeCreateResponse)(nil),  // 17: tether.v1.VolumeCreateResponse
-	(*VolumeListRequest)(nil),     // 18: tether.v1.VolumeListRequest
-	(*VolumeListResponse)(nil),    // 19: tether.v1.VolumeListResponse
-	(*VolumeInspectRequest)(nil),  // 20: tether.v1.VolumeInspectRequest
-	(*VolumeInspectResponse)(nil), // 21: tether.v1.VolumeInspectResponse
-	(*Volume)(nil),                // 22: tether.v1.Volume
-	(*ReplicaProgress)(nil),       // 23: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),          // 24: tether.v1.VolumeStatus
+	(*Xattr)(nil),                 // 4: tether.v1.Xattr
+	(*Commit)(nil),                // 5: tether.v1.Commit
+	(*StreamAck)(nil),             // 6: tether.v1.StreamAck
+	(*ApplyRequest)(nil),          // 7: tether.v1.ApplyRequest
+	(*ApplyResponse)(nil),         // 8: tether.v1.ApplyResponse
+	(*PrimaryStatusRequest)(nil),  // 9: tether.v1.PrimaryStatusRequest
+	(*PrimaryStatusResponse)(nil), // 10: tether.v1.PrimaryStatusResponse
+	(*ReplicaStatus)(nil),         // 11: tether.v1.ReplicaStatus
+	(*MembersRequest)(nil),        // 12: tether.v1.MembersRequest
+	(*Member)(nil),                // 13: tether.v1.Member
+	(*MembersResponse)(nil),       // 14: tether.v1.MembersResponse
+	(*StatusRequest)(nil),         // 15: tether.v1.StatusRequest
+	(*StatusResponse)(nil),        // 16: tether.v1.StatusResponse
+	(*VolumeCreateRequest)(nil),   // 17: tether.v1.VolumeCreateRequest
+	(*VolumeCreateResponse)(nil),  // 18: tether.v1.VolumeCreateResponse
+	(*VolumeListRequest)(nil),     // 19: tether.v1.VolumeListRequest
+	(*VolumeListResponse)(nil),    // 20: tether.v1.VolumeListResponse
+	(*VolumeInspectRequest)(nil),  // 21: tether.v1.VolumeInspectRequest
+	(*VolumeInspectResponse)(nil), // 22: tether.v1.VolumeInspectResponse
+	(*Volume)(nil),                // 23: tether.v1.Volume
+	(*ReplicaProgress)(nil),       // 24: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),          // 25: tether.v1.VolumeStatus
 }
 var file_tether_proto_depIdxs = []int32{
 	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
 	3,  // 1: tether.v1.StreamRequest.op:type_name -> tether.v1.FileOp
-	4,  // 2: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
+	5,  // 2: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
 	0,  // 3: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
-	10, // 4: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
-	12, // 5: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
-	24, // 6: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
-	22, // 7: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
-	22, // 8: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
-	22, // 9: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
-	24, // 10: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
-	23, // 11: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	10, // 12: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	1,  // 13: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	6,  // 14: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	8,  // 15: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	11, // 16: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	14, // 17: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	16, // 18: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	18, // 19: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	20, // 20: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	5,  // 21: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	7,  // 22: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	9,  // 23: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	13, // 24: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	15, // 25: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	17, // 26: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	19, // 27: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	21, // 28: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	21, // [21:29] is the sub-list for method output_type
-	13, // [13:21] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	4,  // 4: tether.v1.FileOp.xattrs:type_name -> tether.v1.Xattr
+	11, // 5: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
+	13, // 6: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
+	25, // 7: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
+	23, // 8: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
+	23, // 9: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
+	23, // 10: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
+	25, // 11: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
+	24, // 12: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
+	11, // 13: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
+	1,  // 14: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	7,  // 15: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	9,  // 16: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	12, // 17: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	15, // 18: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	17, // 19: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	19, // 20: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	21, // 21: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	6,  // 22: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	8,  // 23: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	10, // 24: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	14, // 25: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	16, // 26: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	18, // 27: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	20, // 28: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	22, // 29: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	22, // [22:30] is the sub-list for method output_type
+	14, // [14:22] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -1832,7 +1967,7 @@ func file_tether_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   24,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   3,
 		},
