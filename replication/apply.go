@@ -54,6 +54,9 @@ type batch struct {
 	files  map[string]struct{} // regular files this batch wrote and still holds
 	open   *incoming
 	nfiles int
+	// journaled is set once a journal refers to the staged files: they are
+	// the journal's to remove then.
+	journaled bool
 }
 
 func newBatch(stage string) *batch {
@@ -253,23 +256,20 @@ func (b *batch) discard() {
 		_ = b.open.f.Close()
 		b.open = nil
 	}
-	for _, op := range b.ops {
-		if op.staged != "" {
-			_ = os.Remove(op.staged)
+	if !b.journaled {
+		for i := 1; i <= b.nfiles; i++ {
+			_ = os.Remove(filepath.Join(b.stage, strconv.Itoa(i)))
 		}
 	}
-	for i := 1; i <= b.nfiles; i++ {
-		_ = os.Remove(filepath.Join(b.stage, strconv.Itoa(i)))
-	}
-	b.ops, b.nfiles = nil, 0
+	b.ops, b.nfiles, b.journaled = nil, 0, false
 	clear(b.nondir)
 	clear(b.files)
 }
 
-// named returns every path a full batch keeps, with their ancestors.
-func (b *batch) named() map[string]struct{} {
+// namedOf returns every path a full batch keeps, with their ancestors.
+func namedOf(ops []applyOp) map[string]struct{} {
 	keep := map[string]struct{}{}
-	for _, op := range b.ops {
+	for _, op := range ops {
 		p := op.path
 		if op.kind == tetherpb.FileOp_KIND_DELETE {
 			continue
@@ -292,29 +292,79 @@ func (b *batch) named() map[string]struct{} {
 type applier struct {
 	root     *os.Root
 	verified map[string]struct{} // directories known to be real in this batch
-	touched  map[string]struct{} // directories to fsync
 	dirMeta  map[string]applyOp  // directory modes and mtimes, set at the end
 	warn     *onceLogger
 }
 
-// applyBatch applies b to the volume rooted at root and makes it durable.
-// A full batch first removes everything it does not name.
-func applyBatch(root *os.Root, b *batch, full bool, warn *onceLogger) error {
-	a := &applier{root: root, verified: map[string]struct{}{}, touched: map[string]struct{}{}, dirMeta: map[string]applyOp{}, warn: warn}
-	if full {
-		if err := a.prune(rootPath, b.named()); err != nil {
+// applyOps applies a batch's ops, from index start on, to the volume
+// rooted at root and makes the result durable. A full batch first removes
+// everything it does not name (when starting from the beginning). Every op
+// but RENAME sets its path to a state given by the batch alone, so a batch
+// can be applied again over a partial application of itself; a RENAME
+// depends on what it finds, so the ops before it are made durable and
+// mark(i) records that a replay starts at the rename, and mark(i+1) after
+// it is durable.
+func applyOps(root *os.Root, ops []applyOp, full bool, start int, warn *onceLogger, mark func(int) error, fail failpoint) error {
+	a := &applier{root: root, verified: map[string]struct{}{}, dirMeta: map[string]applyOp{}, warn: warn}
+	for _, op := range ops {
+		if op.kind == tetherpb.FileOp_KIND_MKDIR {
+			a.dirMeta[op.path] = op
+		}
+	}
+	if full && start == 0 {
+		if err := a.prune(rootPath, namedOf(ops)); err != nil {
 			return fmt.Errorf("remove what the primary no longer has: %w", err)
 		}
 	}
-	for _, op := range b.ops {
-		if err := a.apply(op); err != nil {
+	for i := start; i < len(ops); i++ {
+		op := ops[i]
+		if err := a.applyMarked(op, i, mark, fail); err != nil {
 			return fmt.Errorf("%s %q: %w", op.kind, op.path, err)
+		}
+		if err := fail.at("op " + strconv.Itoa(i)); err != nil {
+			return err
 		}
 	}
 	if err := a.finishDirs(); err != nil {
 		return err
 	}
-	return a.syncTouched()
+	return a.sync()
+}
+
+// applyMarked applies op number i, bracketing a RENAME with progress marks.
+func (a *applier) applyMarked(op applyOp, i int, mark func(int) error, fail failpoint) error {
+	if op.kind != tetherpb.FileOp_KIND_RENAME {
+		return a.apply(op)
+	}
+	if err := a.sync(); err != nil {
+		return err
+	}
+	if err := mark(i); err != nil {
+		return err
+	}
+	if err := a.apply(op); err != nil {
+		return err
+	}
+	if err := fail.at("renamed " + strconv.Itoa(i)); err != nil {
+		return err
+	}
+	if err := a.sync(); err != nil {
+		return err
+	}
+	return mark(i + 1)
+}
+
+// sync makes everything applied so far durable.
+func (a *applier) sync() error {
+	d, err := a.root.Open(rootPath)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := unix.Syncfs(int(d.Fd())); err != nil {
+		return fmt.Errorf("make the applied batch durable (syncfs): %w", err)
+	}
+	return nil
 }
 
 func (a *applier) apply(op applyOp) error {
@@ -322,7 +372,6 @@ func (a *applier) apply(op applyOp) error {
 	case tetherpb.FileOp_KIND_DELETE:
 		return a.remove(op.path)
 	case tetherpb.FileOp_KIND_MKDIR:
-		a.dirMeta[op.path] = op
 		return a.ensureDir(op.path)
 	case tetherpb.FileOp_KIND_FILE:
 		return a.placeFile(op)
@@ -350,7 +399,6 @@ func (a *applier) prune(dir string, keep map[string]struct{}) error {
 			if err := a.root.RemoveAll(rel); err != nil {
 				return err
 			}
-			a.touched[dir] = struct{}{}
 			continue
 		}
 		if e.IsDir() {
@@ -390,7 +438,6 @@ func (a *applier) remove(rel string) error {
 		return err
 	}
 	clear(a.verified)
-	a.touched[parentOf(rel)] = struct{}{}
 	return a.root.RemoveAll(rel)
 }
 
@@ -420,7 +467,6 @@ func (a *applier) ensureDir(rel string) error {
 		if err := a.root.Mkdir(d, 0o700); err != nil {
 			return err
 		}
-		a.touched[parentOf(d)] = struct{}{}
 		a.verified[d] = struct{}{}
 	}
 	return nil
@@ -440,7 +486,6 @@ func (a *applier) replaceWith(tmp, rel string) error {
 			return err
 		}
 	}
-	a.touched[parentOf(rel)] = struct{}{}
 	return a.root.Rename(tmp, rel)
 }
 
@@ -482,9 +527,6 @@ func (a *applier) writeTemp(tmp string, op applyOp) error {
 	}
 	if err == nil {
 		err = a.setMeta(f, tmp, op) // after writing: a write clears setuid/setgid
-	}
-	if err == nil {
-		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
@@ -637,8 +679,6 @@ func (a *applier) rename(from, to string) error {
 		}
 	}
 	clear(a.verified)
-	a.touched[parentOf(from)] = struct{}{}
-	a.touched[parentOf(to)] = struct{}{}
 	return a.root.Rename(from, to)
 }
 
@@ -667,26 +707,6 @@ func (a *applier) finishDirs() error {
 		}
 		if err := a.root.Chtimes(d, op.mtime, op.mtime); err != nil {
 			return fmt.Errorf("set mtime of directory %q: %w", d, err)
-		}
-		a.touched[d] = struct{}{}
-	}
-	return nil
-}
-
-// syncTouched fsyncs every directory the batch changed.
-func (a *applier) syncTouched() error {
-	for d := range a.touched {
-		f, err := a.root.Open(d)
-		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ENOTDIR) {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("sync directory %q: %w", d, err)
-		}
-		err = f.Sync()
-		_ = f.Close()
-		if err != nil {
-			return fmt.Errorf("sync directory %q: %w", d, err)
 		}
 	}
 	return nil

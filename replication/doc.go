@@ -7,9 +7,13 @@
 // Replication.Stream: the current state of the changed paths (whole files),
 // or the whole tree when the replica's position is unknown, followed by a
 // Commit. On the replica, a Server stages the batch's file contents outside
-// the data directory, applies the batch only once its Commit arrived (through
-// an os.Root, never writing through a symlink), makes it durable, records its
-// position and acknowledges it.
+// the data directory; at its Commit it writes a redo journal (the batch's
+// operations, referring to the staged contents) and a commit record, applies
+// the batch in place (through an os.Root, never writing through a symlink),
+// makes it durable with syncfs, records its position, clears the journal and
+// acknowledges it. After a crash, the next stream (or Fence, before the node
+// serves the volume) re-applies a committed journal and drops an
+// uncommitted one, so the replica is always at one complete cut.
 //
 // Epochs fence old primaries: a replica remembers the newest epoch it has seen
 // for a volume (raised by a newer primary's Hello or by Fence) and refuses

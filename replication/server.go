@@ -42,6 +42,8 @@ type Server struct {
 	closed  bool
 	volumes map[string]*replicaVolume
 	wg      sync.WaitGroup
+
+	fail failpoint // tests only: stops a commit at a step, as a crash would
 }
 
 // replicaVolume serializes the streams, fences and batch applications of one
@@ -130,6 +132,10 @@ func (s *Server) FencePaths(volume string, paths Paths, epoch uint64) error {
 	newest, err := readEpoch(paths.State)
 	if err != nil {
 		return fmt.Errorf("fence volume %s: %w", volume, err)
+	}
+	// A committed batch is finished before this node may serve the volume.
+	if _, err := s.journal(paths).recover(s.log.With("volume", volume)); err != nil {
+		return fmt.Errorf("fence volume %s: finish the last replicated batch: %w", volume, err)
 	}
 	if epoch > newest {
 		if err := writeEpoch(paths.State, epoch); err != nil {
@@ -272,12 +278,15 @@ func (s *Server) serve(ctx context.Context, cancel context.CancelCauseFunc, stre
 	if err != nil {
 		return status.Error(codes.Internal, err.Error())
 	}
+	if err := s.recoverJournal(v, paths, log); err != nil {
+		return status.Error(codes.Internal, err.Error())
+	}
+	if pos, err = readPosition(paths.State); err != nil {
+		return status.Error(codes.Internal, err.Error())
+	}
 	stage := filepath.Join(paths.State, stageDir)
 	if err := resetDir(stage); err != nil {
 		return status.Errorf(codes.Internal, "prepare staging directory: %v", err)
-	}
-	if err := recoverInterrupted(paths, log); err != nil {
-		return status.Error(codes.Internal, err.Error())
 	}
 	if err := stream.Send(ackOf(pos)); err != nil {
 		return err
@@ -390,49 +399,26 @@ func (c *inboundSession) commit(b *batch, cm *tetherpb.Commit) error {
 		return status.Error(codes.FailedPrecondition, fencedError{epoch: c.me.epoch, newest: newest}.Error())
 	}
 	start := time.Now()
-	if err := markApplying(c.paths.State, cm.GetSeq()); err != nil {
-		return status.Error(codes.Internal, err.Error())
-	}
-	if err := c.apply(b, cm.GetFull()); err != nil {
-		return batchStatus(fmt.Errorf("apply batch %d: %w", cm.GetSeq(), err))
-	}
 	pos := position{Epoch: c.me.epoch, Seq: cm.GetSeq(), Cut: cutTime(cm.GetCutUnixNano())}
-	if err := writePosition(c.paths.State, pos); err != nil {
-		return status.Error(codes.Internal, err.Error())
-	}
-	if err := clearApplying(c.paths.State); err != nil {
-		return status.Error(codes.Internal, err.Error())
+	if err := c.s.journal(c.paths).commit(b, pos, cm.GetFull()); err != nil {
+		return batchStatus(fmt.Errorf("apply batch %d: %w", cm.GetSeq(), err))
 	}
 	c.pos = pos
 	c.log.Debug("batch applied", "seq", pos.Seq, "full", cm.GetFull(), "ops", len(b.ops), "took", time.Since(start))
 	return nil
 }
 
-func (c *inboundSession) apply(b *batch, full bool) error {
-	root, err := os.OpenRoot(c.paths.Data)
-	if err != nil {
-		return fmt.Errorf("open volume data directory: %w", err)
-	}
-	defer root.Close()
-	return applyBatch(root, b, full, c.s.warn)
+// journal returns the redo journal of a volume on this replica.
+func (s *Server) journal(paths Paths) journal {
+	return journal{paths: paths, warn: s.warn, fail: s.fail}
 }
 
-// recoverInterrupted cleans up after a batch whose application was
-// interrupted (by a crash or an error): the temporary files it left go.
-func recoverInterrupted(paths Paths, log *slog.Logger) error {
-	if !wasApplying(paths.State) {
-		return nil
-	}
-	log.Warn("the last batch was interrupted while being applied; removing its temporary files")
-	root, err := os.OpenRoot(paths.Data)
-	if err != nil {
-		return fmt.Errorf("open volume data directory: %w", err)
-	}
-	defer root.Close()
-	if err := removeTemps(root, rootPath); err != nil {
-		return fmt.Errorf("remove temporary files of an interrupted batch: %w", err)
-	}
-	return clearApplying(paths.State)
+// recoverJournal finishes or drops the journal a crash left.
+func (s *Server) recoverJournal(v *replicaVolume, paths Paths, log *slog.Logger) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	_, err := s.journal(paths).recover(log)
+	return err
 }
 
 // batchStatus maps a batch error to a gRPC status: refusals of what the peer
