@@ -2,11 +2,16 @@
 // replicas.
 //
 // On the primary, a Primary watches the volume's data directory recursively
-// with fsnotify, collects the paths that changed, and runs one sender per
-// replica. Each sender streams batches over the gRPC
-// Replication.Stream: the current state of the changed paths (whole files),
-// or the whole tree when the replica's position is unknown, followed by a
-// Commit. On the replica, a Server stages the batch's file contents outside
+// with fsnotify and collects the paths that changed. A cutter turns them
+// into cuts: it reads the changed paths into a spool, then creates a fresh
+// sentinel file in a barrier directory watched by the same inotify instance
+// and waits for its event; the cut is consistent when no event of the
+// volume arrived in between, else the paths of the new events are read
+// again (a few rounds, then a Freezer pauses the writers, or the batch is
+// marked file-consistent only). Each cut is read once and kept until every
+// replica has it; one sender per replica streams the cuts over the gRPC
+// Replication.Stream (or a full cut when the replica's position is unknown),
+// each followed by a Commit. On the replica, a Server stages the batch's file contents outside
 // the data directory; at its Commit it writes a redo journal (the batch's
 // operations, referring to the staged contents) and a commit record, applies
 // the batch in place (through an os.Root, never writing through a symlink),

@@ -200,7 +200,7 @@ func TestReplicaRestart(t *testing.T) {
 	// What the watcher does after lost events: the whole tree is resent,
 	// and what the replica has beyond it is removed.
 	must(t, os.WriteFile(c.replicaPaths("r1").Data+"/stray", []byte("s"), 0o644))
-	p.dispatchFull()
+	p.ch.requireFull()
 	c.waitSynced("r1")
 }
 

@@ -274,14 +274,11 @@ func (s *Server) serve(ctx context.Context, cancel context.CancelCauseFunc, stre
 	defer s.leave(v, me)
 
 	log := s.log.With("volume", hello.GetVolume(), "primary", me.primary, "epoch", me.epoch)
-	pos, err := readPosition(paths.State)
-	if err != nil {
-		return status.Error(codes.Internal, err.Error())
-	}
 	if err := s.recoverJournal(v, paths, log); err != nil {
 		return status.Error(codes.Internal, err.Error())
 	}
-	if pos, err = readPosition(paths.State); err != nil {
+	pos, err := readPosition(paths.State)
+	if err != nil {
 		return status.Error(codes.Internal, err.Error())
 	}
 	stage := filepath.Join(paths.State, stageDir)

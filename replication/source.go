@@ -9,7 +9,6 @@ import (
 	"slices"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/tether-io/tether/proto/tetherpb"
 )
@@ -19,14 +18,52 @@ const chunkSize = 1 << 20
 
 // plan is what a batch will carry, read from the primary's tree.
 type plan struct {
-	deletes []string
+	deletes map[string]struct{}
 	dirs    map[string]fs.FileInfo // MKDIR: new directories and changed metadata
 	others  map[string]fs.FileInfo // regular files, symlinks and fifos
 	skipped []string               // devices and sockets, which are not replicated
+	// fresh holds the entries added or re-planned since the last read: only
+	// they are (re-)read into the cut's spool.
+	fresh map[string]struct{}
 }
 
 func newPlan() *plan {
-	return &plan{dirs: map[string]fs.FileInfo{}, others: map[string]fs.FileInfo{}}
+	return &plan{deletes: map[string]struct{}{}, dirs: map[string]fs.FileInfo{}, others: map[string]fs.FileInfo{},
+		fresh: map[string]struct{}{}}
+}
+
+// put plans entry rel of kind m (p.dirs or p.others) for reading.
+func (p *plan) put(m map[string]fs.FileInfo, rel string, fi fs.FileInfo) {
+	m[rel] = fi
+	p.fresh[rel] = struct{}{}
+}
+
+// del plans a DELETE of rel.
+func (p *plan) del(rel string) {
+	p.deletes[rel] = struct{}{}
+}
+
+// forget drops what the plan says about rel, and about everything below it
+// when all is set.
+func (p *plan) forget(rel string, all bool) {
+	delete(p.deletes, rel)
+	delete(p.dirs, rel)
+	delete(p.others, rel)
+	if !all {
+		return
+	}
+	for _, m := range []map[string]fs.FileInfo{p.dirs, p.others} {
+		for r := range m {
+			if isUnder(r, rel) {
+				delete(m, r)
+			}
+		}
+	}
+	for r := range p.deletes {
+		if isUnder(r, rel) {
+			delete(p.deletes, r)
+		}
+	}
 }
 
 // fullPlan reads the whole tree.
@@ -36,7 +73,7 @@ func fullPlan(root *os.Root) (*plan, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read volume root: %w", err)
 	}
-	p.dirs[rootPath] = fi
+	p.put(p.dirs, rootPath, fi)
 	if err := p.collect(root, rootPath); err != nil {
 		return nil, err
 	}
@@ -48,39 +85,43 @@ func fullPlan(root *os.Root) (*plan, error) {
 // DELETE; a directory to be sent with its subtree is replaced whole.
 func dirtyPlan(root *os.Root, dirty map[string]bool) (*plan, error) {
 	p := newPlan()
+	return p, p.update(root, dirty)
+}
+
+// update re-plans the dirty paths (marking them fresh), as a later round of
+// a cut does for the paths that changed while the previous round was read.
+func (p *plan) update(root *os.Root, dirty map[string]bool) error {
 	for rel, subtree := range dirty {
 		fi, ok, err := lstatReal(root, rel)
 		if err != nil {
-			return nil, err
+			return err
 		}
+		p.forget(rel, !ok || !fi.IsDir() || subtree)
 		switch {
 		case !ok || !replicated(fi):
 			if rel != rootPath {
-				p.deletes = append(p.deletes, rel)
+				p.del(rel)
 			}
 			if ok {
 				p.skipped = append(p.skipped, rel)
 			}
 		case fi.IsDir():
-			p.dirs[rel] = fi
+			p.put(p.dirs, rel, fi)
 			if subtree && rel != rootPath {
-				p.deletes = append(p.deletes, rel)
+				p.del(rel)
 				if err := p.collect(root, rel); err != nil {
-					return nil, err
+					return err
 				}
 			}
 		default:
-			p.others[rel] = fi
+			p.put(p.others, rel, fi)
 		}
 	}
 	if err := p.addParents(root); err != nil {
-		return nil, err
+		return err
 	}
 	p.dropConflicts()
-	if err := p.completeLinks(root); err != nil {
-		return nil, err
-	}
-	return p, nil
+	return p.completeLinks(root)
 }
 
 // replicated reports whether an entry's type is carried: directories,
@@ -117,7 +158,9 @@ func (p *plan) completeLinks(root *os.Root) error {
 			return
 		}
 		if k, _ := inodeOf(fi); want[k] > 0 {
-			p.others[rel] = fi
+			if _, ok := p.others[rel]; !ok {
+				p.put(p.others, rel, fi)
+			}
 		}
 	})
 }
@@ -193,12 +236,12 @@ func (p *plan) collect(root *os.Root, dir string) error {
 		case !replicated(fi):
 			p.skipped = append(p.skipped, rel)
 		case fi.IsDir():
-			p.dirs[rel] = fi
+			p.put(p.dirs, rel, fi)
 			if err := p.collect(root, rel); err != nil {
 				return err
 			}
 		default:
-			p.others[rel] = fi
+			p.put(p.others, rel, fi)
 		}
 	}
 	return nil
@@ -213,7 +256,9 @@ func (p *plan) addParents(root *os.Root) error {
 			rels = append(rels, rel)
 		}
 	}
-	rels = append(rels, p.deletes...)
+	for rel := range p.deletes {
+		rels = append(rels, rel)
+	}
 	for _, rel := range rels {
 		if rel == rootPath {
 			continue
@@ -227,7 +272,7 @@ func (p *plan) addParents(root *os.Root) error {
 			return err
 		}
 		if ok && fi.IsDir() {
-			p.dirs[d] = fi
+			p.put(p.dirs, d, fi)
 		}
 	}
 	return nil
@@ -256,47 +301,6 @@ func (p *plan) dropConflicts() {
 
 // sendFunc sends one message of a stream.
 type sendFunc func(*tetherpb.StreamRequest) error
-
-// send streams the plan's ops: deletes, then directories shallow to deep,
-// then files, symlinks and fifos. Of the names of a hard-linked file, the
-// first carries the contents and the others are sent as HARDLINK ops.
-func (p *plan) send(root *os.Root, send sendFunc, warn *onceLogger) error {
-	slices.Sort(p.deletes)
-	for _, rel := range slices.Compact(p.deletes) {
-		if err := sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_DELETE, Path: []byte(rel)}); err != nil {
-			return err
-		}
-	}
-	for _, rel := range sortedDirs(p.dirs) {
-		if err := sendDir(root, send, rel, p.dirs[rel], warn); err != nil {
-			return err
-		}
-	}
-	others := make([]string, 0, len(p.others))
-	for rel := range p.others {
-		others = append(others, rel)
-	}
-	slices.Sort(others)
-	links := map[inodeKey]string{}
-	for _, rel := range others {
-		fi := p.others[rel]
-		var err error
-		switch fi.Mode().Type() {
-		case fs.ModeSymlink:
-			err = sendSymlink(root, send, rel, fi)
-		case fs.ModeNamedPipe:
-			uid, gid := ownerOf(fi)
-			err = sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FIFO, Path: []byte(rel),
-				Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid})
-		default:
-			err = sendFile(root, send, rel, fi, links, warn)
-		}
-		if err != nil {
-			return err
-		}
-	}
-	return nil
-}
 
 // sendDir sends a directory's metadata.
 func sendDir(root *os.Root, send sendFunc, rel string, fi fs.FileInfo, warn *onceLogger) error {
@@ -367,46 +371,42 @@ func sendSymlink(root *os.Root, send sendFunc, rel string, fi fs.FileInfo) error
 // sendFile streams a regular file: its data extents in chunks, then a last
 // op with its size and metadata. The file is opened and checked to be the
 // one planned (not a symlink swapped in since); its metadata comes from the
-// open file. A further name of a file already sent (links) becomes a
-// HARDLINK op.
-func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo, links map[inodeKey]string, warn *onceLogger) error {
+// open file. sent is false when the file was replaced or removed since it
+// was planned (its event brings it again).
+func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo, warn *onceLogger) (key inodeKey, nlink uint64, sent bool, err error) {
 	f, err := root.OpenFile(rel, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if isGone(err) || errors.Is(err, syscall.ELOOP) {
-		return nil
+		return key, 0, false, nil
 	}
 	if err != nil {
-		return fmt.Errorf("open %q: %w", rel, err)
+		return key, 0, false, fmt.Errorf("open %q: %w", rel, err)
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return fmt.Errorf("stat %q: %w", rel, err)
+		return key, 0, false, fmt.Errorf("stat %q: %w", rel, err)
 	}
 	if !fi.Mode().IsRegular() || !os.SameFile(fi, planned) {
-		return nil // replaced since planned; its event brings it again
+		return key, 0, false, nil
 	}
-	if key, nlink := inodeOf(fi); nlink > 1 {
-		if to, ok := links[key]; ok {
-			return sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_HARDLINK, Path: []byte(rel), HardlinkTo: []byte(to)})
-		}
-		links[key] = rel
-	}
+	key, nlink = inodeOf(fi)
 	xs, err := xattrsOrWarn(f, rel, warn)
 	if err != nil {
-		return err
+		return key, 0, false, err
 	}
 	size := fi.Size()
 	exts, err := dataExtents(f, size)
 	if err != nil {
-		return fmt.Errorf("read %q: %w", rel, err)
+		return key, 0, false, fmt.Errorf("read %q: %w", rel, err)
 	}
 	end, err := sendExtents(f, send, rel, exts)
 	if err != nil {
-		return err
+		return key, 0, false, err
 	}
 	uid, gid := ownerOf(fi)
-	return sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte(rel), Offset: uint64(end),
+	err = sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte(rel), Offset: uint64(end),
 		Size: uint64(size), Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid, Xattrs: xs})
+	return key, nlink, err == nil, err
 }
 
 // sendExtents sends the data extents of f in chunks and returns the end of
@@ -434,13 +434,4 @@ func sendExtents(f *os.File, send sendFunc, rel string, exts []extent) (int64, e
 		}
 	}
 	return end, nil
-}
-
-// sendBatch streams a plan and its Commit.
-func sendBatch(root *os.Root, send sendFunc, p *plan, seq uint64, cut time.Time, full bool, warn *onceLogger) error {
-	if err := p.send(root, send, warn); err != nil {
-		return err
-	}
-	return send(&tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Commit{Commit: &tetherpb.Commit{
-		Seq: seq, CutUnixNano: cut.UnixNano(), Full: full}}})
 }
