@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"time"
 
@@ -24,6 +25,10 @@ type ServerConfig struct {
 	// node does not hold the volume and creates directories as needed.
 	Resolve func(volume string) (Paths, error)
 	Logger  *slog.Logger
+	// QuarantineDir, if set, holds the quarantines of every volume
+	// (QuarantineDir/quarantine/VOLUME/epoch-E-TIME); by default each
+	// volume's Paths.State does. It must be on the volumes' file system.
+	QuarantineDir string
 }
 
 // Server is the replica side of replication: it receives the batches of
@@ -142,6 +147,13 @@ func (s *Server) FencePaths(volume string, paths Paths, epoch uint64) error {
 			return fmt.Errorf("fence volume %s at epoch %d: %w", volume, epoch, err)
 		}
 		newest = epoch
+	}
+	// This node serves the volume in epoch: remember it, so that a stream
+	// of a newer epoch first quarantines what this node wrote.
+	if was, err := readPrimaryEpoch(paths.State); err != nil || was < epoch {
+		if err := writeFileDurable(paths.State, primaryEpochFile, strconv.FormatUint(epoch, 10)+"\n"); err != nil {
+			return fmt.Errorf("fence volume %s at epoch %d: %w", volume, epoch, err)
+		}
 	}
 	if v.active != nil && v.active.epoch < newest {
 		s.log.Info("cutting off stream of an older epoch", "volume", volume, "epoch", v.active.epoch,
@@ -289,7 +301,7 @@ func (s *Server) serve(ctx context.Context, cancel context.CancelCauseFunc, stre
 		return err
 	}
 	log.Info("replication stream accepted", "position", pos.String())
-	sess := &inboundSession{s: s, v: v, me: me, paths: paths, pos: pos, log: log}
+	sess := &inboundSession{s: s, v: v, me: me, volume: hello.GetVolume(), paths: paths, pos: pos, log: log}
 	return sess.receive(stream, in, newBatch(stage))
 }
 
@@ -366,12 +378,13 @@ func (s *Server) leave(v *replicaVolume, me *inbound) {
 
 // inboundSession is the state of an admitted stream.
 type inboundSession struct {
-	s     *Server
-	v     *replicaVolume
-	me    *inbound
-	paths Paths
-	pos   position
-	log   *slog.Logger
+	s      *Server
+	v      *replicaVolume
+	me     *inbound
+	volume string
+	paths  Paths
+	pos    position
+	log    *slog.Logger
 }
 
 // commit applies a complete batch and records its position durably.
@@ -396,6 +409,9 @@ func (c *inboundSession) commit(b *batch, cm *tetherpb.Commit) error {
 		return status.Error(codes.FailedPrecondition, fencedError{epoch: c.me.epoch, newest: newest}.Error())
 	}
 	start := time.Now()
+	if err := c.quarantineFor(b, cm.GetFull()); err != nil {
+		return status.Errorf(codes.Internal, "quarantine before the first batch of epoch %d: %v", c.me.epoch, err)
+	}
 	pos := position{Epoch: c.me.epoch, Seq: cm.GetSeq(), Cut: cutTime(cm.GetCutUnixNano())}
 	if err := c.s.journal(c.paths).commit(b, pos, cm.GetFull()); err != nil {
 		return batchStatus(fmt.Errorf("apply batch %d: %w", cm.GetSeq(), err))
