@@ -51,6 +51,7 @@ func (p *Primary) cutLoop(ctx context.Context) {
 			continue
 		}
 		p.publish(b)
+		p.acked() // trims what no replica needs
 	}
 }
 
@@ -157,6 +158,9 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 		p.warn.warn("skip:"+rel, "not replicating a device or socket", "path", rel)
 	}
 	p.cuts.Add(1)
+	if c.full {
+		p.fullCuts.Add(1)
+	}
 	return &cutBatch{seq: p.nextSeq(), full: c.full, cut: at, fileOnly: !consistent, since: c.since,
 		sp: c.sp, items: c.sp.items(c.pl)}, nil
 }

@@ -93,7 +93,7 @@ func TestCutsAreCrashConsistent(t *testing.T) {
 			var mu sync.Mutex
 			var violations []string
 			var checked atomic.Int64
-			r.srv.fail = func(step string) error {
+			r.srv.setFailpoint(func(step string) error {
 				if step == "positioned" { // after a batch is applied and durable, before its ack
 					if _, _, err := checkLockstep(c.replicaPaths("r1").Data); err != nil {
 						mu.Lock()
@@ -103,7 +103,7 @@ func TestCutsAreCrashConsistent(t *testing.T) {
 					checked.Add(1)
 				}
 				return nil
-			}
+			})
 			p := c.startPrimaryWith(func(cfg *PrimaryConfig) {
 				cfg.Debounce = time.Millisecond
 				cfg.MaxRounds = rounds

@@ -196,6 +196,10 @@ func TestReplicaRestart(t *testing.T) {
 		r := p.Status().Replicas[0]
 		return r.Connected && r.Lag == 0 && r.Err == ""
 	})
+	// It resumed after its durable cut: only the initial sync was full.
+	if n := p.fullCuts.Load(); n != 1 {
+		t.Fatalf("%d full cuts, want only the initial one (the restarted replica should resume)", n)
+	}
 
 	// What the watcher does after lost events: the whole tree is resent,
 	// and what the replica has beyond it is removed.

@@ -135,18 +135,18 @@ func TestServerFinishesJournal(t *testing.T) {
 	for _, viaFence := range []bool{false, true} {
 		c := newTestCluster(t)
 		r := c.startReplica("r1")
-		r.srv.fail = func(s string) error {
+		r.srv.setFailpoint(func(s string) error {
 			if s == "op 3" {
 				return errCrash
 			}
 			return nil
-		}
+		})
 		rs, err := openRaw(t, c, "r1", 1)
 		must(t, err)
 		if _, err := rs.batch(1, first...); status.Code(err) != codes.Internal {
 			t.Fatalf("crashed batch answered %v, want Internal", err)
 		}
-		r.srv.fail = nil
+		r.srv.setFailpoint(nil)
 		c.stopReplica("r1")
 		r = c.startReplica("r1")
 		if viaFence {

@@ -110,6 +110,7 @@ type Primary struct {
 	seq          atomic.Uint64 // last batch number handed out
 	barrierN     atomic.Uint64
 	cuts         atomic.Uint64
+	fullCuts     atomic.Uint64
 	fileOnlyCuts atomic.Uint64
 
 	bmu      sync.Mutex
@@ -395,20 +396,22 @@ func resumable(epoch, seq, ourEpoch, firstSeq, base, latest uint64) bool {
 	return epoch == ourEpoch && firstSeq != 0 && seq >= firstSeq && seq >= base && seq <= latest
 }
 
-// acked trims the cuts every sender is past and wakes the cutter.
+// acked trims the cuts every sender is past (all of them when there is no
+// replica: a new one starts with a full cut) and wakes the cutter.
 func (p *Primary) acked() {
 	p.mu.Lock()
 	keep := uint64(0)
 	for _, s := range p.senders {
-		if n := s.position(); n != 0 && (keep == 0 || n < keep) {
+		if n := s.position(); keep == 0 || n < keep {
 			keep = n
 		}
 	}
+	none := len(p.senders) == 0
 	p.mu.Unlock()
 	p.bmu.Lock()
 	defer p.bmu.Unlock()
 	n := 0
-	for n < len(p.batches) && keep != 0 && p.batches[n].seq < keep {
+	for n < len(p.batches) && (none || p.batches[n].seq < keep) {
 		n++
 	}
 	if n > 0 {

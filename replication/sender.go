@@ -41,14 +41,19 @@ type sender struct {
 }
 
 func newSender(p *Primary, node string, cancel context.CancelFunc) *sender {
-	return &sender{p: p, node: node, log: p.log.With("replica", node), cancel: cancel, fullSince: time.Now()}
+	// Until it connects, a sender needs no cut older than the next full one.
+	return &sender{p: p, node: node, log: p.log.With("replica", node), cancel: cancel, fullSince: time.Now(),
+		fullAfter: p.latestSeq()}
 }
 
-// position returns the next cut this sender needs (0 when it waits for a
-// full one): the primary keeps the cuts from there on.
+// position returns the oldest cut this sender may still need: the primary
+// keeps the cuts from there on.
 func (s *sender) position() uint64 {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.next == 0 {
+		return s.fullAfter + 1
+	}
 	return s.next
 }
 

@@ -48,7 +48,14 @@ type Server struct {
 	volumes map[string]*replicaVolume
 	wg      sync.WaitGroup
 
-	fail failpoint // tests only: stops a commit at a step, as a crash would
+	fail failpoint // tests only (setFailpoint): stops a commit at a step, as a crash would
+}
+
+// setFailpoint installs a failpoint (tests only).
+func (s *Server) setFailpoint(f failpoint) {
+	s.mu.Lock()
+	s.fail = f
+	s.mu.Unlock()
 }
 
 // replicaVolume serializes the streams, fences and batch applications of one
@@ -423,6 +430,8 @@ func (c *inboundSession) commit(b *batch, cm *tetherpb.Commit) error {
 
 // journal returns the redo journal of a volume on this replica.
 func (s *Server) journal(paths Paths) journal {
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	return journal{paths: paths, warn: s.warn, fail: s.fail}
 }
 
