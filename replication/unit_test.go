@@ -121,10 +121,9 @@ func TestDirtySet(t *testing.T) {
 	if !d.paths["a"] || d.paths["b"] || !d.since.Equal(t0) {
 		t.Fatalf("dirty set = %+v", d)
 	}
-	var e dirtySet
-	e.merge(d.take())
+	e := d.take()
 	if !d.empty() || !d.since.IsZero() || len(e.paths) != 2 || !e.since.Equal(t0) {
-		t.Fatalf("after take/merge: d=%+v e=%+v", d, e)
+		t.Fatalf("after take: d=%+v e=%+v", d, e)
 	}
 	if got := oldest(time.Time{}, t0.Add(time.Second), t0); !got.Equal(t0) {
 		t.Fatalf("oldest = %v", got)
@@ -214,5 +213,34 @@ func TestWatchLimitError(t *testing.T) {
 		if !strings.Contains(msg, want) {
 			t.Errorf("watch limit error %q does not mention %q", msg, want)
 		}
+	}
+}
+
+// TestChanges checks the watcher-to-cutter state: the event count moves
+// with every change, take clears the dirty set and the full flag, and a
+// barrier receives the count at its event.
+func TestChanges(t *testing.T) {
+	c := newChanges()
+	c.add("a", false, time.Unix(5, 0))
+	c.add("b", true, time.Unix(3, 0))
+	if ok, since := c.pending(); !ok || !since.Equal(time.Unix(3, 0)) {
+		t.Fatalf("pending = %v %v", ok, since)
+	}
+	ch := c.expect("b-1")
+	c.barrierSeen("b-2") // not awaited: ignored
+	c.barrierSeen("b-1")
+	if g := <-ch; g != 2 {
+		t.Fatalf("barrier saw count %d, want 2", g)
+	}
+	d, full, gen := c.take()
+	if full || gen != 2 || !d.paths["b"] || d.paths["a"] || len(d.paths) != 2 {
+		t.Fatalf("take = %+v %v %d", d, full, gen)
+	}
+	c.requireFull()
+	if _, full, gen := c.take(); !full || gen != 3 {
+		t.Fatalf("take after requireFull = %v %d", full, gen)
+	}
+	if ok, _ := c.pending(); ok {
+		t.Fatal("pending after take")
 	}
 }
