@@ -11,8 +11,10 @@
 // marked file-consistent only). Each cut is read once and kept until every
 // replica has it; one sender per replica streams the cuts over the gRPC
 // Replication.Stream (or a full cut when the replica's position is unknown),
-// each followed by a Commit. On the replica, a Server stages the batch's file contents outside
-// the data directory; at its Commit it writes a redo journal (the batch's
+// each followed by a Commit.
+//
+// On the replica, a Server stages the batch's file contents outside the data
+// directory; at its Commit it writes a redo journal (the batch's
 // operations, referring to the staged contents) and a commit record, applies
 // the batch in place (through an os.Root, never writing through a symlink),
 // makes it durable with syncfs, records its position, clears the journal and
@@ -22,7 +24,10 @@
 //
 // Epochs fence old primaries: a replica remembers the newest epoch it has seen
 // for a volume (raised by a newer primary's Hello or by Fence) and refuses
-// streams of an older one.
+// streams of an older one. Fence also records that this node serves the
+// volume; when a stream of a newer epoch arrives later, what the node has
+// that the new primary's first batch would overwrite or delete is moved into
+// a quarantine directory first (Quarantined lists them).
 //
 // A batch carries each changed file's data extents (holes stay holes),
 // numeric owner and group, mode, extended attributes and mtime to the
