@@ -13,7 +13,8 @@ type changes struct {
 	mu        sync.Mutex
 	dirty     dirtySet
 	gen       uint64 // events (and rescan findings) seen for the volume
-	full      bool
+	full      bool   // events were lost: every replica needs the whole tree
+	forRep    bool   // a replica needs the whole tree; the others can take a delta
 	fullSince time.Time
 	barriers  map[string]chan uint64
 	wake      chan struct{}
@@ -50,16 +51,39 @@ func (c *changes) requireFull() {
 	c.poke()
 }
 
+// requireFullForReplica makes the next cut carry the whole tree for a
+// replica whose position is unknown; replicas that follow can still be sent
+// only what changed.
+func (c *changes) requireFullForReplica() {
+	c.mu.Lock()
+	if !c.full && !c.forRep {
+		c.fullSince = time.Now()
+	}
+	c.forRep = true
+	c.mu.Unlock()
+	c.poke()
+}
+
+// taken is what a cut takes from the watcher.
+type taken struct {
+	dirty dirtySet
+	full  bool // the cut must carry the whole tree
+	// lost is set when events were lost: even replicas that follow need the
+	// whole tree (a delta from the dirty paths could miss changes).
+	lost bool
+	gen  uint64 // event count at the take
+}
+
 // take returns and clears the pending changes, with the event count.
-func (c *changes) take() (d dirtySet, full bool, gen uint64) {
+func (c *changes) take() taken {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	d, full = c.dirty.take(), c.full
-	if full {
-		d.note(c.fullSince)
+	t := taken{dirty: c.dirty.take(), full: c.full || c.forRep, lost: c.full, gen: c.gen}
+	if t.full {
+		t.dirty.note(c.fullSince)
 	}
-	c.full, c.fullSince = false, time.Time{}
-	return d, full, c.gen
+	c.full, c.forRep, c.fullSince = false, false, time.Time{}
+	return t
 }
 
 // pending reports whether a cut has work, and the oldest change waiting.
@@ -67,10 +91,10 @@ func (c *changes) pending() (bool, time.Time) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	since := c.dirty.since
-	if c.full {
+	if c.full || c.forRep {
 		since = oldest(since, c.fullSince)
 	}
-	return c.full || !c.dirty.empty(), since
+	return c.full || c.forRep || !c.dirty.empty(), since
 }
 
 // expect registers a barrier sentinel name; its channel receives the event

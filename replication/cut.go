@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -44,6 +45,7 @@ func (p *Primary) cutLoop(ctx context.Context) {
 			}
 			// The changes taken are lost to this cut: send the whole tree.
 			p.log.Error("taking a cut of the volume failed; retrying with the whole tree", "err", err)
+			p.cuttingFull.Store(false)
 			p.ch.requireFull()
 			if !sleepCtx(ctx, retryMax) {
 				return
@@ -51,6 +53,7 @@ func (p *Primary) cutLoop(ctx context.Context) {
 			continue
 		}
 		p.publish(b)
+		p.cuttingFull.Store(false)
 		p.acked() // trims what no replica needs
 	}
 }
@@ -93,24 +96,34 @@ type cutRound struct {
 	sp    *spool
 	pl    *plan
 	full  bool
+	lost  bool            // events were lost: no delta view of a full cut
+	dirty map[string]bool // every dirty path taken by this cut
 	since time.Time
 	gen   uint64 // event count when the last changes were taken
 }
 
 // take takes the pending changes into the plan.
 func (c *cutRound) take() error {
-	d, full, gen := c.p.ch.take()
-	c.gen = gen
-	c.since = oldest(c.since, d.since)
+	t := c.p.ch.take()
+	c.gen = t.gen
+	c.since = oldest(c.since, t.dirty.since)
+	c.lost = c.lost || t.lost
+	if c.dirty == nil {
+		c.dirty = map[string]bool{}
+	}
+	for rel, sub := range t.dirty.paths {
+		c.dirty[rel] = c.dirty[rel] || sub
+	}
 	var err error
 	switch {
-	case full:
+	case t.full:
 		c.full = true
+		c.p.cuttingFull.Store(true)
 		c.pl, err = fullPlan(c.p.root)
 	case c.pl == nil:
-		c.pl, err = dirtyPlan(c.p.root, d.paths)
+		c.pl, err = dirtyPlan(c.p.root, t.dirty.paths)
 	default:
-		err = c.pl.update(c.p.root, d.paths)
+		err = c.pl.update(c.p.root, t.dirty.paths)
 	}
 	return err
 }
@@ -158,11 +171,59 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 		p.warn.warn("skip:"+rel, "not replicating a device or socket", "path", rel)
 	}
 	p.cuts.Add(1)
+	b := &cutBatch{seq: p.nextSeq(), full: c.full, cut: at, fileOnly: !consistent, since: c.since,
+		sp: c.sp, items: c.sp.items(c.pl)}
 	if c.full {
 		p.fullCuts.Add(1)
+		if !c.lost {
+			// Replicas that follow get only what changed since the last cut.
+			b.delta = c.sp.items(deltaOf(c.pl, c.dirty))
+		}
 	}
-	return &cutBatch{seq: p.nextSeq(), full: c.full, cut: at, fileOnly: !consistent, since: c.since,
-		sp: c.sp, items: c.sp.items(c.pl)}, nil
+	return b, nil
+}
+
+// deltaOf is the part of a full plan that a replica at the previous cut
+// needs: the dirty paths (with the subtrees of those sent whole), DELETEs
+// for dirty paths the tree no longer has, and every name of a hard-linked
+// file among them.
+func deltaOf(full *plan, dirty map[string]bool) *plan {
+	d := newPlan()
+	for rel, sub := range dirty {
+		if fi, ok := full.dirs[rel]; ok {
+			d.dirs[rel] = fi
+			if sub && rel != rootPath {
+				d.del(rel)
+				for _, m := range []struct{ from, to map[string]fs.FileInfo }{{full.dirs, d.dirs}, {full.others, d.others}} {
+					for r, fi := range m.from {
+						if isUnder(r, rel) {
+							m.to[r] = fi
+						}
+					}
+				}
+			}
+			continue
+		}
+		if fi, ok := full.others[rel]; ok {
+			d.others[rel] = fi
+			continue
+		}
+		if rel != rootPath {
+			d.del(rel)
+		}
+	}
+	linked := map[inodeKey]bool{}
+	for _, fi := range d.others {
+		if k, n := inodeOf(fi); fi.Mode().IsRegular() && n > 1 {
+			linked[k] = true
+		}
+	}
+	for r, fi := range full.others {
+		if k, _ := inodeOf(fi); fi.Mode().IsRegular() && linked[k] {
+			d.others[r] = fi
+		}
+	}
+	return d
 }
 
 // frozen runs one more round with the volume's writers paused, bounded by

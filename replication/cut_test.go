@@ -179,3 +179,62 @@ func TestOneReadPerCut(t *testing.T) {
 		t.Fatalf("%d cuts for 5 changes and the initial sync: cuts are taken per replica", st.Cuts)
 	}
 }
+
+// TestNewReplicaGetsFullOthersDelta adds a replica to a running primary:
+// the full cut it needs is read once, and the replica already in sync gets
+// only the changes of that cut (its delta view), not the whole tree.
+func TestNewReplicaGetsFullOthersDelta(t *testing.T) {
+	c := newTestCluster(t)
+	must(t, os.MkdirAll(c.path("d/sub"), 0o755))
+	c.write("d/sub/f", "f")
+	c.write("g", "g")
+	c.startReplica("r1")
+	c.startReplica("r2")
+	p := c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+	// Changes that the full cut for r2 also carries to r1 as a delta:
+	// a new file, a removed one, a directory removed and one renamed.
+	c.write("new", "n")
+	must(t, os.Remove(c.path("g")))
+	must(t, os.Rename(c.path("d"), c.path("e")))
+	p.SetReplicas([]string{"r1", "r2"})
+	c.waitSynced("r1", "r2")
+	c.write("after", "a")
+	c.waitSynced("r1", "r2")
+	fullSent := map[string]int{}
+	p.mu.Lock()
+	for n, s := range p.senders {
+		s.mu.Lock()
+		fullSent[n] = s.fullSent
+		s.mu.Unlock()
+	}
+	p.mu.Unlock()
+	if fullSent["r1"] != 1 || fullSent["r2"] != 1 {
+		t.Fatalf("full batches sent = %v, want one each (r1 only its initial sync)", fullSent)
+	}
+}
+
+func TestDeltaOf(t *testing.T) {
+	dir := t.TempDir()
+	must(t, os.MkdirAll(filepath.Join(dir, "new/sub"), 0o755))
+	must(t, os.WriteFile(filepath.Join(dir, "new/sub/f"), nil, 0o644))
+	must(t, os.WriteFile(filepath.Join(dir, "changed"), []byte("c"), 0o644))
+	must(t, os.WriteFile(filepath.Join(dir, "quiet"), []byte("q"), 0o644))
+	must(t, os.WriteFile(filepath.Join(dir, "l1"), []byte("l"), 0o644))
+	must(t, os.Link(filepath.Join(dir, "l1"), filepath.Join(dir, "l2")))
+	root, err := os.OpenRoot(dir)
+	must(t, err)
+	defer root.Close()
+	full, err := fullPlan(root)
+	must(t, err)
+	d := deltaOf(full, map[string]bool{".": false, "new": true, "changed": false, "gone": false, "l1": false})
+	if got, want := keys(d.deletes), []string{"gone", "new"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("deletes = %q, want %q", got, want)
+	}
+	if got, want := keys(d.dirs), []string{".", "new", "new/sub"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("dirs = %q, want %q", got, want)
+	}
+	if got, want := keys(d.others), []string{"changed", "l1", "l2", "new/sub/f"}; fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("others = %q, want %q", got, want)
+	}
+}

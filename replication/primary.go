@@ -111,6 +111,7 @@ type Primary struct {
 	barrierN     atomic.Uint64
 	cuts         atomic.Uint64
 	fullCuts     atomic.Uint64
+	cuttingFull  atomic.Bool // a full cut is being read
 	fileOnlyCuts atomic.Uint64
 
 	bmu      sync.Mutex

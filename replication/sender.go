@@ -38,6 +38,7 @@ type sender struct {
 	acked     Ack
 	connected bool
 	err       string
+	fullSent  int // full batches sent (tests)
 }
 
 func newSender(p *Primary, node string, cancel context.CancelFunc) *sender {
@@ -129,15 +130,22 @@ func (s *sender) connectedAt(a *tetherpb.StreamAck) {
 	if a.GetEpoch() == epoch {
 		s.acked = Ack{Epoch: epoch, Seq: a.GetSeq(), Cut: cutTime(a.GetCutUnixNano())}
 	}
-	full := next == 0
-	if full {
+	if next == 0 {
 		s.needFullLocked()
 	} else {
 		s.next = next
 	}
 	s.mu.Unlock()
-	if full {
-		s.p.ch.requireFull()
+	if next == 0 {
+		s.requestFull()
+	}
+}
+
+// requestFull asks for a full cut unless one is being read (it will do:
+// its number is above the fullAfter just set).
+func (s *sender) requestFull() {
+	if !s.p.cuttingFull.Load() {
+		s.p.ch.requireFullForReplica()
 	}
 }
 
@@ -226,8 +234,9 @@ func (r *ackReader) run(ctx context.Context, stream tetherpb.Replication_StreamC
 	}
 }
 
-// nextBatch waits for the cut this replica needs next.
-func (s *sender) nextBatch(ctx context.Context, in *ackReader) (*cutBatch, error) {
+// nextBatch waits for the cut this replica needs next; full reports that
+// the replica needs the whole tree.
+func (s *sender) nextBatch(ctx context.Context, in *ackReader) (b *cutBatch, full bool, err error) {
 	for {
 		s.mu.Lock()
 		next, after := s.next, s.fullAfter
@@ -238,20 +247,20 @@ func (s *sender) nextBatch(ctx context.Context, in *ackReader) (*cutBatch, error
 			s.mu.Lock()
 			s.needFullLocked()
 			s.mu.Unlock()
-			s.p.ch.requireFull()
+			s.requestFull()
 			continue
 		}
 		if b != nil {
-			return b, nil
+			return b, next == 0, nil
 		}
 		select {
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return nil, false, ctx.Err()
 		case <-changed:
 		case a := <-in.acks:
-			return nil, fmt.Errorf("replica %s sent an unexpected ack for seq %d", s.node, a.GetSeq())
+			return nil, false, fmt.Errorf("replica %s sent an unexpected ack for seq %d", s.node, a.GetSeq())
 		case err := <-in.errc:
-			return nil, fmt.Errorf("replica %s ended the stream: %w", s.node, err)
+			return nil, false, fmt.Errorf("replica %s ended the stream: %w", s.node, err)
 		}
 	}
 }
@@ -260,11 +269,16 @@ func (s *sender) nextBatch(ctx context.Context, in *ackReader) (*cutBatch, error
 // ack.
 func (s *sender) stream(ctx context.Context, stream tetherpb.Replication_StreamClient, in *ackReader) error {
 	for {
-		b, err := s.nextBatch(ctx, in)
+		b, full, err := s.nextBatch(ctx, in)
 		if err != nil {
 			return err
 		}
-		if err := b.send(stream.Send); err != nil && !errors.Is(err, io.EOF) {
+		if b.full && (full || b.delta == nil) {
+			s.mu.Lock()
+			s.fullSent++
+			s.mu.Unlock()
+		}
+		if err := b.send(stream.Send, full); err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("send batch %d to %s: %w", b.seq, s.node, err)
 		} // on io.EOF the replica ended the stream; its status says why
 		s.log.Debug("batch sent", "seq", b.seq, "full", b.full, "items", len(b.items))

@@ -168,11 +168,21 @@ type cutBatch struct {
 	since    time.Time // oldest change it carries
 	sp       *spool
 	items    []item
+	// delta, for a full cut taken because a replica needed the whole tree,
+	// is what the replicas at the previous cut need (nil: they take items).
+	delta []item
 }
 
-// send streams the batch and its Commit.
-func (b *cutBatch) send(send sendFunc) error {
-	for _, it := range b.items {
+// send streams the batch and its Commit: the whole tree, or (full false on
+// a full cut with a delta view) only what changed since the previous cut.
+func (b *cutBatch) send(send sendFunc, full bool) error {
+	items := b.items
+	if b.full && !full && b.delta != nil {
+		items = b.delta
+	} else {
+		full = b.full
+	}
+	for _, it := range items {
 		if it.op != nil {
 			if err := sendOp(send, it.op); err != nil {
 				return err
@@ -184,7 +194,7 @@ func (b *cutBatch) send(send sendFunc) error {
 		}
 	}
 	return send(&tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Commit{Commit: &tetherpb.Commit{
-		Seq: b.seq, CutUnixNano: b.cut.UnixNano(), Full: b.full, FileConsistentOnly: b.fileOnly}}})
+		Seq: b.seq, CutUnixNano: b.cut.UnixNano(), Full: full, FileConsistentOnly: b.fileOnly}}})
 }
 
 // sendRange sends the ops spooled in [off, off+n).

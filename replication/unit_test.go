@@ -198,7 +198,7 @@ func TestRescanFindsMissedChanges(t *testing.T) {
 	must(t, os.Remove(filepath.Join(dir, "removed")))
 	must(t, os.MkdirAll(filepath.Join(dir, "d/new/deeper"), 0o755))
 	w.rescanNow()
-	got, _, _ := ch.take()
+	got := ch.take().dirty
 	if want := []string{".", "changed", "d", "d/new", "d/new/deeper", "removed"}; !slices.Equal(keys(got.paths), want) {
 		t.Fatalf("rescan marked %q, want %q", keys(got.paths), want)
 	}
@@ -232,13 +232,20 @@ func TestChanges(t *testing.T) {
 	if g := <-ch; g != 2 {
 		t.Fatalf("barrier saw count %d, want 2", g)
 	}
-	d, full, gen := c.take()
-	if full || gen != 2 || !d.paths["b"] || d.paths["a"] || len(d.paths) != 2 {
-		t.Fatalf("take = %+v %v %d", d, full, gen)
+	tk := c.take()
+	if tk.full || tk.gen != 2 || !tk.dirty.paths["b"] || tk.dirty.paths["a"] || len(tk.dirty.paths) != 2 {
+		t.Fatalf("take = %+v", tk)
 	}
 	c.requireFull()
-	if _, full, gen := c.take(); !full || gen != 3 {
-		t.Fatalf("take after requireFull = %v %d", full, gen)
+	if tk := c.take(); !tk.full || !tk.lost || tk.gen != 3 {
+		t.Fatalf("take after requireFull = %+v", tk)
+	}
+	c.requireFullForReplica() // not a change of the volume: the count stays
+	if ok, _ := c.pending(); !ok {
+		t.Fatal("a full cut for a replica is not pending")
+	}
+	if tk := c.take(); !tk.full || tk.lost || tk.gen != 3 {
+		t.Fatalf("take after requireFullForReplica = %+v", tk)
 	}
 	if ok, _ := c.pending(); ok {
 		t.Fatal("pending after take")
