@@ -46,6 +46,15 @@ func (s *controlServer) Status(context.Context, *tetherpb.StatusRequest) (*tethe
 	resp.ReplicaOf = p.replica
 	resp.LeaseHeld = a.lease.valid()
 	resp.LeaseAgeMs = a.lease.age().Milliseconds()
+	for _, name := range append(sortedKeys(p.primary), p.replica...) {
+		recs, err := a.repl.QuarantinedPaths(name, a.VolumePaths(name))
+		if err != nil {
+			a.log.Warn("listing quarantine", "volume", name, "err", err)
+		}
+		for _, q := range recs {
+			resp.Quarantined = append(resp.Quarantined, &tetherpb.Quarantine{Volume: q.Volume, Epoch: q.Epoch, TimeUnixNano: q.Time.UnixNano(), Dir: q.Dir, Files: int64(q.Files)})
+		}
+	}
 	a.mu.Lock()
 	for _, name := range sortedKeys(a.fenced) {
 		f := a.fenced[name]
@@ -172,7 +181,7 @@ func (a *Agent) liveStatus(ctx context.Context, v cluster.Volume) *tetherpb.Volu
 	if err != nil {
 		return &tetherpb.VolumeStatus{Name: v.Name, Epoch: v.Epoch, Error: "primary " + v.Primary + " did not answer: " + status.Convert(err).Message()}
 	}
-	return &tetherpb.VolumeStatus{Name: v.Name, Epoch: resp.Epoch, Seq: resp.Seq, Replicas: resp.Replicas}
+	return &tetherpb.VolumeStatus{Name: v.Name, Epoch: resp.Epoch, Seq: resp.Seq, Replicas: resp.Replicas, Cuts: resp.Cuts, FileConsistentOnlyCuts: resp.FileConsistentOnlyCuts}
 }
 
 func (a *Agent) localVolumeStatus(name string) *tetherpb.VolumeStatus {
@@ -180,7 +189,7 @@ func (a *Agent) localVolumeStatus(name string) *tetherpb.VolumeStatus {
 	if !ok {
 		return &tetherpb.VolumeStatus{Name: name, Error: "replication is not running yet on this node"}
 	}
-	return &tetherpb.VolumeStatus{Name: name, Epoch: st.Epoch, Seq: st.Seq, Replicas: replicaStatusPB(st)}
+	return &tetherpb.VolumeStatus{Name: name, Epoch: st.Epoch, Seq: st.Seq, Replicas: replicaStatusPB(st), Cuts: st.Cuts, FileConsistentOnlyCuts: st.FileConsistentOnlyCuts}
 }
 
 func replicaStatusPB(st replication.PrimaryStatus) []*tetherpb.ReplicaStatus {

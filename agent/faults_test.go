@@ -264,6 +264,19 @@ func TestFaultIsolatedPrimaryWhileWriting(t *testing.T) {
 	nv := fc.volumeAt(t, v.ReplicaNodes[0], "vol1", 2, time.Second)
 	fc.net.Heal()
 	fc.converged(t, "vol1", 60*time.Second)
+	// What the isolated primary wrote after its epoch ended is set aside on
+	// it, and shown in its status: never merged, never deleted.
+	st, err = fc.ctl[old.NodeName()].Status(context.Background(), &tetherpb.StatusRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Quarantined) != 1 || st.Quarantined[0].Volume != "vol1" || st.Quarantined[0].Epoch != 1 || st.Quarantined[0].Files == 0 {
+		t.Fatalf("quarantine of the old primary: %v", st.Quarantined)
+	}
+	late, err := filepath.Glob(filepath.Join(st.Quarantined[0].Dir, "late-*"))
+	if err != nil || len(late) == 0 {
+		t.Fatalf("the late writes are not in the quarantine %s: %v %v", st.Quarantined[0].Dir, late, err)
+	}
 	entries, err := os.ReadDir(fc.agent(nv.Primary).VolumePaths("vol1").Data)
 	if err != nil {
 		t.Fatal(err)

@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -24,21 +23,26 @@ var errBadBatch = errors.New("invalid batch")
 
 // applyOp is one validated operation of a batch received by a replica.
 type applyOp struct {
-	kind   tetherpb.FileOp_Kind
-	path   string
-	to     string // RENAME: new path
-	mode   fs.FileMode
-	mtime  time.Time
-	target string // SYMLINK: link target, stored verbatim and never followed
-	staged string // FILE: where its contents wait in the stage directory
+	kind     tetherpb.FileOp_Kind
+	path     string
+	to       string // RENAME: new path; HARDLINK: the path it links to
+	mode     fs.FileMode
+	mtime    time.Time
+	uid, gid uint32
+	xattrs   []xattr
+	target   string   // SYMLINK: link target, stored verbatim and never followed
+	staged   string   // FILE: where its contents wait in the stage directory
+	size     int64    // FILE: size
+	extents  []extent // FILE: data extents (the rest are holes)
 }
 
 // incoming is a file whose chunks are still arriving.
 type incoming struct {
-	path   string
-	f      *os.File
-	staged string
-	size   uint64
+	path    string
+	f       *os.File
+	staged  string
+	end     uint64 // end of the data received so far
+	extents []extent
 }
 
 // batch collects the operations of one batch on a replica until its Commit
@@ -47,12 +51,32 @@ type batch struct {
 	stage  string
 	ops    []applyOp
 	nondir map[string]struct{} // paths this batch made files or symlinks
+	files  map[string]struct{} // regular files this batch wrote and still holds
 	open   *incoming
 	nfiles int
+	// journaled is set once a journal refers to the staged files: they are
+	// the journal's to remove then.
+	journaled bool
 }
 
 func newBatch(stage string) *batch {
-	return &batch{stage: stage, nondir: map[string]struct{}{}}
+	return &batch{stage: stage, nondir: map[string]struct{}{}, files: map[string]struct{}{}}
+}
+
+// metaOf returns the owner, mode and mtime of an op.
+func metaOf(k tetherpb.FileOp_Kind, p string, op *tetherpb.FileOp) applyOp {
+	return applyOp{kind: k, path: p, mode: fromWireMode(op.GetMode()), mtime: time.Unix(0, op.GetMtimeUnixNano()),
+		uid: op.GetUid(), gid: op.GetGid()}
+}
+
+// replaced forgets the files of the batch that an op at p replaces (p
+// itself and, unless the op keeps a directory at p, everything below).
+func (b *batch) replaced(p string, keepsDir bool) {
+	for f := range b.files {
+		if f == p || (!keepsDir && isUnder(f, p)) {
+			delete(b.files, f)
+		}
+	}
 }
 
 // add validates op and appends it to the batch.
@@ -68,8 +92,38 @@ func (b *batch) add(op *tetherpb.FileOp) error {
 		if err != nil {
 			return err
 		}
+		xs, err := xattrsOf(op)
+		if err != nil {
+			return err
+		}
 		delete(b.nondir, p)
-		b.ops = append(b.ops, applyOp{kind: op.GetKind(), path: p, mode: fromWireMode(op.GetMode()), mtime: time.Unix(0, op.GetMtimeUnixNano())})
+		b.replaced(p, true)
+		a := metaOf(op.GetKind(), p, op)
+		a.xattrs = xs
+		b.ops = append(b.ops, a)
+	case tetherpb.FileOp_KIND_FIFO:
+		p, err := b.checkNew(op.GetPath(), false)
+		if err != nil {
+			return err
+		}
+		b.replaced(p, false)
+		b.nondir[p] = struct{}{}
+		b.ops = append(b.ops, metaOf(op.GetKind(), p, op))
+	case tetherpb.FileOp_KIND_HARDLINK:
+		p, err := b.checkNew(op.GetPath(), false)
+		if err != nil {
+			return err
+		}
+		to, err := checkPath(op.GetHardlinkTo(), false)
+		if err != nil {
+			return err
+		}
+		if _, ok := b.files[to]; !ok || to == p {
+			return fmt.Errorf("%w: hard link %q names %q, which is not a file this batch wrote", errBadBatch, p, to)
+		}
+		b.replaced(p, false)
+		b.nondir[p] = struct{}{}
+		b.ops = append(b.ops, applyOp{kind: op.GetKind(), path: p, to: to})
 	case tetherpb.FileOp_KIND_SYMLINK:
 		p, err := b.checkNew(op.GetPath(), false)
 		if err != nil {
@@ -79,14 +133,18 @@ func (b *batch) add(op *tetherpb.FileOp) error {
 		if len(t) == 0 || bytes.IndexByte(t, 0) >= 0 {
 			return fmt.Errorf("%w: symlink %q has an empty target or one with a NUL byte", errBadBatch, p)
 		}
+		b.replaced(p, false)
 		b.nondir[p] = struct{}{}
-		b.ops = append(b.ops, applyOp{kind: op.GetKind(), path: p, target: string(t), mtime: time.Unix(0, op.GetMtimeUnixNano())})
+		a := metaOf(op.GetKind(), p, op)
+		a.target, a.mode = string(t), 0
+		b.ops = append(b.ops, a)
 	case tetherpb.FileOp_KIND_DELETE:
 		p, err := checkPath(op.GetPath(), false)
 		if err != nil {
 			return err
 		}
 		delete(b.nondir, p)
+		b.replaced(p, false)
 		b.ops = append(b.ops, applyOp{kind: op.GetKind(), path: p})
 	case tetherpb.FileOp_KIND_RENAME:
 		p, err := checkPath(op.GetPath(), false)
@@ -101,6 +159,8 @@ func (b *batch) add(op *tetherpb.FileOp) error {
 			delete(b.nondir, p)
 			b.nondir[to] = struct{}{}
 		}
+		b.replaced(p, false)
+		b.replaced(to, false)
 		b.ops = append(b.ops, applyOp{kind: op.GetKind(), path: p, to: to})
 	default:
 		return fmt.Errorf("%w: unknown op kind %d", errBadBatch, op.GetKind())
@@ -130,9 +190,6 @@ func (b *batch) addFileChunk(op *tetherpb.FileOp) error {
 		if err != nil {
 			return err
 		}
-		if op.GetOffset() != 0 {
-			return fmt.Errorf("%w: file %q starts at offset %d", errBadBatch, p, op.GetOffset())
-		}
 		b.nfiles++
 		staged := filepath.Join(b.stage, strconv.Itoa(b.nfiles))
 		f, err := os.OpenFile(staged, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
@@ -140,25 +197,48 @@ func (b *batch) addFileChunk(op *tetherpb.FileOp) error {
 			return fmt.Errorf("stage file contents: %w", err)
 		}
 		b.open = &incoming{path: p, f: f, staged: staged}
-	} else if string(op.GetPath()) != b.open.path || op.GetOffset() != b.open.size {
-		return fmt.Errorf("%w: chunk of %q at offset %d while %q is incomplete at offset %d",
-			errBadBatch, op.GetPath(), op.GetOffset(), b.open.path, b.open.size)
+	} else if string(op.GetPath()) != b.open.path || op.GetOffset() < b.open.end {
+		return fmt.Errorf("%w: chunk of %q at offset %d while %q is incomplete with data up to offset %d",
+			errBadBatch, op.GetPath(), op.GetOffset(), b.open.path, b.open.end)
 	}
 	in := b.open
-	if _, err := in.f.Write(op.GetData()); err != nil {
-		return fmt.Errorf("stage file contents: %w", err)
+	off, n := op.GetOffset(), uint64(len(op.GetData()))
+	if off > maxFileSize || off+n > maxFileSize || op.GetSize() > maxFileSize {
+		return fmt.Errorf("%w: file %q would be larger than %d bytes", errBadBatch, in.path, uint64(maxFileSize))
 	}
-	in.size += uint64(len(op.GetData()))
+	if n > 0 {
+		if _, err := in.f.WriteAt(op.GetData(), int64(off)); err != nil {
+			return fmt.Errorf("stage file contents: %w", err)
+		}
+		if k := len(in.extents); k > 0 && in.extents[k-1].off+in.extents[k-1].n == int64(off) {
+			in.extents[k-1].n += int64(n)
+		} else {
+			in.extents = append(in.extents, extent{int64(off), int64(n)})
+		}
+		in.end = off + n
+	}
 	if op.GetMore() {
 		return nil
 	}
 	b.open = nil
-	if err := in.f.Close(); err != nil {
+	size := max(op.GetSize(), in.end)
+	err := in.f.Truncate(int64(size))
+	if cerr := in.f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
 		return fmt.Errorf("stage file contents: %w", err)
 	}
+	xs, err := xattrsOf(op)
+	if err != nil {
+		return err
+	}
+	b.replaced(in.path, false)
 	b.nondir[in.path] = struct{}{}
-	b.ops = append(b.ops, applyOp{kind: tetherpb.FileOp_KIND_FILE, path: in.path, staged: in.staged,
-		mode: fromWireMode(op.GetMode()), mtime: time.Unix(0, op.GetMtimeUnixNano())})
+	b.files[in.path] = struct{}{}
+	a := metaOf(tetherpb.FileOp_KIND_FILE, in.path, op)
+	a.staged, a.size, a.extents, a.xattrs = in.staged, int64(size), in.extents, xs
+	b.ops = append(b.ops, a)
 	return nil
 }
 
@@ -176,22 +256,20 @@ func (b *batch) discard() {
 		_ = b.open.f.Close()
 		b.open = nil
 	}
-	for _, op := range b.ops {
-		if op.staged != "" {
-			_ = os.Remove(op.staged)
+	if !b.journaled {
+		for i := 1; i <= b.nfiles; i++ {
+			_ = os.Remove(filepath.Join(b.stage, strconv.Itoa(i)))
 		}
 	}
-	for i := 1; i <= b.nfiles; i++ {
-		_ = os.Remove(filepath.Join(b.stage, strconv.Itoa(i)))
-	}
-	b.ops, b.nfiles = nil, 0
+	b.ops, b.nfiles, b.journaled = nil, 0, false
 	clear(b.nondir)
+	clear(b.files)
 }
 
-// named returns every path a full batch keeps, with their ancestors.
-func (b *batch) named() map[string]struct{} {
+// namedOf returns every path a full batch keeps, with their ancestors.
+func namedOf(ops []applyOp) map[string]struct{} {
 	keep := map[string]struct{}{}
-	for _, op := range b.ops {
+	for _, op := range ops {
 		p := op.path
 		if op.kind == tetherpb.FileOp_KIND_DELETE {
 			continue
@@ -214,28 +292,79 @@ func (b *batch) named() map[string]struct{} {
 type applier struct {
 	root     *os.Root
 	verified map[string]struct{} // directories known to be real in this batch
-	touched  map[string]struct{} // directories to fsync
 	dirMeta  map[string]applyOp  // directory modes and mtimes, set at the end
+	warn     *onceLogger
 }
 
-// applyBatch applies b to the volume rooted at root and makes it durable.
-// A full batch first removes everything it does not name.
-func applyBatch(root *os.Root, b *batch, full bool) error {
-	a := &applier{root: root, verified: map[string]struct{}{}, touched: map[string]struct{}{}, dirMeta: map[string]applyOp{}}
-	if full {
-		if err := a.prune(rootPath, b.named()); err != nil {
+// applyOps applies a batch's ops, from index start on, to the volume
+// rooted at root and makes the result durable. A full batch first removes
+// everything it does not name (when starting from the beginning). Every op
+// but RENAME sets its path to a state given by the batch alone, so a batch
+// can be applied again over a partial application of itself; a RENAME
+// depends on what it finds, so the ops before it are made durable and
+// mark(i) records that a replay starts at the rename, and mark(i+1) after
+// it is durable.
+func applyOps(root *os.Root, ops []applyOp, full bool, start int, warn *onceLogger, mark func(int) error, fail failpoint) error {
+	a := &applier{root: root, verified: map[string]struct{}{}, dirMeta: map[string]applyOp{}, warn: warn}
+	for _, op := range ops {
+		if op.kind == tetherpb.FileOp_KIND_MKDIR {
+			a.dirMeta[op.path] = op
+		}
+	}
+	if full && start == 0 {
+		if err := a.prune(rootPath, namedOf(ops)); err != nil {
 			return fmt.Errorf("remove what the primary no longer has: %w", err)
 		}
 	}
-	for _, op := range b.ops {
-		if err := a.apply(op); err != nil {
+	for i := start; i < len(ops); i++ {
+		op := ops[i]
+		if err := a.applyMarked(op, i, mark, fail); err != nil {
 			return fmt.Errorf("%s %q: %w", op.kind, op.path, err)
+		}
+		if err := fail.at("op " + strconv.Itoa(i)); err != nil {
+			return err
 		}
 	}
 	if err := a.finishDirs(); err != nil {
 		return err
 	}
-	return a.syncTouched()
+	return a.sync()
+}
+
+// applyMarked applies op number i, bracketing a RENAME with progress marks.
+func (a *applier) applyMarked(op applyOp, i int, mark func(int) error, fail failpoint) error {
+	if op.kind != tetherpb.FileOp_KIND_RENAME {
+		return a.apply(op)
+	}
+	if err := a.sync(); err != nil {
+		return err
+	}
+	if err := mark(i); err != nil {
+		return err
+	}
+	if err := a.apply(op); err != nil {
+		return err
+	}
+	if err := fail.at("renamed " + strconv.Itoa(i)); err != nil {
+		return err
+	}
+	if err := a.sync(); err != nil {
+		return err
+	}
+	return mark(i + 1)
+}
+
+// sync makes everything applied so far durable.
+func (a *applier) sync() error {
+	d, err := a.root.Open(rootPath)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := unix.Syncfs(int(d.Fd())); err != nil {
+		return fmt.Errorf("make the applied batch durable (syncfs): %w", err)
+	}
+	return nil
 }
 
 func (a *applier) apply(op applyOp) error {
@@ -243,7 +372,6 @@ func (a *applier) apply(op applyOp) error {
 	case tetherpb.FileOp_KIND_DELETE:
 		return a.remove(op.path)
 	case tetherpb.FileOp_KIND_MKDIR:
-		a.dirMeta[op.path] = op
 		return a.ensureDir(op.path)
 	case tetherpb.FileOp_KIND_FILE:
 		return a.placeFile(op)
@@ -251,6 +379,10 @@ func (a *applier) apply(op applyOp) error {
 		return a.placeSymlink(op)
 	case tetherpb.FileOp_KIND_RENAME:
 		return a.rename(op.path, op.to)
+	case tetherpb.FileOp_KIND_FIFO:
+		return a.placeFIFO(op)
+	case tetherpb.FileOp_KIND_HARDLINK:
+		return a.placeHardlink(op)
 	}
 	return fmt.Errorf("%w: unknown op kind %d", errBadBatch, op.kind)
 }
@@ -267,7 +399,6 @@ func (a *applier) prune(dir string, keep map[string]struct{}) error {
 			if err := a.root.RemoveAll(rel); err != nil {
 				return err
 			}
-			a.touched[dir] = struct{}{}
 			continue
 		}
 		if e.IsDir() {
@@ -307,7 +438,6 @@ func (a *applier) remove(rel string) error {
 		return err
 	}
 	clear(a.verified)
-	a.touched[parentOf(rel)] = struct{}{}
 	return a.root.RemoveAll(rel)
 }
 
@@ -337,7 +467,6 @@ func (a *applier) ensureDir(rel string) error {
 		if err := a.root.Mkdir(d, 0o700); err != nil {
 			return err
 		}
-		a.touched[parentOf(d)] = struct{}{}
 		a.verified[d] = struct{}{}
 	}
 	return nil
@@ -357,7 +486,6 @@ func (a *applier) replaceWith(tmp, rel string) error {
 			return err
 		}
 	}
-	a.touched[parentOf(rel)] = struct{}{}
 	return a.root.Rename(tmp, rel)
 }
 
@@ -390,12 +518,15 @@ func (a *applier) writeTemp(tmp string, op applyOp) error {
 	if err != nil {
 		return err
 	}
-	_, err = io.Copy(f, src)
-	if err == nil {
-		err = f.Chmod(op.mode) // after writing: a write clears setuid/setgid
+	err = f.Truncate(op.size) // holes stay holes: only data extents are written
+	for _, e := range op.extents {
+		if err != nil {
+			break
+		}
+		err = copyRange(f, src, e.off, e.n)
 	}
 	if err == nil {
-		err = f.Sync()
+		err = a.setMeta(f, tmp, op) // after writing: a write clears setuid/setgid
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
@@ -404,6 +535,92 @@ func (a *applier) writeTemp(tmp string, op applyOp) error {
 		return err
 	}
 	return a.root.Chtimes(tmp, op.mtime, op.mtime)
+}
+
+// setMeta sets the owner, mode and extended attributes of an open file or
+// directory, in that order (chown clears setuid/setgid).
+func (a *applier) setMeta(f *os.File, rel string, op applyOp) error {
+	if err := f.Chown(int(op.uid), int(op.gid)); err != nil {
+		if !errors.Is(err, unix.EPERM) {
+			return fmt.Errorf("set owner of %q: %w", rel, err)
+		}
+		a.warn.warn("chown", "cannot set file owners on the replica (not running as root?); ownership is not replicated", "err", err)
+	}
+	if err := f.Chmod(op.mode); err != nil {
+		return fmt.Errorf("set mode of %q: %w", rel, err)
+	}
+	if err := setXattrs(int(f.Fd()), op.xattrs); err != nil {
+		if !errors.Is(err, errXattrUnsupported) && !errors.Is(err, unix.EPERM) {
+			return fmt.Errorf("set extended attributes of %q: %w", rel, err)
+		}
+		a.warn.warn("xattr", "cannot set extended attributes on the replica; they are not replicated", "err", err)
+	}
+	return nil
+}
+
+// lchown sets the owner of rel itself (not following a symlink).
+func (a *applier) lchown(rel string, uid, gid uint32) error {
+	if err := a.root.Lchown(rel, int(uid), int(gid)); err != nil {
+		if !errors.Is(err, unix.EPERM) {
+			return fmt.Errorf("set owner of %q: %w", rel, err)
+		}
+		a.warn.warn("chown", "cannot set file owners on the replica (not running as root?); ownership is not replicated", "err", err)
+	}
+	return nil
+}
+
+// placeFIFO creates a named pipe under a temporary name and renames it into
+// place.
+func (a *applier) placeFIFO(op applyOp) error {
+	dir := parentOf(op.path)
+	if err := a.ensureDir(dir); err != nil {
+		return err
+	}
+	tmp := tempName(dir)
+	d, err := a.root.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = unix.Mkfifoat(int(d.Fd()), baseOf(tmp), 0o600)
+	_ = d.Close()
+	if err != nil {
+		return fmt.Errorf("create fifo %q: %w", op.path, err)
+	}
+	err = a.lchown(tmp, op.uid, op.gid)
+	if err == nil {
+		err = a.root.Chmod(tmp, op.mode)
+	}
+	if err == nil {
+		err = a.lutimes(tmp, op.mtime)
+	}
+	if err == nil {
+		err = a.replaceWith(tmp, op.path)
+	}
+	if err != nil {
+		_ = a.root.Remove(tmp)
+	}
+	return err
+}
+
+// placeHardlink makes op.path another name of op.to (a file this batch
+// wrote), through a temporary name.
+func (a *applier) placeHardlink(op applyOp) error {
+	dir := parentOf(op.path)
+	if err := a.ensureDir(dir); err != nil {
+		return err
+	}
+	if ok, err := a.realDirs(op.to); err != nil || !ok {
+		return fmt.Errorf("hard link target %q is not below real directories: %w", op.to, err)
+	}
+	tmp := tempName(dir)
+	if err := a.root.Link(op.to, tmp); err != nil {
+		return err
+	}
+	if err := a.replaceWith(tmp, op.path); err != nil {
+		_ = a.root.Remove(tmp)
+		return err
+	}
+	return nil
 }
 
 // placeSymlink creates the link under a temporary name and renames it into
@@ -417,7 +634,10 @@ func (a *applier) placeSymlink(op applyOp) error {
 	if err := a.root.Symlink(op.target, tmp); err != nil {
 		return err
 	}
-	err := a.lutimes(tmp, op.mtime)
+	err := a.lchown(tmp, op.uid, op.gid)
+	if err == nil {
+		err = a.lutimes(tmp, op.mtime)
+	}
 	if err == nil {
 		err = a.replaceWith(tmp, op.path)
 	}
@@ -459,8 +679,6 @@ func (a *applier) rename(from, to string) error {
 		}
 	}
 	clear(a.verified)
-	a.touched[parentOf(from)] = struct{}{}
-	a.touched[parentOf(to)] = struct{}{}
 	return a.root.Rename(from, to)
 }
 
@@ -478,31 +696,17 @@ func (a *applier) finishDirs() error {
 			continue // removed or replaced later in the batch
 		}
 		op := a.dirMeta[d]
-		if err := a.root.Chmod(d, op.mode); err != nil {
-			return fmt.Errorf("set mode of directory %q: %w", d, err)
+		f, err := a.root.Open(d)
+		if err != nil {
+			return fmt.Errorf("open directory %q: %w", d, err)
+		}
+		err = a.setMeta(f, d, op)
+		_ = f.Close()
+		if err != nil {
+			return err
 		}
 		if err := a.root.Chtimes(d, op.mtime, op.mtime); err != nil {
 			return fmt.Errorf("set mtime of directory %q: %w", d, err)
-		}
-		a.touched[d] = struct{}{}
-	}
-	return nil
-}
-
-// syncTouched fsyncs every directory the batch changed.
-func (a *applier) syncTouched() error {
-	for d := range a.touched {
-		f, err := a.root.Open(d)
-		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, unix.ENOTDIR) {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("sync directory %q: %w", d, err)
-		}
-		err = f.Sync()
-		_ = f.Close()
-		if err != nil {
-			return fmt.Errorf("sync directory %q: %w", d, err)
 		}
 	}
 	return nil

@@ -15,7 +15,8 @@ func TestChurn(t *testing.T) {
 	c := newTestCluster(t)
 	c.startReplica("r1")
 	c.startReplica("r2")
-	c.startPrimary(1, "r1", "r2")
+	c.startReplica("r3")
+	p := c.startPrimary(1, "r1", "r2")
 	c.waitSynced("r1", "r2")
 
 	rng := rand.New(rand.NewPCG(1, 2))
@@ -33,8 +34,16 @@ func TestChurn(t *testing.T) {
 	// Errors (ENOENT, ENOTDIR, ENOTEMPTY...) are part of random churn.
 	ignore := func(error) {}
 	for round := range 3 {
+		if round == 1 {
+			// A replica joins during churn: the full cut it needs is a delta
+			// for the others.
+			p.SetReplicas([]string{"r1", "r2", "r3"})
+		}
 		churn(c, rng, names, ignore, pick)
 		c.waitSynced("r1", "r2")
+		if round >= 1 {
+			c.waitSynced("r3")
+		}
 		m, err := Manifest(c.primaryData)
 		must(t, err)
 		t.Logf("round %d: %d entries in sync", round, len(m))

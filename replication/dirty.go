@@ -26,13 +26,6 @@ func (d *dirtySet) note(t time.Time) {
 	}
 }
 
-// merge adds every path of o, copying them.
-func (d *dirtySet) merge(o dirtySet) {
-	for p, sub := range o.paths {
-		d.add(p, sub, o.since)
-	}
-}
-
 // empty reports whether no path is dirty.
 func (d *dirtySet) empty() bool { return len(d.paths) == 0 }
 

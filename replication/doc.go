@@ -2,24 +2,40 @@
 // replicas.
 //
 // On the primary, a Primary watches the volume's data directory recursively
-// with fsnotify, collects the paths that changed, and runs one sender per
-// replica. Each sender streams batches over the gRPC
-// Replication.Stream: the current state of the changed paths (whole files),
-// or the whole tree when the replica's position is unknown, followed by a
-// Commit. On the replica, a Server stages the batch's file contents outside
-// the data directory, applies the batch only once its Commit arrived (through
-// an os.Root, never writing through a symlink), makes it durable, records its
-// position and acknowledges it.
+// with fsnotify and collects the paths that changed. A cutter turns them
+// into cuts: it reads the changed paths into a spool, then creates a fresh
+// sentinel file in a barrier directory watched by the same inotify instance
+// and waits for its event; the cut is consistent when no event of the
+// volume arrived in between, else the paths of the new events are read
+// again (a few rounds, then a Freezer pauses the writers, or the batch is
+// marked file-consistent only). Each cut is read once and kept until every
+// replica has it; one sender per replica streams the cuts over the gRPC
+// Replication.Stream (or a full cut when the replica's position is unknown),
+// each followed by a Commit.
+//
+// On the replica, a Server stages the batch's file contents outside the data
+// directory; at its Commit it writes a redo journal (the batch's
+// operations, referring to the staged contents) and a commit record, applies
+// the batch in place (through an os.Root, never writing through a symlink),
+// makes it durable with syncfs, records its position, clears the journal and
+// acknowledges it. After a crash, the next stream (or Fence, before the node
+// serves the volume) re-applies a committed journal and drops an
+// uncommitted one, so the replica is always at one complete cut.
 //
 // Epochs fence old primaries: a replica remembers the newest epoch it has seen
 // for a volume (raised by a newer primary's Hello or by Fence) and refuses
-// streams of an older one.
+// streams of an older one. Fence also records that this node serves the
+// volume; when a stream of a newer epoch arrives later, what the node has
+// that the new primary's first batch would overwrite or delete is moved into
+// a quarantine directory first (Quarantined lists them).
 //
-// Today a batch carries whole files, a rename travels as a delete of the
-// old path and a re-send of the new one, and a primary that starts (or a
-// replica whose position it does not know) sends the whole tree. Ownership,
-// extended attributes, hard links and special files (devices, fifos,
-// sockets) are not replicated.
+// A batch carries each changed file's data extents (holes stay holes),
+// numeric owner and group, mode, extended attributes and mtime to the
+// nanosecond; the further names of a hard-linked file travel as HARDLINK
+// ops naming the first, and fifos are recreated. Devices and sockets are
+// skipped with a warning. A rename travels as a delete of the old path and
+// a re-send of the new one, and a primary that starts (or a replica whose
+// position it does not know) sends the whole tree.
 //
 // Manifest and DiffManifests compare two trees entry by entry; tests and
 // demos use them to check that a replica equals its primary.

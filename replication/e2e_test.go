@@ -196,11 +196,15 @@ func TestReplicaRestart(t *testing.T) {
 		r := p.Status().Replicas[0]
 		return r.Connected && r.Lag == 0 && r.Err == ""
 	})
+	// It resumed after its durable cut: only the initial sync was full.
+	if n := p.fullCuts.Load(); n != 1 {
+		t.Fatalf("%d full cuts, want only the initial one (the restarted replica should resume)", n)
+	}
 
 	// What the watcher does after lost events: the whole tree is resent,
 	// and what the replica has beyond it is removed.
 	must(t, os.WriteFile(c.replicaPaths("r1").Data+"/stray", []byte("s"), 0o644))
-	p.dispatchFull()
+	p.ch.requireFull()
 	c.waitSynced("r1")
 }
 

@@ -240,22 +240,3 @@ func TestRenameOps(t *testing.T) {
 		t.Fatalf("full = %v, want the renamed file g", m["full"])
 	}
 }
-
-// TestInterruptedApplyCleanedUp simulates a crash in the middle of applying
-// a batch: the next stream removes the temporary files it left.
-func TestInterruptedApplyCleanedUp(t *testing.T) {
-	c := newTestCluster(t)
-	paths := c.replicaPaths("r1")
-	must(t, os.MkdirAll(filepath.Join(paths.Data, "d"), 0o755))
-	must(t, os.WriteFile(filepath.Join(paths.Data, "d", tempPrefix+"abc"), []byte("half"), 0o600))
-	must(t, os.WriteFile(filepath.Join(paths.Data, "d", "kept"), []byte("k"), 0o644))
-	must(t, markApplying(paths.State, 7))
-	c.startReplica("r1")
-	if _, err := openRaw(t, c, "r1", 1); err != nil {
-		t.Fatal(err)
-	}
-	assertOnly(t, filepath.Join(paths.Data, "d"), "kept")
-	if wasApplying(paths.State) {
-		t.Fatal("the interrupted-apply note is still there")
-	}
-}

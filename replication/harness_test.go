@@ -143,7 +143,14 @@ func (c *testCluster) dial(_ context.Context, node string) (tetherpb.Replication
 // startPrimary starts a Primary of the test volume.
 func (c *testCluster) startPrimary(epoch uint64, replicas ...string) *Primary {
 	c.t.Helper()
-	p, err := NewPrimary(PrimaryConfig{
+	return c.startPrimaryWith(func(*PrimaryConfig) {}, epoch, replicas...)
+}
+
+// startPrimaryWith starts a Primary of the test volume with a config
+// changed by tune.
+func (c *testCluster) startPrimaryWith(tune func(*PrimaryConfig), epoch uint64, replicas ...string) *Primary {
+	c.t.Helper()
+	cfg := PrimaryConfig{
 		Volume: testVolume, Node: "primary", Epoch: epoch,
 		Paths:    Paths{Data: c.primaryData, State: filepath.Join(filepath.Dir(c.primaryData), "primary-state")},
 		Replicas: replicas,
@@ -155,7 +162,9 @@ func (c *testCluster) startPrimary(epoch uint64, replicas ...string) *Primary {
 		},
 		Logger:         testutil.Logger(c.t).With("node", "primary"),
 		RescanInterval: time.Hour, // the tests prove the watcher alone
-	})
+	}
+	tune(&cfg)
+	p, err := NewPrimary(cfg)
 	if err != nil {
 		c.t.Fatal(err)
 	}

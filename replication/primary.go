@@ -15,13 +15,25 @@ import (
 	"github.com/tether-io/tether/proto/tetherpb"
 )
 
+// Directories in a primary's Paths.State.
+const (
+	barrierDir = "barrier" // cut barriers' sentinels, watched with the volume
+	spoolDir   = "spool"   // cuts' file contents (unlinked temporary files)
+)
+
+// Retention of cut batches on a primary.
+const (
+	maxAhead    = 4  // cuts taken ahead of the slowest connected replica
+	maxRetained = 64 // batches kept for replicas that reconnect
+)
+
 // PrimaryConfig configures the primary side of one volume.
 type PrimaryConfig struct {
 	Volume string
 	Node   string // this node's name (goes into Hello)
 	Epoch  uint64
-	// Paths locates the volume; the primary reads Paths.Data (Paths.State
-	// is not used on the primary today).
+	// Paths locates the volume; the primary reads Paths.Data and keeps its
+	// cut barriers and spool in Paths.State.
 	Paths Paths
 	// Replicas are the nodes to stream to.
 	Replicas []string
@@ -32,11 +44,20 @@ type PrimaryConfig struct {
 	// must not block long.
 	OnAck  func(node string, ack Ack)
 	Logger *slog.Logger
-	// Debounce is how long changes gather before a batch; default 20ms.
+	// Debounce is how long changes gather before a cut; default 20ms.
 	Debounce time.Duration
 	// RescanInterval is the period (jittered) of the full rescan that
 	// catches what inotify missed; default 30s.
 	RescanInterval time.Duration
+	// MaxRounds is how many read rounds a cut may take before it falls back
+	// to the Freezer; default 4.
+	MaxRounds int
+	// Freezer, if set, pauses the volume's writers for the last round of a
+	// cut that did not converge; nil means no freezing (such a cut ships
+	// file-consistent only).
+	Freezer Freezer
+	// MaxFreeze bounds how long writers stay frozen; default 200ms.
+	MaxFreeze time.Duration
 }
 
 // Ack is a replica's durable position.
@@ -49,6 +70,9 @@ type Ack struct {
 type PrimaryStatus struct {
 	Epoch, Seq uint64
 	Replicas   []ReplicaState
+	// Cuts counts the cuts taken; FileConsistentOnlyCuts those of them that
+	// are not crash-consistent (the volume never went quiet).
+	Cuts, FileConsistentOnlyCuts uint64
 }
 
 // ReplicaState is the replication state of one replica.
@@ -63,15 +87,18 @@ type ReplicaState struct {
 	Err string
 }
 
-// Primary streams a volume's changes to its replicas.
+// Primary watches a volume, takes consistent cuts of its changes, and
+// streams each cut to every replica.
 type Primary struct {
-	cfg PrimaryConfig
-	log *slog.Logger
+	cfg        PrimaryConfig
+	log        *slog.Logger
+	warn       *onceLogger
+	ch         *changes
+	barrierDir string
 
 	mu       sync.Mutex
 	replicas []string
 	senders  map[string]*sender
-	seq      atomic.Uint64 // last batch number handed out
 	started  bool
 	stopped  bool
 	ctx      context.Context
@@ -79,6 +106,19 @@ type Primary struct {
 	root     *os.Root
 	w        *watcher
 	wg       sync.WaitGroup
+
+	seq          atomic.Uint64 // last batch number handed out
+	barrierN     atomic.Uint64
+	cuts         atomic.Uint64
+	fullCuts     atomic.Uint64
+	cuttingFull  atomic.Bool // a full cut is being read
+	fileOnlyCuts atomic.Uint64
+
+	bmu      sync.Mutex
+	batches  []*cutBatch   // retained cuts, consecutive seqs, oldest first
+	firstSeq uint64        // first cut of this Primary (0 before it)
+	latest   uint64        // last cut published
+	changed  chan struct{} // closed when a cut is published or an ack arrives
 }
 
 // NewPrimary checks cfg and returns a Primary; it starts nothing.
@@ -88,6 +128,8 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 		return nil, errors.New("replication primary: volume name is empty")
 	case cfg.Paths.Data == "":
 		return nil, fmt.Errorf("replication primary for volume %s: data directory is empty", cfg.Volume)
+	case cfg.Paths.State == "":
+		return nil, fmt.Errorf("replication primary for volume %s: state directory is empty", cfg.Volume)
 	case cfg.Dial == nil:
 		return nil, fmt.Errorf("replication primary for volume %s: no Dial function", cfg.Volume)
 	}
@@ -97,16 +139,29 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	if cfg.RescanInterval <= 0 {
 		cfg.RescanInterval = 30 * time.Second
 	}
+	if cfg.MaxRounds <= 0 {
+		cfg.MaxRounds = 4
+	}
+	if cfg.MaxFreeze <= 0 {
+		cfg.MaxFreeze = 200 * time.Millisecond
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Primary{cfg: cfg, log: log.With("component", "replication-primary", "volume", cfg.Volume, "epoch", cfg.Epoch),
-		replicas: slices.Clone(cfg.Replicas), senders: map[string]*sender{}}, nil
+	log = log.With("component", "replication-primary", "volume", cfg.Volume, "epoch", cfg.Epoch)
+	p := &Primary{cfg: cfg, log: log, warn: newOnceLogger(log), ch: newChanges(),
+		barrierDir: filepath.Join(filepath.Clean(cfg.Paths.State), barrierDir),
+		replicas:   slices.Clone(cfg.Replicas), senders: map[string]*sender{}, changed: make(chan struct{})}
+	// Batch numbers of a primary restarted in the same epoch must not reuse
+	// those of its previous life (a replica could take a batch it never had
+	// for one it applied): they start from the clock, in microseconds.
+	p.seq.Store(uint64(time.Now().UnixMicro()))
+	return p, nil
 }
 
 // Start watches the volume (failing clearly when the inotify watch limit is
-// too low) and starts a sender per replica.
+// too low), starts the cutter and a sender per replica.
 func (p *Primary) Start(ctx context.Context) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -117,7 +172,7 @@ func (p *Primary) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("replication primary for volume %s: open data directory: %w", p.cfg.Volume, err)
 	}
-	w, err := newWatcher(filepath.Clean(p.cfg.Paths.Data), root, p.log, p.cfg.Debounce, p.cfg.RescanInterval, p.dispatch, p.dispatchFull)
+	w, err := newWatcher(filepath.Clean(p.cfg.Paths.Data), p.barrierDir, root, p.log, p.cfg.RescanInterval, p.ch)
 	if err == nil {
 		err = w.setup()
 		if err != nil {
@@ -130,10 +185,15 @@ func (p *Primary) Start(ctx context.Context) error {
 	}
 	p.root, p.w, p.started = root, w, true
 	p.ctx, p.cancel = context.WithCancel(ctx)
-	p.wg.Add(1)
+	p.ch.requireFull() // the first cut carries the whole tree
+	p.wg.Add(2)
 	go func() {
 		defer p.wg.Done()
 		w.run(p.ctx)
+	}()
+	go func() {
+		defer p.wg.Done()
+		p.cutLoop(p.ctx)
 	}()
 	for _, n := range p.replicas {
 		p.startSender(n)
@@ -173,17 +233,20 @@ func (p *Primary) SetReplicas(nodes []string) {
 			p.startSender(n)
 		}
 	}
+	p.notify()
 }
 
 // Status reports the replication state of every replica.
 func (p *Primary) Status() PrimaryStatus {
 	p.mu.Lock()
-	st := PrimaryStatus{Epoch: p.cfg.Epoch, Seq: p.seq.Load()}
 	senders := make([]*sender, 0, len(p.senders))
 	for _, s := range p.senders {
 		senders = append(senders, s)
 	}
 	p.mu.Unlock()
+	p.bmu.Lock()
+	st := PrimaryStatus{Epoch: p.cfg.Epoch, Seq: p.latest, Cuts: p.cuts.Load(), FileConsistentOnlyCuts: p.fileOnlyCuts.Load()}
+	p.bmu.Unlock()
 	now := time.Now()
 	for _, s := range senders {
 		st.Replicas = append(st.Replicas, s.state(now))
@@ -200,7 +263,7 @@ func (p *Primary) Status() PrimaryStatus {
 	return st
 }
 
-// Stop stops the watcher and the senders and waits for them.
+// Stop stops the watcher, the cutter and the senders and waits for them.
 func (p *Primary) Stop() {
 	p.mu.Lock()
 	if p.stopped {
@@ -219,24 +282,12 @@ func (p *Primary) Stop() {
 	p.wg.Wait()
 	p.w.close()
 	_ = p.root.Close()
-}
-
-// dispatch hands dirty paths to every sender.
-func (p *Primary) dispatch(d dirtySet) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, s := range p.senders {
-		s.addDirty(d)
+	p.bmu.Lock()
+	for _, b := range p.batches {
+		b.sp.close()
 	}
-}
-
-// dispatchFull makes every sender send the whole tree next.
-func (p *Primary) dispatchFull() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, s := range p.senders {
-		s.requireFull()
-	}
+	p.batches = nil
+	p.bmu.Unlock()
 }
 
 // nextSeq hands out the next batch number of this epoch.
@@ -245,8 +296,7 @@ func (p *Primary) nextSeq() uint64 {
 }
 
 // observeSeq makes later batch numbers follow seq, a position a replica
-// reported for this epoch (a primary restarted in the same epoch must not
-// reuse numbers).
+// reported for this epoch.
 func (p *Primary) observeSeq(seq uint64) {
 	for {
 		cur := p.seq.Load()
@@ -254,4 +304,165 @@ func (p *Primary) observeSeq(seq uint64) {
 			return
 		}
 	}
+}
+
+// notify wakes everything waiting for a new cut or an ack; p.bmu may or may
+// not be held by the caller's caller, never by the caller.
+func (p *Primary) notify() {
+	p.bmu.Lock()
+	p.notifyLocked()
+	p.bmu.Unlock()
+}
+
+func (p *Primary) notifyLocked() {
+	close(p.changed)
+	p.changed = make(chan struct{})
+}
+
+// publish makes a cut available to the senders.
+func (p *Primary) publish(b *cutBatch) {
+	p.bmu.Lock()
+	defer p.bmu.Unlock()
+	if n := len(p.batches); n > 0 && p.batches[n-1].seq+1 != b.seq {
+		// A seq jumped (a replica reported a higher one): older cuts cannot
+		// be followed by this one.
+		p.dropLocked(n)
+	}
+	if p.firstSeq == 0 {
+		p.firstSeq = b.seq
+	}
+	p.batches = append(p.batches, b)
+	p.latest = b.seq
+	if len(p.batches) > maxRetained {
+		p.dropLocked(len(p.batches) - maxRetained)
+	}
+	p.notifyLocked()
+}
+
+// dropLocked releases the n oldest retained cuts.
+func (p *Primary) dropLocked(n int) {
+	for _, b := range p.batches[:n] {
+		b.sp.close()
+	}
+	p.batches = slices.Delete(p.batches, 0, n)
+}
+
+// errCutGone says a replica needs a cut that is no longer retained.
+var errCutGone = errors.New("the next cut for this replica is no longer retained")
+
+// batchFor returns the cut a sender needs: number next, or (next == 0)
+// the first full cut after fullAfter. With none yet, it returns a channel
+// closed when that may change.
+func (p *Primary) batchFor(next, fullAfter uint64) (*cutBatch, <-chan struct{}, error) {
+	p.bmu.Lock()
+	defer p.bmu.Unlock()
+	if next == 0 {
+		for _, b := range p.batches {
+			if b.full && b.seq > fullAfter {
+				return b, nil, nil
+			}
+		}
+		return nil, p.changed, nil
+	}
+	if next > p.latest {
+		return nil, p.changed, nil
+	}
+	if len(p.batches) == 0 || next < p.batches[0].seq {
+		return nil, nil, errCutGone
+	}
+	return p.batches[next-p.batches[0].seq], nil, nil
+}
+
+// resumeFrom decides where a replica reporting (epoch, seq) continues: the
+// cut after seq when this Primary made seq and still holds what follows,
+// else 0 (it needs a full cut).
+func (p *Primary) resumeFrom(epoch, seq uint64) uint64 {
+	p.bmu.Lock()
+	defer p.bmu.Unlock()
+	base := p.latest
+	if len(p.batches) > 0 {
+		base = p.batches[0].seq - 1
+	}
+	if resumable(epoch, seq, p.cfg.Epoch, p.firstSeq, base, p.latest) {
+		return seq + 1
+	}
+	return 0
+}
+
+// resumable reports whether a replica at (epoch, seq) can continue with the
+// cut after seq: seq is a cut this Primary made (at or after its first,
+// which was full), not older than the oldest retained base, and not newer
+// than the last published.
+func resumable(epoch, seq, ourEpoch, firstSeq, base, latest uint64) bool {
+	return epoch == ourEpoch && firstSeq != 0 && seq >= firstSeq && seq >= base && seq <= latest
+}
+
+// acked trims the cuts every sender is past (all of them when there is no
+// replica: a new one starts with a full cut) and wakes the cutter.
+func (p *Primary) acked() {
+	p.mu.Lock()
+	keep := uint64(0)
+	for _, s := range p.senders {
+		if n := s.position(); keep == 0 || n < keep {
+			keep = n
+		}
+	}
+	none := len(p.senders) == 0
+	p.mu.Unlock()
+	p.bmu.Lock()
+	defer p.bmu.Unlock()
+	n := 0
+	for n < len(p.batches) && (none || p.batches[n].seq < keep) {
+		n++
+	}
+	if n > 0 {
+		p.dropLocked(n)
+	}
+	p.notifyLocked()
+}
+
+// waitRoom waits until no connected replica is more than maxAhead cuts
+// behind, so that a slow replica makes cuts bigger instead of more.
+func (p *Primary) waitRoom(ctx context.Context) bool {
+	for {
+		p.bmu.Lock()
+		ch, latest := p.changed, p.latest
+		p.bmu.Unlock()
+		p.mu.Lock()
+		behind := uint64(0)
+		for _, s := range p.senders {
+			if n, ok := s.connectedNext(); ok && n <= latest {
+				behind = max(behind, latest+1-n)
+			}
+		}
+		p.mu.Unlock()
+		if behind <= maxAhead {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-ch:
+		}
+	}
+}
+
+// latestSeq returns the last cut published.
+func (p *Primary) latestSeq() uint64 {
+	p.bmu.Lock()
+	defer p.bmu.Unlock()
+	return p.latest
+}
+
+// unackedSince returns the oldest change carried by the cuts from next on.
+func (p *Primary) unackedSince(next uint64) time.Time {
+	p.bmu.Lock()
+	defer p.bmu.Unlock()
+	var o time.Time
+	for _, b := range p.batches {
+		if b.seq >= next {
+			o = oldest(o, b.since)
+		}
+	}
+	return o
 }

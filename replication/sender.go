@@ -23,77 +23,59 @@ const (
 	retryStale = 2 * time.Second // after a refusal for a stale epoch
 )
 
-// sender streams batches to one replica.
+// sender streams the primary's cuts to one replica, in order, each once
+// the previous one is acknowledged.
 type sender struct {
 	p      *Primary
 	node   string
 	log    *slog.Logger
 	cancel context.CancelFunc
-	wake   chan struct{}
 
 	mu        sync.Mutex
-	pending   dirtySet  // changes not yet in a batch
-	needFull  bool      // the replica's state is unknown: send the whole tree
-	fullSince time.Time // when needFull was set
-	inflight  *outBatch // sent, not yet acknowledged
-	lostSeq   uint64    // seq of the last batch whose ack was lost
+	next      uint64    // next cut to send; 0: the first full cut after fullAfter
+	fullAfter uint64    // see next
+	fullSince time.Time // when the replica was found to need a full cut
 	acked     Ack
 	connected bool
 	err       string
-}
-
-// outBatch is a batch sent to a replica and not yet acknowledged.
-type outBatch struct {
-	seq   uint64
-	full  bool
-	cut   time.Time
-	dirty dirtySet
-	since time.Time // oldest change it carries
+	fullSent  int // full batches sent (tests)
 }
 
 func newSender(p *Primary, node string, cancel context.CancelFunc) *sender {
-	return &sender{p: p, node: node, log: p.log.With("replica", node), cancel: cancel,
-		wake: make(chan struct{}, 1), needFull: true, fullSince: time.Now()}
+	// Until it connects, a sender needs no cut older than the next full one.
+	return &sender{p: p, node: node, log: p.log.With("replica", node), cancel: cancel, fullSince: time.Now(),
+		fullAfter: p.latestSeq()}
 }
 
-// addDirty merges changes into the pending set and wakes the sender.
-func (s *sender) addDirty(d dirtySet) {
+// position returns the oldest cut this sender may still need: the primary
+// keeps the cuts from there on.
+func (s *sender) position() uint64 {
 	s.mu.Lock()
-	s.pending.merge(d)
-	s.mu.Unlock()
-	select {
-	case s.wake <- struct{}{}:
-	default:
+	defer s.mu.Unlock()
+	if s.next == 0 {
+		return s.fullAfter + 1
 	}
+	return s.next
 }
 
-// requireFull makes the next batch carry the whole tree.
-func (s *sender) requireFull() {
+// connectedNext returns the next cut of a connected sender.
+func (s *sender) connectedNext() (uint64, bool) {
 	s.mu.Lock()
-	if !s.needFull {
-		s.needFull, s.fullSince = true, time.Now()
-	}
-	s.mu.Unlock()
-	select {
-	case s.wake <- struct{}{}:
-	default:
-	}
+	defer s.mu.Unlock()
+	return s.next, s.connected && s.next != 0
 }
 
 // state reports the sender's view of its replica.
 func (s *sender) state(now time.Time) ReplicaState {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	st := ReplicaState{Node: s.node, Connected: s.connected, AckedSeq: s.acked.Seq, AckedCut: s.acked.Cut, Err: s.err}
-	var full time.Time
-	if s.needFull {
+	next, full := s.next, time.Time{}
+	if next == 0 {
 		full = s.fullSince
 	}
-	var inflight time.Time
-	if s.inflight != nil {
-		inflight = s.inflight.since
-	}
-	if o := oldest(s.pending.since, full, inflight); !o.IsZero() {
+	s.mu.Unlock()
+	_, pending := s.p.ch.pending()
+	if o := oldest(pending, full, s.p.unackedSince(max(next, 1))); !o.IsZero() {
 		st.Lag = now.Sub(o)
 	}
 	return st
@@ -119,18 +101,13 @@ func (s *sender) run(ctx context.Context) {
 			s.log.Info("replication stream to replica failed; retrying", "err", err, "in", wait)
 			delay = min(2*delay, retryMax)
 		}
-		t := time.NewTimer(wait/2 + rand.N(wait/2+1))
-		select {
-		case <-ctx.Done():
-			t.Stop()
+		if !sleepCtx(ctx, wait/2+rand.N(wait/2+1)) {
 			return
-		case <-t.C:
 		}
 	}
 }
 
-// disconnected records the end of a session and puts the batch that was in
-// flight back into the pending changes.
+// disconnected records the end of a session.
 func (s *sender) disconnected(err error, stopping bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -138,78 +115,59 @@ func (s *sender) disconnected(err error, stopping bool) {
 	if err != nil && !stopping {
 		s.err = err.Error()
 	}
-	b := s.inflight
-	if b == nil {
-		return
-	}
-	s.inflight = nil
-	s.lostSeq = b.seq
-	if b.full {
-		s.needFull = true
-		s.fullSince = oldest(s.fullSince, b.since)
-		return
-	}
-	b.dirty.since = b.since
-	s.pending.merge(b.dirty)
 }
 
-// connected records the replica's position reported after Hello and decides
-// whether it needs the whole tree.
+// connectedAt records the replica's position reported after Hello and
+// decides where it continues: after that position, or at a full cut.
 func (s *sender) connectedAt(a *tetherpb.StreamAck) {
 	epoch := s.p.cfg.Epoch
 	if a.GetEpoch() == epoch {
 		s.p.observeSeq(a.GetSeq())
 	}
+	next := s.p.resumeFrom(a.GetEpoch(), a.GetSeq())
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	s.connected, s.err = true, ""
-	if !positionKnown(a.GetEpoch(), a.GetSeq(), epoch, s.acked.Seq, s.lostSeq) && !s.needFull {
-		s.needFull, s.fullSince = true, oldest(s.pending.since, time.Now())
-	}
 	if a.GetEpoch() == epoch {
 		s.acked = Ack{Epoch: epoch, Seq: a.GetSeq(), Cut: cutTime(a.GetCutUnixNano())}
 	}
-}
-
-// positionKnown reports whether a replica's reported position (epoch, seq)
-// is one this sender knows the replica's tree for: the last acknowledged
-// batch of this epoch, or the batch whose ack was lost (its paths were put
-// back into the pending changes). Otherwise the replica needs the whole tree.
-func positionKnown(epoch, seq, ourEpoch, ackedSeq, lostSeq uint64) bool {
-	return epoch == ourEpoch && seq != 0 && (seq == ackedSeq || seq == lostSeq)
-}
-
-// next takes the next batch to send, nil when there is nothing to send.
-func (s *sender) next() *outBatch {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if !s.needFull && s.pending.empty() {
-		return nil
+	if next == 0 {
+		s.needFullLocked()
+	} else {
+		s.next = next
 	}
-	b := &outBatch{seq: s.p.nextSeq(), full: s.needFull, cut: time.Now()}
-	d := s.pending.take()
-	b.dirty = d
-	b.since = d.since
-	if s.needFull {
-		b.since = oldest(b.since, s.fullSince)
-		b.dirty = dirtySet{}
-		s.needFull, s.fullSince = false, time.Time{}
+	s.mu.Unlock()
+	if next == 0 {
+		s.requestFull()
 	}
-	s.inflight = b
-	return b
 }
 
-// ackedBatch records a durable batch.
+// requestFull asks for a full cut unless one is being read (it will do:
+// its number is above the fullAfter just set).
+func (s *sender) requestFull() {
+	if !s.p.cuttingFull.Load() {
+		s.p.ch.requireFullForReplica()
+	}
+}
+
+// needFullLocked makes the sender wait for the next full cut.
+func (s *sender) needFullLocked() {
+	if s.next != 0 || s.fullSince.IsZero() {
+		s.fullSince = time.Now()
+	}
+	s.next, s.fullAfter = 0, s.p.latestSeq()
+}
+
+// ackedBatch records a durable cut.
 func (s *sender) ackedBatch(a *tetherpb.StreamAck) Ack {
 	ack := Ack{Epoch: a.GetEpoch(), Seq: a.GetSeq(), Cut: cutTime(a.GetCutUnixNano())}
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.acked = ack
-	s.inflight = nil
+	s.acked, s.next, s.fullSince = ack, ack.Seq+1, time.Time{}
+	s.mu.Unlock()
+	s.p.acked()
 	return ack
 }
 
-// session runs one stream: Hello, the replica's position, then batches.
+// session runs one stream: Hello, the replica's position, then cuts.
 // progressed reports whether the replica accepted the stream.
 func (s *sender) session(ctx context.Context) (progressed bool, err error) {
 	client, err := s.p.cfg.Dial(ctx, s.node)
@@ -276,29 +234,54 @@ func (r *ackReader) run(ctx context.Context, stream tetherpb.Replication_StreamC
 	}
 }
 
-// stream sends batches as work arrives, one at a time, each awaiting its
+// nextBatch waits for the cut this replica needs next; full reports that
+// the replica needs the whole tree.
+func (s *sender) nextBatch(ctx context.Context, in *ackReader) (b *cutBatch, full bool, err error) {
+	for {
+		s.mu.Lock()
+		next, after := s.next, s.fullAfter
+		s.mu.Unlock()
+		b, changed, err := s.p.batchFor(next, after)
+		if errors.Is(err, errCutGone) {
+			s.log.Info("the replica is further behind than the cuts kept; sending it the whole tree")
+			s.mu.Lock()
+			s.needFullLocked()
+			s.mu.Unlock()
+			s.requestFull()
+			continue
+		}
+		if b != nil {
+			return b, next == 0, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, false, ctx.Err()
+		case <-changed:
+		case a := <-in.acks:
+			return nil, false, fmt.Errorf("replica %s sent an unexpected ack for seq %d", s.node, a.GetSeq())
+		case err := <-in.errc:
+			return nil, false, fmt.Errorf("replica %s ended the stream: %w", s.node, err)
+		}
+	}
+}
+
+// stream sends cuts as they are taken, one at a time, each awaiting its
 // ack.
 func (s *sender) stream(ctx context.Context, stream tetherpb.Replication_StreamClient, in *ackReader) error {
 	for {
-		b := s.next()
-		if b == nil {
-			select {
-			case <-ctx.Done():
-				return ctx.Err()
-			case <-s.wake:
-				continue
-			case a := <-in.acks:
-				return fmt.Errorf("replica %s sent an unexpected ack for seq %d", s.node, a.GetSeq())
-			case err := <-in.errc:
-				return fmt.Errorf("replica %s ended the stream: %w", s.node, err)
-			}
+		b, full, err := s.nextBatch(ctx, in)
+		if err != nil {
+			return err
 		}
-		if err := s.sendBatch(stream, b); err != nil {
-			if !errors.Is(err, io.EOF) {
-				return err
-			}
-			// The replica ended the stream; its status says why.
+		if b.full && (full || b.delta == nil) {
+			s.mu.Lock()
+			s.fullSent++
+			s.mu.Unlock()
 		}
+		if err := b.send(stream.Send, full); err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("send batch %d to %s: %w", b.seq, s.node, err)
+		} // on io.EOF the replica ended the stream; its status says why
+		s.log.Debug("batch sent", "seq", b.seq, "full", b.full, "items", len(b.items))
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -315,23 +298,4 @@ func (s *sender) stream(ctx context.Context, stream tetherpb.Replication_StreamC
 			}
 		}
 	}
-}
-
-// sendBatch reads the batch's paths (or the whole tree) and streams them.
-func (s *sender) sendBatch(stream tetherpb.Replication_StreamClient, b *outBatch) error {
-	var p *plan
-	var err error
-	if b.full {
-		p, err = fullPlan(s.p.root)
-	} else {
-		p, err = dirtyPlan(s.p.root, b.dirty.paths)
-	}
-	if err != nil {
-		return fmt.Errorf("read batch %d from the volume: %w", b.seq, err)
-	}
-	if err := sendBatch(s.p.root, stream.Send, p, b.seq, b.cut, b.full); err != nil {
-		return fmt.Errorf("send batch %d to %s: %w", b.seq, s.node, err)
-	}
-	s.log.Debug("batch sent", "seq", b.seq, "full", b.full, "deletes", len(p.deletes), "dirs", len(p.dirs), "files", len(p.others))
-	return nil
 }

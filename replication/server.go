@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"time"
 
@@ -24,6 +25,10 @@ type ServerConfig struct {
 	// node does not hold the volume and creates directories as needed.
 	Resolve func(volume string) (Paths, error)
 	Logger  *slog.Logger
+	// QuarantineDir, if set, holds the quarantines of every volume
+	// (QuarantineDir/quarantine/VOLUME/epoch-E-TIME); by default each
+	// volume's Paths.State does. It must be on the volumes' file system.
+	QuarantineDir string
 }
 
 // Server is the replica side of replication: it receives the batches of
@@ -31,8 +36,9 @@ type ServerConfig struct {
 type Server struct {
 	tetherpb.UnimplementedReplicationServer
 
-	cfg ServerConfig
-	log *slog.Logger
+	cfg  ServerConfig
+	log  *slog.Logger
+	warn *onceLogger
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -41,6 +47,15 @@ type Server struct {
 	closed  bool
 	volumes map[string]*replicaVolume
 	wg      sync.WaitGroup
+
+	fail failpoint // tests only (setFailpoint): stops a commit at a step, as a crash would
+}
+
+// setFailpoint installs a failpoint (tests only).
+func (s *Server) setFailpoint(f failpoint) {
+	s.mu.Lock()
+	s.fail = f
+	s.mu.Unlock()
 }
 
 // replicaVolume serializes the streams, fences and batch applications of one
@@ -78,7 +93,8 @@ func NewServer(cfg ServerConfig) *Server {
 		log = slog.Default()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Server{cfg: cfg, log: log.With("component", "replication-server"), ctx: ctx, cancel: cancel,
+	log = log.With("component", "replication-server")
+	return &Server{cfg: cfg, log: log, warn: newOnceLogger(log), ctx: ctx, cancel: cancel,
 		volumes: map[string]*replicaVolume{}}
 }
 
@@ -129,11 +145,22 @@ func (s *Server) FencePaths(volume string, paths Paths, epoch uint64) error {
 	if err != nil {
 		return fmt.Errorf("fence volume %s: %w", volume, err)
 	}
+	// A committed batch is finished before this node may serve the volume.
+	if _, err := s.journal(paths).recover(s.log.With("volume", volume)); err != nil {
+		return fmt.Errorf("fence volume %s: finish the last replicated batch: %w", volume, err)
+	}
 	if epoch > newest {
 		if err := writeEpoch(paths.State, epoch); err != nil {
 			return fmt.Errorf("fence volume %s at epoch %d: %w", volume, epoch, err)
 		}
 		newest = epoch
+	}
+	// This node serves the volume in epoch: remember it, so that a stream
+	// of a newer epoch first quarantines what this node wrote.
+	if was, err := readPrimaryEpoch(paths.State); err != nil || was < epoch {
+		if err := writeFileDurable(paths.State, primaryEpochFile, strconv.FormatUint(epoch, 10)+"\n"); err != nil {
+			return fmt.Errorf("fence volume %s at epoch %d: %w", volume, epoch, err)
+		}
 	}
 	if v.active != nil && v.active.epoch < newest {
 		s.log.Info("cutting off stream of an older epoch", "volume", volume, "epoch", v.active.epoch,
@@ -266,6 +293,9 @@ func (s *Server) serve(ctx context.Context, cancel context.CancelCauseFunc, stre
 	defer s.leave(v, me)
 
 	log := s.log.With("volume", hello.GetVolume(), "primary", me.primary, "epoch", me.epoch)
+	if err := s.recoverJournal(v, paths, log); err != nil {
+		return status.Error(codes.Internal, err.Error())
+	}
 	pos, err := readPosition(paths.State)
 	if err != nil {
 		return status.Error(codes.Internal, err.Error())
@@ -274,14 +304,11 @@ func (s *Server) serve(ctx context.Context, cancel context.CancelCauseFunc, stre
 	if err := resetDir(stage); err != nil {
 		return status.Errorf(codes.Internal, "prepare staging directory: %v", err)
 	}
-	if err := recoverInterrupted(paths, log); err != nil {
-		return status.Error(codes.Internal, err.Error())
-	}
 	if err := stream.Send(ackOf(pos)); err != nil {
 		return err
 	}
 	log.Info("replication stream accepted", "position", pos.String())
-	sess := &inboundSession{s: s, v: v, me: me, paths: paths, pos: pos, log: log}
+	sess := &inboundSession{s: s, v: v, me: me, volume: hello.GetVolume(), paths: paths, pos: pos, log: log}
 	return sess.receive(stream, in, newBatch(stage))
 }
 
@@ -358,12 +385,13 @@ func (s *Server) leave(v *replicaVolume, me *inbound) {
 
 // inboundSession is the state of an admitted stream.
 type inboundSession struct {
-	s     *Server
-	v     *replicaVolume
-	me    *inbound
-	paths Paths
-	pos   position
-	log   *slog.Logger
+	s      *Server
+	v      *replicaVolume
+	me     *inbound
+	volume string
+	paths  Paths
+	pos    position
+	log    *slog.Logger
 }
 
 // commit applies a complete batch and records its position durably.
@@ -388,49 +416,31 @@ func (c *inboundSession) commit(b *batch, cm *tetherpb.Commit) error {
 		return status.Error(codes.FailedPrecondition, fencedError{epoch: c.me.epoch, newest: newest}.Error())
 	}
 	start := time.Now()
-	if err := markApplying(c.paths.State, cm.GetSeq()); err != nil {
-		return status.Error(codes.Internal, err.Error())
-	}
-	if err := c.apply(b, cm.GetFull()); err != nil {
-		return batchStatus(fmt.Errorf("apply batch %d: %w", cm.GetSeq(), err))
+	if err := c.quarantineFor(b, cm.GetFull()); err != nil {
+		return status.Errorf(codes.Internal, "quarantine before the first batch of epoch %d: %v", c.me.epoch, err)
 	}
 	pos := position{Epoch: c.me.epoch, Seq: cm.GetSeq(), Cut: cutTime(cm.GetCutUnixNano())}
-	if err := writePosition(c.paths.State, pos); err != nil {
-		return status.Error(codes.Internal, err.Error())
-	}
-	if err := clearApplying(c.paths.State); err != nil {
-		return status.Error(codes.Internal, err.Error())
+	if err := c.s.journal(c.paths).commit(b, pos, cm.GetFull()); err != nil {
+		return batchStatus(fmt.Errorf("apply batch %d: %w", cm.GetSeq(), err))
 	}
 	c.pos = pos
 	c.log.Debug("batch applied", "seq", pos.Seq, "full", cm.GetFull(), "ops", len(b.ops), "took", time.Since(start))
 	return nil
 }
 
-func (c *inboundSession) apply(b *batch, full bool) error {
-	root, err := os.OpenRoot(c.paths.Data)
-	if err != nil {
-		return fmt.Errorf("open volume data directory: %w", err)
-	}
-	defer root.Close()
-	return applyBatch(root, b, full)
+// journal returns the redo journal of a volume on this replica.
+func (s *Server) journal(paths Paths) journal {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return journal{paths: paths, warn: s.warn, fail: s.fail}
 }
 
-// recoverInterrupted cleans up after a batch whose application was
-// interrupted (by a crash or an error): the temporary files it left go.
-func recoverInterrupted(paths Paths, log *slog.Logger) error {
-	if !wasApplying(paths.State) {
-		return nil
-	}
-	log.Warn("the last batch was interrupted while being applied; removing its temporary files")
-	root, err := os.OpenRoot(paths.Data)
-	if err != nil {
-		return fmt.Errorf("open volume data directory: %w", err)
-	}
-	defer root.Close()
-	if err := removeTemps(root, rootPath); err != nil {
-		return fmt.Errorf("remove temporary files of an interrupted batch: %w", err)
-	}
-	return clearApplying(paths.State)
+// recoverJournal finishes or drops the journal a crash left.
+func (s *Server) recoverJournal(v *replicaVolume, paths Paths, log *slog.Logger) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	_, err := s.journal(paths).recover(log)
+	return err
 }
 
 // batchStatus maps a batch error to a gRPC status: refusals of what the peer

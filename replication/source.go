@@ -9,7 +9,6 @@ import (
 	"slices"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/tether-io/tether/proto/tetherpb"
 )
@@ -19,13 +18,52 @@ const chunkSize = 1 << 20
 
 // plan is what a batch will carry, read from the primary's tree.
 type plan struct {
-	deletes []string
+	deletes map[string]struct{}
 	dirs    map[string]fs.FileInfo // MKDIR: new directories and changed metadata
-	others  map[string]fs.FileInfo // regular files and symlinks
+	others  map[string]fs.FileInfo // regular files, symlinks and fifos
+	skipped []string               // devices and sockets, which are not replicated
+	// fresh holds the entries added or re-planned since the last read: only
+	// they are (re-)read into the cut's spool.
+	fresh map[string]struct{}
 }
 
 func newPlan() *plan {
-	return &plan{dirs: map[string]fs.FileInfo{}, others: map[string]fs.FileInfo{}}
+	return &plan{deletes: map[string]struct{}{}, dirs: map[string]fs.FileInfo{}, others: map[string]fs.FileInfo{},
+		fresh: map[string]struct{}{}}
+}
+
+// put plans entry rel of kind m (p.dirs or p.others) for reading.
+func (p *plan) put(m map[string]fs.FileInfo, rel string, fi fs.FileInfo) {
+	m[rel] = fi
+	p.fresh[rel] = struct{}{}
+}
+
+// del plans a DELETE of rel.
+func (p *plan) del(rel string) {
+	p.deletes[rel] = struct{}{}
+}
+
+// forget drops what the plan says about rel, and about everything below it
+// when all is set.
+func (p *plan) forget(rel string, all bool) {
+	delete(p.deletes, rel)
+	delete(p.dirs, rel)
+	delete(p.others, rel)
+	if !all {
+		return
+	}
+	for _, m := range []map[string]fs.FileInfo{p.dirs, p.others} {
+		for r := range m {
+			if isUnder(r, rel) {
+				delete(m, r)
+			}
+		}
+	}
+	for r := range p.deletes {
+		if isUnder(r, rel) {
+			delete(p.deletes, r)
+		}
+	}
 }
 
 // fullPlan reads the whole tree.
@@ -35,7 +73,7 @@ func fullPlan(root *os.Root) (*plan, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read volume root: %w", err)
 	}
-	p.dirs[rootPath] = fi
+	p.put(p.dirs, rootPath, fi)
 	if err := p.collect(root, rootPath); err != nil {
 		return nil, err
 	}
@@ -47,40 +85,112 @@ func fullPlan(root *os.Root) (*plan, error) {
 // DELETE; a directory to be sent with its subtree is replaced whole.
 func dirtyPlan(root *os.Root, dirty map[string]bool) (*plan, error) {
 	p := newPlan()
+	return p, p.update(root, dirty)
+}
+
+// update re-plans the dirty paths (marking them fresh), as a later round of
+// a cut does for the paths that changed while the previous round was read.
+func (p *plan) update(root *os.Root, dirty map[string]bool) error {
 	for rel, subtree := range dirty {
 		fi, ok, err := lstatReal(root, rel)
 		if err != nil {
-			return nil, err
+			return err
 		}
+		p.forget(rel, !ok || !fi.IsDir() || subtree)
 		switch {
 		case !ok || !replicated(fi):
 			if rel != rootPath {
-				p.deletes = append(p.deletes, rel)
+				p.del(rel)
+			}
+			if ok {
+				p.skipped = append(p.skipped, rel)
 			}
 		case fi.IsDir():
-			p.dirs[rel] = fi
+			p.put(p.dirs, rel, fi)
 			if subtree && rel != rootPath {
-				p.deletes = append(p.deletes, rel)
+				p.del(rel)
 				if err := p.collect(root, rel); err != nil {
-					return nil, err
+					return err
 				}
 			}
 		default:
-			p.others[rel] = fi
+			p.put(p.others, rel, fi)
 		}
 	}
 	if err := p.addParents(root); err != nil {
-		return nil, err
+		return err
 	}
 	p.dropConflicts()
-	return p, nil
+	return p.completeLinks(root)
 }
 
 // replicated reports whether an entry's type is carried: directories,
-// regular files and symlinks (not devices, fifos or sockets).
+// regular files, symlinks and fifos (not devices or sockets).
 func replicated(fi fs.FileInfo) bool {
 	t := fi.Mode().Type()
-	return t == 0 || t == fs.ModeDir || t == fs.ModeSymlink
+	return t == 0 || t == fs.ModeDir || t == fs.ModeSymlink || t == fs.ModeNamedPipe
+}
+
+// completeLinks adds the other names of every hard-linked file of the plan,
+// so that the replica links them all to the one new inode (a write to one
+// name changes the contents seen through the others, but inotify reports
+// only the name written). It walks the tree only when a name is missing.
+func (p *plan) completeLinks(root *os.Root) error {
+	want := map[inodeKey]uint64{}
+	have := map[inodeKey]uint64{}
+	for _, fi := range p.others {
+		if !fi.Mode().IsRegular() {
+			continue
+		}
+		if k, n := inodeOf(fi); n > 1 {
+			want[k], have[k] = n, have[k]+1
+		}
+	}
+	missing := false
+	for k, n := range want {
+		missing = missing || have[k] < n
+	}
+	if !missing {
+		return nil
+	}
+	return walkTree(root, rootPath, func(rel string, fi fs.FileInfo) {
+		if !fi.Mode().IsRegular() {
+			return
+		}
+		if k, _ := inodeOf(fi); want[k] > 0 {
+			if _, ok := p.others[rel]; !ok {
+				p.put(p.others, rel, fi)
+			}
+		}
+	})
+}
+
+// walkTree calls fn for every entry below dir.
+func walkTree(root *os.Root, dir string, fn func(rel string, fi fs.FileInfo)) error {
+	entries, err := readDirRoot(root, dir)
+	if isGone(err) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read directory %q: %w", dir, err)
+	}
+	for _, e := range entries {
+		rel := joinRel(dir, e.Name())
+		fi, err := e.Info()
+		if isGone(err) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("read %q: %w", rel, err)
+		}
+		fn(rel, fi)
+		if fi.IsDir() {
+			if err := walkTree(root, rel, fn); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // lstatReal returns the entry at rel if every ancestor is a real directory.
@@ -124,13 +234,14 @@ func (p *plan) collect(root *os.Root, dir string) error {
 		}
 		switch {
 		case !replicated(fi):
+			p.skipped = append(p.skipped, rel)
 		case fi.IsDir():
-			p.dirs[rel] = fi
+			p.put(p.dirs, rel, fi)
 			if err := p.collect(root, rel); err != nil {
 				return err
 			}
 		default:
-			p.others[rel] = fi
+			p.put(p.others, rel, fi)
 		}
 	}
 	return nil
@@ -145,7 +256,9 @@ func (p *plan) addParents(root *os.Root) error {
 			rels = append(rels, rel)
 		}
 	}
-	rels = append(rels, p.deletes...)
+	for rel := range p.deletes {
+		rels = append(rels, rel)
+	}
 	for _, rel := range rels {
 		if rel == rootPath {
 			continue
@@ -159,7 +272,7 @@ func (p *plan) addParents(root *os.Root) error {
 			return err
 		}
 		if ok && fi.IsDir() {
-			p.dirs[d] = fi
+			p.put(p.dirs, d, fi)
 		}
 	}
 	return nil
@@ -189,41 +302,38 @@ func (p *plan) dropConflicts() {
 // sendFunc sends one message of a stream.
 type sendFunc func(*tetherpb.StreamRequest) error
 
-// send streams the plan's ops: deletes, then directories shallow to deep,
-// then files and symlinks.
-func (p *plan) send(root *os.Root, send sendFunc) error {
-	slices.Sort(p.deletes)
-	for _, rel := range slices.Compact(p.deletes) {
-		if err := sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_DELETE, Path: []byte(rel)}); err != nil {
-			return err
-		}
+// sendDir sends a directory's metadata.
+func sendDir(root *os.Root, send sendFunc, rel string, fi fs.FileInfo, warn *onceLogger) error {
+	uid, gid := ownerOf(fi)
+	op := &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_MKDIR, Path: []byte(rel),
+		Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid}
+	d, err := root.OpenFile(rel, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_DIRECTORY, 0)
+	if isGone(err) || errors.Is(err, syscall.ELOOP) {
+		return nil // changed since planned; its event brings it again
 	}
-	for _, rel := range sortedDirs(p.dirs) {
-		fi := p.dirs[rel]
-		op := &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_MKDIR, Path: []byte(rel),
-			Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano()}
-		if err := sendOp(send, op); err != nil {
-			return err
-		}
+	if err != nil {
+		return fmt.Errorf("open directory %q: %w", rel, err)
 	}
-	others := make([]string, 0, len(p.others))
-	for rel := range p.others {
-		others = append(others, rel)
+	op.Xattrs, err = xattrsOrWarn(d, rel, warn)
+	_ = d.Close()
+	if err != nil {
+		return err
 	}
-	slices.Sort(others)
-	for _, rel := range others {
-		fi := p.others[rel]
-		var err error
-		if fi.Mode().Type() == fs.ModeSymlink {
-			err = sendSymlink(root, send, rel, fi)
-		} else {
-			err = sendFile(root, send, rel, fi)
-		}
-		if err != nil {
-			return err
-		}
+	return sendOp(send, op)
+}
+
+// xattrsOrWarn reads the extended attributes of an open file; where the
+// file system has none, it warns (once) and returns none.
+func xattrsOrWarn(f *os.File, rel string, warn *onceLogger) ([]*tetherpb.Xattr, error) {
+	xs, err := readXattrs(int(f.Fd()))
+	if errors.Is(err, errXattrUnsupported) {
+		warn.warn("xattr", "the volume's file system has no extended attributes; none are replicated")
+		return nil, nil
 	}
-	return nil
+	if err != nil {
+		return nil, fmt.Errorf("%q: %w", rel, err)
+	}
+	return xs, nil
 }
 
 // sortedDirs orders directories shallow to deep.
@@ -253,55 +363,75 @@ func sendSymlink(root *os.Root, send sendFunc, rel string, fi fs.FileInfo) error
 	if err != nil {
 		return fmt.Errorf("read symlink %q: %w", rel, err)
 	}
+	uid, gid := ownerOf(fi)
 	return sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_SYMLINK, Path: []byte(rel),
-		LinkTarget: []byte(target), MtimeUnixNano: fi.ModTime().UnixNano()})
+		LinkTarget: []byte(target), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid})
 }
 
-// sendFile streams a regular file in chunks. The file is opened and checked
-// to be the one planned (not a symlink swapped in since); its mode and mtime
-// come from the open file.
-func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo) error {
+// sendFile streams a regular file: its data extents in chunks, then a last
+// op with its size and metadata. The file is opened and checked to be the
+// one planned (not a symlink swapped in since); its metadata comes from the
+// open file. sent is false when the file was replaced or removed since it
+// was planned (its event brings it again).
+func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo, warn *onceLogger) (key inodeKey, nlink uint64, sent bool, err error) {
 	f, err := root.OpenFile(rel, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if isGone(err) || errors.Is(err, syscall.ELOOP) {
-		return nil
+		return key, 0, false, nil
 	}
 	if err != nil {
-		return fmt.Errorf("open %q: %w", rel, err)
+		return key, 0, false, fmt.Errorf("open %q: %w", rel, err)
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return fmt.Errorf("stat %q: %w", rel, err)
+		return key, 0, false, fmt.Errorf("stat %q: %w", rel, err)
 	}
 	if !fi.Mode().IsRegular() || !os.SameFile(fi, planned) {
-		return nil // replaced since planned; its event brings it again
+		return key, 0, false, nil
 	}
-	mode, mtime := toWireMode(fi.Mode()), fi.ModTime().UnixNano()
-	var off uint64
-	for {
-		buf := make([]byte, chunkSize)
-		n, err := io.ReadFull(f, buf)
-		last := errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
-		if err != nil && !last {
-			return fmt.Errorf("read %q: %w", rel, err)
-		}
-		op := &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte(rel), Data: buf[:n],
-			Offset: off, More: !last, Mode: mode, MtimeUnixNano: mtime}
-		if err := sendOp(send, op); err != nil {
-			return err
-		}
-		if last {
-			return nil
-		}
-		off += uint64(n)
+	key, nlink = inodeOf(fi)
+	xs, err := xattrsOrWarn(f, rel, warn)
+	if err != nil {
+		return key, 0, false, err
 	}
+	size := fi.Size()
+	exts, err := dataExtents(f, size)
+	if err != nil {
+		return key, 0, false, fmt.Errorf("read %q: %w", rel, err)
+	}
+	end, err := sendExtents(f, send, rel, exts)
+	if err != nil {
+		return key, 0, false, err
+	}
+	uid, gid := ownerOf(fi)
+	err = sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte(rel), Offset: uint64(end),
+		Size: uint64(size), Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid, Xattrs: xs})
+	return key, nlink, err == nil, err
 }
 
-// sendBatch streams a plan and its Commit.
-func sendBatch(root *os.Root, send sendFunc, p *plan, seq uint64, cut time.Time, full bool) error {
-	if err := p.send(root, send); err != nil {
-		return err
+// sendExtents sends the data extents of f in chunks and returns the end of
+// the data sent (less than planned when the file shrank meanwhile).
+func sendExtents(f *os.File, send sendFunc, rel string, exts []extent) (int64, error) {
+	var end int64
+	for _, e := range exts {
+		for off := e.off; off < e.off+e.n; {
+			buf := make([]byte, min(chunkSize, e.off+e.n-off))
+			n, err := f.ReadAt(buf, off)
+			if err != nil && !errors.Is(err, io.EOF) {
+				return 0, fmt.Errorf("read %q: %w", rel, err)
+			}
+			if n > 0 {
+				if err := sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte(rel),
+					Data: buf[:n], Offset: uint64(off), More: true}); err != nil {
+					return 0, err
+				}
+				end = off + int64(n)
+			}
+			if n < len(buf) {
+				return end, nil // the file shrank; its event brings it again
+			}
+			off += int64(n)
+		}
 	}
-	return send(&tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Commit{Commit: &tetherpb.Commit{
-		Seq: seq, CutUnixNano: cut.UnixNano(), Full: full}}})
+	return end, nil
 }

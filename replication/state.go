@@ -16,7 +16,7 @@ const (
 	epochFile    = "epoch"    // newest epoch seen for the volume
 	positionFile = "position" // last durable batch: "epoch seq cut_unix_nano"
 	stageDir     = "stage"    // file contents of the batch being received
-	applyingFile = "applying" // present while a batch is being applied
+	applyingFile = "applying" // left by older versions while applying; removed
 )
 
 // position is the last batch durable on a replica.
@@ -139,26 +139,4 @@ func syncDir(dir string) error {
 		return fmt.Errorf("sync directory %s: %w", dir, err)
 	}
 	return nil
-}
-
-// markApplying durably notes that a batch is being applied, so that a crash
-// in the middle is noticed at the next start.
-func markApplying(dir string, seq uint64) error {
-	return writeFileDurable(dir, applyingFile, strconv.FormatUint(seq, 10)+"\n")
-}
-
-// clearApplying removes the note of markApplying. It is not synced: should
-// the removal be lost in a crash, the next start only cleans up for nothing.
-func clearApplying(dir string) error {
-	if err := os.Remove(filepath.Join(dir, applyingFile)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("clear replication state %s: %w", applyingFile, err)
-	}
-	return nil
-}
-
-// wasApplying reports whether a batch was being applied when the replica
-// stopped.
-func wasApplying(dir string) bool {
-	_, err := os.Lstat(filepath.Join(dir, applyingFile))
-	return err == nil
 }

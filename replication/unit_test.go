@@ -91,21 +91,23 @@ func TestWireMode(t *testing.T) {
 	}
 }
 
-func TestPositionKnown(t *testing.T) {
+func TestResumable(t *testing.T) {
 	cases := []struct {
-		name                    string
-		epoch, seq, acked, lost uint64
-		want                    bool
+		name                        string
+		epoch, seq, first, base, at uint64
+		want                        bool
 	}{
-		{"same as acked", 3, 10, 10, 0, true},
-		{"the batch whose ack was lost", 3, 11, 10, 11, true},
-		{"older epoch", 2, 10, 10, 0, false},
-		{"unknown seq", 3, 9, 10, 11, false},
-		{"nothing applied yet", 3, 0, 0, 0, false},
+		{"at the last cut", 3, 110, 100, 105, 110, true},
+		{"at the oldest retained base", 3, 105, 100, 105, 110, true},
+		{"behind what is retained", 3, 104, 100, 105, 110, false},
+		{"a cut of an earlier life of the primary", 3, 99, 100, 99, 110, false},
+		{"beyond the last cut", 3, 111, 100, 105, 110, false},
+		{"older epoch", 2, 110, 100, 105, 110, false},
+		{"no cut taken yet", 3, 0, 0, 0, 0, false},
 	}
 	for _, c := range cases {
-		if got := positionKnown(c.epoch, c.seq, 3, c.acked, c.lost); got != c.want {
-			t.Errorf("%s: positionKnown = %v, want %v", c.name, got, c.want)
+		if got := resumable(c.epoch, c.seq, 3, c.first, c.base, c.at); got != c.want {
+			t.Errorf("%s: resumable = %v, want %v", c.name, got, c.want)
 		}
 	}
 }
@@ -119,10 +121,9 @@ func TestDirtySet(t *testing.T) {
 	if !d.paths["a"] || d.paths["b"] || !d.since.Equal(t0) {
 		t.Fatalf("dirty set = %+v", d)
 	}
-	var e dirtySet
-	e.merge(d.take())
+	e := d.take()
 	if !d.empty() || !d.since.IsZero() || len(e.paths) != 2 || !e.since.Equal(t0) {
-		t.Fatalf("after take/merge: d=%+v e=%+v", d, e)
+		t.Fatalf("after take: d=%+v e=%+v", d, e)
 	}
 	if got := oldest(time.Time{}, t0.Add(time.Second), t0); !got.Equal(t0) {
 		t.Fatalf("oldest = %v", got)
@@ -146,14 +147,23 @@ func TestDirtyPlan(t *testing.T) {
 		"new": true, "file": false, "gone": false, "link/x": false, "link": false, "fifo": false, "file/under": false,
 	})
 	must(t, err)
-	slices.Sort(p.deletes)
-	if want := []string{"fifo", "file/under", "gone", "link/x", "new"}; !slices.Equal(p.deletes, want) {
-		t.Errorf("deletes = %q, want %q", p.deletes, want)
+	// Deletes below a path now planned as a file or symlink are redundant
+	// (the replica replaces whatever is there) and may be dropped.
+	for _, d := range keys(p.deletes) {
+		if !slices.Contains([]string{"file/under", "gone", "link/x", "new"}, d) {
+			t.Errorf("unexpected delete %q", d)
+		}
+	}
+	if _, ok := p.deletes["gone"]; !ok {
+		t.Error("gone is not deleted")
+	}
+	if _, ok := p.deletes["new"]; !ok {
+		t.Error("new (sent with its subtree) is not deleted first")
 	}
 	if got, want := keys(p.dirs), []string{".", "new", "new/sub"}; !slices.Equal(got, want) {
 		t.Errorf("dirs = %q, want %q", got, want)
 	}
-	if got, want := keys(p.others), []string{"file", "link", "new/sub/f"}; !slices.Equal(got, want) {
+	if got, want := keys(p.others), []string{"fifo", "file", "link", "new/sub/f"}; !slices.Equal(got, want) {
 		t.Errorf("others = %q, want %q", got, want)
 	}
 }
@@ -178,8 +188,8 @@ func TestRescanFindsMissedChanges(t *testing.T) {
 	root, err := os.OpenRoot(dir)
 	must(t, err)
 	defer root.Close()
-	var got dirtySet
-	w, err := newWatcher(dir, root, testutil.Logger(t), time.Millisecond, time.Hour, func(d dirtySet) { got.merge(d) }, func() {})
+	ch := newChanges()
+	w, err := newWatcher(dir, filepath.Join(t.TempDir(), "barrier"), root, testutil.Logger(t), time.Hour, ch)
 	must(t, err)
 	defer w.close()
 	must(t, w.setup())
@@ -188,6 +198,7 @@ func TestRescanFindsMissedChanges(t *testing.T) {
 	must(t, os.Remove(filepath.Join(dir, "removed")))
 	must(t, os.MkdirAll(filepath.Join(dir, "d/new/deeper"), 0o755))
 	w.rescanNow()
+	got := ch.take().dirty
 	if want := []string{".", "changed", "d", "d/new", "d/new/deeper", "removed"}; !slices.Equal(keys(got.paths), want) {
 		t.Fatalf("rescan marked %q, want %q", keys(got.paths), want)
 	}
@@ -202,5 +213,41 @@ func TestWatchLimitError(t *testing.T) {
 		if !strings.Contains(msg, want) {
 			t.Errorf("watch limit error %q does not mention %q", msg, want)
 		}
+	}
+}
+
+// TestChanges checks the watcher-to-cutter state: the event count moves
+// with every change, take clears the dirty set and the full flag, and a
+// barrier receives the count at its event.
+func TestChanges(t *testing.T) {
+	c := newChanges()
+	c.add("a", false, time.Unix(5, 0))
+	c.add("b", true, time.Unix(3, 0))
+	if ok, since := c.pending(); !ok || !since.Equal(time.Unix(3, 0)) {
+		t.Fatalf("pending = %v %v", ok, since)
+	}
+	ch := c.expect("b-1")
+	c.barrierSeen("b-2") // not awaited: ignored
+	c.barrierSeen("b-1")
+	if g := <-ch; g != 2 {
+		t.Fatalf("barrier saw count %d, want 2", g)
+	}
+	tk := c.take()
+	if tk.full || tk.gen != 2 || !tk.dirty.paths["b"] || tk.dirty.paths["a"] || len(tk.dirty.paths) != 2 {
+		t.Fatalf("take = %+v", tk)
+	}
+	c.requireFull()
+	if tk := c.take(); !tk.full || !tk.lost || tk.gen != 3 {
+		t.Fatalf("take after requireFull = %+v", tk)
+	}
+	c.requireFullForReplica() // not a change of the volume: the count stays
+	if ok, _ := c.pending(); !ok {
+		t.Fatal("a full cut for a replica is not pending")
+	}
+	if tk := c.take(); !tk.full || tk.lost || tk.gen != 3 {
+		t.Fatalf("take after requireFullForReplica = %+v", tk)
+	}
+	if ok, _ := c.pending(); ok {
+		t.Fatal("pending after take")
 	}
 }

@@ -21,18 +21,16 @@ import (
 // rescans the tree periodically and after an event overflow to catch what
 // inotify missed.
 type watcher struct {
-	dataDir  string
-	root     *os.Root
-	fsw      *fsnotify.Watcher
-	log      *slog.Logger
-	debounce time.Duration
-	rescan   time.Duration
-	emit     func(dirtySet)
-	emitFull func() // events were lost: every replica needs the whole tree
+	dataDir    string
+	barrierDir string // outside the volume: where cut barriers create sentinels
+	root       *os.Root
+	fsw        *fsnotify.Watcher
+	log        *slog.Logger
+	rescan     time.Duration
+	ch         *changes
 
-	dirs  map[string]struct{} // watched directories
-	snap  map[string]statKey  // the tree as the last scan saw it
-	dirty dirtySet
+	dirs map[string]struct{} // watched directories
+	snap map[string]statKey  // the tree as the last scan saw it
 }
 
 // statKey is what a rescan compares to notice a change.
@@ -52,7 +50,7 @@ func keyOf(fi fs.FileInfo) statKey {
 		mtime: st.Mtim.Nano(), ctim: st.Ctim.Nano()}
 }
 
-func newWatcher(dataDir string, root *os.Root, log *slog.Logger, debounce, rescan time.Duration, emit func(dirtySet), emitFull func()) (*watcher, error) {
+func newWatcher(dataDir, barrierDir string, root *os.Root, log *slog.Logger, rescan time.Duration, ch *changes) (*watcher, error) {
 	fsw, err := fsnotify.NewWatcher()
 	if err != nil {
 		if errors.Is(err, syscall.EMFILE) {
@@ -60,13 +58,22 @@ func newWatcher(dataDir string, root *os.Root, log *slog.Logger, debounce, resca
 		}
 		return nil, fmt.Errorf("create inotify instance: %w", err)
 	}
-	return &watcher{dataDir: dataDir, root: root, fsw: fsw, log: log, debounce: debounce, rescan: rescan,
-		emit: emit, emitFull: emitFull, dirs: map[string]struct{}{}}, nil
+	return &watcher{dataDir: dataDir, barrierDir: barrierDir, root: root, fsw: fsw, log: log, rescan: rescan,
+		ch: ch, dirs: map[string]struct{}{}}, nil
 }
 
 // setup watches the whole tree and records its state; it fails when the
 // inotify watch limit is too low.
 func (w *watcher) setup() error {
+	if err := resetDir(w.barrierDir); err != nil {
+		return fmt.Errorf("prepare the barrier directory: %w", err)
+	}
+	// The same inotify instance watches the barrier directory: it delivers
+	// events in order, so a sentinel's event comes after every event of a
+	// write that completed before the sentinel was created.
+	if err := w.fsw.Add(w.barrierDir); err != nil {
+		return fmt.Errorf("watch the barrier directory: %w", err)
+	}
 	snap, err := w.scan()
 	if err != nil {
 		return err
@@ -83,13 +90,6 @@ func (w *watcher) close() {
 func (w *watcher) run(ctx context.Context) {
 	rescanT := time.NewTimer(jitter(w.rescan))
 	defer rescanT.Stop()
-	var flushT *time.Timer
-	var flushC <-chan time.Time
-	defer func() {
-		if flushT != nil {
-			flushT.Stop()
-		}
-	}()
 	for {
 		select {
 		case <-ctx.Done():
@@ -99,10 +99,6 @@ func (w *watcher) run(ctx context.Context) {
 				return
 			}
 			w.handle(ev)
-			if flushC == nil && !w.dirty.empty() {
-				flushT = time.NewTimer(w.debounce)
-				flushC = flushT.C
-			}
 		case err, ok := <-w.fsw.Errors:
 			if !ok {
 				return
@@ -115,10 +111,7 @@ func (w *watcher) run(ctx context.Context) {
 				w.log.Error("inotify error; resending the whole volume", "err", err)
 			}
 			w.rescanNow()
-			w.emitFull()
-		case <-flushC:
-			flushT, flushC = nil, nil
-			w.flush()
+			w.ch.requireFull()
 		case <-rescanT.C:
 			w.rescanNow()
 			rescanT.Reset(jitter(w.rescan))
@@ -142,6 +135,12 @@ func (w *watcher) rel(name string) (string, bool) {
 
 // handle records what one event changed.
 func (w *watcher) handle(ev fsnotify.Event) {
+	if dir, name := filepath.Split(ev.Name); filepath.Clean(dir) == w.barrierDir {
+		if ev.Has(fsnotify.Create) {
+			w.ch.barrierSeen(name)
+		}
+		return
+	}
 	rel, ok := w.rel(ev.Name)
 	if !ok {
 		return
@@ -162,18 +161,10 @@ func (w *watcher) handle(ev fsnotify.Event) {
 			}
 		}
 	}
-	w.dirty.add(rel, subtree, now)
+	w.ch.add(rel, subtree, now)
 	if rel != rootPath {
-		w.dirty.add(parentOf(rel), false, now) // its mtime changed
+		w.ch.add(parentOf(rel), false, now) // its mtime changed
 	}
-}
-
-// flush hands the dirty paths to the senders.
-func (w *watcher) flush() {
-	if w.dirty.empty() {
-		return
-	}
-	w.emit(w.dirty.take())
 }
 
 // watch adds an inotify watch on directory rel.
@@ -294,8 +285,7 @@ func (w *watcher) scanDir(dir string, snap map[string]statKey) error {
 	return nil
 }
 
-// rescanNow compares the tree with the last scan, marks what differs, and
-// flushes.
+// rescanNow compares the tree with the last scan and marks what differs.
 func (w *watcher) rescanNow() {
 	snap, err := w.scan()
 	if err != nil {
@@ -305,18 +295,17 @@ func (w *watcher) rescanNow() {
 	now := time.Now()
 	for rel, k := range snap {
 		if old, ok := w.snap[rel]; !ok || old != k {
-			w.dirty.add(rel, false, now)
+			w.ch.add(rel, false, now)
 			if rel != rootPath {
-				w.dirty.add(parentOf(rel), false, now)
+				w.ch.add(parentOf(rel), false, now)
 			}
 		}
 	}
 	for rel := range w.snap {
 		if _, ok := snap[rel]; !ok {
-			w.dirty.add(rel, false, now)
-			w.dirty.add(parentOf(rel), false, now)
+			w.ch.add(rel, false, now)
+			w.ch.add(parentOf(rel), false, now)
 		}
 	}
 	w.snap = snap
-	w.flush()
 }

@@ -72,6 +72,9 @@ func newStatusCmd(g *globals) *cobra.Command {
 				for _, f := range resp.Fenced {
 					fmt.Fprintf(w, "FENCED:\t%s (epoch %d) since %s: %s\n", f.Name, f.Epoch, time.Unix(0, f.SinceUnixNano).UTC().Format(time.RFC3339), f.Reason)
 				}
+				for _, q := range resp.Quarantined {
+					fmt.Fprintf(w, "QUARANTINED:\t%s: %d file(s) written as primary in epoch %d, set aside %s in %s\n", q.Volume, q.Files, q.Epoch, time.Unix(0, q.TimeUnixNano).UTC().Format(time.RFC3339), q.Dir)
+				}
 				fmt.Fprintf(w, "Replica of:\t%s\n", orNone(strings.Join(resp.ReplicaOf, ", ")))
 				if len(resp.PrimaryOf) == 0 {
 					fmt.Fprintf(w, "Primary of:\t(none)\n")

@@ -150,7 +150,7 @@ func printInspect(out io.Writer, resp *tetherpb.VolumeInspectResponse) error {
 		fmt.Fprintf(out, "\nReplication: unknown (%s)\n", st.Error)
 		return nil
 	}
-	fmt.Fprintf(out, "\nReplication (epoch %d, batch %d):\n", st.Epoch, st.Seq)
+	fmt.Fprintf(out, "\nReplication (epoch %d, batch %d, %d cuts, %d of them consistent file by file only):\n", st.Epoch, st.Seq, st.Cuts, st.FileConsistentOnlyCuts)
 	return printReplicaTable(out, st)
 }
 

@@ -44,6 +44,11 @@ const (
 	FileOp_KIND_DELETE FileOp_Kind = 4
 	// RENAME moves path to new_path.
 	FileOp_KIND_RENAME FileOp_Kind = 5
+	// FIFO creates a named pipe with mode, owner and mtime.
+	FileOp_KIND_FIFO FileOp_Kind = 6
+	// HARDLINK makes path another name of hardlink_to, a path that a FILE
+	// op earlier in the same batch wrote (so content travels once).
+	FileOp_KIND_HARDLINK FileOp_Kind = 7
 )
 
 // Enum value maps for FileOp_Kind.
@@ -55,6 +60,8 @@ var (
 		3: "KIND_SYMLINK",
 		4: "KIND_DELETE",
 		5: "KIND_RENAME",
+		6: "KIND_FIFO",
+		7: "KIND_HARDLINK",
 	}
 	FileOp_Kind_value = map[string]int32{
 		"KIND_UNSPECIFIED": 0,
@@ -63,6 +70,8 @@ var (
 		"KIND_SYMLINK":     3,
 		"KIND_DELETE":      4,
 		"KIND_RENAME":      5,
+		"KIND_FIFO":        6,
+		"KIND_HARDLINK":    7,
 	}
 )
 
@@ -267,6 +276,19 @@ type FileOp struct {
 	More          bool   `protobuf:"varint,7,opt,name=more,proto3" json:"more,omitempty"`
 	MtimeUnixNano int64  `protobuf:"varint,8,opt,name=mtime_unix_nano,json=mtimeUnixNano,proto3" json:"mtime_unix_nano,omitempty"`
 	LinkTarget    []byte `protobuf:"bytes,9,opt,name=link_target,json=linkTarget,proto3" json:"link_target,omitempty"`
+	// Numeric owner and group (FILE, MKDIR, SYMLINK, FIFO), applied as is.
+	Uid uint32 `protobuf:"varint,10,opt,name=uid,proto3" json:"uid,omitempty"`
+	Gid uint32 `protobuf:"varint,11,opt,name=gid,proto3" json:"gid,omitempty"`
+	// Extended attributes (FILE and MKDIR; on the last op of a FILE): the
+	// complete set, so the replica removes the ones not listed.
+	Xattrs []*Xattr `protobuf:"bytes,12,rep,name=xattrs,proto3" json:"xattrs,omitempty"`
+	// FILE: the file's size. Chunks carry only its data extents (offsets
+	// increase but may skip holes, which the replica keeps as holes); the
+	// last op (more = false) may carry no data. A size smaller than the end
+	// of the data is taken as that end.
+	Size uint64 `protobuf:"varint,13,opt,name=size,proto3" json:"size,omitempty"`
+	// HARDLINK: the path this one becomes another name of.
+	HardlinkTo    []byte `protobuf:"bytes,14,opt,name=hardlink_to,json=hardlinkTo,proto3" json:"hardlink_to,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -364,6 +386,93 @@ func (x *FileOp) GetLinkTarget() []byte {
 	return nil
 }
 
+func (x *FileOp) GetUid() uint32 {
+	if x != nil {
+		return x.Uid
+	}
+	return 0
+}
+
+func (x *FileOp) GetGid() uint32 {
+	if x != nil {
+		return x.Gid
+	}
+	return 0
+}
+
+func (x *FileOp) GetXattrs() []*Xattr {
+	if x != nil {
+		return x.Xattrs
+	}
+	return nil
+}
+
+func (x *FileOp) GetSize() uint64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *FileOp) GetHardlinkTo() []byte {
+	if x != nil {
+		return x.HardlinkTo
+	}
+	return nil
+}
+
+type Xattr struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          []byte                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Value         []byte                 `protobuf:"bytes,2,opt,name=value,proto3" json:"value,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Xattr) Reset() {
+	*x = Xattr{}
+	mi := &file_tether_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Xattr) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Xattr) ProtoMessage() {}
+
+func (x *Xattr) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Xattr.ProtoReflect.Descriptor instead.
+func (*Xattr) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *Xattr) GetName() []byte {
+	if x != nil {
+		return x.Name
+	}
+	return nil
+}
+
+func (x *Xattr) GetValue() []byte {
+	if x != nil {
+		return x.Value
+	}
+	return nil
+}
+
 type Commit struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Sequence number of the batch within the epoch, starting at 1.
@@ -372,14 +481,18 @@ type Commit struct {
 	CutUnixNano int64 `protobuf:"varint,2,opt,name=cut_unix_nano,json=cutUnixNano,proto3" json:"cut_unix_nano,omitempty"`
 	// full is set on a batch that carries the whole tree: the replica removes
 	// everything the batch did not name.
-	Full          bool `protobuf:"varint,3,opt,name=full,proto3" json:"full,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Full bool `protobuf:"varint,3,opt,name=full,proto3" json:"full,omitempty"`
+	// file_consistent_only is set when the primary could not take a
+	// crash-consistent cut (writes never paused and no freeze hook helped):
+	// each file is intact, but files may be from different instants.
+	FileConsistentOnly bool `protobuf:"varint,4,opt,name=file_consistent_only,json=fileConsistentOnly,proto3" json:"file_consistent_only,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_tether_proto_msgTypes[3]
+	mi := &file_tether_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -391,7 +504,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[3]
+	mi := &file_tether_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -404,7 +517,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{3}
+	return file_tether_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Commit) GetSeq() uint64 {
@@ -428,6 +541,13 @@ func (x *Commit) GetFull() bool {
 	return false
 }
 
+func (x *Commit) GetFileConsistentOnly() bool {
+	if x != nil {
+		return x.FileConsistentOnly
+	}
+	return false
+}
+
 type StreamAck struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Epoch uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
@@ -440,7 +560,7 @@ type StreamAck struct {
 
 func (x *StreamAck) Reset() {
 	*x = StreamAck{}
-	mi := &file_tether_proto_msgTypes[4]
+	mi := &file_tether_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -452,7 +572,7 @@ func (x *StreamAck) String() string {
 func (*StreamAck) ProtoMessage() {}
 
 func (x *StreamAck) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[4]
+	mi := &file_tether_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -465,7 +585,7 @@ func (x *StreamAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamAck.ProtoReflect.Descriptor instead.
 func (*StreamAck) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{4}
+	return file_tether_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *StreamAck) GetEpoch() uint64 {
@@ -498,7 +618,7 @@ type RenewLeaseRequest struct {
 
 func (x *RenewLeaseRequest) Reset() {
 	*x = RenewLeaseRequest{}
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -510,7 +630,7 @@ func (x *RenewLeaseRequest) String() string {
 func (*RenewLeaseRequest) ProtoMessage() {}
 
 func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -523,7 +643,7 @@ func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RenewLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{5}
+	return file_tether_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RenewLeaseRequest) GetNode() string {
@@ -544,7 +664,7 @@ type RenewLeaseResponse struct {
 
 func (x *RenewLeaseResponse) Reset() {
 	*x = RenewLeaseResponse{}
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -556,7 +676,7 @@ func (x *RenewLeaseResponse) String() string {
 func (*RenewLeaseResponse) ProtoMessage() {}
 
 func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -569,7 +689,7 @@ func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{6}
+	return file_tether_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RenewLeaseResponse) GetIndex() uint64 {
@@ -588,7 +708,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -600,7 +720,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -613,7 +733,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{7}
+	return file_tether_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ApplyRequest) GetCommand() []byte {
@@ -635,7 +755,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -647,7 +767,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -660,7 +780,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{8}
+	return file_tether_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ApplyResponse) GetIndex() uint64 {
@@ -686,7 +806,7 @@ type PrimaryStatusRequest struct {
 
 func (x *PrimaryStatusRequest) Reset() {
 	*x = PrimaryStatusRequest{}
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -698,7 +818,7 @@ func (x *PrimaryStatusRequest) String() string {
 func (*PrimaryStatusRequest) ProtoMessage() {}
 
 func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -711,7 +831,7 @@ func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusRequest.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{9}
+	return file_tether_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PrimaryStatusRequest) GetVolume() string {
@@ -727,14 +847,16 @@ type PrimaryStatusResponse struct {
 	Epoch    uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	Seq      uint64                 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
 	// Docker mounts of the volume on the primary (its volume driver's count).
-	DockerMounts  uint32 `protobuf:"varint,4,opt,name=docker_mounts,json=dockerMounts,proto3" json:"docker_mounts,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	DockerMounts           uint32 `protobuf:"varint,4,opt,name=docker_mounts,json=dockerMounts,proto3" json:"docker_mounts,omitempty"`
+	Cuts                   uint64 `protobuf:"varint,5,opt,name=cuts,proto3" json:"cuts,omitempty"`
+	FileConsistentOnlyCuts uint64 `protobuf:"varint,6,opt,name=file_consistent_only_cuts,json=fileConsistentOnlyCuts,proto3" json:"file_consistent_only_cuts,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *PrimaryStatusResponse) Reset() {
 	*x = PrimaryStatusResponse{}
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -746,7 +868,7 @@ func (x *PrimaryStatusResponse) String() string {
 func (*PrimaryStatusResponse) ProtoMessage() {}
 
 func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -759,7 +881,7 @@ func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusResponse.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{10}
+	return file_tether_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *PrimaryStatusResponse) GetReplicas() []*ReplicaStatus {
@@ -790,6 +912,20 @@ func (x *PrimaryStatusResponse) GetDockerMounts() uint32 {
 	return 0
 }
 
+func (x *PrimaryStatusResponse) GetCuts() uint64 {
+	if x != nil {
+		return x.Cuts
+	}
+	return 0
+}
+
+func (x *PrimaryStatusResponse) GetFileConsistentOnlyCuts() uint64 {
+	if x != nil {
+		return x.FileConsistentOnlyCuts
+	}
+	return 0
+}
+
 type ReplicaStatus struct {
 	state            protoimpl.MessageState `protogen:"open.v1"`
 	Node             string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
@@ -806,7 +942,7 @@ type ReplicaStatus struct {
 
 func (x *ReplicaStatus) Reset() {
 	*x = ReplicaStatus{}
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -818,7 +954,7 @@ func (x *ReplicaStatus) String() string {
 func (*ReplicaStatus) ProtoMessage() {}
 
 func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -831,7 +967,7 @@ func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaStatus.ProtoReflect.Descriptor instead.
 func (*ReplicaStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{11}
+	return file_tether_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ReplicaStatus) GetNode() string {
@@ -892,7 +1028,7 @@ type VolumeUpdateRequest struct {
 
 func (x *VolumeUpdateRequest) Reset() {
 	*x = VolumeUpdateRequest{}
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -904,7 +1040,7 @@ func (x *VolumeUpdateRequest) String() string {
 func (*VolumeUpdateRequest) ProtoMessage() {}
 
 func (x *VolumeUpdateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -917,7 +1053,7 @@ func (x *VolumeUpdateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUpdateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeUpdateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{12}
+	return file_tether_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *VolumeUpdateRequest) GetName() string {
@@ -964,7 +1100,7 @@ type VolumeUpdateResponse struct {
 
 func (x *VolumeUpdateResponse) Reset() {
 	*x = VolumeUpdateResponse{}
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -976,7 +1112,7 @@ func (x *VolumeUpdateResponse) String() string {
 func (*VolumeUpdateResponse) ProtoMessage() {}
 
 func (x *VolumeUpdateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -989,7 +1125,7 @@ func (x *VolumeUpdateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUpdateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeUpdateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{13}
+	return file_tether_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *VolumeUpdateResponse) GetVolume() *Volume {
@@ -1012,7 +1148,7 @@ type VolumePromoteRequest struct {
 
 func (x *VolumePromoteRequest) Reset() {
 	*x = VolumePromoteRequest{}
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1024,7 +1160,7 @@ func (x *VolumePromoteRequest) String() string {
 func (*VolumePromoteRequest) ProtoMessage() {}
 
 func (x *VolumePromoteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1037,7 +1173,7 @@ func (x *VolumePromoteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePromoteRequest.ProtoReflect.Descriptor instead.
 func (*VolumePromoteRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{14}
+	return file_tether_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *VolumePromoteRequest) GetName() string {
@@ -1073,7 +1209,7 @@ type VolumePromoteResponse struct {
 
 func (x *VolumePromoteResponse) Reset() {
 	*x = VolumePromoteResponse{}
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1085,7 +1221,7 @@ func (x *VolumePromoteResponse) String() string {
 func (*VolumePromoteResponse) ProtoMessage() {}
 
 func (x *VolumePromoteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1098,7 +1234,7 @@ func (x *VolumePromoteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePromoteResponse.ProtoReflect.Descriptor instead.
 func (*VolumePromoteResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{15}
+	return file_tether_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *VolumePromoteResponse) GetVolume() *Volume {
@@ -1127,7 +1263,7 @@ type VolumeMoveRequest struct {
 
 func (x *VolumeMoveRequest) Reset() {
 	*x = VolumeMoveRequest{}
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1139,7 +1275,7 @@ func (x *VolumeMoveRequest) String() string {
 func (*VolumeMoveRequest) ProtoMessage() {}
 
 func (x *VolumeMoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1152,7 +1288,7 @@ func (x *VolumeMoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeMoveRequest.ProtoReflect.Descriptor instead.
 func (*VolumeMoveRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{16}
+	return file_tether_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *VolumeMoveRequest) GetName() string {
@@ -1186,7 +1322,7 @@ type VolumeMoveResponse struct {
 
 func (x *VolumeMoveResponse) Reset() {
 	*x = VolumeMoveResponse{}
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1198,7 +1334,7 @@ func (x *VolumeMoveResponse) String() string {
 func (*VolumeMoveResponse) ProtoMessage() {}
 
 func (x *VolumeMoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1211,7 +1347,7 @@ func (x *VolumeMoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeMoveResponse.ProtoReflect.Descriptor instead.
 func (*VolumeMoveResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{17}
+	return file_tether_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *VolumeMoveResponse) GetVolume() *Volume {
@@ -1236,7 +1372,7 @@ type MembersRequest struct {
 
 func (x *MembersRequest) Reset() {
 	*x = MembersRequest{}
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1248,7 +1384,7 @@ func (x *MembersRequest) String() string {
 func (*MembersRequest) ProtoMessage() {}
 
 func (x *MembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1261,7 +1397,7 @@ func (x *MembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersRequest.ProtoReflect.Descriptor instead.
 func (*MembersRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{18}
+	return file_tether_proto_rawDescGZIP(), []int{19}
 }
 
 type Member struct {
@@ -1281,7 +1417,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1293,7 +1429,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1306,7 +1442,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{19}
+	return file_tether_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Member) GetName() string {
@@ -1367,7 +1503,7 @@ type MembersResponse struct {
 
 func (x *MembersResponse) Reset() {
 	*x = MembersResponse{}
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1379,7 +1515,7 @@ func (x *MembersResponse) String() string {
 func (*MembersResponse) ProtoMessage() {}
 
 func (x *MembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1392,7 +1528,7 @@ func (x *MembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersResponse.ProtoReflect.Descriptor instead.
 func (*MembersResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{20}
+	return file_tether_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *MembersResponse) GetMembers() []*Member {
@@ -1410,7 +1546,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1422,7 +1558,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1435,7 +1571,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{21}
+	return file_tether_proto_rawDescGZIP(), []int{22}
 }
 
 type StatusResponse struct {
@@ -1453,15 +1589,18 @@ type StatusResponse struct {
 	LeaseHeld  bool  `protobuf:"varint,9,opt,name=lease_held,json=leaseHeld,proto3" json:"lease_held,omitempty"`
 	LeaseAgeMs int64 `protobuf:"varint,10,opt,name=lease_age_ms,json=leaseAgeMs,proto3" json:"lease_age_ms,omitempty"`
 	// Volumes this node stopped serving as primary because its lease lapsed.
-	Fenced        []*FencedVolume `protobuf:"bytes,11,rep,name=fenced,proto3" json:"fenced,omitempty"`
-	Security      *Security       `protobuf:"bytes,20,opt,name=security,proto3" json:"security,omitempty"`
+	Fenced []*FencedVolume `protobuf:"bytes,11,rep,name=fenced,proto3" json:"fenced,omitempty"`
+	// What this node set aside when it followed a newer epoch of a volume it
+	// had been primary of (never merged, never deleted by tether).
+	Quarantined   []*Quarantine `protobuf:"bytes,12,rep,name=quarantined,proto3" json:"quarantined,omitempty"`
+	Security      *Security     `protobuf:"bytes,20,opt,name=security,proto3" json:"security,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1473,7 +1612,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1486,7 +1625,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{22}
+	return file_tether_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *StatusResponse) GetNode() string {
@@ -1566,11 +1705,94 @@ func (x *StatusResponse) GetFenced() []*FencedVolume {
 	return nil
 }
 
+func (x *StatusResponse) GetQuarantined() []*Quarantine {
+	if x != nil {
+		return x.Quarantined
+	}
+	return nil
+}
+
 func (x *StatusResponse) GetSecurity() *Security {
 	if x != nil {
 		return x.Security
 	}
 	return nil
+}
+
+type Quarantine struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Epoch         uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	TimeUnixNano  int64                  `protobuf:"varint,3,opt,name=time_unix_nano,json=timeUnixNano,proto3" json:"time_unix_nano,omitempty"`
+	Dir           string                 `protobuf:"bytes,4,opt,name=dir,proto3" json:"dir,omitempty"`
+	Files         int64                  `protobuf:"varint,5,opt,name=files,proto3" json:"files,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Quarantine) Reset() {
+	*x = Quarantine{}
+	mi := &file_tether_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Quarantine) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Quarantine) ProtoMessage() {}
+
+func (x *Quarantine) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Quarantine.ProtoReflect.Descriptor instead.
+func (*Quarantine) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *Quarantine) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *Quarantine) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *Quarantine) GetTimeUnixNano() int64 {
+	if x != nil {
+		return x.TimeUnixNano
+	}
+	return 0
+}
+
+func (x *Quarantine) GetDir() string {
+	if x != nil {
+		return x.Dir
+	}
+	return ""
+}
+
+func (x *Quarantine) GetFiles() int64 {
+	if x != nil {
+		return x.Files
+	}
+	return 0
 }
 
 type FencedVolume struct {
@@ -1585,7 +1807,7 @@ type FencedVolume struct {
 
 func (x *FencedVolume) Reset() {
 	*x = FencedVolume{}
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1597,7 +1819,7 @@ func (x *FencedVolume) String() string {
 func (*FencedVolume) ProtoMessage() {}
 
 func (x *FencedVolume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1610,7 +1832,7 @@ func (x *FencedVolume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FencedVolume.ProtoReflect.Descriptor instead.
 func (*FencedVolume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{23}
+	return file_tether_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *FencedVolume) GetName() string {
@@ -1653,7 +1875,7 @@ type Security struct {
 
 func (x *Security) Reset() {
 	*x = Security{}
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1665,7 +1887,7 @@ func (x *Security) String() string {
 func (*Security) ProtoMessage() {}
 
 func (x *Security) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1678,7 +1900,7 @@ func (x *Security) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Security.ProtoReflect.Descriptor instead.
 func (*Security) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{24}
+	return file_tether_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *Security) GetTls() bool {
@@ -1717,7 +1939,7 @@ type VolumeCreateRequest struct {
 
 func (x *VolumeCreateRequest) Reset() {
 	*x = VolumeCreateRequest{}
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1729,7 +1951,7 @@ func (x *VolumeCreateRequest) String() string {
 func (*VolumeCreateRequest) ProtoMessage() {}
 
 func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1742,7 +1964,7 @@ func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeCreateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{25}
+	return file_tether_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *VolumeCreateRequest) GetName() string {
@@ -1782,7 +2004,7 @@ type VolumeCreateResponse struct {
 
 func (x *VolumeCreateResponse) Reset() {
 	*x = VolumeCreateResponse{}
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1794,7 +2016,7 @@ func (x *VolumeCreateResponse) String() string {
 func (*VolumeCreateResponse) ProtoMessage() {}
 
 func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1807,7 +2029,7 @@ func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeCreateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{26}
+	return file_tether_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *VolumeCreateResponse) GetVolume() *Volume {
@@ -1825,7 +2047,7 @@ type VolumeListRequest struct {
 
 func (x *VolumeListRequest) Reset() {
 	*x = VolumeListRequest{}
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1837,7 +2059,7 @@ func (x *VolumeListRequest) String() string {
 func (*VolumeListRequest) ProtoMessage() {}
 
 func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1850,7 +2072,7 @@ func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListRequest.ProtoReflect.Descriptor instead.
 func (*VolumeListRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{27}
+	return file_tether_proto_rawDescGZIP(), []int{29}
 }
 
 type VolumeListResponse struct {
@@ -1862,7 +2084,7 @@ type VolumeListResponse struct {
 
 func (x *VolumeListResponse) Reset() {
 	*x = VolumeListResponse{}
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1874,7 +2096,7 @@ func (x *VolumeListResponse) String() string {
 func (*VolumeListResponse) ProtoMessage() {}
 
 func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1887,7 +2109,7 @@ func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListResponse.ProtoReflect.Descriptor instead.
 func (*VolumeListResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{28}
+	return file_tether_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *VolumeListResponse) GetVolumes() []*Volume {
@@ -1906,7 +2128,7 @@ type VolumeInspectRequest struct {
 
 func (x *VolumeInspectRequest) Reset() {
 	*x = VolumeInspectRequest{}
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1918,7 +2140,7 @@ func (x *VolumeInspectRequest) String() string {
 func (*VolumeInspectRequest) ProtoMessage() {}
 
 func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1931,7 +2153,7 @@ func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectRequest.ProtoReflect.Descriptor instead.
 func (*VolumeInspectRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{29}
+	return file_tether_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *VolumeInspectRequest) GetName() string {
@@ -1951,7 +2173,7 @@ type VolumeInspectResponse struct {
 
 func (x *VolumeInspectResponse) Reset() {
 	*x = VolumeInspectResponse{}
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1963,7 +2185,7 @@ func (x *VolumeInspectResponse) String() string {
 func (*VolumeInspectResponse) ProtoMessage() {}
 
 func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1976,7 +2198,7 @@ func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectResponse.ProtoReflect.Descriptor instead.
 func (*VolumeInspectResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{30}
+	return file_tether_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *VolumeInspectResponse) GetVolume() *Volume {
@@ -2022,7 +2244,7 @@ type Volume struct {
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_tether_proto_msgTypes[31]
+	mi := &file_tether_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2034,7 +2256,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[31]
+	mi := &file_tether_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2047,7 +2269,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{31}
+	return file_tether_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *Volume) GetName() string {
@@ -2160,7 +2382,7 @@ type ReplicaProgress struct {
 
 func (x *ReplicaProgress) Reset() {
 	*x = ReplicaProgress{}
-	mi := &file_tether_proto_msgTypes[32]
+	mi := &file_tether_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2172,7 +2394,7 @@ func (x *ReplicaProgress) String() string {
 func (*ReplicaProgress) ProtoMessage() {}
 
 func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[32]
+	mi := &file_tether_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2185,7 +2407,7 @@ func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaProgress.ProtoReflect.Descriptor instead.
 func (*ReplicaProgress) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{32}
+	return file_tether_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *ReplicaProgress) GetNode() string {
@@ -2224,14 +2446,18 @@ type VolumeStatus struct {
 	Seq      uint64                 `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
 	Replicas []*ReplicaStatus       `protobuf:"bytes,4,rep,name=replicas,proto3" json:"replicas,omitempty"`
 	// Empty when the primary answered; otherwise why there is no live view.
-	Error         string `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Error string `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	// Cuts taken in this epoch, and how many of them were consistent file by
+	// file only (writers never paused long enough for a point-in-time cut).
+	Cuts                   uint64 `protobuf:"varint,6,opt,name=cuts,proto3" json:"cuts,omitempty"`
+	FileConsistentOnlyCuts uint64 `protobuf:"varint,7,opt,name=file_consistent_only_cuts,json=fileConsistentOnlyCuts,proto3" json:"file_consistent_only_cuts,omitempty"`
+	unknownFields          protoimpl.UnknownFields
+	sizeCache              protoimpl.SizeCache
 }
 
 func (x *VolumeStatus) Reset() {
 	*x = VolumeStatus{}
-	mi := &file_tether_proto_msgTypes[33]
+	mi := &file_tether_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2243,7 +2469,7 @@ func (x *VolumeStatus) String() string {
 func (*VolumeStatus) ProtoMessage() {}
 
 func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[33]
+	mi := &file_tether_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2256,7 +2482,7 @@ func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
 func (*VolumeStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{33}
+	return file_tether_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *VolumeStatus) GetName() string {
@@ -2294,6 +2520,20 @@ func (x *VolumeStatus) GetError() string {
 	return ""
 }
 
+func (x *VolumeStatus) GetCuts() uint64 {
+	if x != nil {
+		return x.Cuts
+	}
+	return 0
+}
+
+func (x *VolumeStatus) GetFileConsistentOnlyCuts() uint64 {
+	if x != nil {
+		return x.FileConsistentOnlyCuts
+	}
+	return 0
+}
+
 type VolumeRemoveRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -2303,7 +2543,7 @@ type VolumeRemoveRequest struct {
 
 func (x *VolumeRemoveRequest) Reset() {
 	*x = VolumeRemoveRequest{}
-	mi := &file_tether_proto_msgTypes[34]
+	mi := &file_tether_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2315,7 +2555,7 @@ func (x *VolumeRemoveRequest) String() string {
 func (*VolumeRemoveRequest) ProtoMessage() {}
 
 func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[34]
+	mi := &file_tether_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2328,7 +2568,7 @@ func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveRequest.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{34}
+	return file_tether_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *VolumeRemoveRequest) GetName() string {
@@ -2347,7 +2587,7 @@ type VolumeRemoveResponse struct {
 
 func (x *VolumeRemoveResponse) Reset() {
 	*x = VolumeRemoveResponse{}
-	mi := &file_tether_proto_msgTypes[35]
+	mi := &file_tether_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2359,7 +2599,7 @@ func (x *VolumeRemoveResponse) String() string {
 func (*VolumeRemoveResponse) ProtoMessage() {}
 
 func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[35]
+	mi := &file_tether_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2372,7 +2612,7 @@ func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveResponse.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{35}
+	return file_tether_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *VolumeRemoveResponse) GetVolume() *Volume {
@@ -2391,7 +2631,7 @@ type VolumeUndeleteRequest struct {
 
 func (x *VolumeUndeleteRequest) Reset() {
 	*x = VolumeUndeleteRequest{}
-	mi := &file_tether_proto_msgTypes[36]
+	mi := &file_tether_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2403,7 +2643,7 @@ func (x *VolumeUndeleteRequest) String() string {
 func (*VolumeUndeleteRequest) ProtoMessage() {}
 
 func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[36]
+	mi := &file_tether_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2416,7 +2656,7 @@ func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteRequest.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{36}
+	return file_tether_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *VolumeUndeleteRequest) GetName() string {
@@ -2435,7 +2675,7 @@ type VolumeUndeleteResponse struct {
 
 func (x *VolumeUndeleteResponse) Reset() {
 	*x = VolumeUndeleteResponse{}
-	mi := &file_tether_proto_msgTypes[37]
+	mi := &file_tether_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2447,7 +2687,7 @@ func (x *VolumeUndeleteResponse) String() string {
 func (*VolumeUndeleteResponse) ProtoMessage() {}
 
 func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[37]
+	mi := &file_tether_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2460,7 +2700,7 @@ func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteResponse.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{37}
+	return file_tether_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *VolumeUndeleteResponse) GetVolume() *Volume {
@@ -2479,7 +2719,7 @@ type VolumePurgeRequest struct {
 
 func (x *VolumePurgeRequest) Reset() {
 	*x = VolumePurgeRequest{}
-	mi := &file_tether_proto_msgTypes[38]
+	mi := &file_tether_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2491,7 +2731,7 @@ func (x *VolumePurgeRequest) String() string {
 func (*VolumePurgeRequest) ProtoMessage() {}
 
 func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[38]
+	mi := &file_tether_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2504,7 +2744,7 @@ func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeRequest.ProtoReflect.Descriptor instead.
 func (*VolumePurgeRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{38}
+	return file_tether_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *VolumePurgeRequest) GetName() string {
@@ -2522,7 +2762,7 @@ type VolumePurgeResponse struct {
 
 func (x *VolumePurgeResponse) Reset() {
 	*x = VolumePurgeResponse{}
-	mi := &file_tether_proto_msgTypes[39]
+	mi := &file_tether_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2534,7 +2774,7 @@ func (x *VolumePurgeResponse) String() string {
 func (*VolumePurgeResponse) ProtoMessage() {}
 
 func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[39]
+	mi := &file_tether_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2547,7 +2787,7 @@ func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeResponse.ProtoReflect.Descriptor instead.
 func (*VolumePurgeResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{39}
+	return file_tether_proto_rawDescGZIP(), []int{41}
 }
 
 var File_tether_proto protoreflect.FileDescriptor
@@ -2563,7 +2803,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x05Hello\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12!\n" +
-	"\fprimary_node\x18\x03 \x01(\tR\vprimaryNode\"\xf1\x02\n" +
+	"\fprimary_node\x18\x03 \x01(\tR\vprimaryNode\"\x97\x04\n" +
 	"\x06FileOp\x12*\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x16.tether.v1.FileOp.KindR\x04kind\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\fR\x04path\x12\x19\n" +
@@ -2574,7 +2814,14 @@ const file_tether_proto_rawDesc = "" +
 	"\x04more\x18\a \x01(\bR\x04more\x12&\n" +
 	"\x0fmtime_unix_nano\x18\b \x01(\x03R\rmtimeUnixNano\x12\x1f\n" +
 	"\vlink_target\x18\t \x01(\fR\n" +
-	"linkTarget\"o\n" +
+	"linkTarget\x12\x10\n" +
+	"\x03uid\x18\n" +
+	" \x01(\rR\x03uid\x12\x10\n" +
+	"\x03gid\x18\v \x01(\rR\x03gid\x12(\n" +
+	"\x06xattrs\x18\f \x03(\v2\x10.tether.v1.XattrR\x06xattrs\x12\x12\n" +
+	"\x04size\x18\r \x01(\x04R\x04size\x12\x1f\n" +
+	"\vhardlink_to\x18\x0e \x01(\fR\n" +
+	"hardlinkTo\"\x91\x01\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n" +
 	"\n" +
@@ -2582,11 +2829,17 @@ const file_tether_proto_rawDesc = "" +
 	"\tKIND_FILE\x10\x02\x12\x10\n" +
 	"\fKIND_SYMLINK\x10\x03\x12\x0f\n" +
 	"\vKIND_DELETE\x10\x04\x12\x0f\n" +
-	"\vKIND_RENAME\x10\x05\"R\n" +
+	"\vKIND_RENAME\x10\x05\x12\r\n" +
+	"\tKIND_FIFO\x10\x06\x12\x11\n" +
+	"\rKIND_HARDLINK\x10\a\"1\n" +
+	"\x05Xattr\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\fR\x04name\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\fR\x05value\"\x84\x01\n" +
 	"\x06Commit\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\"\n" +
 	"\rcut_unix_nano\x18\x02 \x01(\x03R\vcutUnixNano\x12\x12\n" +
-	"\x04full\x18\x03 \x01(\bR\x04full\"W\n" +
+	"\x04full\x18\x03 \x01(\bR\x04full\x120\n" +
+	"\x14file_consistent_only\x18\x04 \x01(\bR\x12fileConsistentOnly\"W\n" +
 	"\tStreamAck\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\"\n" +
@@ -2601,12 +2854,14 @@ const file_tether_proto_rawDesc = "" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\".\n" +
 	"\x14PrimaryStatusRequest\x12\x16\n" +
-	"\x06volume\x18\x01 \x01(\tR\x06volume\"\x9a\x01\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\"\xe9\x01\n" +
 	"\x15PrimaryStatusResponse\x124\n" +
 	"\breplicas\x18\x01 \x03(\v2\x18.tether.v1.ReplicaStatusR\breplicas\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x04R\x03seq\x12#\n" +
-	"\rdocker_mounts\x18\x04 \x01(\rR\fdockerMounts\"\xba\x01\n" +
+	"\rdocker_mounts\x18\x04 \x01(\rR\fdockerMounts\x12\x12\n" +
+	"\x04cuts\x18\x05 \x01(\x04R\x04cuts\x129\n" +
+	"\x19file_consistent_only_cuts\x18\x06 \x01(\x04R\x16fileConsistentOnlyCuts\"\xba\x01\n" +
 	"\rReplicaStatus\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1c\n" +
 	"\tconnected\x18\x02 \x01(\bR\tconnected\x12\x1b\n" +
@@ -2657,7 +2912,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\">\n" +
 	"\x0fMembersResponse\x12+\n" +
 	"\amembers\x18\x01 \x03(\v2\x11.tether.v1.MemberR\amembers\"\x0f\n" +
-	"\rStatusRequest\"\xb2\x03\n" +
+	"\rStatusRequest\"\xeb\x03\n" +
 	"\x0eStatusResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\x16\n" +
@@ -2675,8 +2930,16 @@ const file_tether_proto_rawDesc = "" +
 	"\flease_age_ms\x18\n" +
 	" \x01(\x03R\n" +
 	"leaseAgeMs\x12/\n" +
-	"\x06fenced\x18\v \x03(\v2\x17.tether.v1.FencedVolumeR\x06fenced\x12/\n" +
-	"\bsecurity\x18\x14 \x01(\v2\x13.tether.v1.SecurityR\bsecurity\"x\n" +
+	"\x06fenced\x18\v \x03(\v2\x17.tether.v1.FencedVolumeR\x06fenced\x127\n" +
+	"\vquarantined\x18\f \x03(\v2\x15.tether.v1.QuarantineR\vquarantined\x12/\n" +
+	"\bsecurity\x18\x14 \x01(\v2\x13.tether.v1.SecurityR\bsecurity\"\x88\x01\n" +
+	"\n" +
+	"Quarantine\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12$\n" +
+	"\x0etime_unix_nano\x18\x03 \x01(\x03R\ftimeUnixNano\x12\x10\n" +
+	"\x03dir\x18\x04 \x01(\tR\x03dir\x12\x14\n" +
+	"\x05files\x18\x05 \x01(\x03R\x05files\"x\n" +
 	"\fFencedVolume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12&\n" +
@@ -2730,13 +2993,15 @@ const file_tether_proto_rawDesc = "" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x04R\x03seq\x12\"\n" +
-	"\rcut_unix_nano\x18\x04 \x01(\x03R\vcutUnixNano\"\x96\x01\n" +
+	"\rcut_unix_nano\x18\x04 \x01(\x03R\vcutUnixNano\"\xe5\x01\n" +
 	"\fVolumeStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x04R\x03seq\x124\n" +
 	"\breplicas\x18\x04 \x03(\v2\x18.tether.v1.ReplicaStatusR\breplicas\x12\x14\n" +
-	"\x05error\x18\x05 \x01(\tR\x05error\")\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\x12\x12\n" +
+	"\x04cuts\x18\x06 \x01(\x04R\x04cuts\x129\n" +
+	"\x19file_consistent_only_cuts\x18\a \x01(\x04R\x16fileConsistentOnlyCuts\")\n" +
 	"\x13VolumeRemoveRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"A\n" +
 	"\x14VolumeRemoveResponse\x12)\n" +
@@ -2785,118 +3050,122 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 44)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
 var file_tether_proto_goTypes = []any{
 	(FileOp_Kind)(0),               // 0: tether.v1.FileOp.Kind
 	(*StreamRequest)(nil),          // 1: tether.v1.StreamRequest
 	(*Hello)(nil),                  // 2: tether.v1.Hello
 	(*FileOp)(nil),                 // 3: tether.v1.FileOp
-	(*Commit)(nil),                 // 4: tether.v1.Commit
-	(*StreamAck)(nil),              // 5: tether.v1.StreamAck
-	(*RenewLeaseRequest)(nil),      // 6: tether.v1.RenewLeaseRequest
-	(*RenewLeaseResponse)(nil),     // 7: tether.v1.RenewLeaseResponse
-	(*ApplyRequest)(nil),           // 8: tether.v1.ApplyRequest
-	(*ApplyResponse)(nil),          // 9: tether.v1.ApplyResponse
-	(*PrimaryStatusRequest)(nil),   // 10: tether.v1.PrimaryStatusRequest
-	(*PrimaryStatusResponse)(nil),  // 11: tether.v1.PrimaryStatusResponse
-	(*ReplicaStatus)(nil),          // 12: tether.v1.ReplicaStatus
-	(*VolumeUpdateRequest)(nil),    // 13: tether.v1.VolumeUpdateRequest
-	(*VolumeUpdateResponse)(nil),   // 14: tether.v1.VolumeUpdateResponse
-	(*VolumePromoteRequest)(nil),   // 15: tether.v1.VolumePromoteRequest
-	(*VolumePromoteResponse)(nil),  // 16: tether.v1.VolumePromoteResponse
-	(*VolumeMoveRequest)(nil),      // 17: tether.v1.VolumeMoveRequest
-	(*VolumeMoveResponse)(nil),     // 18: tether.v1.VolumeMoveResponse
-	(*MembersRequest)(nil),         // 19: tether.v1.MembersRequest
-	(*Member)(nil),                 // 20: tether.v1.Member
-	(*MembersResponse)(nil),        // 21: tether.v1.MembersResponse
-	(*StatusRequest)(nil),          // 22: tether.v1.StatusRequest
-	(*StatusResponse)(nil),         // 23: tether.v1.StatusResponse
-	(*FencedVolume)(nil),           // 24: tether.v1.FencedVolume
-	(*Security)(nil),               // 25: tether.v1.Security
-	(*VolumeCreateRequest)(nil),    // 26: tether.v1.VolumeCreateRequest
-	(*VolumeCreateResponse)(nil),   // 27: tether.v1.VolumeCreateResponse
-	(*VolumeListRequest)(nil),      // 28: tether.v1.VolumeListRequest
-	(*VolumeListResponse)(nil),     // 29: tether.v1.VolumeListResponse
-	(*VolumeInspectRequest)(nil),   // 30: tether.v1.VolumeInspectRequest
-	(*VolumeInspectResponse)(nil),  // 31: tether.v1.VolumeInspectResponse
-	(*Volume)(nil),                 // 32: tether.v1.Volume
-	(*ReplicaProgress)(nil),        // 33: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),           // 34: tether.v1.VolumeStatus
-	(*VolumeRemoveRequest)(nil),    // 35: tether.v1.VolumeRemoveRequest
-	(*VolumeRemoveResponse)(nil),   // 36: tether.v1.VolumeRemoveResponse
-	(*VolumeUndeleteRequest)(nil),  // 37: tether.v1.VolumeUndeleteRequest
-	(*VolumeUndeleteResponse)(nil), // 38: tether.v1.VolumeUndeleteResponse
-	(*VolumePurgeRequest)(nil),     // 39: tether.v1.VolumePurgeRequest
-	(*VolumePurgeResponse)(nil),    // 40: tether.v1.VolumePurgeResponse
-	nil,                            // 41: tether.v1.VolumeUpdateRequest.PlacementEntry
-	nil,                            // 42: tether.v1.Member.LabelsEntry
-	nil,                            // 43: tether.v1.VolumeCreateRequest.PlacementEntry
-	nil,                            // 44: tether.v1.Volume.PlacementEntry
+	(*Xattr)(nil),                  // 4: tether.v1.Xattr
+	(*Commit)(nil),                 // 5: tether.v1.Commit
+	(*StreamAck)(nil),              // 6: tether.v1.StreamAck
+	(*RenewLeaseRequest)(nil),      // 7: tether.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),     // 8: tether.v1.RenewLeaseResponse
+	(*ApplyRequest)(nil),           // 9: tether.v1.ApplyRequest
+	(*ApplyResponse)(nil),          // 10: tether.v1.ApplyResponse
+	(*PrimaryStatusRequest)(nil),   // 11: tether.v1.PrimaryStatusRequest
+	(*PrimaryStatusResponse)(nil),  // 12: tether.v1.PrimaryStatusResponse
+	(*ReplicaStatus)(nil),          // 13: tether.v1.ReplicaStatus
+	(*VolumeUpdateRequest)(nil),    // 14: tether.v1.VolumeUpdateRequest
+	(*VolumeUpdateResponse)(nil),   // 15: tether.v1.VolumeUpdateResponse
+	(*VolumePromoteRequest)(nil),   // 16: tether.v1.VolumePromoteRequest
+	(*VolumePromoteResponse)(nil),  // 17: tether.v1.VolumePromoteResponse
+	(*VolumeMoveRequest)(nil),      // 18: tether.v1.VolumeMoveRequest
+	(*VolumeMoveResponse)(nil),     // 19: tether.v1.VolumeMoveResponse
+	(*MembersRequest)(nil),         // 20: tether.v1.MembersRequest
+	(*Member)(nil),                 // 21: tether.v1.Member
+	(*MembersResponse)(nil),        // 22: tether.v1.MembersResponse
+	(*StatusRequest)(nil),          // 23: tether.v1.StatusRequest
+	(*StatusResponse)(nil),         // 24: tether.v1.StatusResponse
+	(*Quarantine)(nil),             // 25: tether.v1.Quarantine
+	(*FencedVolume)(nil),           // 26: tether.v1.FencedVolume
+	(*Security)(nil),               // 27: tether.v1.Security
+	(*VolumeCreateRequest)(nil),    // 28: tether.v1.VolumeCreateRequest
+	(*VolumeCreateResponse)(nil),   // 29: tether.v1.VolumeCreateResponse
+	(*VolumeListRequest)(nil),      // 30: tether.v1.VolumeListRequest
+	(*VolumeListResponse)(nil),     // 31: tether.v1.VolumeListResponse
+	(*VolumeInspectRequest)(nil),   // 32: tether.v1.VolumeInspectRequest
+	(*VolumeInspectResponse)(nil),  // 33: tether.v1.VolumeInspectResponse
+	(*Volume)(nil),                 // 34: tether.v1.Volume
+	(*ReplicaProgress)(nil),        // 35: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),           // 36: tether.v1.VolumeStatus
+	(*VolumeRemoveRequest)(nil),    // 37: tether.v1.VolumeRemoveRequest
+	(*VolumeRemoveResponse)(nil),   // 38: tether.v1.VolumeRemoveResponse
+	(*VolumeUndeleteRequest)(nil),  // 39: tether.v1.VolumeUndeleteRequest
+	(*VolumeUndeleteResponse)(nil), // 40: tether.v1.VolumeUndeleteResponse
+	(*VolumePurgeRequest)(nil),     // 41: tether.v1.VolumePurgeRequest
+	(*VolumePurgeResponse)(nil),    // 42: tether.v1.VolumePurgeResponse
+	nil,                            // 43: tether.v1.VolumeUpdateRequest.PlacementEntry
+	nil,                            // 44: tether.v1.Member.LabelsEntry
+	nil,                            // 45: tether.v1.VolumeCreateRequest.PlacementEntry
+	nil,                            // 46: tether.v1.Volume.PlacementEntry
 }
 var file_tether_proto_depIdxs = []int32{
 	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
 	3,  // 1: tether.v1.StreamRequest.op:type_name -> tether.v1.FileOp
-	4,  // 2: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
+	5,  // 2: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
 	0,  // 3: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
-	12, // 4: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
-	41, // 5: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
-	32, // 6: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
-	32, // 7: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
-	32, // 8: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
-	42, // 9: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
-	20, // 10: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
-	34, // 11: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
-	24, // 12: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
-	25, // 13: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
-	43, // 14: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
-	32, // 15: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
-	32, // 16: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
-	32, // 17: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
-	34, // 18: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
-	33, // 19: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	44, // 20: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
-	12, // 21: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	32, // 22: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
-	32, // 23: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
-	1,  // 24: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	8,  // 25: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	10, // 26: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	6,  // 27: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
-	15, // 28: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
-	17, // 29: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
-	19, // 30: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	22, // 31: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	26, // 32: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	28, // 33: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	30, // 34: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	35, // 35: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
-	37, // 36: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
-	39, // 37: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
-	15, // 38: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
-	17, // 39: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
-	13, // 40: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
-	5,  // 41: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	9,  // 42: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	11, // 43: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	7,  // 44: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
-	16, // 45: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
-	18, // 46: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
-	21, // 47: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	23, // 48: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	27, // 49: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	29, // 50: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	31, // 51: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	36, // 52: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
-	38, // 53: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
-	40, // 54: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
-	16, // 55: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
-	18, // 56: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
-	14, // 57: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
-	41, // [41:58] is the sub-list for method output_type
-	24, // [24:41] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	4,  // 4: tether.v1.FileOp.xattrs:type_name -> tether.v1.Xattr
+	13, // 5: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
+	43, // 6: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
+	34, // 7: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
+	34, // 8: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
+	34, // 9: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
+	44, // 10: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
+	21, // 11: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
+	36, // 12: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
+	26, // 13: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
+	25, // 14: tether.v1.StatusResponse.quarantined:type_name -> tether.v1.Quarantine
+	27, // 15: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
+	45, // 16: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
+	34, // 17: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
+	34, // 18: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
+	34, // 19: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
+	36, // 20: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
+	35, // 21: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
+	46, // 22: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
+	13, // 23: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
+	34, // 24: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
+	34, // 25: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
+	1,  // 26: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	9,  // 27: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	11, // 28: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	7,  // 29: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
+	16, // 30: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
+	18, // 31: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
+	20, // 32: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	23, // 33: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	28, // 34: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	30, // 35: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	32, // 36: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	37, // 37: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
+	39, // 38: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
+	41, // 39: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
+	16, // 40: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
+	18, // 41: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
+	14, // 42: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
+	6,  // 43: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	10, // 44: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	12, // 45: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	8,  // 46: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
+	17, // 47: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
+	19, // 48: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
+	22, // 49: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	24, // 50: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	29, // 51: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	31, // 52: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	33, // 53: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	38, // 54: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
+	40, // 55: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
+	42, // 56: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
+	17, // 57: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
+	19, // 58: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
+	15, // 59: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
+	43, // [43:60] is the sub-list for method output_type
+	26, // [26:43] is the sub-list for method input_type
+	26, // [26:26] is the sub-list for extension type_name
+	26, // [26:26] is the sub-list for extension extendee
+	0,  // [0:26] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -2909,14 +3178,14 @@ func file_tether_proto_init() {
 		(*StreamRequest_Op)(nil),
 		(*StreamRequest_Commit)(nil),
 	}
-	file_tether_proto_msgTypes[12].OneofWrappers = []any{}
+	file_tether_proto_msgTypes[13].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   44,
+			NumMessages:   46,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

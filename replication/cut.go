@@ -1,0 +1,303 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+)
+
+// Freezer pauses every writer of a volume (for instance its containers,
+// through the cgroup freezer) so that the primary can take a consistent cut
+// of a volume that never goes quiet. Freeze returns once the writers are
+// paused; thaw resumes them and must be called exactly once.
+type Freezer interface {
+	Freeze(ctx context.Context) (thaw func(), err error)
+}
+
+// barrierTimeout bounds the wait for a barrier's own event.
+const barrierTimeout = 10 * time.Second
+
+// cutLoop takes cuts while the primary runs: after changes arrive it waits
+// for the debounce, for room (no connected replica too far behind), then
+// takes one cut and publishes it to every sender.
+func (p *Primary) cutLoop(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-p.ch.wake:
+		}
+		if ok, _ := p.ch.pending(); !ok {
+			continue
+		}
+		if !sleepCtx(ctx, p.cfg.Debounce) || !p.waitRoom(ctx) {
+			return
+		}
+		b, err := p.takeCut(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			// The changes taken are lost to this cut: send the whole tree.
+			p.log.Error("taking a cut of the volume failed; retrying with the whole tree", "err", err)
+			p.cuttingFull.Store(false)
+			p.ch.requireFull()
+			if !sleepCtx(ctx, retryMax) {
+				return
+			}
+			continue
+		}
+		p.publish(b)
+		p.cuttingFull.Store(false)
+		p.acked() // trims what no replica needs
+	}
+}
+
+// sleepCtx waits d or until ctx ends; it reports whether ctx is still live.
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+// takeCut reads the pending changes into a spool until the reading is
+// consistent (see DESIGN.md, "Consistent cuts"): after each round a barrier
+// tells whether any event of the volume arrived since the round took its
+// changes; if one did, the paths of the new events are read again. After
+// MaxRounds, the Freezer (if any) pauses the writers for one last round;
+// failing that, the batch is marked file-consistent only.
+func (p *Primary) takeCut(ctx context.Context) (*cutBatch, error) {
+	sp, err := newSpool(filepath.Join(p.cfg.Paths.State, spoolDir))
+	if err != nil {
+		return nil, err
+	}
+	c := &cutRound{p: p, sp: sp}
+	b, err := c.run(ctx)
+	if err != nil {
+		sp.close()
+		return nil, err
+	}
+	return b, nil
+}
+
+// cutRound is the state of one cut being taken.
+type cutRound struct {
+	p     *Primary
+	sp    *spool
+	pl    *plan
+	full  bool
+	lost  bool            // events were lost: no delta view of a full cut
+	dirty map[string]bool // every dirty path taken by this cut
+	since time.Time
+	gen   uint64 // event count when the last changes were taken
+}
+
+// take takes the pending changes into the plan.
+func (c *cutRound) take() error {
+	t := c.p.ch.take()
+	c.gen = t.gen
+	c.since = oldest(c.since, t.dirty.since)
+	c.lost = c.lost || t.lost
+	if c.dirty == nil {
+		c.dirty = map[string]bool{}
+	}
+	for rel, sub := range t.dirty.paths {
+		c.dirty[rel] = c.dirty[rel] || sub
+	}
+	var err error
+	switch {
+	case t.full:
+		c.full = true
+		c.p.cuttingFull.Store(true)
+		c.pl, err = fullPlan(c.p.root)
+	case c.pl == nil:
+		c.pl, err = dirtyPlan(c.p.root, t.dirty.paths)
+	default:
+		err = c.pl.update(c.p.root, t.dirty.paths)
+	}
+	return err
+}
+
+func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
+	p := c.p
+	if err := c.take(); err != nil {
+		return nil, err
+	}
+	consistent := false
+	var at time.Time
+	for round := 1; ; round++ {
+		if err := c.sp.read(p.root, c.pl, p.warn); err != nil {
+			return nil, err
+		}
+		gen, t, err := p.barrier(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if gen == c.gen {
+			consistent, at = true, t
+			break
+		}
+		if round >= p.cfg.MaxRounds {
+			break
+		}
+		if err := c.take(); err != nil {
+			return nil, err
+		}
+	}
+	if !consistent {
+		var err error
+		consistent, at, err = c.frozen(ctx)
+		if err != nil {
+			return nil, err
+		}
+	}
+	if !consistent {
+		at = time.Now()
+		p.fileOnlyCuts.Add(1)
+		p.log.Warn("the volume kept changing while a cut was read: this batch is file-consistent only (each file intact, not one instant); configure a freeze hook for volumes that never go quiet",
+			"rounds", p.cfg.MaxRounds)
+	}
+	for _, rel := range c.pl.skipped {
+		p.warn.warn("skip:"+rel, "not replicating a device or socket", "path", rel)
+	}
+	p.cuts.Add(1)
+	b := &cutBatch{seq: p.nextSeq(), full: c.full, cut: at, fileOnly: !consistent, since: c.since,
+		sp: c.sp, items: c.sp.items(c.pl)}
+	if c.full {
+		p.fullCuts.Add(1)
+		if !c.lost {
+			// Replicas that follow get only what changed since the last cut.
+			b.delta = c.sp.items(deltaOf(c.pl, c.dirty))
+		}
+	}
+	return b, nil
+}
+
+// deltaOf is the part of a full plan that a replica at the previous cut
+// needs: the dirty paths (with the subtrees of those sent whole), DELETEs
+// for dirty paths the tree no longer has, and every name of a hard-linked
+// file among them.
+func deltaOf(full *plan, dirty map[string]bool) *plan {
+	d := newPlan()
+	for rel, sub := range dirty {
+		if fi, ok := full.dirs[rel]; ok {
+			d.dirs[rel] = fi
+			if sub && rel != rootPath {
+				d.del(rel)
+				for _, m := range []struct{ from, to map[string]fs.FileInfo }{{full.dirs, d.dirs}, {full.others, d.others}} {
+					for r, fi := range m.from {
+						if isUnder(r, rel) {
+							m.to[r] = fi
+						}
+					}
+				}
+			}
+			continue
+		}
+		if fi, ok := full.others[rel]; ok {
+			d.others[rel] = fi
+			continue
+		}
+		if rel != rootPath {
+			d.del(rel)
+		}
+	}
+	linked := map[inodeKey]bool{}
+	for _, fi := range d.others {
+		if k, n := inodeOf(fi); fi.Mode().IsRegular() && n > 1 {
+			linked[k] = true
+		}
+	}
+	for r, fi := range full.others {
+		if k, _ := inodeOf(fi); fi.Mode().IsRegular() && linked[k] {
+			d.others[r] = fi
+		}
+	}
+	return d
+}
+
+// frozen runs one more round with the volume's writers paused, bounded by
+// MaxFreeze. It reports false when there is no Freezer or it failed.
+func (c *cutRound) frozen(ctx context.Context) (bool, time.Time, error) {
+	p := c.p
+	if p.cfg.Freezer == nil {
+		return false, time.Time{}, nil
+	}
+	fctx, cancel := context.WithTimeout(ctx, p.cfg.MaxFreeze)
+	defer cancel()
+	start := time.Now()
+	thaw, err := p.cfg.Freezer.Freeze(fctx)
+	if err != nil {
+		p.log.Warn("freezing the volume's writers failed", "err", err)
+		return false, time.Time{}, nil
+	}
+	ok, at, err := c.frozenRound(fctx)
+	thaw()
+	p.log.Debug("froze the volume's writers for a cut", "took", time.Since(start), "consistent", ok)
+	if ctx.Err() != nil {
+		return false, time.Time{}, ctx.Err()
+	}
+	if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		return false, time.Time{}, err
+	}
+	return ok, at, nil
+}
+
+// frozenRound drains the events of writes done before the freeze, takes
+// them, reads them and checks with a second barrier.
+func (c *cutRound) frozenRound(ctx context.Context) (bool, time.Time, error) {
+	if _, _, err := c.p.barrier(ctx); err != nil {
+		return false, time.Time{}, err
+	}
+	if err := c.take(); err != nil {
+		return false, time.Time{}, err
+	}
+	if err := c.sp.read(c.p.root, c.pl, c.p.warn); err != nil {
+		return false, time.Time{}, err
+	}
+	gen, at, err := c.p.barrier(ctx)
+	if err != nil {
+		return false, time.Time{}, err
+	}
+	return gen == c.gen && ctx.Err() == nil, at, nil
+}
+
+// barrier creates a fresh sentinel in the barrier directory (watched by the
+// volume's inotify instance) and waits for its create event. It returns the
+// volume's event count at that event and when the sentinel was created:
+// every write that completed before then has had its event counted.
+func (p *Primary) barrier(ctx context.Context) (uint64, time.Time, error) {
+	name := "b-" + strconv.FormatUint(p.barrierN.Add(1), 10)
+	ch := p.ch.expect(name)
+	path := filepath.Join(p.barrierDir, name)
+	at := time.Now()
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		p.ch.forget(name)
+		return 0, at, fmt.Errorf("create cut barrier: %w", err)
+	}
+	_ = f.Close()
+	defer os.Remove(path)
+	t := time.NewTimer(barrierTimeout)
+	defer t.Stop()
+	select {
+	case gen := <-ch:
+		return gen, at, nil
+	case <-ctx.Done():
+		p.ch.forget(name)
+		return 0, at, ctx.Err()
+	case <-t.C:
+		p.ch.forget(name)
+		return 0, at, fmt.Errorf("the event of cut barrier %s did not arrive within %s", path, barrierTimeout)
+	}
+}

@@ -1,0 +1,227 @@
+package replication
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"slices"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/tether-io/tether/proto/tetherpb"
+)
+
+// spool holds what a cut read from the volume: small ops in memory, file
+// contents (as encoded FILE ops) in an unlinked temporary file in the
+// primary's state directory. A path read again in a later round of the cut
+// replaces its earlier reading.
+type spool struct {
+	f     *os.File
+	end   int64
+	small map[string][]*tetherpb.FileOp // directories, symlinks, fifos
+	files map[string]fileRead
+}
+
+// fileRead locates a file's encoded ops in the spool file.
+type fileRead struct {
+	off, n int64
+	key    inodeKey
+	nlink  uint64
+}
+
+func newSpool(dir string) (*spool, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create spool directory: %w", err)
+	}
+	f, err := os.CreateTemp(dir, "cut-*")
+	if err != nil {
+		return nil, fmt.Errorf("create spool: %w", err)
+	}
+	_ = os.Remove(f.Name()) // lives as long as the open file
+	return &spool{f: f, small: map[string][]*tetherpb.FileOp{}, files: map[string]fileRead{}}, nil
+}
+
+func (s *spool) close() { _ = s.f.Close() }
+
+// write appends one op to the spool file, length-prefixed.
+func (s *spool) write(m *tetherpb.StreamRequest) error {
+	b, err := proto.Marshal(m.GetOp())
+	if err != nil {
+		return fmt.Errorf("encode spooled op: %w", err)
+	}
+	rec := binary.AppendUvarint(make([]byte, 0, len(b)+binary.MaxVarintLen64), uint64(len(b)))
+	rec = append(rec, b...)
+	if _, err := s.f.WriteAt(rec, s.end); err != nil {
+		return fmt.Errorf("write spool: %w", err)
+	}
+	s.end += int64(len(rec))
+	return nil
+}
+
+// read reads the plan's fresh entries into the spool.
+func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
+	for rel := range p.fresh {
+		delete(s.small, rel)
+		delete(s.files, rel)
+		if fi, ok := p.dirs[rel]; ok {
+			if err := sendDir(root, s.collect(rel), rel, fi, warn); err != nil {
+				return err
+			}
+			continue
+		}
+		fi, ok := p.others[rel]
+		if !ok {
+			continue
+		}
+		var err error
+		switch fi.Mode().Type() {
+		case fs.ModeSymlink:
+			err = sendSymlink(root, s.collect(rel), rel, fi)
+		case fs.ModeNamedPipe:
+			uid, gid := ownerOf(fi)
+			s.small[rel] = []*tetherpb.FileOp{{Kind: tetherpb.FileOp_KIND_FIFO, Path: []byte(rel),
+				Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid}}
+		default:
+			start := s.end
+			key, nlink, sent, ferr := sendFile(root, s.write, rel, fi, warn)
+			if sent {
+				s.files[rel] = fileRead{off: start, n: s.end - start, key: key, nlink: nlink}
+			}
+			err = ferr
+		}
+		if err != nil {
+			return err
+		}
+	}
+	clear(p.fresh)
+	return nil
+}
+
+// collect returns a sendFunc keeping the ops of rel in memory.
+func (s *spool) collect(rel string) sendFunc {
+	return func(m *tetherpb.StreamRequest) error {
+		s.small[rel] = append(s.small[rel], m.GetOp())
+		return nil
+	}
+}
+
+// item is one part of a batch: an op, or a range of the spool file.
+type item struct {
+	op     *tetherpb.FileOp
+	off, n int64
+}
+
+// items orders the batch: deletes, then directories shallow to deep, then
+// files, symlinks and fifos. Of the names of a hard-linked file, the first
+// carries the contents and the others become HARDLINK ops.
+func (s *spool) items(p *plan) []item {
+	var out []item
+	dels := make([]string, 0, len(p.deletes))
+	for rel := range p.deletes {
+		dels = append(dels, rel)
+	}
+	slices.Sort(dels)
+	for _, rel := range dels {
+		out = append(out, item{op: &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_DELETE, Path: []byte(rel)}})
+	}
+	for _, rel := range sortedDirs(p.dirs) {
+		for _, op := range s.small[rel] {
+			out = append(out, item{op: op})
+		}
+	}
+	others := make([]string, 0, len(p.others))
+	for rel := range p.others {
+		others = append(others, rel)
+	}
+	slices.Sort(others)
+	links := map[inodeKey]string{}
+	for _, rel := range others {
+		for _, op := range s.small[rel] {
+			out = append(out, item{op: op})
+		}
+		fr, ok := s.files[rel]
+		if !ok {
+			continue
+		}
+		if fr.nlink > 1 {
+			if to, ok := links[fr.key]; ok {
+				out = append(out, item{op: &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_HARDLINK, Path: []byte(rel), HardlinkTo: []byte(to)}})
+				continue
+			}
+			links[fr.key] = rel
+		}
+		out = append(out, item{off: fr.off, n: fr.n})
+	}
+	return out
+}
+
+// cutBatch is one cut: read once, sent to every replica that needs it.
+type cutBatch struct {
+	seq      uint64
+	full     bool
+	cut      time.Time // the instant the batch stands for (its barrier)
+	fileOnly bool      // not crash-consistent: see Commit.file_consistent_only
+	since    time.Time // oldest change it carries
+	sp       *spool
+	items    []item
+	// delta, for a full cut taken because a replica needed the whole tree,
+	// is what the replicas at the previous cut need (nil: they take items).
+	delta []item
+}
+
+// send streams the batch and its Commit: the whole tree, or (full false on
+// a full cut with a delta view) only what changed since the previous cut.
+func (b *cutBatch) send(send sendFunc, full bool) error {
+	items := b.items
+	if b.full && !full && b.delta != nil {
+		items = b.delta
+	} else {
+		full = b.full
+	}
+	for _, it := range items {
+		if it.op != nil {
+			if err := sendOp(send, it.op); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := b.sendRange(send, it.off, it.n); err != nil {
+			return err
+		}
+	}
+	return send(&tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Commit{Commit: &tetherpb.Commit{
+		Seq: b.seq, CutUnixNano: b.cut.UnixNano(), Full: full, FileConsistentOnly: b.fileOnly}}})
+}
+
+// sendRange sends the ops spooled in [off, off+n).
+func (b *cutBatch) sendRange(send sendFunc, off, n int64) error {
+	end := off + n
+	for off < end {
+		var hdr [binary.MaxVarintLen64]byte
+		k, err := b.sp.f.ReadAt(hdr[:min(int64(len(hdr)), end-off)], off)
+		if err != nil && !errors.Is(err, io.EOF) {
+			return fmt.Errorf("read spool: %w", err)
+		}
+		size, used := binary.Uvarint(hdr[:k])
+		if used <= 0 || off+int64(used)+int64(size) > end {
+			return errors.New("read spool: corrupt record")
+		}
+		buf := make([]byte, size)
+		if _, err := b.sp.f.ReadAt(buf, off+int64(used)); err != nil {
+			return fmt.Errorf("read spool: %w", err)
+		}
+		op := &tetherpb.FileOp{}
+		if err := proto.Unmarshal(buf, op); err != nil {
+			return fmt.Errorf("decode spool: %w", err)
+		}
+		if err := sendOp(send, op); err != nil {
+			return err
+		}
+		off += int64(used) + int64(size)
+	}
+	return nil
+}
