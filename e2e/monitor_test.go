@@ -150,17 +150,6 @@ func (m *monitor) summary() (int, map[string]any, map[string]any) {
 	return m.polls, epochs, prim
 }
 
-// maxEpoch is the highest catalog epoch any host reported so far.
-func (m *monitor) maxEpoch() uint64 {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	var e uint64
-	for _, v := range m.epoch {
-		e = max(e, v)
-	}
-	return e
-}
-
 // checkLayout checks that a host's data dir holds only tether's layout:
 // nothing a replica applied (or a workload wrote) landed outside a volume's
 // data directory.

@@ -55,6 +55,11 @@ type operations struct {
 	// (allowed); AckedLostBeyondLag must be 0.
 	AckedLostWithinLag int `json:"acked_lost_within_lag"`
 	AckedLostBeyondLag int `json:"acked_lost_beyond_lag"`
+	// AckedLostBeforeKillMinusLag counts lost rows acknowledged before
+	// (fault - lag) instead: information only, since the lag was measured
+	// up to LagQueryToFaultMs before the fault and writes went on.
+	AckedLostBeforeKillMinusLag int   `json:"acked_lost_before_fault_minus_lag"`
+	LagQueryToFaultMs           int64 `json:"lag_query_to_fault_ms"`
 	// LagCutoffMs: rows acknowledged before (lag query - lag) must survive.
 	LagCutoffMs int64 `json:"lag_ms_at_kill"`
 }
@@ -200,8 +205,10 @@ func (r *report) summary() string {
 	}
 	o := r.Operations
 	if o.OK+o.Failed+o.Indeterminate > 0 {
-		p("workload transactions: %d ok, %d failed, %d indeterminate; acked but lost: %d within the %d ms lag, %d beyond it",
+		p("workload transactions: %d ok, %d failed, %d indeterminate; acked but lost: %d within the %d ms lag, %d beyond it (must be 0)",
 			o.OK, o.Failed, o.Indeterminate, o.AckedLostWithinLag, o.LagCutoffMs, o.AckedLostBeyondLag)
+		p("  (lag asked %d ms before the fault; counting from the fault instead, %d lost rows were acked before fault - lag)",
+			o.LagQueryToFaultMs, o.AckedLostBeforeKillMinusLag)
 	}
 	for _, f := range r.Failovers {
 		ready := "n/a (no workload)"
