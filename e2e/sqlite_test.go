@@ -91,7 +91,7 @@ func (v *verifyResult) has(n int64) bool {
 // lag the primary reported for that replica).
 func TestSQLiteFailover(t *testing.T) {
 	requireE2E(t)
-	sqliteFailover(t, "kill")
+	sqliteFailover(t, "kill", "wal")
 }
 
 // TestSQLitePausedHost is TestSQLiteFailover with the primary's host
@@ -102,12 +102,40 @@ func TestSQLiteFailover(t *testing.T) {
 // it, and what it wrote would be overwritten by the resync).
 func TestSQLitePausedHost(t *testing.T) {
 	requireE2E(t)
-	sqliteFailover(t, "pause")
+	sqliteFailover(t, "pause", "wal")
 }
 
-// sqliteFailover runs the SQLite workload on h1, hits h1's host with
-// fault (kill or pause), and checks the promoted copy.
-func sqliteFailover(t *testing.T, faultType string) {
+// TestSQLiteRollbackJournalProbe is TestSQLiteFailover with SQLite's
+// rollback journal, whose main file is rewritten in place at every commit:
+// a copy is consistent only if the main file and the journal are taken at
+// one moment, which file-by-file replication does not promise until
+// consistent cuts land. A failure of the checks is recorded as a finding
+// and the test skips; it runs only with TETHER_E2E_PROBE=1 (not in make
+// e2e), since whether a kill hits the window is chance.
+func TestSQLiteRollbackJournalProbe(t *testing.T) {
+	requireE2E(t)
+	if os.Getenv("TETHER_E2E_PROBE") != "1" {
+		t.Skip("set TETHER_E2E_PROBE=1 to probe a rollback-journal database over file-by-file replication")
+	}
+	sqliteFailover(t, "kill", "delete")
+}
+
+// sqliteFailover runs the SQLite workload (journal: wal or delete) on h1,
+// hits h1's host with fault (kill or pause), and checks the promoted copy.
+// With the rollback journal (a probe) broken checks are findings.
+func sqliteFailover(t *testing.T, faultType, journal string) {
+	probe := journal != "wal"
+	var broken []string
+	// fail is a failed consistency check: an error, or for a probe a
+	// finding.
+	fail := func(format string, a ...any) {
+		msg := fmt.Sprintf(format, a...)
+		if probe {
+			broken = append(broken, msg)
+			return
+		}
+		t.Error(msg)
+	}
 	tp := startTopo(t, 3)
 	var v tetherpb.Volume
 	if err := tp.ctl(tp.host("h1"), &v, "volume", "create", "vol", "--replicas", "3"); err != nil {
@@ -118,7 +146,7 @@ func sqliteFailover(t *testing.T, faultType string) {
 		_, err := os.Stat(primary.volumeDir("vol"))
 		return err == nil
 	})
-	work := tp.startWorkload(primary, "--interval", "20ms")
+	work := tp.startWorkload(primary, "--interval", "20ms", "--journal", journal)
 	// Under load, with both replicas streaming.
 	testutil.EventuallyErr(t, 60*time.Second, func() error {
 		acks, _ := workloadLog(t, work)
@@ -140,6 +168,21 @@ func sqliteFailover(t *testing.T, faultType string) {
 	survivor := tp.host(v.ReplicaNodes[0])
 	nv, fo := tp.measureFailover(t, faultType, killed, &v, survivor)
 	np := tp.host(nv.Primary)
+
+	// The workload starts on the new primary: verify first.
+	out, err := tp.runWorkload(np, "verify")
+	fo.ContainerReadyMs = time.Since(killed).Milliseconds()
+	tp.rec.failover(fo)
+	var res verifyResult
+	if err != nil {
+		fail("the database on the new primary %s does not open: %v", np.name, err)
+	} else if err := json.Unmarshal([]byte(out), &res); err != nil {
+		t.Fatalf("decoding verify output %q: %v", out, err)
+	}
+	t.Logf("verify on %s: %+v", np.name, res)
+	if err == nil && res.Integrity != "ok" {
+		fail("PRAGMA integrity_check on the new primary's copy: %q", res.Integrity)
+	}
 	up := hostsExcept(tp, primary.name)
 	if faultType == "pause" {
 		tp.rec.finding(t, "nothing in tether stops a frozen host's containers from writing to its fenced copy when it thaws; the test kills the workload while frozen (the volume driver's job)")
@@ -148,22 +191,6 @@ func sqliteFailover(t *testing.T, faultType string) {
 		tp.rec.healed(fi)
 		tp.servesAsReplica(t, primary)
 		up = tp.hosts
-	}
-
-	// The workload starts on the new primary: verify first.
-	out, err := tp.runWorkload(np, "verify")
-	fo.ContainerReadyMs = time.Since(killed).Milliseconds()
-	tp.rec.failover(fo)
-	if err != nil {
-		t.Fatalf("the database on the new primary %s does not open: %v", np.name, err)
-	}
-	var res verifyResult
-	if err := json.Unmarshal([]byte(out), &res); err != nil {
-		t.Fatalf("decoding verify output %q: %v", out, err)
-	}
-	t.Logf("verify on %s: %+v", np.name, res)
-	if res.Integrity != "ok" {
-		t.Errorf("PRAGMA integrity_check on the new primary's copy: %q", res.Integrity)
 	}
 
 	acks, failed := workloadLog(t, work)
@@ -204,8 +231,17 @@ func sqliteFailover(t *testing.T, faultType string) {
 			ops.AckedLostWithinLag, lagMs, ops.LagQueryToFaultMs, faultType)
 	}
 	if len(lostBeyond) > 0 {
-		tp.rec.violation("%d transactions acknowledged more than the reported lag (%d ms) before the kill are missing on %s: %v",
-			len(lostBeyond), lagMs, np.name, lostBeyond[:min(len(lostBeyond), 20)])
+		msg := fmt.Sprintf("%d transactions acknowledged more than the reported lag (%d ms) before the %s are missing on %s: %v",
+			len(lostBeyond), lagMs, faultType, np.name, lostBeyond[:min(len(lostBeyond), 20)])
+		if probe {
+			fail("%s", msg)
+		} else {
+			tp.rec.violation("%s", msg)
+		}
+	}
+	if len(broken) > 0 {
+		tp.rec.finding(t, "journal %s over file-by-file replication, copy promoted after a %s: %s", journal, faultType, strings.Join(broken, "; "))
+		t.Skipf("the %s journal's copy is not crash-consistent under file-by-file replication (%s); this cannot pass until consistent cuts land", journal, strings.Join(broken, "; "))
 	}
 	if res.Max > lastAcked+1 {
 		tp.rec.violation("the copy holds rows up to %d but only %d were started", res.Max, lastAcked+1)

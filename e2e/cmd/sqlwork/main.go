@@ -3,7 +3,7 @@
 // and prints each acknowledged number, or verifies a copy of that database
 // after a failover.
 //
-//	sqlwork run    [--db /data/db.sqlite] [--count N] [--interval 5ms]
+//	sqlwork run    [--db /data/db.sqlite] [--count N] [--interval 5ms] [--journal wal|delete]
 //	sqlwork verify [--db /data/db.sqlite]
 //
 // run prints one line per transaction to stdout:
@@ -16,7 +16,7 @@
 // SQLite's own recovery), runs PRAGMA integrity_check and prints one JSON
 // object: {"integrity":"ok","rows":R,"min":A,"max":B,"gaps":[[from,to],...]}.
 //
-// Journal: WAL with automatic checkpoints off, so after the database is
+// Journal (--journal wal, the default): WAL with automatic checkpoints off, so after the database is
 // created the main file never changes and every commit only appends frames
 // to db.sqlite-wal. A copy taken file by file at any moment is then a prefix
 // of the WAL (SQLite's recovery stops at the last checksummed commit frame)
@@ -76,21 +76,21 @@ func runCmd(ctx context.Context, args []string) error {
 	path := fs.String("db", "/data/db.sqlite", "database file")
 	count := fs.Int("count", 0, "stop after this many transactions (0: run until killed)")
 	interval := fs.Duration("interval", 5*time.Millisecond, "pause between transactions")
+	journal := fs.String("journal", "wal", "wal (append-only WAL, no checkpoints) or delete (rollback journal)")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	pragmas, ok := journalPragmas(*journal)
+	if !ok {
+		return fmt.Errorf("--journal %q: want wal or delete", *journal)
 	}
 	db, err := open(*path)
 	if err != nil {
 		return err
 	}
 	defer db.Close()
-	for _, p := range []string{
-		"PRAGMA page_size=1024", // small pages: small WAL frames to replicate
-		"PRAGMA journal_mode=WAL",
-		"PRAGMA wal_autocheckpoint=0", // the main file never changes after creation
-		"PRAGMA synchronous=FULL",     // fsync the WAL at every commit
-		"CREATE TABLE IF NOT EXISTS tx (n INTEGER PRIMARY KEY, at INTEGER NOT NULL, pad TEXT NOT NULL)",
-	} {
+	for _, p := range append(pragmas,
+		"CREATE TABLE IF NOT EXISTS tx (n INTEGER PRIMARY KEY, at INTEGER NOT NULL, pad TEXT NOT NULL)") {
 		if _, err := db.ExecContext(ctx, p); err != nil {
 			return fmt.Errorf("%s: %w", p, err)
 		}
@@ -118,6 +118,24 @@ func runCmd(ctx context.Context, args []string) error {
 		}
 	}
 	return nil
+}
+
+// journalPragmas returns the pragmas of a --journal mode.
+func journalPragmas(mode string) ([]string, bool) {
+	switch mode {
+	case "wal":
+		return []string{
+			"PRAGMA page_size=1024", // small pages: small WAL frames to replicate
+			"PRAGMA journal_mode=WAL",
+			"PRAGMA wal_autocheckpoint=0", // the main file never changes after creation
+			"PRAGMA synchronous=FULL",     // fsync the WAL at every commit
+		}, true
+	case "delete":
+		// The main file is rewritten in place at every commit: a copy is
+		// consistent only if main file and journal are taken at one moment.
+		return []string{"PRAGMA page_size=1024", "PRAGMA journal_mode=DELETE", "PRAGMA synchronous=FULL"}, true
+	}
+	return nil, false
 }
 
 // commit inserts row n in its own transaction.
