@@ -254,6 +254,10 @@ func (tp *topo) cleanup() {
 			}
 			tp.t.Logf("---- %s: last INFO/WARN/ERROR lines (whole log in e2e/%s) ----\n%s", h.name, path, strings.Join(important, "\n"))
 		}
+		for _, c := range tp.extra {
+			out, _ := exec.Command("docker", "logs", c).CombinedOutput()
+			_ = os.WriteFile(filepath.Join(dir, strings.TrimPrefix(c, tp.prefix+"-")+".log"), out, 0o644)
+		}
 	}
 	for _, c := range tp.extra {
 		docker(tp.t, "rm", "-f", "-v", c)
