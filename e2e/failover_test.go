@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"testing"
 	"time"
 
@@ -28,14 +27,19 @@ rm /var/lib/tether/volumes/vol/data/%[1]s/sub/deeper/f5
 // hold what a workload wrote on the primary.
 func createAndFill(t *testing.T, tp *topo) *tetherpb.Volume {
 	t.Helper()
+	return createAndFillOn(t, tp, tp.host("h1"))
+}
+
+// createAndFillOn is createAndFill with primary as the creating node.
+func createAndFillOn(t *testing.T, tp *topo, primary *host) *tetherpb.Volume {
+	t.Helper()
 	var v tetherpb.Volume
-	if err := tp.ctl(tp.host("h1"), &v, "volume", "create", "vol", "--replicas", "3"); err != nil {
+	if err := tp.ctl(primary, &v, "volume", "create", "vol", "--replicas", "3"); err != nil {
 		t.Fatal(err)
 	}
-	if v.Primary != "h1" || len(v.ReplicaNodes) != 2 || v.Epoch != 1 {
-		t.Fatalf("created %+v; want primary h1, two replicas, epoch 1", &v)
+	if v.Primary != primary.name || len(v.ReplicaNodes) != 2 || v.Epoch != 1 {
+		t.Fatalf("created %+v; want primary %s, two replicas, epoch 1", &v, primary.name)
 	}
-	primary := tp.host("h1")
 	testutil.Eventually(t, 20*time.Second, "the primary's volume directory exists", func() bool {
 		_, err := os.Stat(primary.volumeDir("vol"))
 		return err == nil
@@ -46,29 +50,31 @@ func createAndFill(t *testing.T, tp *topo) *tetherpb.Volume {
 			return replication.SameTree(primary.volumeDir("vol"), tp.host(r).volumeDir("vol"))
 		})
 	}
+	tp.progressRecorded(t, primary)
 	return &v
 }
 
-// waitFailover waits until via reports a primary other than old in a newer
-// epoch, and returns the record.
-func waitFailover(t *testing.T, tp *topo, via *host, old *tetherpb.Volume) *tetherpb.Volume {
+// progressRecorded waits until the catalog holds, for every replica, a
+// batch the replica made durable, so that the failover measured starts
+// from a catalog that knows how far each copy got.
+func (tp *topo) progressRecorded(t *testing.T, primary *host) {
 	t.Helper()
-	var nv *tetherpb.Volume
-	testutil.EventuallyErr(t, 60*time.Second, func() error {
-		vi, err := tp.inspect(via, "vol")
+	testutil.EventuallyErr(t, 30*time.Second, func() error {
+		v, err := tp.catalogOn(primary)
 		if err != nil {
 			return err
 		}
-		if vi.Volume.Epoch <= old.Epoch || vi.Volume.Primary == old.Primary || vi.Volume.Primary == "" {
-			return fmt.Errorf("still primary %q at epoch %d", vi.Volume.Primary, vi.Volume.Epoch)
+		seq := map[string]uint64{}
+		for _, p := range v.Progress {
+			seq[p.Node] = p.Seq
 		}
-		nv = vi.Volume
+		for _, r := range v.ReplicaNodes {
+			if seq[r] == 0 {
+				return fmt.Errorf("the catalog records no batch of %s yet (progress %v)", r, v.Progress)
+			}
+		}
 		return nil
 	})
-	if nv.Epoch != old.Epoch+1 || !slices.Contains(old.ReplicaNodes, nv.Primary) {
-		t.Fatalf("after failover %+v; want a former replica at epoch %d", nv, old.Epoch+1)
-	}
-	return nv
 }
 
 // TestKillPrimaryHost kills the container of the volume's primary (host
@@ -82,10 +88,14 @@ func TestKillPrimaryHost(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	killed := time.Now()
-	mustDocker(t, "kill", tp.host("h1").container)
-	nv := waitFailover(t, tp, tp.host(v.ReplicaNodes[0]), v)
-	t.Logf("failover after host kill: %s promoted at epoch %d in %s", nv.Primary, nv.Epoch, time.Since(killed).Round(time.Millisecond))
+	_, killed := tp.inject("kill", tp.host("h1"), "primary", tp.host("h1"), func() {
+		mustDocker(t, "kill", tp.host("h1").container)
+	})
+	nv, fo := tp.measureFailover(t, "kill", killed, v, tp.host(v.ReplicaNodes[0]))
+	tp.rec.failover(fo)
+	if nv.Epoch != v.Epoch+1 {
+		t.Fatalf("after the failover the epoch is %d; want %d", nv.Epoch, v.Epoch+1)
+	}
 	np := tp.host(nv.Primary)
 	got, err := replication.Manifest(np.volumeDir("vol"))
 	if err != nil {
@@ -113,8 +123,9 @@ func TestIsolatedPrimary(t *testing.T) {
 	tp := startTopo(t, 3)
 	v := createAndFill(t, tp)
 	old := tp.host("h1")
-	tp.disconnect(old)
-	nv := waitFailover(t, tp, tp.host(v.ReplicaNodes[0]), v)
+	fi, cut := tp.inject("disconnect", old, "primary", old, func() { tp.disconnect(old) })
+	nv, fo := tp.measureFailover(t, "disconnect", cut, v, tp.host(v.ReplicaNodes[0]))
+	tp.rec.failover(fo)
 	np := tp.host(nv.Primary)
 
 	// Cut off from the quorum, the old primary's lease lapsed: it fenced
@@ -134,6 +145,7 @@ func TestIsolatedPrimary(t *testing.T) {
 	tp.sh(np, fmt.Sprintf(workload, "after"))
 
 	tp.reconnect(old)
+	tp.rec.healed(fi)
 	// Healed: h1 follows the catalog, stops serving as primary and becomes a
 	// replica of the new primary, whose tree it converges to.
 	testutil.EventuallyErr(t, 90*time.Second, func() error {

@@ -31,7 +31,11 @@ func requireE2E(t *testing.T) {
 // docker runs the docker CLI and returns its trimmed stdout.
 func docker(t testing.TB, args ...string) (string, error) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	return dockerCtx(context.Background(), args...)
+}
+
+func dockerCtx(ctx context.Context, args ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	var stdout, stderr bytes.Buffer
 	cmd := exec.CommandContext(ctx, "docker", args...)
@@ -59,18 +63,20 @@ func buildImage(t *testing.T) string {
 	dir := t.TempDir()
 	_, file, _, _ := runtime.Caller(0)
 	repo := filepath.Dir(filepath.Dir(file))
-	build := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, "tether"), "./cmd/tether")
-	build.Dir = repo
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("building tether: %v\n%s", err, out)
+	for bin, pkg := range map[string]string{"tether": "./cmd/tether", "sqlwork": "./e2e/cmd/sqlwork"} {
+		build := exec.Command("go", "build", "-trimpath", "-o", filepath.Join(dir, bin), pkg)
+		build.Dir = repo
+		build.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := build.CombinedOutput(); err != nil {
+			t.Fatalf("building %s: %v\n%s", bin, err, out)
+		}
 	}
 	bb, err := exec.LookPath("busybox")
 	if err != nil {
 		t.Fatal("busybox not found: apt-get install busybox-static")
 	}
 	h := sha256.New()
-	for _, src := range []string{filepath.Join(dir, "tether"), bb} {
+	for _, src := range []string{filepath.Join(dir, "tether"), filepath.Join(dir, "sqlwork"), bb} {
 		b, err := os.ReadFile(src)
 		if err != nil {
 			t.Fatal(err)
@@ -84,7 +90,7 @@ func buildImage(t *testing.T) string {
 	if _, err := docker(t, "image", "inspect", tag); err == nil {
 		return tag
 	}
-	df := "FROM scratch\nCOPY tether /bin/tether\nCOPY busybox /bin/busybox\nENTRYPOINT [\"/bin/tether\"]\n"
+	df := "FROM scratch\nCOPY tether /bin/tether\nCOPY sqlwork /bin/sqlwork\nCOPY busybox /bin/busybox\nENTRYPOINT [\"/bin/tether\"]\n"
 	if err := os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte(df), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -113,14 +119,17 @@ type topo struct {
 	t       *testing.T
 	prefix  string
 	network string
+	image   string
 	hosts   []*host
+	extra   []string // workload containers, removed at cleanup
+	rec     *recorder
 }
 
 // startTopo starts n hosts on a new network, joined into one cluster.
 func startTopo(t *testing.T, n int, opts ...hostOption) *topo {
 	t.Helper()
 	image := buildImage(t)
-	tp := &topo{t: t, prefix: fmt.Sprintf("tether-e2e-%d", time.Now().UnixNano()%1e9)}
+	tp := &topo{t: t, image: image, prefix: fmt.Sprintf("tether-e2e-%d", time.Now().UnixNano()%1e9)}
 	tp.network = tp.prefix + "-net"
 	// Fixed addresses, so that a host disconnected and reconnected keeps
 	// its IP as a real host would. Pick a free /24 (other networks may exist).
@@ -177,6 +186,9 @@ func startTopo(t *testing.T, n int, opts ...hostOption) *topo {
 		}
 		return nil
 	})
+	// Registered after tp.cleanup, so it runs first: the invariant monitor
+	// stops and the report is written while the containers still exist.
+	tp.rec = newRecorder(tp)
 	return tp
 }
 
@@ -192,7 +204,12 @@ func (tp *topo) host(name string) *host {
 
 // ctl runs a tether CLI command inside h's container and decodes its JSON.
 func (tp *topo) ctl(h *host, into proto.Message, args ...string) error {
-	out, err := docker(tp.t, append([]string{"exec", h.container, "/bin/tether", "--json", "--timeout", "5s", "--data-dir", h.inDir}, args...)...)
+	return ctlCtx(context.Background(), h, into, args...)
+}
+
+// ctlCtx is ctl for goroutines other than the test's (no testing.T).
+func ctlCtx(ctx context.Context, h *host, into proto.Message, args ...string) error {
+	out, err := dockerCtx(ctx, append([]string{"exec", h.container, "/bin/tether", "--json", "--timeout", "5s", "--data-dir", h.inDir}, args...)...)
 	if err != nil {
 		return err
 	}
@@ -252,6 +269,13 @@ func (tp *topo) cleanup() {
 			}
 			tp.t.Logf("---- %s: last INFO/WARN/ERROR lines (whole log in e2e/%s) ----\n%s", h.name, path, strings.Join(important, "\n"))
 		}
+		for _, c := range tp.extra {
+			out, _ := exec.Command("docker", "logs", c).CombinedOutput()
+			_ = os.WriteFile(filepath.Join(dir, strings.TrimPrefix(c, tp.prefix+"-")+".log"), out, 0o644)
+		}
+	}
+	for _, c := range tp.extra {
+		docker(tp.t, "rm", "-f", "-v", c)
 	}
 	for _, h := range tp.hosts {
 		docker(tp.t, "rm", "-f", "-v", h.container)
