@@ -7,7 +7,9 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
+	"testing"
 	"time"
 
 	"github.com/tether-io/tether/proto/tetherpb"
@@ -155,7 +157,7 @@ func (m *monitor) summary() (int, map[string]any, map[string]any) {
 // data directory.
 func checkLayout(dataDir string) error {
 	allowed := map[string][]string{
-		".":       {"raft", "tls", "volumes", "tether.sock"},
+		".":       {"raft", "tls", "volumes", "tether.sock", "driver.json"},
 		"volumes": nil, // any volume name, checked below
 	}
 	top, err := os.ReadDir(dataDir)
@@ -164,7 +166,7 @@ func checkLayout(dataDir string) error {
 	}
 	var bad []string
 	for _, e := range top {
-		if !slices.Contains(allowed["."], e.Name()) {
+		if !slices.Contains(allowed["."], e.Name()) && !strings.HasPrefix(e.Name(), "driver.json.tmp-") {
 			bad = append(bad, e.Name())
 		}
 	}
@@ -182,7 +184,11 @@ func checkLayout(dataDir string) error {
 			return err
 		}
 		for _, e := range inner {
-			if e.Name() != "data" && e.Name() != "state" {
+			switch name := e.Name(); {
+			case name == "data", name == "state", name == "incarnation", strings.HasPrefix(name, "incarnation.tmp-"):
+				// tether's own layout: the copy, its replication state, and
+				// which incarnation of the volume the directory holds
+			default:
 				bad = append(bad, filepath.Join("volumes", v.Name(), e.Name()))
 			}
 		}
@@ -192,4 +198,27 @@ func checkLayout(dataDir string) error {
 		return fmt.Errorf("unexpected entries in the data dir %s (outside any volume root): %v", dataDir, bad)
 	}
 	return nil
+}
+
+// TestCheckLayout runs without Docker: the layout check knows every file
+// the agent itself writes in its data dir, and flags anything else.
+func TestCheckLayout(t *testing.T) {
+	dir := t.TempDir()
+	for _, p := range []string{"raft/raft.db", "tls/ca.pem", "driver.json", "volumes/v/incarnation", "volumes/v/data/x", "volumes/v/state/epoch"} {
+		if err := os.MkdirAll(filepath.Join(dir, filepath.Dir(p)), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, p), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := checkLayout(dir); err != nil {
+		t.Fatalf("tether's own layout flagged: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "volumes", "v", "escaped"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := checkLayout(dir); err == nil || !strings.Contains(err.Error(), "volumes/v/escaped") {
+		t.Fatalf("a stray file beside a volume root: %v", err)
+	}
 }
