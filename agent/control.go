@@ -79,7 +79,7 @@ func (s *controlServer) VolumeCreate(ctx context.Context, req *tetherpb.VolumeCr
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	v, err := s.a.cluster.CreateVolumeSpec(ctx, cluster.VolumeSpec{Name: req.Name, Replicas: int(req.Replicas), MaxLag: maxLag, Placement: req.Placement})
+	v, err := s.a.cluster.CreateVolumeSpec(ctx, cluster.VolumeSpec{Name: req.Name, Replicas: int(req.Replicas), MaxLag: maxLag, Placement: req.Placement, Freeze: req.Freeze})
 	if err != nil {
 		return nil, status.Error(errCode(err), err.Error())
 	}
@@ -151,8 +151,9 @@ func (s *controlServer) VolumeUpdate(ctx context.Context, req *tetherpb.VolumeUp
 		}
 		cmd.Placement = &pl
 	}
-	if cmd.Replicas == nil && cmd.MaxLag == nil && cmd.Placement == nil {
-		return nil, status.Error(codes.InvalidArgument, "nothing to update: give --replicas, --max-lag, --placement or --clear-placement")
+	cmd.Freeze = req.Freeze
+	if cmd.Replicas == nil && cmd.MaxLag == nil && cmd.Placement == nil && cmd.Freeze == nil {
+		return nil, status.Error(codes.InvalidArgument, "nothing to update: give --replicas, --max-lag, --placement, --clear-placement or --freeze")
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -214,6 +215,7 @@ func (a *Agent) volumePB(v cluster.Volume) *tetherpb.Volume {
 		CreatedUnixNano: v.CreatedAt.UnixNano(),
 		MaxLagMs:        v.MaxLag.Milliseconds(),
 		Placement:       v.Placement,
+		Freeze:          v.Freeze,
 	}
 	if v.State == cluster.StateNeedsOperator {
 		pb.Blocked = "the primary is down and every live copy is further behind than the max lag: bring the primary back, or accept the loss with tether volume promote " + v.Name + " --to NODE --force"

@@ -141,7 +141,7 @@ func (b *driverBackend) WaitReady(ctx context.Context) error {
 func (b *driverBackend) Create(ctx context.Context, name string, opts volumedriver.CreateOptions) error {
 	ctx, cancel := context.WithTimeout(ctx, driverOpTimeout)
 	defer cancel()
-	_, err := b.a.cluster.CreateVolumeSpec(ctx, cluster.VolumeSpec{Name: name, Replicas: opts.Replicas, MaxLag: opts.MaxLag, Placement: opts.Placement})
+	_, err := b.a.cluster.CreateVolumeSpec(ctx, cluster.VolumeSpec{Name: name, Replicas: opts.Replicas, MaxLag: opts.MaxLag, Placement: opts.Placement, Freeze: opts.Freeze})
 	switch {
 	case err == nil:
 		return nil

@@ -115,6 +115,10 @@ func (a *Agent) startPrimary(ctx context.Context, v cluster.Volume) error {
 	if err := a.repl.Fence(v.Name, v.Epoch); err != nil {
 		return err
 	}
+	freezer, err := a.freezerFor(v.Name, v.Freeze)
+	if err != nil {
+		a.log.Warn("volume asks for freezing but cannot be frozen here; cuts that need it ship file-consistent only", "volume", v.Name, "err", err)
+	}
 	p, err := replication.NewPrimary(replication.PrimaryConfig{
 		Volume:   v.Name,
 		Node:     a.cfg.NodeName,
@@ -125,7 +129,8 @@ func (a *Agent) startPrimary(ctx context.Context, v cluster.Volume) error {
 		OnAck: func(node string, ack replication.Ack) {
 			a.prog.record(v.Name, node, ack)
 		},
-		Logger: a.log,
+		Logger:  a.log,
+		Freezer: freezer,
 	})
 	if err != nil {
 		return err

@@ -266,6 +266,8 @@ type VolumeSpec struct {
 	MaxLag time.Duration
 	// Placement lists labels every node holding a copy must carry.
 	Placement map[string]string
+	// Freeze: see Volume.Freeze.
+	Freeze bool
 }
 
 // CreateVolumeSpec creates a volume as spec asks, placing it among the
@@ -314,6 +316,7 @@ func (c *Cluster) CreateVolumeSpec(ctx context.Context, spec VolumeSpec) (Volume
 		CreatedAt:    time.Now().UTC(),
 		MaxLag:       spec.MaxLag,
 		Placement:    spec.Placement,
+		Freeze:       spec.Freeze,
 	}
 	if _, err := c.Apply(ctx, CreateVolume{Volume: v}); err != nil {
 		return Volume{}, err

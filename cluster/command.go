@@ -104,6 +104,7 @@ type UpdateVolume struct {
 	Replicas  *int               `json:"replicas,omitempty"`
 	MaxLag    *time.Duration     `json:"max_lag,omitempty"`
 	Placement *map[string]string `json:"placement,omitempty"`
+	Freeze    *bool              `json:"freeze,omitempty"`
 }
 
 // Type implements Command.

@@ -197,6 +197,9 @@ func (f *fsm) updateVolume(c UpdateVolume) error {
 	if c.MaxLag != nil {
 		v.MaxLag = *c.MaxLag
 	}
+	if c.Freeze != nil {
+		v.Freeze = *c.Freeze
+	}
 	if c.Placement != nil {
 		v.Placement = maps.Clone(*c.Placement)
 		if len(v.Placement) == 0 {

@@ -53,6 +53,9 @@ type Volume struct {
 	MaxLag time.Duration `json:"max_lag,omitempty"`
 	// Placement lists labels every node holding a copy must carry.
 	Placement map[string]string `json:"placement,omitempty"`
+	// Freeze lets the primary pause the volume's containers for a moment
+	// when writers never go quiet enough for a point-in-time cut.
+	Freeze bool `json:"freeze,omitempty"`
 	// DeletedUnixNano is when the volume was deleted (soft delete), 0 when
 	// it is not.
 	DeletedUnixNano int64 `json:"deleted_unix_nano,omitempty"`

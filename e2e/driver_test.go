@@ -83,7 +83,7 @@ func TestDockerVolumeDriver(t *testing.T) {
 
 	for opt, want := range map[string]string{
 		"replicas=bogus": `option replicas="bogus": want a whole number from 1 to 7`,
-		"size=1G":        `unknown option "size" for a tether volume (known options: replicas, max-lag, placement)`,
+		"size=1G":        `unknown option "size" for a tether volume (known options: replicas, max-lag, placement, freeze)`,
 	} {
 		_, err := docker(t, "volume", "create", "-d", e2eDriverName, "-o", opt, vol)
 		if err == nil || !strings.Contains(err.Error(), want) {

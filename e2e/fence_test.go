@@ -53,3 +53,45 @@ func TestFenceStopsContainersUsingVolume(t *testing.T) {
 		t.Fatalf("second fence: %v %v", stopped, err)
 	}
 }
+
+// TestFreezePausesContainersUsingVolume: the freeze hook pauses exactly the
+// containers using the volume (cgroup freezer through the Engine) and thaw
+// resumes them.
+func TestFreezePausesContainersUsingVolume(t *testing.T) {
+	requireE2E(t)
+	image := buildImage(t)
+	prefix := fmt.Sprintf("tether-e2e-freeze-%d", time.Now().UnixNano()%1e9)
+	volA, volB := prefix+"-a", prefix+"-b"
+	ca, cb := prefix+"-ca", prefix+"-cb"
+	t.Cleanup(func() {
+		docker(t, "rm", "-f", ca, cb)
+		docker(t, "volume", "rm", "-f", volA, volB)
+	})
+	for c, v := range map[string]string{ca: volA, cb: volB} {
+		mustDocker(t, "volume", "create", "-d", "local", v)
+		mustDocker(t, "run", "-d", "--name", c, "--entrypoint", "/bin/busybox", "-v", v+":/data", image, "sleep", "600")
+	}
+	f, err := agent.NewFencer(agent.FencerConfig{Driver: "local", Logger: testutil.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	thaw, err := agent.NewContainerFreezer(f, volA).Freeze(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := mustDocker(t, "inspect", "--format", "{{.State.Paused}}", ca); out != "true" {
+		thaw()
+		t.Fatalf("%s not paused by the freeze: %s", ca, out)
+	}
+	if out := mustDocker(t, "inspect", "--format", "{{.State.Paused}}", cb); out != "false" {
+		thaw()
+		t.Fatalf("%s (other volume) paused: %s", cb, out)
+	}
+	thaw()
+	if out := mustDocker(t, "inspect", "--format", "{{.State.Paused}} {{.State.Running}}", ca); out != "false true" {
+		t.Fatalf("%s after thaw: %s", ca, out)
+	}
+}

@@ -191,7 +191,7 @@ func TestCreate(t *testing.T) {
 		{`{"Name":"x1","Opts":{"replicas":"0"}}`, "replicas"},
 		{`{"Name":"x2","Opts":{"replicas":"8"}}`, "1 to 7"},
 		{`{"Name":"x3","Opts":{"replicas":"three"}}`, "whole number"},
-		{`{"Name":"x4","Opts":{"replica":"2"}}`, `unknown option "replica" for a tether volume (known options: replicas, max-lag, placement)`},
+		{`{"Name":"x4","Opts":{"replica":"2"}}`, `unknown option "replica" for a tether volume (known options: replicas, max-lag, placement, freeze)`},
 		{`{"Name":"-bad","Opts":{}}`, "invalid volume name"},
 		{`{"Name":"a/b"}`, "invalid volume name"},
 		{`{"Opts":{}}`, "volume name is empty"},
@@ -408,6 +408,8 @@ func TestParseCreateOptions(t *testing.T) {
 		{map[string]string{"max-lag": "soon"}, 0, "want a duration"},
 		{map[string]string{"max-lag": "-1s"}, 0, "want a duration"},
 		{map[string]string{"placement": "zone=a,disk=ssd"}, 3, ""},
+		{map[string]string{"freeze": "true"}, 3, ""},
+		{map[string]string{"freeze": "maybe"}, 0, "want true or false"},
 		{map[string]string{"placement": "zone"}, 0, "KEY=VALUE"},
 		{map[string]string{"placement": "zone=a,"}, 0, "KEY=VALUE"},
 	} {

@@ -14,6 +14,7 @@ const (
 	OptReplicas  = "replicas"
 	OptMaxLag    = "max-lag"
 	OptPlacement = "placement"
+	OptFreeze    = "freeze"
 )
 
 // DefaultMaxLag is the max lag of a volume created without -o max-lag.
@@ -26,7 +27,7 @@ const DefaultReplicas = 3
 const MaxReplicas = 7
 
 // knownOptions lists the create options, for the error on an unknown one.
-var knownOptions = []string{OptReplicas, OptMaxLag, OptPlacement}
+var knownOptions = []string{OptReplicas, OptMaxLag, OptPlacement, OptFreeze}
 
 // CreateOptions are the validated options of a create request.
 type CreateOptions struct {
@@ -36,6 +37,9 @@ type CreateOptions struct {
 	MaxLag time.Duration
 	// Placement lists labels every node holding a copy must carry.
 	Placement map[string]string
+	// Freeze lets the primary pause the volume's containers briefly when
+	// they never go quiet enough for a point-in-time cut (databases).
+	Freeze bool
 }
 
 // ParseCreateOptions checks Docker's create options and fills defaults.
@@ -63,6 +67,12 @@ func ParseCreateOptions(opts map[string]string) (CreateOptions, error) {
 				return CreateOptions{}, fmt.Errorf("option max-lag=%q: want a duration such as 30s or 5m (0: no limit)", v)
 			}
 			out.MaxLag = d
+		case OptFreeze:
+			b, err := strconv.ParseBool(strings.TrimSpace(v))
+			if err != nil {
+				return CreateOptions{}, fmt.Errorf("option freeze=%q: want true or false", v)
+			}
+			out.Freeze = b
 		case OptPlacement:
 			pl, err := parsePlacement(v)
 			if err != nil {

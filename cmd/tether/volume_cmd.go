@@ -26,6 +26,7 @@ func newVolumeCreateCmd(g *globals) *cobra.Command {
 	var replicas uint32
 	var maxLag time.Duration
 	var placement map[string]string
+	var freeze bool
 	cmd := &cobra.Command{
 		Use:   "create NAME",
 		Short: "Create a volume; this host becomes its primary",
@@ -44,7 +45,7 @@ func newVolumeCreateCmd(g *globals) *cobra.Command {
 				return fmt.Errorf("--max-lag %s is below a millisecond", maxLag)
 			}
 			return g.client(cmd, func(ctx context.Context, c tetherpb.ControlClient) error {
-				resp, err := c.VolumeCreate(ctx, &tetherpb.VolumeCreateRequest{Name: args[0], Replicas: replicas, MaxLagMs: lagMs, Placement: placement})
+				resp, err := c.VolumeCreate(ctx, &tetherpb.VolumeCreateRequest{Name: args[0], Replicas: replicas, MaxLagMs: lagMs, Placement: placement, Freeze: freeze})
 				if err != nil {
 					return err
 				}
@@ -64,6 +65,7 @@ func newVolumeCreateCmd(g *globals) *cobra.Command {
 	cmd.Flags().Uint32Var(&replicas, "replicas", 3, "number of copies, counting the primary")
 	cmd.Flags().DurationVar(&maxLag, "max-lag", 5*time.Minute, "automatic failover refuses a copy further behind than this (0: no limit)")
 	cmd.Flags().StringToStringVar(&placement, "placement", nil, "only nodes with this label hold copies, KEY=VALUE (repeatable; see tether agent --label)")
+	cmd.Flags().BoolVar(&freeze, "freeze", false, "pause the volume's containers for a moment when writers never go quiet enough for a point-in-time cut (databases; needs the Docker volume driver)")
 	return cmd
 }
 
@@ -129,6 +131,7 @@ func printInspect(out io.Writer, resp *tetherpb.VolumeInspectResponse) error {
 	if len(v.Placement) > 0 {
 		fmt.Fprintf(w, "Placement:\t%s\n", labelString(v.Placement))
 	}
+	fmt.Fprintf(w, "Freeze:\t%v\n", v.Freeze)
 	if v.Blocked != "" {
 		fmt.Fprintf(w, "NEEDS OPERATOR:\t%s\n", v.Blocked)
 	}
@@ -243,7 +246,7 @@ func newVolumeUpdateCmd(g *globals) *cobra.Command {
 	var replicas uint32
 	var maxLag time.Duration
 	var placement map[string]string
-	var clearPlacement bool
+	var clearPlacement, freeze bool
 	cmd := &cobra.Command{
 		Use:   "update NAME",
 		Short: "Change a volume's copy count, max lag or placement",
@@ -273,6 +276,9 @@ match the placement: a new copy is filled before the old one is dropped.`,
 			if f.Changed("placement") && clearPlacement {
 				return fmt.Errorf("--placement and --clear-placement exclude each other")
 			}
+			if f.Changed("freeze") {
+				req.Freeze = &freeze
+			}
 			if f.Changed("placement") || clearPlacement {
 				req.SetPlacement, req.Placement = true, placement
 			}
@@ -293,5 +299,6 @@ match the placement: a new copy is filled before the old one is dropped.`,
 	cmd.Flags().DurationVar(&maxLag, "max-lag", 0, "automatic failover refuses a copy further behind than this (0: no limit)")
 	cmd.Flags().StringToStringVar(&placement, "placement", nil, "only nodes with this label hold copies, KEY=VALUE (repeatable)")
 	cmd.Flags().BoolVar(&clearPlacement, "clear-placement", false, "remove the placement constraint")
+	cmd.Flags().BoolVar(&freeze, "freeze", false, "pause the volume's containers briefly when a point-in-time cut needs it (--freeze=false to stop)")
 	return cmd
 }

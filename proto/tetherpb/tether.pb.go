@@ -1022,6 +1022,7 @@ type VolumeUpdateRequest struct {
 	// Replaces the placement when set_placement is true (empty clears it).
 	Placement     map[string]string `protobuf:"bytes,4,rep,name=placement,proto3" json:"placement,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	SetPlacement  bool              `protobuf:"varint,5,opt,name=set_placement,json=setPlacement,proto3" json:"set_placement,omitempty"`
+	Freeze        *bool             `protobuf:"varint,6,opt,name=freeze,proto3,oneof" json:"freeze,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1087,6 +1088,13 @@ func (x *VolumeUpdateRequest) GetPlacement() map[string]string {
 func (x *VolumeUpdateRequest) GetSetPlacement() bool {
 	if x != nil {
 		return x.SetPlacement
+	}
+	return false
+}
+
+func (x *VolumeUpdateRequest) GetFreeze() bool {
+	if x != nil && x.Freeze != nil {
+		return *x.Freeze
 	}
 	return false
 }
@@ -1932,7 +1940,10 @@ type VolumeCreateRequest struct {
 	// (milliseconds); 0 means the default (5 minutes), -1 no limit.
 	MaxLagMs int64 `protobuf:"varint,3,opt,name=max_lag_ms,json=maxLagMs,proto3" json:"max_lag_ms,omitempty"`
 	// Labels every node holding a copy must carry.
-	Placement     map[string]string `protobuf:"bytes,4,rep,name=placement,proto3" json:"placement,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Placement map[string]string `protobuf:"bytes,4,rep,name=placement,proto3" json:"placement,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// Pause the volume's containers briefly when writers never go quiet
+	// enough for a point-in-time cut (needs the Docker volume driver).
+	Freeze        bool `protobuf:"varint,5,opt,name=freeze,proto3" json:"freeze,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1993,6 +2004,13 @@ func (x *VolumeCreateRequest) GetPlacement() map[string]string {
 		return x.Placement
 	}
 	return nil
+}
+
+func (x *VolumeCreateRequest) GetFreeze() bool {
+	if x != nil {
+		return x.Freeze
+	}
+	return false
 }
 
 type VolumeCreateResponse struct {
@@ -2238,8 +2256,10 @@ type Volume struct {
 	DeletedUnixNano int64 `protobuf:"varint,13,opt,name=deleted_unix_nano,json=deletedUnixNano,proto3" json:"deleted_unix_nano,omitempty"`
 	// When a deleted volume will be purged; 0 when it is not deleted.
 	PurgeAfterUnixNano int64 `protobuf:"varint,14,opt,name=purge_after_unix_nano,json=purgeAfterUnixNano,proto3" json:"purge_after_unix_nano,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// The primary may pause the volume's containers for a point-in-time cut.
+	Freeze        bool `protobuf:"varint,15,opt,name=freeze,proto3" json:"freeze,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
@@ -2368,6 +2388,13 @@ func (x *Volume) GetPurgeAfterUnixNano() int64 {
 		return x.PurgeAfterUnixNano
 	}
 	return 0
+}
+
+func (x *Volume) GetFreeze() bool {
+	if x != nil {
+		return x.Freeze
+	}
+	return false
 }
 
 type ReplicaProgress struct {
@@ -2868,19 +2895,21 @@ const file_tether_proto_rawDesc = "" +
 	"\tacked_seq\x18\x03 \x01(\x04R\backedSeq\x12-\n" +
 	"\x13acked_cut_unix_nano\x18\x04 \x01(\x03R\x10ackedCutUnixNano\x12\x15\n" +
 	"\x06lag_ms\x18\x05 \x01(\x03R\x05lagMs\x12\x14\n" +
-	"\x05error\x18\x06 \x01(\tR\x05error\"\xb9\x02\n" +
+	"\x05error\x18\x06 \x01(\tR\x05error\"\xe1\x02\n" +
 	"\x13VolumeUpdateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1f\n" +
 	"\breplicas\x18\x02 \x01(\rH\x00R\breplicas\x88\x01\x01\x12!\n" +
 	"\n" +
 	"max_lag_ms\x18\x03 \x01(\x03H\x01R\bmaxLagMs\x88\x01\x01\x12K\n" +
 	"\tplacement\x18\x04 \x03(\v2-.tether.v1.VolumeUpdateRequest.PlacementEntryR\tplacement\x12#\n" +
-	"\rset_placement\x18\x05 \x01(\bR\fsetPlacement\x1a<\n" +
+	"\rset_placement\x18\x05 \x01(\bR\fsetPlacement\x12\x1b\n" +
+	"\x06freeze\x18\x06 \x01(\bH\x02R\x06freeze\x88\x01\x01\x1a<\n" +
 	"\x0ePlacementEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\v\n" +
 	"\t_replicasB\r\n" +
-	"\v_max_lag_ms\"A\n" +
+	"\v_max_lag_msB\t\n" +
+	"\a_freeze\"A\n" +
 	"\x14VolumeUpdateResponse\x12)\n" +
 	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\"P\n" +
 	"\x14VolumePromoteRequest\x12\x12\n" +
@@ -2949,13 +2978,14 @@ const file_tether_proto_rawDesc = "" +
 	"\x03tls\x18\x01 \x01(\bR\x03tls\x12)\n" +
 	"\x10gossip_encrypted\x18\x02 \x01(\bR\x0fgossipEncrypted\x12\x1d\n" +
 	"\n" +
-	"join_error\x18\x03 \x01(\tR\tjoinError\"\xee\x01\n" +
+	"join_error\x18\x03 \x01(\tR\tjoinError\"\x86\x02\n" +
 	"\x13VolumeCreateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\breplicas\x18\x02 \x01(\rR\breplicas\x12\x1c\n" +
 	"\n" +
 	"max_lag_ms\x18\x03 \x01(\x03R\bmaxLagMs\x12K\n" +
-	"\tplacement\x18\x04 \x03(\v2-.tether.v1.VolumeCreateRequest.PlacementEntryR\tplacement\x1a<\n" +
+	"\tplacement\x18\x04 \x03(\v2-.tether.v1.VolumeCreateRequest.PlacementEntryR\tplacement\x12\x16\n" +
+	"\x06freeze\x18\x05 \x01(\bR\x06freeze\x1a<\n" +
 	"\x0ePlacementEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"A\n" +
@@ -2968,7 +2998,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"s\n" +
 	"\x15VolumeInspectResponse\x12)\n" +
 	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\x12/\n" +
-	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\xb0\x04\n" +
+	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\xc8\x04\n" +
 	"\x06Volume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\breplicas\x18\x02 \x01(\rR\breplicas\x12\x18\n" +
@@ -2985,7 +3015,8 @@ const file_tether_proto_rawDesc = "" +
 	"\ablocked\x18\v \x01(\tR\ablocked\x12>\n" +
 	"\tplacement\x18\f \x03(\v2 .tether.v1.Volume.PlacementEntryR\tplacement\x12*\n" +
 	"\x11deleted_unix_nano\x18\r \x01(\x03R\x0fdeletedUnixNano\x121\n" +
-	"\x15purge_after_unix_nano\x18\x0e \x01(\x03R\x12purgeAfterUnixNano\x1a<\n" +
+	"\x15purge_after_unix_nano\x18\x0e \x01(\x03R\x12purgeAfterUnixNano\x12\x16\n" +
+	"\x06freeze\x18\x0f \x01(\bR\x06freeze\x1a<\n" +
 	"\x0ePlacementEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"q\n" +

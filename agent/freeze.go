@@ -1,0 +1,90 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/moby/moby/client"
+
+	"github.com/tether-io/tether/replication"
+)
+
+// thawTimeout bounds unpausing: containers must not stay frozen because
+// the Engine is slow to answer.
+const thawTimeout = 10 * time.Second
+
+// containerFreezer is the replication Freezer of a volume with the freeze
+// option: when writers never go quiet enough for a point-in-time cut, the
+// primary pauses (cgroup freezer, through the Engine) the containers that
+// use the volume through this agent's driver while the cut's last round is
+// read, then unpauses them.
+type containerFreezer struct {
+	f      *Fencer
+	volume string
+}
+
+var _ replication.Freezer = containerFreezer{}
+
+// Freeze pauses the volume's running containers. If one cannot be paused,
+// those already paused are unpaused and the error returned: the cut then
+// ships marked file-consistent only.
+func (z containerFreezer) Freeze(ctx context.Context) (func(), error) {
+	ids, err := z.f.runningUsing(ctx, z.volume)
+	if err != nil {
+		return nil, err
+	}
+	var paused []string
+	thaw := func() {
+		tctx, cancel := context.WithTimeout(context.Background(), thawTimeout)
+		defer cancel()
+		for _, id := range paused {
+			if _, err := z.f.cli.ContainerUnpause(tctx, id, client.ContainerUnpauseOptions{}); err != nil {
+				z.f.log.Error("could not unpause a container after a cut: unpause it by hand", "volume", z.volume, "container", id, "err", err)
+			}
+		}
+	}
+	for _, id := range ids {
+		if _, err := z.f.cli.ContainerPause(ctx, id, client.ContainerPauseOptions{}); err != nil {
+			thaw()
+			return nil, fmt.Errorf("freezing volume %s: pausing container %s: %w", z.volume, id, err)
+		}
+		paused = append(paused, id)
+	}
+	return thaw, nil
+}
+
+// runningUsing lists the running (not paused) containers that mount volume
+// through the fencer's driver.
+func (f *Fencer) runningUsing(ctx context.Context, volume string) ([]string, error) {
+	res, err := f.cli.ContainerList(ctx, client.ContainerListOptions{Filters: make(client.Filters).Add("volume", volume).Add("status", "running")})
+	if err != nil {
+		return nil, fmt.Errorf("listing the containers of volume %s: %w", volume, err)
+	}
+	var ids []string
+	for _, c := range res.Items {
+		if usesVolume(c, volume, f.driver) {
+			ids = append(ids, c.ID)
+		}
+	}
+	return ids, nil
+}
+
+// NewContainerFreezer returns the Freezer that pauses, through f's Docker
+// client, the containers using volume of f's driver.
+func NewContainerFreezer(f *Fencer, volume string) replication.Freezer {
+	return containerFreezer{f: f, volume: volume}
+}
+
+// freezerFor returns the Freezer for a volume with the freeze option, nil
+// when the option is off or this agent serves no Docker driver.
+func (a *Agent) freezerFor(volume string, freeze bool) (replication.Freezer, error) {
+	if !freeze {
+		return nil, nil
+	}
+	if a.fencer == nil {
+		return nil, errors.New("the freeze option needs the Docker volume driver (--driver-socket) on this host")
+	}
+	return NewContainerFreezer(a.fencer, volume), nil
+}
