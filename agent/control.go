@@ -36,7 +36,7 @@ func (s *controlServer) Status(context.Context, *tetherpb.StatusRequest) (*tethe
 	leader, _ := a.cluster.Leader()
 	resp := &tetherpb.StatusResponse{
 		Node: a.cfg.NodeName, Version: Version, Leader: leader,
-		RaftState: state, RaftLastIndex: last, DataDir: a.cfg.DataDir,
+		RaftState: state, RaftLastIndex: last, DataDir: a.cfg.DataDir, RaftTerm: a.cluster.RaftTerm(),
 		Security: a.securityPB(),
 	}
 	p := planFor(a.cfg.NodeName, a.cluster.Volumes())

@@ -39,6 +39,10 @@ func TestHTTPEndpoints(t *testing.T) {
 	if code, body := httpGet(t, base+"/healthz"); code != http.StatusOK || !strings.HasPrefix(body, "ok") {
 		t.Fatalf("/healthz: %d %q", code, body)
 	}
+	st, err := tc.ctl[primary.NodeName()].Status(context.Background(), &tetherpb.StatusRequest{})
+	if err != nil || st.RaftTerm < 1 || st.Leader == "" {
+		t.Fatalf("status: term %d leader %q err %v", st.GetRaftTerm(), st.GetLeader(), err)
+	}
 	if code, body := httpGet(t, base+"/v1/status"); code != http.StatusOK || !strings.Contains(body, `"node": "n1"`) {
 		t.Fatalf("/v1/status: %d %q", code, body)
 	}

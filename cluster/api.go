@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -45,6 +46,15 @@ func (c *Cluster) RaftState() (state string, lastIndex uint64) {
 		return "none", 0
 	}
 	return strings.ToLower(c.raft.State().String()), c.raft.LastIndex()
+}
+
+// RaftTerm is this node's current Raft term (0 before Raft runs).
+func (c *Cluster) RaftTerm() uint64 {
+	if !c.ready.Load() {
+		return 0
+	}
+	term, _ := strconv.ParseUint(c.raft.Stats()["term"], 10, 64)
+	return term
 }
 
 // Members lists every node this one knows of, dead and left included,

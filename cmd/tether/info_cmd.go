@@ -59,7 +59,7 @@ func newStatusCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(w, "Node:\t%s\n", resp.Node)
 				fmt.Fprintf(w, "Version:\t%s\n", resp.Version)
 				fmt.Fprintf(w, "Data dir:\t%s\n", resp.DataDir)
-				fmt.Fprintf(w, "Raft:\t%s, last index %d, leader %s\n", resp.RaftState, resp.RaftLastIndex, leader)
+				fmt.Fprintf(w, "Raft:\t%s, term %d, last index %d, leader %s\n", resp.RaftState, resp.RaftTerm, resp.RaftLastIndex, leader)
 				fmt.Fprintf(w, "Security:\t%s\n", securityLine(resp.Security))
 				if je := resp.GetSecurity().GetJoinError(); je != "" {
 					fmt.Fprintf(w, "Gossip join:\t%s\n", je)

@@ -1602,6 +1602,7 @@ type StatusResponse struct {
 	// had been primary of (never merged, never deleted by tether).
 	Quarantined   []*Quarantine `protobuf:"bytes,12,rep,name=quarantined,proto3" json:"quarantined,omitempty"`
 	Security      *Security     `protobuf:"bytes,20,opt,name=security,proto3" json:"security,omitempty"`
+	RaftTerm      uint64        `protobuf:"varint,21,opt,name=raft_term,json=raftTerm,proto3" json:"raft_term,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1725,6 +1726,13 @@ func (x *StatusResponse) GetSecurity() *Security {
 		return x.Security
 	}
 	return nil
+}
+
+func (x *StatusResponse) GetRaftTerm() uint64 {
+	if x != nil {
+		return x.RaftTerm
+	}
+	return 0
 }
 
 type Quarantine struct {
@@ -2941,7 +2949,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\">\n" +
 	"\x0fMembersResponse\x12+\n" +
 	"\amembers\x18\x01 \x03(\v2\x11.tether.v1.MemberR\amembers\"\x0f\n" +
-	"\rStatusRequest\"\xeb\x03\n" +
+	"\rStatusRequest\"\x88\x04\n" +
 	"\x0eStatusResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\x16\n" +
@@ -2961,7 +2969,8 @@ const file_tether_proto_rawDesc = "" +
 	"leaseAgeMs\x12/\n" +
 	"\x06fenced\x18\v \x03(\v2\x17.tether.v1.FencedVolumeR\x06fenced\x127\n" +
 	"\vquarantined\x18\f \x03(\v2\x15.tether.v1.QuarantineR\vquarantined\x12/\n" +
-	"\bsecurity\x18\x14 \x01(\v2\x13.tether.v1.SecurityR\bsecurity\"\x88\x01\n" +
+	"\bsecurity\x18\x14 \x01(\v2\x13.tether.v1.SecurityR\bsecurity\x12\x1b\n" +
+	"\traft_term\x18\x15 \x01(\x04R\braftTerm\"\x88\x01\n" +
 	"\n" +
 	"Quarantine\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x14\n" +
