@@ -10,12 +10,12 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"time"
 
 	"google.golang.org/grpc"
 
 	"github.com/tether-io/tether/cluster"
 	"github.com/tether-io/tether/internal/tlsutil"
+	"github.com/tether-io/tether/internal/unixsock"
 	"github.com/tether-io/tether/proto/tetherpb"
 	"github.com/tether-io/tether/replication"
 	"github.com/tether-io/tether/volumedriver"
@@ -185,7 +185,7 @@ func (a *Agent) startRPC() error {
 
 func (a *Agent) startControl() error {
 	path := SocketPath(a.cfg.DataDir)
-	if err := removeStaleSocket(path); err != nil {
+	if err := unixsock.RemoveStale(path, "control socket", "stop the other agent first or use another --data-dir"); err != nil {
 		return err
 	}
 	ln, err := net.Listen("unix", path)
@@ -206,22 +206,6 @@ func (a *Agent) startControl() error {
 			a.log.Debug("control server stopped", "err", err)
 		}
 	}()
-	return nil
-}
-
-// removeStaleSocket removes a socket left by an agent that died, and
-// refuses when another agent still answers on it.
-func removeStaleSocket(path string) error {
-	if _, err := os.Lstat(path); errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
-		return fmt.Errorf("another agent is running on %s: stop it first or use another --data-dir", path)
-	}
-	if err := os.Remove(path); err != nil {
-		return fmt.Errorf("removing stale control socket: %w", err)
-	}
 	return nil
 }
 

@@ -242,18 +242,19 @@ func TestFaultIsolatedPrimaryWhileWriting(t *testing.T) {
 	fc.converged(t, "vol1", 15*time.Second)
 
 	fc.net.Isolate(old.NodeName(), fc.names)
-	for i := 0; ; i++ { // the workload keeps writing on the isolated primary
+	deadline := time.Now().Add(30 * time.Second)
+	testutil.Every(context.Background(), 10*time.Millisecond, func(i int) bool { // the workload keeps writing on the isolated primary
 		if err := os.WriteFile(filepath.Join(old.VolumePaths("vol1").Data, "late-"+strconv.Itoa(i)), []byte("old epoch"), 0o644); err != nil {
 			t.Fatal(err)
 		}
 		if nv, _ := fc.agent(v.ReplicaNodes[0]).Cluster().Volume("vol1"); nv.Epoch >= 2 {
-			break
+			return false
 		}
-		if i > 3000 {
+		if time.Now().After(deadline) {
 			t.Fatal("no failover within 30s of isolating the primary")
 		}
-		time.Sleep(10 * time.Millisecond) // a workload's pace, not a wait
-	}
+		return true
+	})
 	st, err := fc.ctl[old.NodeName()].Status(context.Background(), &tetherpb.StatusRequest{})
 	if err != nil {
 		t.Fatal(err)
@@ -327,15 +328,15 @@ func TestFaultDelayAndLossNoFalseFailover(t *testing.T) {
 	fc.converged(t, "vol1", 15*time.Second)
 	fc.net.Degrade(30*time.Millisecond, 0.05)
 	deadline := time.Now().Add(8 * time.Second)
-	for time.Now().Before(deadline) {
+	testutil.Every(context.Background(), 200*time.Millisecond, func(int) bool {
 		writeTree(t, fc.agent("n1").VolumePaths("vol1").Data, "t"+strconv.FormatInt(time.Now().UnixNano(), 10))
 		for _, a := range fc.agents {
 			if v, _ := a.Cluster().Volume("vol1"); v.Epoch != 1 {
 				t.Fatalf("false failover under delay and loss: %s sees %+v", a.NodeName(), v)
 			}
 		}
-		time.Sleep(200 * time.Millisecond) // pacing the workload, not waiting for a condition
-	}
+		return time.Now().Before(deadline)
+	})
 	t.Logf("gossip packets dropped: %d", fc.net.Dropped())
 	fc.net.Heal()
 	fc.converged(t, "vol1", 30*time.Second)
@@ -372,7 +373,7 @@ func TestChaosSeeded(t *testing.T) {
 	wg.Add(1)
 	go func() { // the workload runs where the volume is served, as a container would
 		defer wg.Done()
-		for i := 0; ctx.Err() == nil; i++ {
+		testutil.Every(ctx, 20*time.Millisecond, func(i int) bool {
 			for _, name := range vols {
 				for _, a := range fc.agents {
 					if _, serving := a.primaryStatus(name); serving {
@@ -380,8 +381,8 @@ func TestChaosSeeded(t *testing.T) {
 					}
 				}
 			}
-			time.Sleep(20 * time.Millisecond) // the workload's pace
-		}
+			return true
+		})
 	}()
 	end := time.Now().Add(duration)
 	for round := 1; time.Now().Before(end); round++ {
@@ -411,9 +412,9 @@ func TestChaosSeeded(t *testing.T) {
 		}
 		hold := time.Duration(2000+rng.IntN(4000)) * time.Millisecond
 		t.Logf("round %d: %s for %s", round, fault, hold)
-		time.Sleep(hold) // the fault's duration is the experiment
+		<-time.After(hold) // the fault lasts this long: that is the experiment
 		fc.net.Heal()
-		time.Sleep(time.Duration(1000+rng.IntN(3000)) * time.Millisecond)
+		<-time.After(time.Duration(1000+rng.IntN(3000)) * time.Millisecond) // and the calm after it
 	}
 	cancel()
 	wg.Wait()

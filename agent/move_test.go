@@ -84,10 +84,10 @@ func TestMoveRefusedWhileWritten(t *testing.T) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		for i := 0; ctx.Err() == nil; i++ {
+		testutil.Every(ctx, 20*time.Millisecond, func(i int) bool {
 			_ = os.WriteFile(filepath.Join(from.VolumePaths("vol1").Data, "busy"), []byte(fmt.Sprint(i)), 0o644)
-			time.Sleep(20 * time.Millisecond) // a workload's pace, not a wait
-		}
+			return true
+		})
 	}()
 	defer func() { cancel(); wg.Wait() }()
 	_, err := from.Move(context.Background(), "vol1", v.ReplicaNodes[0], 2*time.Second)

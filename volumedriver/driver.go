@@ -13,6 +13,8 @@ import (
 	"path/filepath"
 	"sync"
 	"time"
+
+	"github.com/tether-io/tether/internal/unixsock"
 )
 
 // Volume is what the Backend tells Docker about one volume.
@@ -137,7 +139,7 @@ func (d *Driver) Start(path string) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return fmt.Errorf("creating the plugin socket directory: %w", err)
 	}
-	if err := removeStale(path); err != nil {
+	if err := unixsock.RemoveStale(path, "plugin socket", "stop it or pick another --driver-socket"); err != nil {
 		return err
 	}
 	ln, err := net.Listen("unix", path)
@@ -175,21 +177,6 @@ func (d *Driver) Close() {
 	srv.Close()
 	d.wg.Wait()
 	os.Remove(path)
-}
-
-// removeStale removes a socket left by a dead process.
-func removeStale(path string) error {
-	if _, err := os.Lstat(path); errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-		c.Close()
-		return fmt.Errorf("another process serves the plugin socket %s: stop it or pick another --driver-socket", path)
-	}
-	if err := os.Remove(path); err != nil {
-		return fmt.Errorf("removing stale plugin socket: %w", err)
-	}
-	return nil
 }
 
 // Handler is the protocol's HTTP handler (exported for tests and for
@@ -343,41 +330,46 @@ func (d *Driver) unmount(w http.ResponseWriter, r *http.Request) {
 }
 
 func (d *Driver) path(w http.ResponseWriter, r *http.Request) {
-	var req nameRequest
-	if !decode(w, r, &req) {
-		return
-	}
-	if err := ValidateName(req.Name); err != nil {
-		fail(w, http.StatusBadRequest, err)
-		return
-	}
-	v, ok, err := d.lookup(r.Context(), req.Name)
-	if err != nil {
-		fail(w, http.StatusServiceUnavailable, err)
-		return
-	}
+	v, found, ok := d.lookupRequest(w, r)
 	if !ok {
-		fail(w, http.StatusNotFound, fmt.Errorf("no such volume: %s", req.Name))
+		return
+	}
+	if !found {
+		fail(w, http.StatusNotFound, fmt.Errorf("no such volume: %s", v.Name))
 		return
 	}
 	reply(w, http.StatusOK, mountResponse{Mountpoint: v.Mountpoint})
 }
 
-func (d *Driver) get(w http.ResponseWriter, r *http.Request) {
+// lookupRequest decodes and checks a request naming a volume and looks the
+// volume up. When ok is false it has answered the request itself; when
+// found is false, v holds only the name.
+func (d *Driver) lookupRequest(w http.ResponseWriter, r *http.Request) (v Volume, found, ok bool) {
 	var req nameRequest
 	if !decode(w, r, &req) {
-		return
+		return Volume{}, false, false
 	}
 	if err := ValidateName(req.Name); err != nil {
 		fail(w, http.StatusBadRequest, err)
-		return
+		return Volume{}, false, false
 	}
-	v, ok, err := d.lookup(r.Context(), req.Name)
+	v, found, err := d.lookup(r.Context(), req.Name)
 	if err != nil {
 		fail(w, http.StatusServiceUnavailable, err)
+		return Volume{}, false, false
+	}
+	if !found {
+		v = Volume{Name: req.Name}
+	}
+	return v, found, true
+}
+
+func (d *Driver) get(w http.ResponseWriter, r *http.Request) {
+	v, found, ok := d.lookupRequest(w, r)
+	if !ok {
 		return
 	}
-	if !ok {
+	if !found {
 		// No volume and no error: dockerd says "no such volume", and
 		// `docker volume create` goes on to Create.
 		reply(w, http.StatusOK, getResponse{})

@@ -4,6 +4,7 @@ package testutil
 
 import (
 	"bytes"
+	"context"
 	"io"
 	"log/slog"
 	"sync"
@@ -88,4 +89,21 @@ func (w *LogWriter) Write(p []byte) (int, error) {
 		w.t.Log(line[:len(line)-1])
 	}
 	return len(p), nil
+}
+
+// Every runs fn at a steady pace, every period, until fn returns false or
+// ctx ends: a workload's rhythm, not a wait for a condition.
+func Every(ctx context.Context, period time.Duration, fn func(i int) bool) {
+	t := time.NewTicker(period)
+	defer t.Stop()
+	for i := 0; ; i++ {
+		if !fn(i) {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
