@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -209,7 +210,11 @@ func (tp *topo) ctl(h *host, into proto.Message, args ...string) error {
 
 // ctlCtx is ctl for goroutines other than the test's (no testing.T).
 func ctlCtx(ctx context.Context, h *host, into proto.Message, args ...string) error {
-	out, err := dockerCtx(ctx, append([]string{"exec", h.container, "/bin/tether", "--json", "--timeout", "5s", "--data-dir", h.inDir}, args...)...)
+	timeout := "5s" // reads answer from the local catalog
+	if len(args) > 1 && args[0] == "volume" && !slices.Contains([]string{"inspect", "ls"}, args[1]) {
+		timeout = "20s" // catalog writes may wait for a leader right after the cluster forms
+	}
+	out, err := dockerCtx(ctx, append([]string{"exec", h.container, "/bin/tether", "--json", "--timeout", timeout, "--data-dir", h.inDir}, args...)...)
 	if err != nil {
 		return err
 	}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -73,6 +74,9 @@ func (g *globals) client(cmd *cobra.Command, fn func(context.Context, tetherpb.C
 	ctx, cancel := context.WithTimeout(cmd.Context(), g.timeout)
 	defer cancel()
 	if err := fn(ctx, tetherpb.NewControlClient(conn)); err != nil {
+		if ctx.Err() != nil || status.Code(err) == codes.Canceled || status.Code(err) == codes.DeadlineExceeded {
+			return fmt.Errorf("the agent did not finish within --timeout %s (%s); the change may still be applied: check with tether volume inspect or tether status", g.timeout, status.Convert(err).Message())
+		}
 		return explain(err, g.target())
 	}
 	return nil
