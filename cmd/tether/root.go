@@ -47,7 +47,7 @@ through the local agent. "tether demo" shows the whole thing on one machine.`,
 	pf.StringVar(&g.dataDir, "data-dir", agent.DefaultDataDir, "the agent's data directory (where its control socket lives)")
 	pf.BoolVar(&g.json, "json", false, "print JSON instead of a table")
 	pf.DurationVar(&g.timeout, "timeout", 15*time.Second, "how long to wait for the agent")
-	root.AddCommand(newAgentCmd(g), newMembersCmd(g), newStatusCmd(g), newVolumeCmd(g), newDoctorCmd(g), newDemoCmd(),
+	root.AddCommand(newAgentCmd(g), newMembersCmd(g), newStatusCmd(g), newVolumeCmd(g), newDoctorCmd(g), newDemoCmd(), newInstallCmd(),
 		newKeygenCmd(), newTLSCmd())
 	return root
 }
