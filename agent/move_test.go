@@ -112,6 +112,16 @@ func TestOperatorPromote(t *testing.T) {
 	if _, err := ctl.VolumePromote(ctx, &tetherpb.VolumePromoteRequest{Name: "vol1", To: to}); err == nil || !strings.Contains(err.Error(), "alive") {
 		t.Fatalf("promote with a live primary: %v; want a refusal", err)
 	}
+	// Progress reaches the catalog in the background (every 500 ms): wait
+	// until it shows the target holding the primary's newest batch, so that
+	// the promotion below gives up nothing.
+	testutil.EventuallyErr(t, 10*time.Second, func() error {
+		cv, _ := primary.Cluster().Volume("vol1")
+		if b := cluster.Behind(cv, to); b != 0 {
+			return fmt.Errorf("the catalog still has %s %s behind", to, b)
+		}
+		return nil
+	})
 	primary.Kill()
 	var resp *tetherpb.VolumePromoteResponse
 	testutil.EventuallyErr(t, 20*time.Second, func() error {
