@@ -423,3 +423,42 @@ func TestChaosSeeded(t *testing.T) {
 		fc.converged(t, name, 90*time.Second)
 	}
 }
+
+// TestFaultLeaderLostMidCommit: a catalog write forwarded to the leader
+// while the leader is cut off. Whatever the client is told must match what
+// happened: success exactly when the volume exists once the cluster heals.
+func TestFaultLeaderLostMidCommit(t *testing.T) {
+	fc := startFaultCluster(t, 3, 4)
+	leader, follower := fc.leader(), fc.follower()
+	fc.net.Degrade(40*time.Millisecond, 0) // the leader's appends arrive late
+	errc := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		_, err := fc.ctl[follower.NodeName()].VolumeCreate(ctx, &tetherpb.VolumeCreateRequest{Name: "vol1", Replicas: 2})
+		errc <- err
+	}()
+	<-time.After(45 * time.Millisecond) // cut the leader off while the write is in flight
+	fc.net.Isolate(leader.NodeName(), fc.names)
+	err := <-errc
+	fc.net.Heal()
+	var exists bool
+	testutil.EventuallyErr(t, 30*time.Second, func() error {
+		var seen []bool
+		for _, a := range fc.agents {
+			_, ok := a.Cluster().Volume("vol1")
+			seen = append(seen, ok)
+		}
+		for _, s := range seen[1:] {
+			if s != seen[0] {
+				return fmt.Errorf("catalogs disagree on vol1: %v", seen)
+			}
+		}
+		exists = seen[0]
+		return nil
+	})
+	t.Logf("create answered %v; the volume exists: %v", err, exists)
+	if (err == nil) != exists {
+		t.Fatalf("the client was told %v but the volume exists=%v", err, exists)
+	}
+}

@@ -108,8 +108,13 @@ func (a *Agent) forward(ctx context.Context, leaderRPCAddr string, cmd []byte) (
 	}
 	resp, err := tetherpb.NewPeerClient(c).Apply(ctx, &tetherpb.ApplyRequest{Command: cmd})
 	if err != nil {
-		if status.Code(err) == codes.FailedPrecondition {
+		switch code := status.Code(err); {
+		case code == codes.FailedPrecondition:
 			return 0, fmt.Errorf("%w (asked %s)", cluster.ErrNotLeader, leaderRPCAddr)
+		case ctx.Err() == nil && (code == codes.Unavailable || code == codes.DeadlineExceeded || code == codes.Canceled):
+			// The leader may have committed the command before the call
+			// broke: the caller repeats it and checks.
+			return 0, fmt.Errorf("%w: forwarding to the leader at %s: %w", cluster.ErrIndeterminate, leaderRPCAddr, err)
 		}
 		return 0, fmt.Errorf("forwarding to the leader at %s: %w", leaderRPCAddr, err)
 	}

@@ -120,27 +120,32 @@ func (c *Cluster) Apply(ctx context.Context, cmd Command) (uint64, error) {
 	if !c.ready.Load() {
 		return 0, fmt.Errorf("%w: not started", ErrShutdown)
 	}
-	retried := false
+	// uncertain is set once an attempt may have been committed without our
+	// knowing (leadership lost mid-commit, the leader unreachable mid-call).
+	// Every catalog command is safe to send again: each either checks a
+	// precondition or only moves state forward, so Apply repeats it, and a
+	// refusal of the repeat that shows the first attempt landed is success.
+	uncertain := false
 	for {
 		idx, retry, err := c.applyOnce(ctx, b)
-		if errors.Is(err, ErrIndeterminate) && !retried {
-			// Every catalog command is safe to send again: each either
-			// checks a precondition or only moves state forward. A refusal
-			// of the repeat that shows the first attempt landed is success.
-			retried, retry = true, true
-		} else if retried && err != nil && !retry && c.landed(ctx, cmd) {
+		switch {
+		case err == nil:
+			// Read your writes: a caller that reads the catalog of this
+			// node next must see its own change.
+			return idx, c.waitApplied(ctx, idx)
+		case errors.Is(err, ErrIndeterminate):
+			uncertain, retry = true, true
+		case uncertain && !retry && c.landed(ctx, cmd):
 			return idx, nil
 		}
 		if !retry {
-			if err == nil {
-				// Read your writes: a caller that reads the catalog of this
-				// node next must see its own change.
-				err = c.waitApplied(ctx, idx)
-			}
 			return idx, err
 		}
 		select {
 		case <-ctx.Done():
+			if uncertain {
+				return 0, fmt.Errorf("%w (gave up retrying: %w; last: %w)", ErrIndeterminate, ctx.Err(), err)
+			}
 			return 0, fmt.Errorf("cluster: applying catalog change: %w (gave up: %w)", err, ctx.Err())
 		case <-c.ctx.Done():
 			return 0, ErrShutdown
