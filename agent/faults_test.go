@@ -345,7 +345,7 @@ func TestFaultDelayAndLossNoFalseFailover(t *testing.T) {
 // TestChaosSeeded runs random partitions, isolations and degradations
 // against a 5-node cluster with a workload, checking the safety invariants
 // all along and convergence at the end. TETHER_CHAOS_SEED replays a run;
-// TETHER_CHAOS_DURATION sets its length (default 40s).
+// TETHER_CHAOS_DURATION sets its length (default 2m).
 func TestChaosSeeded(t *testing.T) {
 	seed := uint64(time.Now().UnixNano())
 	if s := os.Getenv("TETHER_CHAOS_SEED"); s != "" {
@@ -354,7 +354,7 @@ func TestChaosSeeded(t *testing.T) {
 			t.Fatalf("TETHER_CHAOS_SEED: %v", err)
 		}
 	}
-	duration := 40 * time.Second
+	duration := 2 * time.Minute
 	if d := os.Getenv("TETHER_CHAOS_DURATION"); d != "" {
 		var err error
 		if duration, err = time.ParseDuration(d); err != nil {
