@@ -185,16 +185,9 @@ func (a *Agent) startRPC() error {
 
 func (a *Agent) startControl() error {
 	path := SocketPath(a.cfg.DataDir)
-	if err := unixsock.RemoveStale(path, "control socket", "stop the other agent first or use another --data-dir"); err != nil {
-		return err
-	}
-	ln, err := net.Listen("unix", path)
+	ln, err := unixsock.Listen(path, 0o600, "control socket", "stop the other agent first or use another --data-dir")
 	if err != nil {
-		return fmt.Errorf("listening on the control socket %s: %w", path, err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		return fmt.Errorf("restricting the control socket: %w", err)
+		return err
 	}
 	a.ctlLn = ln
 	a.ctlSrv = grpc.NewServer()

@@ -36,6 +36,19 @@ func lockDriverName(t *testing.T) {
 	t.Cleanup(func() { f.Close() })
 }
 
+// pluginDirFor takes the driver name for this test (see lockDriverName)
+// and makes its plugin directory, removed at the end.
+func pluginDirFor(t *testing.T) string {
+	t.Helper()
+	lockDriverName(t)
+	dir := filepath.Join("/run/docker/plugins", e2eDriverName)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatalf("creating the plugin directory (needs root): %v", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
 // driverOn makes host name serve the driver: the plugin directory
 // /run/docker/plugins/NAME/ bind-mounted (dockerd finds NAME/NAME.sock
 // there) and the data dir mounted at its own host path, because dockerd
@@ -58,12 +71,7 @@ func driverOn(name, pluginDir string) hostOption {
 // undelete.
 func TestDockerVolumeDriver(t *testing.T) {
 	requireE2E(t)
-	lockDriverName(t)
-	pluginDir := filepath.Join("/run/docker/plugins", e2eDriverName)
-	if err := os.MkdirAll(pluginDir, 0o755); err != nil {
-		t.Fatalf("creating the plugin directory (needs root): %v", err)
-	}
-	t.Cleanup(func() { os.RemoveAll(pluginDir) })
+	pluginDir := pluginDirFor(t)
 	tp := startTopo(t, 3, driverOn("h1", pluginDir))
 	image := buildImage(t)
 	h1 := tp.host("h1")
@@ -194,12 +202,7 @@ func checkInspect(t *testing.T, vol string) error {
 // majority promotes a replica.
 func TestDockerSelfFencing(t *testing.T) {
 	requireE2E(t)
-	lockDriverName(t)
-	pluginDir := filepath.Join("/run/docker/plugins", e2eDriverName)
-	if err := os.MkdirAll(pluginDir, 0o755); err != nil {
-		t.Fatalf("creating the plugin directory (needs root): %v", err)
-	}
-	t.Cleanup(func() { os.RemoveAll(pluginDir) })
+	pluginDir := pluginDirFor(t)
 	tp := startTopo(t, 3, driverOn("h1", pluginDir))
 	image := buildImage(t)
 	h1 := tp.host("h1")

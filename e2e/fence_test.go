@@ -11,17 +11,14 @@ import (
 	"github.com/tether-io/tether/internal/testutil"
 )
 
-// TestFenceStopsContainersUsingVolume runs the fencer against the real
-// engine: of two containers it stops exactly the one that mounts the
-// fenced volume of the fencer's driver (busybox sleep as PID 1 ignores
-// SIGTERM, so the engine kills it after the stop timeout). The local
-// driver stands in for tether's: the fencer only sees driver names.
-func TestFenceStopsContainersUsingVolume(t *testing.T) {
-	requireE2E(t)
+// twoContainers starts two containers, each on its own local volume, and
+// returns the first volume and both containers' names; all go at the end.
+func twoContainers(t *testing.T, kind string) (volA, ca, cb string) {
+	t.Helper()
 	image := buildImage(t)
-	prefix := fmt.Sprintf("tether-e2e-fence-%d", time.Now().UnixNano()%1e9)
+	prefix := fmt.Sprintf("tether-e2e-%s-%d", kind, time.Now().UnixNano()%1e9)
 	volA, volB := prefix+"-a", prefix+"-b"
-	ca, cb := prefix+"-ca", prefix+"-cb"
+	ca, cb = prefix+"-ca", prefix+"-cb"
 	t.Cleanup(func() {
 		docker(t, "rm", "-f", ca, cb)
 		docker(t, "volume", "rm", "-f", volA, volB)
@@ -32,6 +29,17 @@ func TestFenceStopsContainersUsingVolume(t *testing.T) {
 		mustDocker(t, "volume", "create", "-d", "local", v)
 		mustDocker(t, "run", "-d", "--name", c, "--entrypoint", "/bin/busybox", "-v", v+":/data", image, "sleep", "600")
 	}
+	return volA, ca, cb
+}
+
+// TestFenceStopsContainersUsingVolume runs the fencer against the real
+// engine: of two containers it stops exactly the one that mounts the
+// fenced volume of the fencer's driver (busybox sleep as PID 1 ignores
+// SIGTERM, so the engine kills it after the stop timeout). The local
+// driver stands in for tether's: the fencer only sees driver names.
+func TestFenceStopsContainersUsingVolume(t *testing.T) {
+	requireE2E(t)
+	volA, ca, cb := twoContainers(t, "fence")
 	f, err := agent.NewFencer(agent.FencerConfig{Driver: "local", StopTimeout: time.Second, Logger: testutil.Logger(t)})
 	if err != nil {
 		t.Fatal(err)
@@ -59,18 +67,7 @@ func TestFenceStopsContainersUsingVolume(t *testing.T) {
 // resumes them.
 func TestFreezePausesContainersUsingVolume(t *testing.T) {
 	requireE2E(t)
-	image := buildImage(t)
-	prefix := fmt.Sprintf("tether-e2e-freeze-%d", time.Now().UnixNano()%1e9)
-	volA, volB := prefix+"-a", prefix+"-b"
-	ca, cb := prefix+"-ca", prefix+"-cb"
-	t.Cleanup(func() {
-		docker(t, "rm", "-f", ca, cb)
-		docker(t, "volume", "rm", "-f", volA, volB)
-	})
-	for c, v := range map[string]string{ca: volA, cb: volB} {
-		mustDocker(t, "volume", "create", "-d", "local", v)
-		mustDocker(t, "run", "-d", "--name", c, "--entrypoint", "/bin/busybox", "-v", v+":/data", image, "sleep", "600")
-	}
+	volA, ca, cb := twoContainers(t, "freeze")
 	f, err := agent.NewFencer(agent.FencerConfig{Driver: "local", Logger: testutil.Logger(t)})
 	if err != nil {
 		t.Fatal(err)

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -139,16 +138,9 @@ func (d *Driver) Start(path string) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return fmt.Errorf("creating the plugin socket directory: %w", err)
 	}
-	if err := unixsock.RemoveStale(path, "plugin socket", "stop it or pick another --driver-socket"); err != nil {
-		return err
-	}
-	ln, err := net.Listen("unix", path)
+	ln, err := unixsock.Listen(path, 0o660, "plugin socket", "stop it or pick another --driver-socket")
 	if err != nil {
-		return fmt.Errorf("listening on the plugin socket %s: %w", path, err)
-	}
-	if err := os.Chmod(path, 0o660); err != nil {
-		ln.Close()
-		return fmt.Errorf("setting the plugin socket's mode: %w", err)
+		return err
 	}
 	srv := &http.Server{Handler: d.Handler(), ReadHeaderTimeout: 10 * time.Second}
 	d.mu.Lock()
@@ -237,11 +229,7 @@ func fail(w http.ResponseWriter, code int, err error) {
 
 func (d *Driver) create(w http.ResponseWriter, r *http.Request) {
 	var req createRequest
-	if !decode(w, r, &req) {
-		return
-	}
-	if err := ValidateName(req.Name); err != nil {
-		fail(w, http.StatusBadRequest, err)
+	if !decodeNamed(w, r, &req, &req.Name) {
 		return
 	}
 	opts, err := ParseCreateOptions(req.Opts)
@@ -260,11 +248,7 @@ func (d *Driver) create(w http.ResponseWriter, r *http.Request) {
 
 func (d *Driver) remove(w http.ResponseWriter, r *http.Request) {
 	var req nameRequest
-	if !decode(w, r, &req) {
-		return
-	}
-	if err := ValidateName(req.Name); err != nil {
-		fail(w, http.StatusBadRequest, err)
+	if !decodeNamed(w, r, &req, &req.Name) {
 		return
 	}
 	if n := d.mounts.count(req.Name); n > 0 {
@@ -282,11 +266,7 @@ func (d *Driver) remove(w http.ResponseWriter, r *http.Request) {
 
 func (d *Driver) mount(w http.ResponseWriter, r *http.Request) {
 	var req mountRequest
-	if !decode(w, r, &req) {
-		return
-	}
-	if err := ValidateName(req.Name); err != nil {
-		fail(w, http.StatusBadRequest, err)
+	if !decodeNamed(w, r, &req, &req.Name) {
 		return
 	}
 	if err := validateMountID(req.ID); err != nil {
@@ -313,11 +293,7 @@ func (d *Driver) mount(w http.ResponseWriter, r *http.Request) {
 
 func (d *Driver) unmount(w http.ResponseWriter, r *http.Request) {
 	var req mountRequest
-	if !decode(w, r, &req) {
-		return
-	}
-	if err := ValidateName(req.Name); err != nil {
-		fail(w, http.StatusBadRequest, err)
+	if !decodeNamed(w, r, &req, &req.Name) {
 		return
 	}
 	total, err := d.mounts.remove(req.Name, req.ID)
@@ -341,16 +317,25 @@ func (d *Driver) path(w http.ResponseWriter, r *http.Request) {
 	reply(w, http.StatusOK, mountResponse{Mountpoint: v.Mountpoint})
 }
 
+// decodeNamed decodes a request into req and checks the volume name it
+// carries (*name, a field of req); on failure it has answered itself.
+func decodeNamed(w http.ResponseWriter, r *http.Request, req any, name *string) bool {
+	if !decode(w, r, req) {
+		return false
+	}
+	if err := ValidateName(*name); err != nil {
+		fail(w, http.StatusBadRequest, err)
+		return false
+	}
+	return true
+}
+
 // lookupRequest decodes and checks a request naming a volume and looks the
 // volume up. When ok is false it has answered the request itself; when
 // found is false, v holds only the name.
 func (d *Driver) lookupRequest(w http.ResponseWriter, r *http.Request) (v Volume, found, ok bool) {
 	var req nameRequest
-	if !decode(w, r, &req) {
-		return Volume{}, false, false
-	}
-	if err := ValidateName(req.Name); err != nil {
-		fail(w, http.StatusBadRequest, err)
+	if !decodeNamed(w, r, &req, &req.Name) {
 		return Volume{}, false, false
 	}
 	v, found, err := d.lookup(r.Context(), req.Name)

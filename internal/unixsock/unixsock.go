@@ -27,3 +27,19 @@ func RemoveStale(path, what, advice string) error {
 	}
 	return nil
 }
+
+// Listen reclaims path (see RemoveStale), listens on it and sets its mode.
+func Listen(path string, mode os.FileMode, what, advice string) (net.Listener, error) {
+	if err := RemoveStale(path, what, advice); err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listening on the %s %s: %w", what, path, err)
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("setting the mode of the %s %s: %w", what, path, err)
+	}
+	return ln, nil
+}
