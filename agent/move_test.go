@@ -117,6 +117,9 @@ func TestOperatorPromote(t *testing.T) {
 	// the promotion below gives up nothing.
 	testutil.EventuallyErr(t, 10*time.Second, func() error {
 		cv, _ := primary.Cluster().Volume("vol1")
+		if cv.Progress[cv.Primary].Seq == 0 {
+			return fmt.Errorf("the catalog has no head of %s yet", cv.Primary)
+		}
 		if b := cluster.Behind(cv, to); b != 0 {
 			return fmt.Errorf("the catalog still has %s %s behind", to, b)
 		}
