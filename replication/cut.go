@@ -14,7 +14,9 @@ import (
 // Freezer pauses every writer of a volume (for instance its containers,
 // through the cgroup freezer) so that the primary can take a consistent cut
 // of a volume that never goes quiet. Freeze returns once the writers are
-// paused; thaw resumes them and must be called exactly once.
+// paused (the Freezer bounds its own pausing; ctx only cancels it) and, if
+// it fails, leaves none paused; thaw resumes them and must be called
+// exactly once.
 type Freezer interface {
 	Freeze(ctx context.Context) (thaw func(), err error)
 }
@@ -233,17 +235,19 @@ func (c *cutRound) frozen(ctx context.Context) (bool, time.Time, error) {
 	if p.cfg.Freezer == nil {
 		return false, time.Time{}, nil
 	}
-	fctx, cancel := context.WithTimeout(ctx, p.cfg.MaxFreeze)
-	defer cancel()
 	start := time.Now()
-	thaw, err := p.cfg.Freezer.Freeze(fctx)
+	thaw, err := p.cfg.Freezer.Freeze(ctx)
 	if err != nil {
 		p.log.Warn("freezing the volume's writers failed", "err", err)
 		return false, time.Time{}, nil
 	}
+	// MaxFreeze bounds how long the writers stay paused once they are.
+	frozenAt := time.Now()
+	fctx, cancel := context.WithTimeout(ctx, p.cfg.MaxFreeze)
+	defer cancel()
 	ok, at, err := c.frozenRound(fctx)
 	thaw()
-	p.log.Debug("froze the volume's writers for a cut", "took", time.Since(start), "consistent", ok)
+	p.log.Debug("froze the volume's writers for a cut", "pausing", frozenAt.Sub(start), "frozen", time.Since(frozenAt), "consistent", ok)
 	if ctx.Err() != nil {
 		return false, time.Time{}, ctx.Err()
 	}
