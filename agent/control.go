@@ -172,6 +172,10 @@ func (a *Agent) liveStatus(ctx context.Context, v cluster.Volume) *tetherpb.Volu
 	if v.Primary == "" {
 		return &tetherpb.VolumeStatus{Name: v.Name, Epoch: v.Epoch, Error: "the volume has no primary"}
 	}
+	if h := a.memberHealth()[v.Primary]; h == cluster.HealthDead || h == cluster.HealthLeft {
+		// Asking would only wait for the timeout.
+		return &tetherpb.VolumeStatus{Name: v.Name, Epoch: v.Epoch, Error: "primary " + v.Primary + " is " + h + " (gossip); the leader fails the volume over once its lease has lapsed"}
+	}
 	pc, err := a.dialPeer(v.Primary)
 	if err != nil {
 		return &tetherpb.VolumeStatus{Name: v.Name, Epoch: v.Epoch, Error: err.Error()}

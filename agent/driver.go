@@ -74,10 +74,16 @@ func (a *Agent) startDriver() error {
 	if a.cfg.DriverSocket == "" {
 		return nil
 	}
+	f, err := NewFencer(FencerConfig{Driver: a.DriverName(), Logger: a.log.With("component", "fencer")})
+	if err != nil {
+		return fmt.Errorf("container fencer: %w", err)
+	}
+	a.fencer = f
 	d, err := volumedriver.New(volumedriver.Config{
 		Backend:   &driverBackend{a: a},
 		StatePath: filepath.Join(a.cfg.DataDir, driverStateFile),
 		Logger:    a.log.With("component", "volumedriver"),
+		InUse:     f.InUse,
 	})
 	if err != nil {
 		return fmt.Errorf("docker volume driver: %w", err)
@@ -86,12 +92,45 @@ func (a *Agent) startDriver() error {
 		return fmt.Errorf("docker volume driver: %w", err)
 	}
 	a.driver = d
-	f, err := NewFencer(FencerConfig{Driver: a.DriverName(), Logger: a.log.With("component", "fencer")})
-	if err != nil {
-		return fmt.Errorf("container fencer: %w", err)
-	}
-	a.fencer = f
+	a.wg.Add(1)
+	go func() { defer a.wg.Done(); a.forgetStaleMounts(a.ctx) }()
 	return nil
+}
+
+// engineRetry paces the wait for the Docker Engine's API at start.
+const engineRetry = 2 * time.Second
+
+// forgetStaleMounts, once the Docker Engine answers, drops the mounts this
+// host still counts for volumes that no container uses: those of
+// containers that stopped while the agent was down (a crash, a host
+// reboot), for which Docker sent no Unmount. It never runs before the
+// Engine serves its API: dockerd calls the driver while it starts.
+func (a *Agent) forgetStaleMounts(ctx context.Context) {
+	if len(a.driver.MountedVolumes()) == 0 {
+		return
+	}
+	for {
+		pctx, cancel := context.WithTimeout(ctx, engineRetry)
+		err := a.fencer.Ping(pctx)
+		cancel()
+		if err == nil {
+			break
+		}
+		a.log.Debug("waiting for the Docker Engine to check the volumes' mounts", "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(engineRetry):
+		}
+	}
+	for _, v := range a.driver.MountedVolumes() {
+		cctx, cancel := context.WithTimeout(ctx, driverOpTimeout)
+		_, err := a.driver.ForgetStaleMounts(cctx, v, a.fencer.InUse)
+		cancel()
+		if err != nil {
+			a.log.Warn("could not check the volume's mounts with the Docker Engine", "volume", v, "err", err)
+		}
+	}
 }
 
 // fenceContainers stops, in the background, this host's containers that

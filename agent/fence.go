@@ -57,6 +57,14 @@ func NewFencer(cfg FencerConfig) (*Fencer, error) {
 	return &Fencer{cli: cli, driver: cfg.Driver, timeout: cfg.StopTimeout, log: cfg.Logger}, nil
 }
 
+// Ping checks that the Docker Engine serves its API.
+func (f *Fencer) Ping(ctx context.Context) error {
+	if _, err := f.cli.Ping(ctx, client.PingOptions{}); err != nil {
+		return fmt.Errorf("the Docker Engine does not answer: %w", err)
+	}
+	return nil
+}
+
 // Close releases the Docker client.
 func (f *Fencer) Close() error { return f.cli.Close() }
 
@@ -101,6 +109,24 @@ func (f *Fencer) stop(ctx context.Context, id string) error {
 		return fmt.Errorf("stop: %w; kill: %w", err, kerr)
 	}
 	return nil
+}
+
+// InUse reports whether a container of this host that may hold a mount of
+// volume through the fencer's driver exists: created (Docker mounts while
+// it starts), running, paused or restarting. Exited and dead containers
+// hold none.
+func (f *Fencer) InUse(ctx context.Context, volume string) (bool, error) {
+	filters := make(client.Filters).Add("volume", volume).Add("status", "created", "running", "paused", "restarting")
+	res, err := f.cli.ContainerList(ctx, client.ContainerListOptions{All: true, Filters: filters})
+	if err != nil {
+		return false, fmt.Errorf("listing the containers of volume %s: %w", volume, err)
+	}
+	for _, c := range res.Items {
+		if usesVolume(c, volume, f.driver) {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // usesVolume reports whether c mounts volume of driver. Docker's volume

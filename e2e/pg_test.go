@@ -188,6 +188,10 @@ func TestPostgresFailover(t *testing.T) {
 	// (h1's), with the freeze option, so that a cut that PostgreSQL's
 	// writes never leave quiet pauses the container for a moment.
 	pluginDir := pluginDirFor(t)
+	// The engine's name for the volume is tether's, "vol" (the harness's
+	// monitor watches it): a run that was aborted may have left it, and
+	// containers using it, behind.
+	removeDockerVolume(t, "vol")
 	tp := startTopo(t, 3, driverOn("h1", pluginDir))
 	primary := tp.host("h1")
 	work := fmt.Sprintf("%s-pg-%s", tp.prefix, primary.name)
@@ -200,8 +204,7 @@ func TestPostgresFailover(t *testing.T) {
 			_, err := os.Stat(filepath.Join(pluginDir, e2eDriverName+".sock"))
 			return err
 		})
-		docker(t, "rm", "-f", work)
-		docker(t, "volume", "rm", "-f", "vol")
+		removeDockerVolume(t, "vol")
 	})
 	testutil.EventuallyErr(t, 20*time.Second, func() error {
 		_, err := os.Stat(filepath.Join(pluginDir, e2eDriverName+".sock"))
@@ -313,4 +316,30 @@ func TestPostgresFailover(t *testing.T) {
 		t.Fatalf("pgbench on the new primary %s: %v\n%s", np.name, err, out)
 	}
 	tp.quiescent(t, hostsExcept(tp, primary.name))
+
+	// The killed host comes back. Docker sent its driver no Unmount for the
+	// killed database (the driver was dead): once its Engine answers, the
+	// agent forgets that stale mount, so the volume can be removed with
+	// `docker volume rm` as usual, not blocked for ever.
+	mustDocker(t, "start", primary.container)
+	tp.servesAsReplica(t, primary)
+	mustDocker(t, "rm", "-f", work)
+	testutil.EventuallyErr(t, 30*time.Second, func() error {
+		_, err := docker(t, "volume", "rm", "vol")
+		return err
+	})
+}
+
+// removeDockerVolume removes the engine's volume name and every container
+// that uses it.
+func removeDockerVolume(t *testing.T, name string) {
+	t.Helper()
+	if ids, _ := docker(t, "ps", "-aq", "--filter", "volume="+name); ids != "" {
+		docker(t, append([]string{"rm", "-f"}, strings.Fields(ids)...)...)
+	}
+	if _, err := docker(t, "volume", "inspect", name); err == nil {
+		if _, err := docker(t, "volume", "rm", "-f", name); err != nil {
+			t.Logf("removing the engine's volume %s: %v", name, err)
+		}
+	}
 }

@@ -109,6 +109,7 @@ func (c *cutRound) take() error {
 	t := c.p.ch.take()
 	c.gen = t.gen
 	c.since = oldest(c.since, t.dirty.since)
+	c.p.cuttingSince(c.since)
 	c.lost = c.lost || t.lost
 	if c.dirty == nil {
 		c.dirty = map[string]bool{}

@@ -119,6 +119,10 @@ type Primary struct {
 	firstSeq uint64        // first cut of this Primary (0 before it)
 	latest   uint64        // last cut published
 	changed  chan struct{} // closed when a cut is published or an ack arrives
+	// cutting is the oldest change taken by the cut being read (zero when
+	// none): taken from the pending changes, not yet in a batch, it still
+	// counts in every replica's lag.
+	cutting time.Time
 }
 
 // NewPrimary checks cfg and returns a Primary; it starts nothing.
@@ -333,6 +337,7 @@ func (p *Primary) publish(b *cutBatch) {
 	}
 	p.batches = append(p.batches, b)
 	p.latest = b.seq
+	p.cutting = time.Time{}
 	if len(p.batches) > maxRetained {
 		p.dropLocked(len(p.batches) - maxRetained)
 	}
@@ -454,11 +459,21 @@ func (p *Primary) latestSeq() uint64 {
 	return p.latest
 }
 
-// unackedSince returns the oldest change carried by the cuts from next on.
+// cuttingSince records that the cut being read carries a change made at
+// since; publish clears it. A cut that fails keeps it until the whole-tree
+// cut that replaces it is published.
+func (p *Primary) cuttingSince(since time.Time) {
+	p.bmu.Lock()
+	defer p.bmu.Unlock()
+	p.cutting = oldest(p.cutting, since)
+}
+
+// unackedSince returns the oldest change carried by the cuts from next on,
+// or by the cut being read.
 func (p *Primary) unackedSince(next uint64) time.Time {
 	p.bmu.Lock()
 	defer p.bmu.Unlock()
-	var o time.Time
+	o := p.cutting
 	for _, b := range p.batches {
 		if b.seq >= next {
 			o = oldest(o, b.since)
