@@ -2,12 +2,12 @@ package replication
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 )
 
@@ -229,8 +229,12 @@ func deltaOf(full *plan, dirty map[string]bool) *plan {
 	return d
 }
 
-// frozen runs one more round with the volume's writers paused, bounded by
-// MaxFreeze. It reports false when there is no Freezer or it failed.
+// frozen runs one more round with the volume's writers paused. MaxFreeze
+// bounds how long they stay paused: a watchdog thaws them then, even in the
+// middle of the round. That costs no safety, since the round's second
+// barrier still decides whether the read was consistent (writes resumed
+// early show up as events). It reports false when there is no Freezer or it
+// failed.
 func (c *cutRound) frozen(ctx context.Context) (bool, time.Time, error) {
 	p := c.p
 	if p.cfg.Freezer == nil {
@@ -242,17 +246,21 @@ func (c *cutRound) frozen(ctx context.Context) (bool, time.Time, error) {
 		p.log.Warn("freezing the volume's writers failed", "err", err)
 		return false, time.Time{}, nil
 	}
-	// MaxFreeze bounds how long the writers stay paused once they are.
 	frozenAt := time.Now()
-	fctx, cancel := context.WithTimeout(ctx, p.cfg.MaxFreeze)
-	defer cancel()
-	ok, at, err := c.frozenRound(fctx)
-	thaw()
-	p.log.Debug("froze the volume's writers for a cut", "pausing", frozenAt.Sub(start), "frozen", time.Since(frozenAt), "consistent", ok)
+	var once sync.Once
+	release := func() { once.Do(thaw) }
+	watchdog := time.AfterFunc(p.cfg.MaxFreeze, release)
+	ok, at, err := c.frozenRound(ctx)
+	cutShort := !watchdog.Stop()
+	release()
+	p.log.Debug("froze the volume's writers for a cut", "pausing", frozenAt.Sub(start), "frozen", time.Since(frozenAt), "thawed_by_bound", cutShort, "consistent", ok)
+	if cutShort && !ok {
+		p.log.Warn("the writers were thawed at the freeze bound before the cut was read, and wrote meanwhile", "max_freeze", p.cfg.MaxFreeze)
+	}
 	if ctx.Err() != nil {
 		return false, time.Time{}, ctx.Err()
 	}
-	if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+	if err != nil {
 		return false, time.Time{}, err
 	}
 	return ok, at, nil
@@ -274,7 +282,7 @@ func (c *cutRound) frozenRound(ctx context.Context) (bool, time.Time, error) {
 	if err != nil {
 		return false, time.Time{}, err
 	}
-	return gen == c.gen && ctx.Err() == nil, at, nil
+	return gen == c.gen, at, nil
 }
 
 // barrier creates a fresh sentinel in the barrier directory (watched by the

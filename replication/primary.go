@@ -56,7 +56,9 @@ type PrimaryConfig struct {
 	// cut that did not converge; nil means no freezing (such a cut ships
 	// file-consistent only).
 	Freezer Freezer
-	// MaxFreeze bounds how long writers stay frozen; default 200ms.
+	// MaxFreeze bounds how long writers stay frozen; default 1s (pausing a
+	// container and reading what a database changed take a few hundred
+	// milliseconds each here).
 	MaxFreeze time.Duration
 }
 
@@ -147,7 +149,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 		cfg.MaxRounds = 4
 	}
 	if cfg.MaxFreeze <= 0 {
-		cfg.MaxFreeze = 200 * time.Millisecond
+		cfg.MaxFreeze = time.Second
 	}
 	log := cfg.Logger
 	if log == nil {
