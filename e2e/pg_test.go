@@ -243,13 +243,29 @@ func TestPostgresFailover(t *testing.T) {
 		}
 	}
 	lagAsked := time.Now()
+	// `docker kill` returns only once the database container has exited,
+	// and its exit waits for dockerd's Unmount to the dead driver (about 15
+	// s of retries): the kill runs beside the measurement.
+	killDone := make(chan error, 1)
 	fi, killed := tp.inject("kill", primary, "primary", primary, func() {
-		mustDocker(t, "kill", work, primary.container)
+		go func() {
+			_, err := docker(t, "kill", work, primary.container)
+			killDone <- err
+		}()
+		testutil.EventuallyErr(t, 10*time.Second, func() error {
+			if out, _ := docker(t, "inspect", "--format", "{{.State.Running}}", primary.container); out != "false" {
+				return fmt.Errorf("%s still runs", primary.container)
+			}
+			return nil
+		})
 	})
 	var lag map[string]int64
 	tp.rec.update(func(r *report) { lag = r.Faults[fi].LagMs })
 	nv, fo := tp.measureFailover(t, "kill", killed, v, tp.host(v.ReplicaNodes[0]))
 	np := tp.host(nv.Primary)
+	if err := <-killDone; err != nil {
+		t.Fatal(err)
+	}
 
 	out, err := runPG(np, pgVerify)
 	fo.ContainerReadyMs = time.Since(killed).Milliseconds()
