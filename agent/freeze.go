@@ -62,12 +62,32 @@ func (z containerFreezer) Freeze(ctx context.Context) (func(), error) {
 	}
 	for _, id := range ids {
 		tried = append(tried, id)
-		if _, err := z.f.cli.ContainerPause(ctx, id, client.ContainerPauseOptions{}); err != nil {
+		if err := z.pause(ctx, id); err != nil {
 			thaw(id)
 			return nil, fmt.Errorf("freezing volume %s: pausing container %s: %w", z.volume, id, err)
 		}
 	}
 	return func() { thaw("") }, nil
+}
+
+// pauseAttempts is how often a pause the cgroup freezer could not complete
+// is tried: with cgroup v1 the freezer gives up when a task stays in
+// uninterruptible sleep (an fsync), and runc answers "unable to freeze";
+// a moment later it usually succeeds.
+const pauseAttempts = 3
+
+func (z containerFreezer) pause(ctx context.Context, id string) error {
+	for attempt := 1; ; attempt++ {
+		_, err := z.f.cli.ContainerPause(ctx, id, client.ContainerPauseOptions{})
+		if err == nil || attempt == pauseAttempts || !strings.Contains(err.Error(), "unable to freeze") {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // runningUsing lists the running (not paused) containers that mount volume

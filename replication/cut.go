@@ -167,7 +167,11 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 	if !consistent {
 		at = time.Now()
 		p.fileOnlyCuts.Add(1)
-		p.log.Warn("the volume kept changing while a cut was read: this batch is file-consistent only (each file intact, not one instant); configure a freeze hook for volumes that never go quiet",
+		hint := "configure a freeze hook (volume option freeze) for volumes that never go quiet"
+		if p.cfg.Freezer != nil {
+			hint = "the freeze hook could not make it consistent (see the warning above)"
+		}
+		p.log.Warn("the volume kept changing while a cut was read: this batch is file-consistent only (each file intact, not one instant); "+hint,
 			"rounds", p.cfg.MaxRounds)
 	}
 	for _, rel := range c.pl.skipped {
