@@ -74,7 +74,7 @@ func (a *Agent) startDriver() error {
 	if a.cfg.DriverSocket == "" {
 		return nil
 	}
-	f, err := NewFencer(FencerConfig{Driver: a.DriverName(), Logger: a.log.With("component", "fencer")})
+	f, err := NewFencer(FencerConfig{Driver: a.DriverName(), Host: a.cfg.DockerHost, Logger: a.log.With("component", "fencer")})
 	if err != nil {
 		return fmt.Errorf("container fencer: %w", err)
 	}

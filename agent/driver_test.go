@@ -55,9 +55,13 @@ func errText(m map[string]any) string {
 	return s
 }
 
-// driverSocketInDataDir serves each agent's driver in its data dir.
+// driverSocketInDataDir serves each agent's driver in its data dir. These
+// tests play dockerd themselves, so the agent's Docker Engine is one that
+// does not answer: the real one, knowing no container of theirs, would
+// rightly call their mounts stale.
 func driverSocketInDataDir(c *Config) {
 	c.DriverSocket = filepath.Join(c.DataDir, "plugins", "tether-"+c.NodeName+".sock")
+	c.DockerHost = "unix://" + filepath.Join(c.DataDir, "no-docker-engine.sock")
 }
 
 // TestDriverOnCluster drives three real agents through their Docker volume

@@ -26,6 +26,9 @@ type FencerConfig struct {
 	Driver      string
 	StopTimeout time.Duration
 	Logger      *slog.Logger
+	// Host is the Engine's API address; empty: $DOCKER_HOST, else the
+	// default socket.
+	Host string
 }
 
 // Fencer stops this host's containers that use a volume this host no
@@ -50,7 +53,11 @@ func NewFencer(cfg FencerConfig) (*Fencer, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	cli, err := client.New(client.FromEnv)
+	opts := []client.Opt{client.FromEnv}
+	if cfg.Host != "" {
+		opts = append(opts, client.WithHost(cfg.Host))
+	}
+	cli, err := client.New(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("fencer: docker client: %w", err)
 	}
