@@ -61,6 +61,12 @@ func (s *controlServer) Status(context.Context, *tetherpb.StatusRequest) (*tethe
 		resp.Fenced = append(resp.Fenced, &tetherpb.FencedVolume{Name: name, Epoch: f.epoch, SinceUnixNano: f.since.UnixNano(), Reason: f.reason})
 	}
 	a.mu.Unlock()
+	if a.keeper != nil {
+		problems, _, _ := a.keeper.status()
+		for _, name := range sortedKeys(problems) {
+			resp.ContainerProblems = append(resp.ContainerProblems, &tetherpb.ContainerProblem{Container: name, Problem: problems[name]})
+		}
+	}
 	return resp, nil
 }
 

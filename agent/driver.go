@@ -91,6 +91,9 @@ func (a *Agent) startDriver() error {
 		return fmt.Errorf("container fencer: %w", err)
 	}
 	a.fencer = f
+	a.keeper = newContainerKeeper(a, f.cli)
+	a.wg.Add(1)
+	go func() { defer a.wg.Done(); a.keeper.run(a.ctx) }()
 	return nil
 }
 
@@ -212,6 +215,9 @@ func (b *driverBackend) Mount(ctx context.Context, name string) (string, error) 
 	p, err := a.prepareVolume(v)
 	if err != nil {
 		return "", err
+	}
+	if a.keeper != nil {
+		a.keeper.hint(name) // record the container if it asks for failover
 	}
 	return p.Data, nil
 }
