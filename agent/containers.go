@@ -160,13 +160,7 @@ func (k *containerKeeper) recreate(ctx context.Context, items []container.Summar
 	for _, c := range items {
 		in.names[containerName(c)] = true
 		if c.State == container.StateRunning && c.Labels[cluster.FailoverLabel] == "true" {
-			ec := engineContainer{name: containerName(c)}
-			for _, m := range c.Mounts {
-				if m.Type == mount.TypeVolume {
-					ec.volumes = append(ec.volumes, m.Name)
-				}
-			}
-			in.running = append(in.running, ec)
+			in.running = append(in.running, engineContainer{name: containerName(c)})
 		}
 	}
 	for _, v := range in.volumes {

@@ -26,10 +26,9 @@ type recreateInputs struct {
 	names map[string]bool
 }
 
-// engineContainer is a container as the decision needs it.
+// engineContainer is a running container as the decision needs it.
 type engineContainer struct {
-	name    string
-	volumes []string // names of the volumes it mounts, any driver
+	name string
 }
 
 // recreateAction is one recorded container and what to do with it.
@@ -73,8 +72,9 @@ func decideRecreate(in recreateInputs) recreatePlan {
 			}
 			seen[s.Name] = true
 			act := recreateAction{volume: v.Name, spec: s}
-			if c, ok := runningWith(in.running, s); ok {
-				act.why = fmt.Sprintf("container %s with label %s=true is already running here and mounts a volume of %s", c, cluster.FailoverLabel, s.Name)
+			alt := s.Name + "-" + dockerNameSafe(in.node)
+			if c, ok := runningCopy(in.running, s.Name, alt); ok {
+				act.why = fmt.Sprintf("container %s with label %s=true is already running here", c, cluster.FailoverLabel)
 				p.alreadyRunning = append(p.alreadyRunning, act)
 				continue
 			}
@@ -85,7 +85,7 @@ func decideRecreate(in recreateInputs) recreatePlan {
 			}
 			act.name = s.Name
 			if in.names[act.name] {
-				act.name = s.Name + "-" + dockerNameSafe(in.node)
+				act.name = alt
 			}
 			if in.names[act.name] {
 				act.why = fmt.Sprintf("names %s and %s are both taken on this host: remove one", s.Name, act.name)
@@ -98,14 +98,13 @@ func decideRecreate(in recreateInputs) recreatePlan {
 	return p
 }
 
-// runningWith returns a running container that mounts a tether volume of
-// s: a second copy would be a second writer.
-func runningWith(running []engineContainer, s cluster.ContainerSpec) (string, bool) {
+// runningCopy returns a running labelled container under one of the names
+// a copy of the recorded container has: a second copy would be a second
+// writer.
+func runningCopy(running []engineContainer, names ...string) (string, bool) {
 	for _, c := range running {
-		for _, m := range s.Mounts {
-			if m.Type == "volume" && slices.Contains(c.volumes, m.Source) && m.Driver == s.Driver {
-				return c.name, true
-			}
+		if slices.Contains(names, c.name) {
+			return c.name, true
 		}
 	}
 	return "", false

@@ -100,17 +100,26 @@ func TestDecideRecreate(t *testing.T) {
 			},
 			want: want{missing: []string{"app"}},
 		},
-		"a copy with the label runs here (any driver): no second writer": {
+		"a copy with the label runs here: no second writer": {
 			in: func(in recreateInputs) recreateInputs {
-				in.running = []engineContainer{{name: "app-old", volumes: []string{"other", "db"}}}
-				in.names = map[string]bool{"app-old": true}
+				in.running = []engineContainer{{name: "app"}}
+				in.names = map[string]bool{"app": true}
 				return in
 			},
 			want: want{running: []string{"app"}},
 		},
-		"a labelled container on another volume does not block": {
+		"this host's earlier copy runs: no second one": {
 			in: func(in recreateInputs) recreateInputs {
-				in.running = []engineContainer{{name: "x", volumes: []string{"other"}}}
+				in.running = []engineContainer{{name: "app-b"}}
+				in.names = map[string]bool{"app": true, "app-b": true}
+				return in
+			},
+			want: want{running: []string{"app"}},
+		},
+		"another labelled container (a sidecar) does not block": {
+			in: func(in recreateInputs) recreateInputs {
+				in.running = []engineContainer{{name: "sidecar"}}
+				in.names = map[string]bool{"sidecar": true}
 				return in
 			},
 			want: want{create: []string{"app->app"}},
