@@ -66,7 +66,7 @@ func TestSwarmStack(t *testing.T) {
 	start := time.Now()
 	testutil.EventuallyErr(t, 60*time.Second, func() error {
 		if _, err := os.Stat(filepath.Join(pluginDir, e2eDriverName+".sock")); err != nil {
-			return fmt.Errorf("the agent's driver socket: %w", err)
+			return fmt.Errorf("the agent's driver socket: %w; the agent's last words: %s", err, lastLog(t, agentStack))
 		}
 		st, err := localStatus(filepath.Join(bin, "tether"), data)
 		if err != nil {
@@ -127,6 +127,16 @@ func localStatus(cli, dataDir string) (*tetherpb.StatusResponse, error) {
 		return nil, err
 	}
 	return &st, nil
+}
+
+// lastLog returns the end of the log of the newest container of stack.
+func lastLog(t *testing.T, stack string) string {
+	id, err := docker(t, "ps", "-alq", "--filter", "label=com.docker.stack.namespace="+stack)
+	if err != nil || id == "" {
+		return "(no container yet)"
+	}
+	out, _ := exec.Command("docker", "logs", "--tail", "3", id).CombinedOutput()
+	return string(out)
 }
 
 // waitNoContainers waits (bounded) until no container of stack is left:
