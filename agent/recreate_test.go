@@ -4,6 +4,10 @@ import (
 	"reflect"
 	"testing"
 
+	"github.com/moby/moby/api/types/container"
+	"github.com/moby/moby/api/types/mount"
+	"github.com/moby/moby/api/types/network"
+
 	"github.com/tether-io/tether/cluster"
 )
 
@@ -209,5 +213,53 @@ func TestCreateOptionsRewritesDriver(t *testing.T) {
 		if p.String() != "80/tcp" || b[0].HostIP.String() != "127.0.0.1" || b[0].HostPort != "8080" {
 			t.Fatalf("binding %v %v", p, b)
 		}
+	}
+}
+
+// TestSpecFromInspectRoundTrip: what the engine says of a container
+// becomes a record that validates, and the record creates the same
+// container through the new host's driver.
+func TestSpecFromInspectRoundTrip(t *testing.T) {
+	port, err := network.ParsePort("80/tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ins := container.InspectResponse{
+		Name: "/app",
+		Config: &container.Config{Image: "app:1", Cmd: []string{"serve"}, Entrypoint: []string{"/bin/app"},
+			Env: []string{"A=1"}, WorkingDir: "/srv", User: "1000", Labels: map[string]string{cluster.FailoverLabel: "true"}},
+		HostConfig: &container.HostConfig{
+			PortBindings:  network.PortMap{port: {{HostPort: "8080"}}},
+			RestartPolicy: container.RestartPolicy{Name: "on-failure", MaximumRetryCount: 3},
+			NetworkMode:   "bridge",
+			Tmpfs:         map[string]string{"/run": ""},
+		},
+		Mounts: []container.MountPoint{
+			{Type: mount.TypeVolume, Name: "db", Destination: "/data", Driver: "tether-a", RW: true},
+			{Type: mount.TypeBind, Source: "/etc/app", Destination: "/etc/app", RW: false},
+		},
+	}
+	s := specFromInspect(ins, "a", "tether-a")
+	if err := cluster.ValidateContainerSpec(s); err != nil {
+		t.Fatal(err)
+	}
+	want := cluster.ContainerSpec{Name: "app", Node: "a", Driver: "tether-a", Image: "app:1", Cmd: []string{"serve"},
+		Entrypoint: []string{"/bin/app"}, Env: []string{"A=1"}, WorkingDir: "/srv", User: "1000",
+		Labels: map[string]string{cluster.FailoverLabel: "true"},
+		Mounts: []cluster.ContainerMount{
+			{Type: "volume", Source: "db", Target: "/data", Driver: "tether-a"},
+			{Type: "bind", Source: "/etc/app", Target: "/etc/app", ReadOnly: true},
+			{Type: "tmpfs", Target: "/run"},
+		},
+		Ports:   []cluster.PortBinding{{ContainerPort: "80/tcp", HostPort: "8080"}},
+		Restart: "on-failure", RestartMaxRetries: 3, NetworkMode: "bridge"}
+	if !s.Equal(want) {
+		t.Fatalf("spec\n%+v\nwant\n%+v", s, want)
+	}
+	o := createOptions(s, "app", "tether-b")
+	if o.Config.WorkingDir != "/srv" || o.Config.User != "1000" || !reflect.DeepEqual(o.Config.Entrypoint, []string{"/bin/app"}) ||
+		o.HostConfig.RestartPolicy.MaximumRetryCount != 3 || o.HostConfig.NetworkMode != "bridge" || len(o.HostConfig.Mounts) != 3 ||
+		o.HostConfig.Mounts[0].VolumeOptions.DriverConfig.Name != "tether-b" {
+		t.Fatalf("create options: %+v %+v", o.Config, o.HostConfig)
 	}
 }
