@@ -64,6 +64,7 @@ func (k *containerKeeper) hint(volume string) {
 func (k *containerKeeper) run(ctx context.Context) {
 	t := time.NewTicker(containerPassInterval)
 	defer t.Stop()
+	lastErr := ""
 	for {
 		select {
 		case <-ctx.Done():
@@ -73,8 +74,19 @@ func (k *containerKeeper) run(ctx context.Context) {
 			// engine lists it as created already.
 		case <-t.C:
 		}
-		if err := k.pass(ctx); err != nil && ctx.Err() == nil {
-			k.a.log.Debug("container keeper: pass incomplete; retrying", "err", err)
+		err := k.pass(ctx)
+		switch {
+		case ctx.Err() != nil:
+		case err != nil && err.Error() != lastErr:
+			// Once per distinct error (Docker not up yet at boot, a
+			// container that cannot be recorded), not every pass.
+			k.a.log.Warn("containers with label "+cluster.FailoverLabel+": pass incomplete; retrying every "+containerPassInterval.String(), "err", err)
+		case err == nil && lastErr != "":
+			k.a.log.Info("containers with label " + cluster.FailoverLabel + ": pass complete again")
+		}
+		lastErr = ""
+		if err != nil {
+			lastErr = err.Error()
 		}
 	}
 }

@@ -230,6 +230,9 @@ func (a *Agent) volumePB(v cluster.Volume) *tetherpb.Volume {
 	if v.Primary == a.cfg.NodeName || contains(v.ReplicaNodes, a.cfg.NodeName) {
 		pb.Path = a.VolumePaths(v.Name).Data
 	}
+	for _, c := range v.Containers {
+		pb.Containers = append(pb.Containers, &tetherpb.RecordedContainer{Name: c.Name, Node: c.Node, Image: c.Image})
+	}
 	for _, node := range sortedKeys(v.Progress) {
 		pr := v.Progress[node]
 		pb.Progress = append(pb.Progress, &tetherpb.ReplicaProgress{

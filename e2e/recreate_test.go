@@ -5,7 +5,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -122,9 +121,12 @@ func TestRecreateContainerAfterFailover(t *testing.T) {
 		if n := strings.Count(string(b), "\n"); err != nil || n != 2 {
 			return fmt.Errorf("starts on h2: %q %v", b, err)
 		}
-		logs, _ := exec.Command("docker", "logs", h1.container).CombinedOutput()
-		if n := strings.Count(string(logs), "recorded container for re-creation"); n < 2 {
-			return fmt.Errorf("h1 recorded %d of 2 containers", n)
+		vi, err := tp.inspect(h2, vol)
+		if err != nil {
+			return err
+		}
+		if cs := vi.Volume.Containers; len(cs) != 2 || cs[0].Name != app || cs[0].Node != "h1" || cs[1].Name != app2 || cs[1].Image != gone {
+			return fmt.Errorf("containers recorded in h2's catalog: %v", cs)
 		}
 		return nil
 	})
@@ -166,4 +168,15 @@ func TestRecreateContainerAfterFailover(t *testing.T) {
 	if _, err := docker(t, "inspect", app2); err == nil {
 		t.Fatalf("%s was created although its image is missing", app2)
 	}
+	// The record moved to h2 with the container; app2's stays h1's.
+	testutil.EventuallyErr(t, 30*time.Second, func() error {
+		vi, err := tp.inspect(h2, vol)
+		if err != nil {
+			return err
+		}
+		if cs := vi.Volume.Containers; len(cs) != 2 || cs[0].Node != "h2" || cs[1].Node != "h1" {
+			return fmt.Errorf("containers recorded after the failover: %v", cs)
+		}
+		return nil
+	})
 }

@@ -2328,7 +2328,10 @@ type Volume struct {
 	// When a deleted volume will be purged; 0 when it is not deleted.
 	PurgeAfterUnixNano int64 `protobuf:"varint,14,opt,name=purge_after_unix_nano,json=purgeAfterUnixNano,proto3" json:"purge_after_unix_nano,omitempty"`
 	// The primary may pause the volume's containers for a point-in-time cut.
-	Freeze        bool `protobuf:"varint,15,opt,name=freeze,proto3" json:"freeze,omitempty"`
+	Freeze bool `protobuf:"varint,15,opt,name=freeze,proto3" json:"freeze,omitempty"`
+	// Standalone containers (label tether.failover=true) recorded for
+	// re-creation after a failover.
+	Containers    []*RecordedContainer `protobuf:"bytes,16,rep,name=containers,proto3" json:"containers,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2468,6 +2471,74 @@ func (x *Volume) GetFreeze() bool {
 	return false
 }
 
+func (x *Volume) GetContainers() []*RecordedContainer {
+	if x != nil {
+		return x.Containers
+	}
+	return nil
+}
+
+type RecordedContainer struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The host it was recorded on.
+	Node          string `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	Image         string `protobuf:"bytes,3,opt,name=image,proto3" json:"image,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RecordedContainer) Reset() {
+	*x = RecordedContainer{}
+	mi := &file_tether_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RecordedContainer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RecordedContainer) ProtoMessage() {}
+
+func (x *RecordedContainer) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RecordedContainer.ProtoReflect.Descriptor instead.
+func (*RecordedContainer) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *RecordedContainer) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *RecordedContainer) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *RecordedContainer) GetImage() string {
+	if x != nil {
+		return x.Image
+	}
+	return ""
+}
+
 type ReplicaProgress struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
@@ -2480,7 +2551,7 @@ type ReplicaProgress struct {
 
 func (x *ReplicaProgress) Reset() {
 	*x = ReplicaProgress{}
-	mi := &file_tether_proto_msgTypes[35]
+	mi := &file_tether_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2492,7 +2563,7 @@ func (x *ReplicaProgress) String() string {
 func (*ReplicaProgress) ProtoMessage() {}
 
 func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[35]
+	mi := &file_tether_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2505,7 +2576,7 @@ func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaProgress.ProtoReflect.Descriptor instead.
 func (*ReplicaProgress) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{35}
+	return file_tether_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ReplicaProgress) GetNode() string {
@@ -2555,7 +2626,7 @@ type VolumeStatus struct {
 
 func (x *VolumeStatus) Reset() {
 	*x = VolumeStatus{}
-	mi := &file_tether_proto_msgTypes[36]
+	mi := &file_tether_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2567,7 +2638,7 @@ func (x *VolumeStatus) String() string {
 func (*VolumeStatus) ProtoMessage() {}
 
 func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[36]
+	mi := &file_tether_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2580,7 +2651,7 @@ func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
 func (*VolumeStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{36}
+	return file_tether_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *VolumeStatus) GetName() string {
@@ -2641,7 +2712,7 @@ type VolumeRemoveRequest struct {
 
 func (x *VolumeRemoveRequest) Reset() {
 	*x = VolumeRemoveRequest{}
-	mi := &file_tether_proto_msgTypes[37]
+	mi := &file_tether_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2653,7 +2724,7 @@ func (x *VolumeRemoveRequest) String() string {
 func (*VolumeRemoveRequest) ProtoMessage() {}
 
 func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[37]
+	mi := &file_tether_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2666,7 +2737,7 @@ func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveRequest.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{37}
+	return file_tether_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *VolumeRemoveRequest) GetName() string {
@@ -2685,7 +2756,7 @@ type VolumeRemoveResponse struct {
 
 func (x *VolumeRemoveResponse) Reset() {
 	*x = VolumeRemoveResponse{}
-	mi := &file_tether_proto_msgTypes[38]
+	mi := &file_tether_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2697,7 +2768,7 @@ func (x *VolumeRemoveResponse) String() string {
 func (*VolumeRemoveResponse) ProtoMessage() {}
 
 func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[38]
+	mi := &file_tether_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2710,7 +2781,7 @@ func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveResponse.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{38}
+	return file_tether_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *VolumeRemoveResponse) GetVolume() *Volume {
@@ -2729,7 +2800,7 @@ type VolumeUndeleteRequest struct {
 
 func (x *VolumeUndeleteRequest) Reset() {
 	*x = VolumeUndeleteRequest{}
-	mi := &file_tether_proto_msgTypes[39]
+	mi := &file_tether_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2741,7 +2812,7 @@ func (x *VolumeUndeleteRequest) String() string {
 func (*VolumeUndeleteRequest) ProtoMessage() {}
 
 func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[39]
+	mi := &file_tether_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2754,7 +2825,7 @@ func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteRequest.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{39}
+	return file_tether_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *VolumeUndeleteRequest) GetName() string {
@@ -2773,7 +2844,7 @@ type VolumeUndeleteResponse struct {
 
 func (x *VolumeUndeleteResponse) Reset() {
 	*x = VolumeUndeleteResponse{}
-	mi := &file_tether_proto_msgTypes[40]
+	mi := &file_tether_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2785,7 +2856,7 @@ func (x *VolumeUndeleteResponse) String() string {
 func (*VolumeUndeleteResponse) ProtoMessage() {}
 
 func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[40]
+	mi := &file_tether_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2798,7 +2869,7 @@ func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteResponse.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{40}
+	return file_tether_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *VolumeUndeleteResponse) GetVolume() *Volume {
@@ -2817,7 +2888,7 @@ type VolumePurgeRequest struct {
 
 func (x *VolumePurgeRequest) Reset() {
 	*x = VolumePurgeRequest{}
-	mi := &file_tether_proto_msgTypes[41]
+	mi := &file_tether_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2829,7 +2900,7 @@ func (x *VolumePurgeRequest) String() string {
 func (*VolumePurgeRequest) ProtoMessage() {}
 
 func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[41]
+	mi := &file_tether_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2842,7 +2913,7 @@ func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeRequest.ProtoReflect.Descriptor instead.
 func (*VolumePurgeRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{41}
+	return file_tether_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *VolumePurgeRequest) GetName() string {
@@ -2860,7 +2931,7 @@ type VolumePurgeResponse struct {
 
 func (x *VolumePurgeResponse) Reset() {
 	*x = VolumePurgeResponse{}
-	mi := &file_tether_proto_msgTypes[42]
+	mi := &file_tether_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2872,7 +2943,7 @@ func (x *VolumePurgeResponse) String() string {
 func (*VolumePurgeResponse) ProtoMessage() {}
 
 func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[42]
+	mi := &file_tether_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2885,7 +2956,7 @@ func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeResponse.ProtoReflect.Descriptor instead.
 func (*VolumePurgeResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{42}
+	return file_tether_proto_rawDescGZIP(), []int{43}
 }
 
 var File_tether_proto protoreflect.FileDescriptor
@@ -3074,7 +3145,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"s\n" +
 	"\x15VolumeInspectResponse\x12)\n" +
 	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\x12/\n" +
-	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\xc8\x04\n" +
+	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\x86\x05\n" +
 	"\x06Volume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\breplicas\x18\x02 \x01(\rR\breplicas\x12\x18\n" +
@@ -3092,10 +3163,17 @@ const file_tether_proto_rawDesc = "" +
 	"\tplacement\x18\f \x03(\v2 .tether.v1.Volume.PlacementEntryR\tplacement\x12*\n" +
 	"\x11deleted_unix_nano\x18\r \x01(\x03R\x0fdeletedUnixNano\x121\n" +
 	"\x15purge_after_unix_nano\x18\x0e \x01(\x03R\x12purgeAfterUnixNano\x12\x16\n" +
-	"\x06freeze\x18\x0f \x01(\bR\x06freeze\x1a<\n" +
+	"\x06freeze\x18\x0f \x01(\bR\x06freeze\x12<\n" +
+	"\n" +
+	"containers\x18\x10 \x03(\v2\x1c.tether.v1.RecordedContainerR\n" +
+	"containers\x1a<\n" +
 	"\x0ePlacementEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"q\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"Q\n" +
+	"\x11RecordedContainer\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\x12\x14\n" +
+	"\x05image\x18\x03 \x01(\tR\x05image\"q\n" +
 	"\x0fReplicaProgress\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
@@ -3157,7 +3235,7 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
 var file_tether_proto_goTypes = []any{
 	(FileOp_Kind)(0),               // 0: tether.v1.FileOp.Kind
 	(*StreamRequest)(nil),          // 1: tether.v1.StreamRequest
@@ -3195,18 +3273,19 @@ var file_tether_proto_goTypes = []any{
 	(*VolumeInspectRequest)(nil),   // 33: tether.v1.VolumeInspectRequest
 	(*VolumeInspectResponse)(nil),  // 34: tether.v1.VolumeInspectResponse
 	(*Volume)(nil),                 // 35: tether.v1.Volume
-	(*ReplicaProgress)(nil),        // 36: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),           // 37: tether.v1.VolumeStatus
-	(*VolumeRemoveRequest)(nil),    // 38: tether.v1.VolumeRemoveRequest
-	(*VolumeRemoveResponse)(nil),   // 39: tether.v1.VolumeRemoveResponse
-	(*VolumeUndeleteRequest)(nil),  // 40: tether.v1.VolumeUndeleteRequest
-	(*VolumeUndeleteResponse)(nil), // 41: tether.v1.VolumeUndeleteResponse
-	(*VolumePurgeRequest)(nil),     // 42: tether.v1.VolumePurgeRequest
-	(*VolumePurgeResponse)(nil),    // 43: tether.v1.VolumePurgeResponse
-	nil,                            // 44: tether.v1.VolumeUpdateRequest.PlacementEntry
-	nil,                            // 45: tether.v1.Member.LabelsEntry
-	nil,                            // 46: tether.v1.VolumeCreateRequest.PlacementEntry
-	nil,                            // 47: tether.v1.Volume.PlacementEntry
+	(*RecordedContainer)(nil),      // 36: tether.v1.RecordedContainer
+	(*ReplicaProgress)(nil),        // 37: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),           // 38: tether.v1.VolumeStatus
+	(*VolumeRemoveRequest)(nil),    // 39: tether.v1.VolumeRemoveRequest
+	(*VolumeRemoveResponse)(nil),   // 40: tether.v1.VolumeRemoveResponse
+	(*VolumeUndeleteRequest)(nil),  // 41: tether.v1.VolumeUndeleteRequest
+	(*VolumeUndeleteResponse)(nil), // 42: tether.v1.VolumeUndeleteResponse
+	(*VolumePurgeRequest)(nil),     // 43: tether.v1.VolumePurgeRequest
+	(*VolumePurgeResponse)(nil),    // 44: tether.v1.VolumePurgeResponse
+	nil,                            // 45: tether.v1.VolumeUpdateRequest.PlacementEntry
+	nil,                            // 46: tether.v1.Member.LabelsEntry
+	nil,                            // 47: tether.v1.VolumeCreateRequest.PlacementEntry
+	nil,                            // 48: tether.v1.Volume.PlacementEntry
 }
 var file_tether_proto_depIdxs = []int32{
 	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
@@ -3215,66 +3294,67 @@ var file_tether_proto_depIdxs = []int32{
 	0,  // 3: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
 	4,  // 4: tether.v1.FileOp.xattrs:type_name -> tether.v1.Xattr
 	13, // 5: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
-	44, // 6: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
+	45, // 6: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
 	35, // 7: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
 	35, // 8: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
 	35, // 9: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
-	45, // 10: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
+	46, // 10: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
 	21, // 11: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
-	37, // 12: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
+	38, // 12: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
 	27, // 13: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
 	26, // 14: tether.v1.StatusResponse.quarantined:type_name -> tether.v1.Quarantine
 	28, // 15: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
 	25, // 16: tether.v1.StatusResponse.container_problems:type_name -> tether.v1.ContainerProblem
-	46, // 17: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
+	47, // 17: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
 	35, // 18: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
 	35, // 19: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
 	35, // 20: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
-	37, // 21: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
-	36, // 22: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	47, // 23: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
-	13, // 24: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	35, // 25: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
-	35, // 26: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
-	1,  // 27: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	9,  // 28: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	11, // 29: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	7,  // 30: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
-	16, // 31: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
-	18, // 32: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
-	20, // 33: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	23, // 34: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	29, // 35: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	31, // 36: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	33, // 37: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	38, // 38: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
-	40, // 39: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
-	42, // 40: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
-	16, // 41: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
-	18, // 42: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
-	14, // 43: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
-	6,  // 44: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	10, // 45: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	12, // 46: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	8,  // 47: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
-	17, // 48: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
-	19, // 49: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
-	22, // 50: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	24, // 51: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	30, // 52: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	32, // 53: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	34, // 54: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	39, // 55: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
-	41, // 56: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
-	43, // 57: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
-	17, // 58: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
-	19, // 59: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
-	15, // 60: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
-	44, // [44:61] is the sub-list for method output_type
-	27, // [27:44] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	38, // 21: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
+	37, // 22: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
+	48, // 23: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
+	36, // 24: tether.v1.Volume.containers:type_name -> tether.v1.RecordedContainer
+	13, // 25: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
+	35, // 26: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
+	35, // 27: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
+	1,  // 28: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	9,  // 29: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	11, // 30: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	7,  // 31: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
+	16, // 32: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
+	18, // 33: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
+	20, // 34: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	23, // 35: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	29, // 36: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	31, // 37: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	33, // 38: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	39, // 39: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
+	41, // 40: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
+	43, // 41: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
+	16, // 42: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
+	18, // 43: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
+	14, // 44: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
+	6,  // 45: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	10, // 46: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	12, // 47: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	8,  // 48: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
+	17, // 49: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
+	19, // 50: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
+	22, // 51: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	24, // 52: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	30, // 53: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	32, // 54: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	34, // 55: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	40, // 56: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
+	42, // 57: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
+	44, // 58: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
+	17, // 59: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
+	19, // 60: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
+	15, // 61: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
+	45, // [45:62] is the sub-list for method output_type
+	28, // [28:45] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -3294,7 +3374,7 @@ func file_tether_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   47,
+			NumMessages:   48,
 			NumExtensions: 0,
 			NumServices:   3,
 		},
