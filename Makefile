@@ -13,6 +13,9 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 # arguments applied before enabling (mount sources, agent args).
 PLUGIN ?= tether:latest
 PLUGIN_SET ?=
+# Docker names the driver NAME:TAG (":latest" when no tag is given); the
+# agent must know it to find its containers (fencing, re-creation).
+PLUGIN_REF = $(if $(findstring :,$(PLUGIN)),$(PLUGIN),$(PLUGIN):latest)
 LDFLAGS := -s -w -X github.com/tether-io/tether/agent.Version=$(VERSION)
 
 .DEFAULT_GOAL := help
@@ -35,10 +38,10 @@ plugin: build ## Build the managed Docker plugin $(PLUGIN) in bin/plugin (rootfs
 	rm -rf $(BIN)/plugin
 	mkdir -p $(BIN)/plugin/rootfs/tmp $(BIN)/plugin/rootfs/etc/tether $(BIN)/plugin/rootfs/var/lib/tether $(BIN)/plugin/rootfs/run/docker/plugins
 	cp $(BIN)/tether $(BIN)/plugin/rootfs/tether
-	cp deploy/plugin/config.json $(BIN)/plugin/config.json
-	docker plugin create $(PLUGIN) $(BIN)/plugin
-	$(if $(PLUGIN_SET),docker plugin set $(PLUGIN) $(PLUGIN_SET))
-	docker plugin enable --timeout 30 $(PLUGIN)
+	sed 's|@PLUGIN@|$(PLUGIN_REF)|' deploy/plugin/config.json > $(BIN)/plugin/config.json
+	docker plugin create $(PLUGIN_REF) $(BIN)/plugin
+	$(if $(PLUGIN_SET),docker plugin set $(PLUGIN_REF) $(PLUGIN_SET))
+	docker plugin enable --timeout 30 $(PLUGIN_REF)
 
 .PHONY: test
 test: ## Run every test with the race detector.

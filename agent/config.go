@@ -52,6 +52,9 @@ type Config struct {
 	// DriverSocket is the unix socket of the Docker volume driver; empty
 	// serves none (see ResolveDriverSocket for the CLI's default).
 	DriverSocket string
+	// DriverName is the name Docker knows the driver by when it is not the
+	// socket's file name (a managed plugin: NAME:TAG); empty: the socket's.
+	DriverName string
 	// VolumeRetention is how long a deleted volume is kept before it is
 	// purged; 0 means cluster.DefaultRetention.
 	VolumeRetention time.Duration

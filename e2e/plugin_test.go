@@ -1,7 +1,7 @@
 package e2e
 
 import (
-	"context"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tether-io/tether/internal/gossipkey"
+	"github.com/tether-io/tether/internal/testutil"
 	"github.com/tether-io/tether/internal/tlsutil"
 	"github.com/tether-io/tether/proto/tetherpb"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -44,7 +45,9 @@ func TestManagedPlugin(t *testing.T) {
 		"--gossip-addr=127.0.0.1:" + gossip, "--rpc-addr=127.0.0.1:" + rpc, "--http-addr=",
 		"--gossip-keyring=/etc/tether/gossip.keyring", "--tls-ca=/etc/tether/ca.pem",
 		"--tls-cert=/etc/tether/node.pem", "--tls-key=/etc/tether/node-key.pem"}, " ")
+	ctr := "tether-e2e-plugin-app"
 	t.Cleanup(func() {
+		docker(t, "rm", "-f", ctr)
 		docker(t, "volume", "rm", "-f", vol) // while the driver answers
 		removePlugin()
 	})
@@ -69,21 +72,32 @@ func TestManagedPlugin(t *testing.T) {
 		t.Fatalf("docker volume inspect: %q", out)
 	}
 	// The agent's control socket is in the host's data dir.
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	status := exec.CommandContext(ctx, "go", "run", "./cmd/tether", "--json", "--data-dir", data, "status")
-	status.Dir = repo
-	out, err := status.Output()
+	cli := filepath.Join(repo, "bin", "tether") // built by make plugin
+	st, err := localStatus(cli, data)
 	if err != nil {
-		t.Fatalf("tether status against the plugin: %v", err)
-	}
-	var st tetherpb.StatusResponse
-	if err := protojson.Unmarshal(out, &st); err != nil {
 		t.Fatal(err)
 	}
 	if st.Node != "p1" || !st.GetSecurity().GetTls() || !st.GetSecurity().GetGossipEncrypted() {
 		t.Fatalf("plugin agent status: node %q security %v", st.Node, st.GetSecurity())
 	}
+	// Inside the plugin the agent reaches the Docker API and knows the
+	// name Docker gives its driver (NAME:TAG): it records a labelled
+	// container of its volume.
+	mustDocker(t, "run", "-d", "--name", ctr, "--label", "tether.failover=true", "--entrypoint", "/bin/busybox", "-v", vol+":/data", image, "sleep", "600")
+	testutil.EventuallyErr(t, 30*time.Second, func() error {
+		out, err := exec.Command(cli, "--json", "--data-dir", data, "volume", "inspect", vol).Output()
+		if err != nil {
+			return fmt.Errorf("tether volume inspect: %w", err)
+		}
+		var vi tetherpb.VolumeInspectResponse
+		if err := protojson.Unmarshal(out, &vi); err != nil {
+			return err
+		}
+		if cs := vi.GetVolume().GetContainers(); len(cs) != 1 || cs[0].Name != ctr || cs[0].Node != "p1" {
+			return fmt.Errorf("containers recorded by the plugin's agent: %v", cs)
+		}
+		return nil
+	})
 }
 
 // pluginEtc makes the plugin's /etc/tether: a CA, the node's certificate
