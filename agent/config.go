@@ -56,6 +56,9 @@ type Config struct {
 	// freezes and checks mounts through; empty: $DOCKER_HOST, else the
 	// default socket.
 	DockerHost string
+	// DriverName is the name Docker knows the driver by when it is not the
+	// socket's file name (a managed plugin: NAME:TAG); empty: the socket's.
+	DriverName string
 	// VolumeRetention is how long a deleted volume is kept before it is
 	// purged; 0 means cluster.DefaultRetention.
 	VolumeRetention time.Duration

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -49,11 +50,18 @@ func ResolveDriverSocket(flag string, euid int, pluginDirExists bool) (path, why
 	return DefaultDriverSocket, "the Docker volume driver serves its default socket"
 }
 
+// driverNameRE accepts a plugin reference: NAME[:TAG], NAME possibly with
+// a registry path.
+var driverNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$`)
+
 func (c *Config) validateDriver() error {
 	if c.DriverSocket != "" {
 		if !filepath.IsAbs(c.DriverSocket) || !strings.HasSuffix(c.DriverSocket, ".sock") {
 			return fmt.Errorf("--driver-socket %q: want an absolute path ending in .sock (the file name is the driver's name)", c.DriverSocket)
 		}
+	}
+	if c.DriverName != "" && !driverNameRE.MatchString(c.DriverName) {
+		return fmt.Errorf("--driver-name %q: want a Docker plugin name such as tether or tether:latest", c.DriverName)
 	}
 	if c.VolumeRetention < 0 {
 		return fmt.Errorf("--volume-retention %s: must not be negative", c.VolumeRetention)
@@ -62,10 +70,15 @@ func (c *Config) validateDriver() error {
 }
 
 // DriverName is the Docker volume driver name this agent serves ("" when
-// it serves none): the socket's file name without .sock.
+// it serves none): Config.DriverName, else the socket's file name without
+// .sock. Docker reports it with each mount, which is how the fencer, the
+// freezer and the container keeper find this driver's containers.
 func (a *Agent) DriverName() string {
-	if a.cfg.DriverSocket == "" {
+	switch {
+	case a.cfg.DriverSocket == "":
 		return ""
+	case a.cfg.DriverName != "":
+		return a.cfg.DriverName
 	}
 	return strings.TrimSuffix(filepath.Base(a.cfg.DriverSocket), ".sock")
 }
@@ -92,8 +105,10 @@ func (a *Agent) startDriver() error {
 		return fmt.Errorf("docker volume driver: %w", err)
 	}
 	a.driver = d
-	a.wg.Add(1)
+	a.keeper = newContainerKeeper(a, f.cli)
+	a.wg.Add(2)
 	go func() { defer a.wg.Done(); a.forgetStaleMounts(a.ctx) }()
+	go func() { defer a.wg.Done(); a.keeper.run(a.ctx) }()
 	return nil
 }
 
@@ -251,6 +266,9 @@ func (b *driverBackend) Mount(ctx context.Context, name string) (string, error) 
 	p, err := a.prepareVolume(v)
 	if err != nil {
 		return "", err
+	}
+	if a.keeper != nil {
+		a.keeper.hint(name) // record the container if it asks for failover
 	}
 	return p.Data, nil
 }

@@ -379,3 +379,22 @@ func TestRecreateAfterPurge(t *testing.T) {
 		})
 	}
 }
+
+func TestDriverName(t *testing.T) {
+	for _, tc := range []struct{ socket, name, want string }{
+		{"", "tether:latest", ""},
+		{"/run/docker/plugins/tether.sock", "", "tether"},
+		{"/run/docker/plugins/tether.sock", "tether:latest", "tether:latest"},
+	} {
+		a := &Agent{cfg: Config{DriverSocket: tc.socket, DriverName: tc.name}}
+		if got := a.DriverName(); got != tc.want {
+			t.Errorf("socket %q name %q: DriverName %q, want %q", tc.socket, tc.name, got, tc.want)
+		}
+	}
+	for name, ok := range map[string]bool{"tether": true, "tether:latest": true, "reg.example/x/tether:1.2": true, "Tether": false, "a b": false, "x:": false} {
+		c := Config{NodeName: "n", DriverSocket: "/run/docker/plugins/tether.sock", DriverName: name}
+		if err := c.Validate(); (err == nil) != ok || (err != nil && !strings.Contains(err.Error(), "--driver-name")) {
+			t.Errorf("driver name %q: %v", name, err)
+		}
+	}
+}
