@@ -19,6 +19,28 @@ type testNode struct {
 	c    *Cluster
 	mux  *Mux
 	down bool
+	// stopRenew ends the node's lease renewals; renewed waits for them.
+	stopRenew context.CancelFunc
+	renewed   sync.WaitGroup
+}
+
+// renewLeases asks the leader for node's lease every renewal interval, as
+// an agent does (the leader promotes only nodes it has heard from lately).
+func (tn *testNet) renewLeases(ctx context.Context, node *testNode) {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		if l := tn.leader(); l != nil {
+			gctx, cancel := context.WithTimeout(ctx, time.Second)
+			_, _ = l.c.GrantLease(gctx, node.name)
+			cancel()
+		}
+	}
 }
 
 // testNet is a few Clusters in one process; Forward goes straight to the
@@ -112,6 +134,10 @@ func (tn *testNet) start(o nodeOpts) *testNode {
 		t.Fatal(err)
 	}
 	node := &testNode{name: o.name, c: c, mux: mux}
+	ctx, cancel := context.WithCancel(context.Background())
+	node.stopRenew = cancel
+	node.renewed.Add(1)
+	go func() { defer node.renewed.Done(); tn.renewLeases(ctx, node) }()
 	tn.mu.Lock()
 	tn.byRPC[cfg.RPCAdvertise] = node
 	tn.nodes = append(tn.nodes, node)
@@ -143,6 +169,8 @@ func (tn *testNet) stop(node *testNode, leave bool) {
 	node.down = true
 	delete(tn.byRPC, node.c.cfg.RPCAdvertise)
 	tn.mu.Unlock()
+	node.stopRenew()
+	node.renewed.Wait()
 	if err := node.c.Shutdown(leave); err != nil {
 		tn.t.Errorf("shutdown %s: %v", node.name, err)
 	}

@@ -137,8 +137,23 @@ func ChooseFailover(v Volume, health map[string]string) (cmd SetPrimary, ok bool
 // Failovers lists the SetPrimary commands the leader should apply now:
 // one per volume whose primary has been down for at least grace (downSince
 // tells when each down node went down) and whose lease has surely expired
-// (leaseUntil tells until when each node may still hold one).
-func Failovers(vols []Volume, health map[string]string, downSince, leaseUntil map[string]time.Time, now time.Time, grace time.Duration) []SetPrimary {
+// (leaseUntil tells until when each node may still hold one). If reachable
+// is not nil, only the replicas it names may be promoted: gossip may not
+// yet suspect a replica cut off together with the primary, and the leader
+// must not hand the volume to a node it cannot reach (the volume would
+// stay unserved until the partition heals); it waits until gossip or a
+// reachable copy decides.
+func Failovers(vols []Volume, health map[string]string, downSince, leaseUntil map[string]time.Time, reachable map[string]bool, now time.Time, grace time.Duration) []SetPrimary {
+	if reachable != nil {
+		h := make(map[string]string, len(health))
+		for n, s := range health {
+			if s == HealthAlive && !reachable[n] {
+				s = HealthSuspect
+			}
+			h[n] = s
+		}
+		health = h
+	}
 	var out []SetPrimary
 	for _, v := range vols {
 		if since, ok := downSince[v.Primary]; grace > 0 && (!ok || now.Sub(since) < grace) {

@@ -51,7 +51,7 @@ func TestFailoversRespectMaxLag(t *testing.T) {
 	vols := []Volume{{Name: "v", Primary: "p", ReplicaNodes: []string{"b"}, Epoch: 1, MaxLag: time.Second,
 		Progress: map[string]Progress{"p": {Epoch: 1, Seq: 9, Cut: t0.Add(time.Minute)}, "b": {Epoch: 1, Seq: 2, Cut: t0}}}}
 	health := map[string]string{"p": HealthDead, "b": HealthAlive}
-	if got := Failovers(vols, health, nil, nil, t0, 0); got != nil {
+	if got := Failovers(vols, health, nil, nil, nil, t0, 0); got != nil {
 		t.Fatalf("promoted a copy a minute behind with max lag 1s: %+v", got)
 	}
 	if s := VolumeState(vols[0], health); s != StateNeedsOperator {

@@ -114,20 +114,51 @@ func TestFailoversGrace(t *testing.T) {
 		}
 		return out
 	}
-	if got := names(Failovers(vols, health, since, nil, now, 0)); !reflect.DeepEqual(got, []string{"a", "c"}) {
+	if got := names(Failovers(vols, health, since, nil, nil, now, 0)); !reflect.DeepEqual(got, []string{"a", "c"}) {
 		t.Fatalf("no grace: %q", got)
 	}
-	if got := names(Failovers(vols, health, since, nil, now, 5*time.Second)); !reflect.DeepEqual(got, []string{"a"}) {
+	if got := names(Failovers(vols, health, since, nil, nil, now, 5*time.Second)); !reflect.DeepEqual(got, []string{"a"}) {
 		t.Fatalf("5s grace: %q", got)
 	}
-	if got := names(Failovers(vols, health, since, nil, now, time.Minute)); got != nil {
+	if got := names(Failovers(vols, health, since, nil, nil, now, time.Minute)); got != nil {
 		t.Fatalf("1m grace: %q", got)
 	}
 	// A primary that may still hold its lease keeps its volumes, however
 	// dead it looks: it may be serving writes on the far side of a partition.
 	leases := map[string]time.Time{"n1": now.Add(time.Millisecond), "n3": now}
-	if got := names(Failovers(vols, health, since, leases, now, 0)); !reflect.DeepEqual(got, []string{"c"}) {
+	if got := names(Failovers(vols, health, since, leases, nil, now, 0)); !reflect.DeepEqual(got, []string{"c"}) {
 		t.Fatalf("n1's lease still running: %q", got)
+	}
+}
+
+// TestFailoversOnlyToReachable: a replica gossip still thinks alive but
+// the leader has not heard from lately (cut off with the primary) is not
+// promoted; another copy is, and with none the leader waits.
+func TestFailoversOnlyToReachable(t *testing.T) {
+	now := time.Date(2026, 1, 1, 0, 0, 10, 0, time.UTC)
+	v := Volume{Name: "a", Primary: "n1", ReplicaNodes: []string{"n2", "n3"}, Epoch: 1,
+		Progress: map[string]Progress{"n2": {Seq: 9}, "n3": {Seq: 5}}}
+	health := map[string]string{"n1": HealthDead, "n2": HealthAlive, "n3": HealthAlive}
+	for _, tc := range []struct {
+		name      string
+		reachable map[string]bool
+		want      string
+	}{
+		{"not known (nil): gossip decides", nil, "n2"},
+		{"both reachable: the most up to date", map[string]bool{"n2": true, "n3": true}, "n2"},
+		{"the best copy unreachable: the other", map[string]bool{"n3": true}, "n3"},
+		{"none reachable: wait", map[string]bool{}, ""},
+	} {
+		got := Failovers([]Volume{v}, health, nil, nil, tc.reachable, now, 0)
+		switch {
+		case tc.want == "" && len(got) != 0:
+			t.Errorf("%s: promoted %s, want none", tc.name, got[0].Primary)
+		case tc.want != "" && (len(got) != 1 || got[0].Primary != tc.want):
+			t.Errorf("%s: got %+v, want %s", tc.name, got, tc.want)
+		}
+	}
+	if health["n2"] != HealthAlive {
+		t.Fatal("Failovers changed the caller's health map")
 	}
 }
 
@@ -204,5 +235,21 @@ func TestPurges(t *testing.T) {
 	}
 	if got := VolumeState(vols[1], map[string]string{}); got != StateDeleted {
 		t.Fatalf("state of a deleted volume = %q", got)
+	}
+}
+
+func TestLeaseTableHeardFrom(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	lt := newLeaseTable()
+	lt.startTerm(t0)
+	lt.grant("n1", t0)
+	lt.grant("n2", t0.Add(2*time.Second))
+	got := lt.heardFrom(1500*time.Millisecond, t0.Add(3*time.Second))
+	if !reflect.DeepEqual(got, map[string]bool{"n2": true}) {
+		t.Fatalf("heard from %v, want only n2", got)
+	}
+	lt.startTerm(t0.Add(4 * time.Second))
+	if got := lt.heardFrom(time.Hour, t0.Add(4*time.Second)); len(got) != 0 {
+		t.Fatalf("a new term heard from %v", got)
 	}
 }

@@ -157,7 +157,8 @@ func (c *Cluster) reconcile(stop chan struct{}) time.Duration {
 			next = until.Sub(now) + time.Millisecond
 		}
 	}
-	for _, cmd := range Failovers(vols, health, downSince, leaseUntil, now, c.timing.FailoverGrace) {
+	reachable := c.leases.heardFrom(max(3*c.timing.LeaseRenewInterval, c.timing.LeaseDuration/2), now)
+	for _, cmd := range Failovers(vols, health, downSince, leaseUntil, reachable, now, c.timing.FailoverGrace) {
 		select {
 		case <-stop:
 			return next

@@ -21,6 +21,21 @@ import (
 // waits that long from the start of its own term. Only durations are
 // compared, never clock readings of two machines.
 
+// heardFrom returns the nodes the leader granted a lease within window
+// before now: those it has reached lately (every node renews every
+// LeaseRenewInterval).
+func (t *leaseTable) heardFrom(window time.Duration, now time.Time) map[string]bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make(map[string]bool, len(t.grants))
+	for n, g := range t.grants {
+		if now.Sub(g) <= window {
+			out[n] = true
+		}
+	}
+	return out
+}
+
 // leaseTable is the leader's memory of the grants it made this term.
 type leaseTable struct {
 	mu          sync.Mutex
