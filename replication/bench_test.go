@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -110,19 +111,7 @@ func BenchmarkInitialSyncSmallFiles(b *testing.B) {
 	n := envInt("TETHER_BENCH_FILES", 20000)
 	for i := 0; i < b.N; i++ {
 		bp := newBenchPair(b)
-		buf := make([]byte, 4096)
-		for f := 0; f < n; f++ {
-			dir := filepath.Join(bp.primary.Data, fmt.Sprintf("d%03d", f%200))
-			if f < 200 {
-				if err := os.MkdirAll(dir, 0o755); err != nil {
-					b.Fatal(err)
-				}
-			}
-			_, _ = rand.Read(buf[:16])
-			if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("f%05d", f)), buf, 0o644); err != nil {
-				b.Fatal(err)
-			}
-		}
+		writeSmallFiles(b, bp.primary.Data, n)
 		b.ResetTimer()
 		t0 := time.Now()
 		bp.start()
@@ -140,26 +129,92 @@ func BenchmarkInitialSyncLargeFile(b *testing.B) {
 	mib := envInt("TETHER_BENCH_LARGE_MIB", 1024)
 	for i := 0; i < b.N; i++ {
 		bp := newBenchPair(b)
-		f, err := os.Create(filepath.Join(bp.primary.Data, "large"))
-		if err != nil {
-			b.Fatal(err)
-		}
-		chunk := make([]byte, 1<<20)
-		for m := 0; m < mib; m++ {
-			_, _ = rand.Read(chunk)
-			if _, err := f.Write(chunk); err != nil {
-				b.Fatal(err)
-			}
-		}
-		if err := f.Close(); err != nil {
-			b.Fatal(err)
-		}
+		writeLargeFile(b, bp.primary.Data, mib)
 		b.ResetTimer()
 		t0 := time.Now()
 		bp.start()
 		bp.waitAck(10 * time.Minute)
 		el := time.Since(t0)
 		b.StopTimer()
+		b.ReportMetric(float64(mib)/el.Seconds(), "MiB/s")
+	}
+}
+
+// writeSmallFiles writes n files of 4 KiB in 200 directories below dir.
+func writeSmallFiles(b *testing.B, dir string, n int) {
+	buf := make([]byte, 4096)
+	for f := 0; f < n; f++ {
+		sub := filepath.Join(dir, fmt.Sprintf("d%03d", f%200))
+		if f < 200 {
+			if err := os.MkdirAll(sub, 0o755); err != nil {
+				b.Fatal(err)
+			}
+		}
+		_, _ = rand.Read(buf[:16])
+		if err := os.WriteFile(filepath.Join(sub, fmt.Sprintf("f%05d", f)), buf, 0o644); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// writeLargeFile writes one file of mib MiB of random data in dir.
+func writeLargeFile(b *testing.B, dir string, mib int) {
+	f, err := os.Create(filepath.Join(dir, "large"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	chunk := make([]byte, 1<<20)
+	for m := 0; m < mib; m++ {
+		_, _ = rand.Read(chunk)
+		if _, err := f.Write(chunk); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := f.Close(); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// rsyncBench times `rsync -a --fsync` of what fill writes, from one
+// directory to another on the same disk: the reference of issue 5.
+func rsyncBench(b *testing.B, fill func(dir string)) time.Duration {
+	rsync, err := exec.LookPath("rsync")
+	if err != nil {
+		b.Skip("rsync is not installed")
+	}
+	dir := b.TempDir()
+	src, dst := filepath.Join(dir, "src"), filepath.Join(dir, "dst")
+	if err := os.MkdirAll(src, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	fill(src)
+	b.ResetTimer()
+	t0 := time.Now()
+	if out, err := exec.Command(rsync, "-a", "--fsync", src+"/", dst+"/").CombinedOutput(); err != nil {
+		b.Fatalf("rsync: %v: %s", err, out)
+	}
+	el := time.Since(t0)
+	b.StopTimer()
+	return el
+}
+
+// BenchmarkRsyncSmallFiles is `rsync -a --fsync` of the data of
+// BenchmarkInitialSyncSmallFiles, for comparison in the same run.
+func BenchmarkRsyncSmallFiles(b *testing.B) {
+	n := envInt("TETHER_BENCH_FILES", 20000)
+	for i := 0; i < b.N; i++ {
+		el := rsyncBench(b, func(dir string) { writeSmallFiles(b, dir, n) })
+		b.ReportMetric(float64(n)/el.Seconds(), "files/s")
+		b.ReportMetric(float64(n)*4096/(1<<20)/el.Seconds(), "MiB/s")
+	}
+}
+
+// BenchmarkRsyncLargeFile is `rsync -a --fsync` of the data of
+// BenchmarkInitialSyncLargeFile, for comparison in the same run.
+func BenchmarkRsyncLargeFile(b *testing.B) {
+	mib := envInt("TETHER_BENCH_LARGE_MIB", 1024)
+	for i := 0; i < b.N; i++ {
+		el := rsyncBench(b, func(dir string) { writeLargeFile(b, dir, mib) })
 		b.ReportMetric(float64(mib)/el.Seconds(), "MiB/s")
 	}
 }

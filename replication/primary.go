@@ -23,8 +23,10 @@ const (
 
 // Retention of cut batches on a primary.
 const (
-	maxAhead    = 4  // cuts taken ahead of the slowest connected replica
-	maxRetained = 64 // batches kept for replicas that reconnect
+	maxAhead = 4 // cuts taken ahead of the slowest connected replica
+	// Defaults of PrimaryConfig.RetainBytes and RetainAge.
+	defaultRetainBytes = 1 << 30
+	defaultRetainAge   = 10 * time.Minute
 )
 
 // PrimaryConfig configures the primary side of one volume.
@@ -44,8 +46,16 @@ type PrimaryConfig struct {
 	// must not block long.
 	OnAck  func(node string, ack Ack)
 	Logger *slog.Logger
-	// Debounce is how long changes gather before a cut; default 20ms.
+	// Debounce is how long changes gather before a cut; default 2ms.
 	Debounce time.Duration
+	// RetainBytes bounds the bytes of the cuts kept only for replicas that
+	// are disconnected (so that they resume where they stopped); past it
+	// the oldest are dropped and those replicas get the whole tree when
+	// they return. Default 1 GiB.
+	RetainBytes int64
+	// RetainAge is how long cuts are kept for a disconnected replica;
+	// default 10 minutes.
+	RetainAge time.Duration
 	// RescanInterval is the period (jittered) of the full rescan that
 	// catches what inotify missed; default 30s.
 	RescanInterval time.Duration
@@ -134,7 +144,13 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 		return nil, fmt.Errorf("replication primary for volume %s: no Dial function", cfg.Volume)
 	}
 	if cfg.Debounce <= 0 {
-		cfg.Debounce = 20 * time.Millisecond
+		cfg.Debounce = 2 * time.Millisecond
+	}
+	if cfg.RetainBytes <= 0 {
+		cfg.RetainBytes = defaultRetainBytes
+	}
+	if cfg.RetainAge <= 0 {
+		cfg.RetainAge = defaultRetainAge
 	}
 	if cfg.RescanInterval <= 0 {
 		cfg.RescanInterval = 30 * time.Second
@@ -333,9 +349,6 @@ func (p *Primary) publish(b *cutBatch) {
 	}
 	p.batches = append(p.batches, b)
 	p.latest = b.seq
-	if len(p.batches) > maxRetained {
-		p.dropLocked(len(p.batches) - maxRetained)
-	}
 	p.notifyLocked()
 }
 
@@ -397,28 +410,89 @@ func resumable(epoch, seq, ourEpoch, firstSeq, base, latest uint64) bool {
 	return epoch == ourEpoch && firstSeq != 0 && seq >= firstSeq && seq >= base && seq <= latest
 }
 
-// acked trims the cuts every sender is past (all of them when there is no
-// replica: a new one starts with a full cut) and wakes the cutter.
+// acked trims the cuts no replica needs any more (all of them when there
+// is no replica: a new one starts with a full cut), within the retention
+// budget (see retention), and wakes the cutter.
 func (p *Primary) acked() {
+	now := time.Now()
 	p.mu.Lock()
-	keep := uint64(0)
+	holds := make([]replicaHold, 0, len(p.senders))
 	for _, s := range p.senders {
-		if n := s.position(); keep == 0 || n < keep {
-			keep = n
-		}
+		holds = append(holds, s.hold(now, p.cfg.RetainAge))
 	}
-	none := len(p.senders) == 0
 	p.mu.Unlock()
 	p.bmu.Lock()
 	defer p.bmu.Unlock()
-	n := 0
-	for n < len(p.batches) && (none || p.batches[n].seq < keep) {
-		n++
+	kept := make([]retainedCut, len(p.batches))
+	for i, b := range p.batches {
+		kept[i] = retainedCut{seq: b.seq, bytes: b.bytes}
 	}
+	n, released := retention(kept, holds, p.cfg.RetainBytes)
 	if n > 0 {
 		p.dropLocked(n)
 	}
+	for _, node := range released {
+		p.log.Warn("dropping the cuts kept for a disconnected replica (it was away longer than the retention age, or they exceed the retention bytes); it will get the whole tree when it returns",
+			"replica", node, "retain_age", p.cfg.RetainAge, "retain_bytes", p.cfg.RetainBytes)
+	}
 	p.notifyLocked()
+}
+
+// retainedCut is what retention needs to know of a kept cut.
+type retainedCut struct {
+	seq   uint64
+	bytes int64
+}
+
+// replicaHold is what one replica asks the primary to keep: the cuts from
+// need on. An active replica (connected) holds them unconditionally (it is
+// at most maxAhead behind); a held one (disconnected less than RetainAge
+// ago) within the byte budget; an expired one holds nothing.
+type replicaHold struct {
+	node   string
+	need   uint64
+	active bool
+	held   bool
+}
+
+// retention returns how many of the oldest kept cuts (consecutive seqs,
+// oldest first) to drop: those no active or held replica needs, then, while
+// the kept cuts exceed budget bytes, those only held replicas need. It
+// names the replicas that could resume before and no longer can.
+func retention(kept []retainedCut, holds []replicaHold, budget int64) (drop int, released []string) {
+	keepActive, keepAll := uint64(0), uint64(0)
+	for _, h := range holds {
+		if h.active && (keepActive == 0 || h.need < keepActive) {
+			keepActive = h.need
+		}
+		if (h.active || h.held) && (keepAll == 0 || h.need < keepAll) {
+			keepAll = h.need
+		}
+	}
+	var total int64
+	for _, c := range kept {
+		total += c.bytes
+	}
+	for drop < len(kept) {
+		c := kept[drop]
+		needed := keepAll != 0 && c.seq >= keepAll
+		if needed && (total <= budget || (keepActive != 0 && c.seq >= keepActive)) {
+			break
+		}
+		total -= c.bytes
+		drop++
+	}
+	if drop == 0 {
+		return 0, nil
+	}
+	first, next := kept[0].seq, kept[drop-1].seq+1
+	for _, h := range holds {
+		if !h.active && h.need >= first && h.need < next {
+			released = append(released, h.node)
+		}
+	}
+	slices.Sort(released)
+	return drop, released
 }
 
 // waitRoom waits until no connected replica is more than maxAhead cuts

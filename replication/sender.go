@@ -37,25 +37,28 @@ type sender struct {
 	fullSince time.Time // when the replica was found to need a full cut
 	acked     Ack
 	connected bool
+	lastSeen  time.Time // when it was last connected (or created)
 	err       string
 	fullSent  int // full batches sent (tests)
 }
 
 func newSender(p *Primary, node string, cancel context.CancelFunc) *sender {
 	// Until it connects, a sender needs no cut older than the next full one.
-	return &sender{p: p, node: node, log: p.log.With("replica", node), cancel: cancel, fullSince: time.Now(),
-		fullAfter: p.latestSeq()}
+	now := time.Now()
+	return &sender{p: p, node: node, log: p.log.With("replica", node), cancel: cancel, fullSince: now,
+		lastSeen: now, fullAfter: p.latestSeq()}
 }
 
-// position returns the oldest cut this sender may still need: the primary
-// keeps the cuts from there on.
-func (s *sender) position() uint64 {
+// hold says which cuts this sender still needs and how firmly (see
+// replicaHold).
+func (s *sender) hold(now time.Time, age time.Duration) replicaHold {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.next == 0 {
-		return s.fullAfter + 1
+	need := s.next
+	if need == 0 {
+		need = s.fullAfter + 1
 	}
-	return s.next
+	return replicaHold{node: s.node, need: need, active: s.connected, held: now.Sub(s.lastSeen) < age}
 }
 
 // connectedNext returns the next cut of a connected sender.
@@ -111,6 +114,9 @@ func (s *sender) run(ctx context.Context) {
 func (s *sender) disconnected(err error, stopping bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.connected {
+		s.lastSeen = time.Now()
+	}
 	s.connected = false
 	if err != nil && !stopping {
 		s.err = err.Error()
@@ -126,7 +132,7 @@ func (s *sender) connectedAt(a *tetherpb.StreamAck) {
 	}
 	next := s.p.resumeFrom(a.GetEpoch(), a.GetSeq())
 	s.mu.Lock()
-	s.connected, s.err = true, ""
+	s.connected, s.err, s.lastSeen = true, "", time.Now()
 	if a.GetEpoch() == epoch {
 		s.acked = Ack{Epoch: epoch, Seq: a.GetSeq(), Cut: cutTime(a.GetCutUnixNano())}
 	}
