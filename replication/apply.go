@@ -294,6 +294,7 @@ type applier struct {
 	verified map[string]struct{} // directories known to be real in this batch
 	dirMeta  map[string]applyOp  // directory modes and mtimes, set at the end
 	warn     *onceLogger
+	stage    *os.File // the stage directory, once a file was placed from it
 }
 
 // applyOps applies a batch's ops, from index start on, to the volume
@@ -306,6 +307,11 @@ type applier struct {
 // it is durable.
 func applyOps(root *os.Root, ops []applyOp, full bool, start int, warn *onceLogger, mark func(int) error, fail failpoint) error {
 	a := &applier{root: root, verified: map[string]struct{}{}, dirMeta: map[string]applyOp{}, warn: warn}
+	defer func() {
+		if a.stage != nil {
+			_ = a.stage.Close()
+		}
+	}()
 	for _, op := range ops {
 		if op.kind == tetherpb.FileOp_KIND_MKDIR {
 			a.dirMeta[op.path] = op
@@ -489,11 +495,26 @@ func (a *applier) replaceWith(tmp, rel string) error {
 	return a.root.Rename(tmp, rel)
 }
 
-// placeFile writes a staged file next to its target, makes it durable with
-// its mode and mtime, and renames it into place.
+// placeFile gives a staged file its owner, mode, extended attributes and
+// mtime and renames it into place (renameat from the stage directory into
+// the target's directory, opened through the root; the last component is
+// replaced, never followed). A staged file that is gone was placed by an
+// earlier, interrupted application of this batch. When the stage is on
+// another file system, the contents are copied next to the target instead.
 func (a *applier) placeFile(op applyOp) error {
 	dir := parentOf(op.path)
 	if err := a.ensureDir(dir); err != nil {
+		return err
+	}
+	err := a.prepareStaged(op)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil // placed already: a replay
+	}
+	if err != nil {
+		return err
+	}
+	err = a.renameStaged(op)
+	if !errors.Is(err, unix.EXDEV) {
 		return err
 	}
 	tmp := tempName(dir)
@@ -506,6 +527,66 @@ func (a *applier) placeFile(op applyOp) error {
 		return err
 	}
 	return nil
+}
+
+// prepareStaged sets the metadata of a staged file (fs.ErrNotExist when it
+// is gone).
+func (a *applier) prepareStaged(op applyOp) error {
+	f, err := os.OpenFile(op.staged, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	err = a.setMeta(f, op.path, op) // after writing: a write clears setuid/setgid
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	if err := os.Chtimes(op.staged, op.mtime, op.mtime); err != nil {
+		return fmt.Errorf("set mtime of %q: %w", op.path, err)
+	}
+	return nil
+}
+
+// renameStaged moves a prepared staged file over op.path, first removing a
+// directory found there.
+func (a *applier) renameStaged(op applyOp) error {
+	if fi, err := a.root.Lstat(op.path); err == nil && fi.IsDir() {
+		clear(a.verified)
+		if err := a.root.RemoveAll(op.path); err != nil {
+			return err
+		}
+	}
+	stage, err := a.stageDir(filepath.Dir(op.staged))
+	if err != nil {
+		return err
+	}
+	d, err := a.root.Open(parentOf(op.path))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := unix.Renameat(int(stage.Fd()), filepath.Base(op.staged), int(d.Fd()), baseOf(op.path)); err != nil {
+		return fmt.Errorf("move staged contents into place: %w", err)
+	}
+	return nil
+}
+
+// stageDir returns the open stage directory dir (kept for the batch).
+func (a *applier) stageDir(dir string) (*os.File, error) {
+	if a.stage != nil && a.stage.Name() == dir {
+		return a.stage, nil
+	}
+	if a.stage != nil {
+		_ = a.stage.Close()
+	}
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, fmt.Errorf("open stage directory: %w", err)
+	}
+	a.stage = f
+	return f, nil
 }
 
 func (a *applier) writeTemp(tmp string, op applyOp) error {
@@ -611,6 +692,13 @@ func (a *applier) placeHardlink(op applyOp) error {
 	}
 	if ok, err := a.realDirs(op.to); err != nil || !ok {
 		return fmt.Errorf("hard link target %q is not below real directories: %w", op.to, err)
+	}
+	if cur, err := a.root.Lstat(op.path); err == nil {
+		if to, err := a.root.Lstat(op.to); err == nil && os.SameFile(cur, to) {
+			// Linked already (a replay): renaming another link of the same
+			// file over it would do nothing and leave the temporary name.
+			return nil
+		}
 	}
 	tmp := tempName(dir)
 	if err := a.root.Link(op.to, tmp); err != nil {
