@@ -52,15 +52,18 @@ type batch struct {
 	ops    []applyOp
 	nondir map[string]struct{} // paths this batch made files or symlinks
 	files  map[string]struct{} // regular files this batch wrote and still holds
-	open   *incoming
-	nfiles int
+	// fileDirs holds the ancestors of every path ever in files (a superset
+	// of those of files now).
+	fileDirs map[string]struct{}
+	open     *incoming
+	nfiles   int
 	// journaled is set once a journal refers to the staged files: they are
 	// the journal's to remove then.
 	journaled bool
 }
 
 func newBatch(stage string) *batch {
-	return &batch{stage: stage, nondir: map[string]struct{}{}, files: map[string]struct{}{}}
+	return &batch{stage: stage, nondir: map[string]struct{}{}, files: map[string]struct{}{}, fileDirs: map[string]struct{}{}}
 }
 
 // metaOf returns the owner, mode and mtime of an op.
@@ -72,10 +75,22 @@ func metaOf(k tetherpb.FileOp_Kind, p string, op *tetherpb.FileOp) applyOp {
 // replaced forgets the files of the batch that an op at p replaces (p
 // itself and, unless the op keeps a directory at p, everything below).
 func (b *batch) replaced(p string, keepsDir bool) {
+	delete(b.files, p)
+	if _, ok := b.fileDirs[p]; keepsDir || !ok {
+		return // no file of the batch below p: no scan (it would make a batch quadratic)
+	}
 	for f := range b.files {
-		if f == p || (!keepsDir && isUnder(f, p)) {
+		if isUnder(f, p) {
 			delete(b.files, f)
 		}
+	}
+}
+
+// addFile records a regular file the batch wrote at p.
+func (b *batch) addFile(p string) {
+	b.files[p] = struct{}{}
+	for _, a := range ancestorsOf(p) {
+		b.fileDirs[a] = struct{}{}
 	}
 }
 
@@ -235,7 +250,7 @@ func (b *batch) addFileChunk(op *tetherpb.FileOp) error {
 	}
 	b.replaced(in.path, false)
 	b.nondir[in.path] = struct{}{}
-	b.files[in.path] = struct{}{}
+	b.addFile(in.path)
 	a := metaOf(tetherpb.FileOp_KIND_FILE, in.path, op)
 	a.staged, a.size, a.extents, a.xattrs = in.staged, int64(size), in.extents, xs
 	b.ops = append(b.ops, a)
@@ -264,6 +279,7 @@ func (b *batch) discard() {
 	b.ops, b.nfiles, b.journaled = nil, 0, false
 	clear(b.nondir)
 	clear(b.files)
+	clear(b.fileDirs)
 }
 
 // namedOf returns every path a full batch keeps, with their ancestors.
