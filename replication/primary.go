@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -94,7 +95,14 @@ type ReplicaState struct {
 	// Lag is now minus the oldest change not yet durable on the replica;
 	// 0 when it is caught up.
 	Lag time.Duration
-	Err string
+	// LagBytes is the encoded size of the cuts taken and not yet durable on
+	// the replica, and PendingCuts their number (the first of them is in
+	// flight while the replica is connected). A replica that needs the
+	// whole tree counts the full cut once it is taken; changes not yet in
+	// a cut count in Lag only.
+	LagBytes    int64
+	PendingCuts int
+	Err         string
 }
 
 // Primary watches a volume, takes consistent cuts of its changes, and
@@ -528,15 +536,34 @@ func (p *Primary) latestSeq() uint64 {
 	return p.latest
 }
 
-// unackedSince returns the oldest change carried by the cuts from next on.
-func (p *Primary) unackedSince(next uint64) time.Time {
+// backlog describes the retained cuts a replica still needs, from cut
+// next on, or (next == 0) from the first full cut after fullAfter on: the
+// oldest change they carry, their encoded size (a full cut counts as its
+// delta view when the replica follows), and how many there are.
+func (p *Primary) backlog(next, fullAfter uint64) (since time.Time, bytes int64, cuts int) {
 	p.bmu.Lock()
 	defer p.bmu.Unlock()
-	var o time.Time
-	for _, b := range p.batches {
-		if b.seq >= next {
-			o = oldest(o, b.since)
+	from := next
+	if next == 0 {
+		from = math.MaxUint64
+		for _, b := range p.batches {
+			if b.full && b.seq > fullAfter {
+				from = b.seq
+				break
+			}
 		}
 	}
-	return o
+	for _, b := range p.batches {
+		if b.seq < from {
+			continue
+		}
+		since = oldest(since, b.since)
+		cuts++
+		if b.full && next != 0 && b.delta != nil {
+			bytes += b.deltaBytes
+		} else {
+			bytes += b.bytes
+		}
+	}
+	return since, bytes, cuts
 }

@@ -121,3 +121,43 @@ func fullSent(p *Primary, node string) int {
 	defer s.mu.Unlock()
 	return s.fullSent
 }
+
+// TestLagBytes checks the backlog a primary reports per replica: while the
+// replica is down its lag bytes and pending cuts grow with each cut, and
+// they return to 0 once it has caught up.
+func TestLagBytes(t *testing.T) {
+	c := newTestCluster(t)
+	c.write("f", "0")
+	c.startReplica("r1")
+	p := c.startPrimaryWith(func(cfg *PrimaryConfig) { cfg.Debounce = time.Millisecond }, 1, "r1")
+	c.waitSynced("r1")
+	testutil.Eventually(t, 5*time.Second, "no backlog once synced", func() bool {
+		r := p.Status().Replicas[0]
+		return r.LagBytes == 0 && r.PendingCuts == 0 && r.Lag == 0
+	})
+	c.stopReplica("r1")
+	testutil.Eventually(t, 5*time.Second, "the replica is seen disconnected", func() bool {
+		return !p.Status().Replicas[0].Connected
+	})
+	var last ReplicaState
+	for i := 1; i <= 3; i++ {
+		c.write(fmt.Sprintf("g%d", i), string(make([]byte, 1000)))
+		testutil.Eventually(t, 5*time.Second, fmt.Sprintf("backlog of %d cuts", i), func() bool {
+			r := p.Status().Replicas[0]
+			if r.PendingCuts != i {
+				return false
+			}
+			if r.LagBytes < last.LagBytes+1000 {
+				t.Fatalf("%d pending cuts weigh %d bytes, %d before the last 1000-byte file", i, r.LagBytes, last.LagBytes)
+			}
+			last = r
+			return true
+		})
+	}
+	c.startReplica("r1")
+	c.waitSynced("r1")
+	testutil.Eventually(t, 5*time.Second, "no backlog after catch-up", func() bool {
+		r := p.Status().Replicas[0]
+		return r.Connected && r.LagBytes == 0 && r.PendingCuts == 0 && r.Lag == 0
+	})
+}

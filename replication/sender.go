@@ -72,13 +72,15 @@ func (s *sender) connectedNext() (uint64, bool) {
 func (s *sender) state(now time.Time) ReplicaState {
 	s.mu.Lock()
 	st := ReplicaState{Node: s.node, Connected: s.connected, AckedSeq: s.acked.Seq, AckedCut: s.acked.Cut, Err: s.err}
-	next, full := s.next, time.Time{}
+	next, after, full := s.next, s.fullAfter, time.Time{}
 	if next == 0 {
 		full = s.fullSince
 	}
 	s.mu.Unlock()
 	_, pending := s.p.ch.pending()
-	if o := oldest(pending, full, s.p.unackedSince(max(next, 1))); !o.IsZero() {
+	since, bytes, cuts := s.p.backlog(next, after)
+	st.LagBytes, st.PendingCuts = bytes, cuts
+	if o := oldest(pending, full, since); !o.IsZero() {
 		st.Lag = now.Sub(o)
 	}
 	return st
@@ -148,19 +150,29 @@ func (s *sender) connectedAt(a *tetherpb.StreamAck) {
 }
 
 // requestFull asks for a full cut unless one is being read (it will do:
-// its number is above the fullAfter just set).
+// its number is above the fullAfter just set) or one the sender can take
+// is already kept.
 func (s *sender) requestFull() {
-	if !s.p.cuttingFull.Load() {
+	if s.p.cuttingFull.Load() {
+		return
+	}
+	s.mu.Lock()
+	after := s.fullAfter
+	s.mu.Unlock()
+	if b, _, _ := s.p.batchFor(0, after); b == nil {
 		s.p.ch.requireFullForReplica()
 	}
 }
 
-// needFullLocked makes the sender wait for the next full cut.
+// needFullLocked makes the sender wait for a full cut: the next one, or
+// when it was already waiting for one, any full cut after the point it
+// started waiting (a full cut suits a replica in any state).
 func (s *sender) needFullLocked() {
 	if s.next != 0 || s.fullSince.IsZero() {
 		s.fullSince = time.Now()
+		s.fullAfter = s.p.latestSeq()
 	}
-	s.next, s.fullAfter = 0, s.p.latestSeq()
+	s.next = 0
 }
 
 // ackedBatch records a durable cut.

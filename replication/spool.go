@@ -119,7 +119,7 @@ type item struct {
 // files, symlinks and fifos. Of the names of a hard-linked file, the first
 // carries the contents and the others become HARDLINK ops.
 func (s *spool) items(p *plan) []item {
-	var out []item
+	out := []item{} // never nil: an empty delta view is still one
 	dels := make([]string, 0, len(p.deletes))
 	for rel := range p.deletes {
 		dels = append(dels, rel)
