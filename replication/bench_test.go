@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -50,7 +51,10 @@ func newBenchPair(b *testing.B) *benchPair {
 
 // start runs the replica's server and the primary; it returns when the
 // primary runs (its first, full cut may still be on its way).
-func (bp *benchPair) start() {
+func (bp *benchPair) start() { bp.startLimited(nil) }
+
+// startLimited is start with a bandwidth limiter.
+func (bp *benchPair) startLimited(lim Limiter) {
 	b := bp.b
 	quiet := slog.New(slog.DiscardHandler)
 	srv := NewServer(ServerConfig{Resolve: func(string) (Paths, error) { return bp.replica, nil }, Logger: quiet})
@@ -79,6 +83,7 @@ func (bp *benchPair) start() {
 		},
 		Logger:         quiet,
 		RescanInterval: time.Hour,
+		Limiter:        lim,
 	})
 	if err != nil {
 		b.Fatal(err)
@@ -133,6 +138,23 @@ func BenchmarkInitialSyncLargeFile(b *testing.B) {
 		b.ResetTimer()
 		t0 := time.Now()
 		bp.start()
+		bp.waitAck(10 * time.Minute)
+		el := time.Since(t0)
+		b.StopTimer()
+		b.ReportMetric(float64(mib)/el.Seconds(), "MiB/s")
+	}
+}
+
+// BenchmarkLimitedSync: the initial sync of a 64 MiB file with the
+// replication rate limited to 16 MiB/s (the result should be close to 16).
+func BenchmarkLimitedSync(b *testing.B) {
+	const mib, limit = 64, 16 << 20
+	for i := 0; i < b.N; i++ {
+		bp := newBenchPair(b)
+		writeLargeFile(b, bp.primary.Data, mib)
+		b.ResetTimer()
+		t0 := time.Now()
+		bp.startLimited(rate.NewLimiter(limit, limit/10))
 		bp.waitAck(10 * time.Minute)
 		el := time.Since(t0)
 		b.StopTimer()

@@ -69,6 +69,9 @@ type PrimaryConfig struct {
 	Freezer Freezer
 	// MaxFreeze bounds how long writers stay frozen; default 200ms.
 	MaxFreeze time.Duration
+	// Limiter, if set, bounds the bytes per second sent to the replicas
+	// (shared by every Primary of the node); nil means no limit.
+	Limiter Limiter
 }
 
 // Ack is a replica's durable position.

@@ -286,6 +286,7 @@ func (s *sender) nextBatch(ctx context.Context, in *ackReader) (b *cutBatch, ful
 // stream sends cuts as they are taken, one at a time, each awaiting its
 // ack.
 func (s *sender) stream(ctx context.Context, stream tetherpb.Replication_StreamClient, in *ackReader) error {
+	send := throttled(ctx, s.p.cfg.Limiter, stream.Send)
 	for {
 		b, full, err := s.nextBatch(ctx, in)
 		if err != nil {
@@ -296,7 +297,7 @@ func (s *sender) stream(ctx context.Context, stream tetherpb.Replication_StreamC
 			s.fullSent++
 			s.mu.Unlock()
 		}
-		if err := b.send(stream.Send, full); err != nil && !errors.Is(err, io.EOF) {
+		if err := b.send(send, full); err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("send batch %d to %s: %w", b.seq, s.node, err)
 		} // on io.EOF the replica ended the stream; its status says why
 		s.log.Debug("batch sent", "seq", b.seq, "full", b.full, "items", len(b.items))
