@@ -87,6 +87,10 @@ type PrimaryStatus struct {
 	// Cuts counts the cuts taken; FileConsistentOnlyCuts those of them that
 	// are not crash-consistent (the volume never went quiet).
 	Cuts, FileConsistentOnlyCuts uint64
+	// WatchLimit, when not empty, says that directories go unwatched for
+	// the inotify watch limit (and how to raise it): their changes are
+	// found by a rescan every few seconds instead.
+	WatchLimit string
 }
 
 // ReplicaState is the replication state of one replica.
@@ -127,6 +131,13 @@ type Primary struct {
 	root     *os.Root
 	w        *watcher
 	wg       sync.WaitGroup
+
+	// watchLimits returns the inotify watch limit and the watches in use
+	// (inotifyWatches; tests replace it).
+	watchLimits func() (limit, used int)
+	// wrapAdd, if set, wraps the watcher's inotify watch Add (tests inject
+	// watch-limit errors with it).
+	wrapAdd func(add func(string) error) func(string) error
 
 	seq          atomic.Uint64 // last batch number handed out
 	barrierN     atomic.Uint64
@@ -179,7 +190,8 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	log = log.With("component", "replication-primary", "volume", cfg.Volume, "epoch", cfg.Epoch)
 	p := &Primary{cfg: cfg, log: log, warn: newOnceLogger(log), ch: newChanges(),
 		barrierDir: filepath.Join(filepath.Clean(cfg.Paths.State), barrierDir),
-		replicas:   slices.Clone(cfg.Replicas), senders: map[string]*sender{}, changed: make(chan struct{})}
+		replicas:   slices.Clone(cfg.Replicas), senders: map[string]*sender{}, changed: make(chan struct{}),
+		watchLimits: inotifyWatches}
 	// Batch numbers of a primary restarted in the same epoch must not reuse
 	// those of its previous life (a replica could take a batch it never had
 	// for one it applied): they start from the clock, in microseconds.
@@ -199,8 +211,15 @@ func (p *Primary) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("replication primary for volume %s: open data directory: %w", p.cfg.Volume, err)
 	}
+	if err := p.checkWatches(root); err != nil {
+		_ = root.Close()
+		return fmt.Errorf("replication primary for volume %s: %w", p.cfg.Volume, err)
+	}
 	w, err := newWatcher(filepath.Clean(p.cfg.Paths.Data), p.barrierDir, root, p.log, p.cfg.RescanInterval, p.ch)
 	if err == nil {
+		if p.wrapAdd != nil {
+			w.add = p.wrapAdd(w.add)
+		}
 		err = w.setup()
 		if err != nil {
 			w.close()
@@ -227,6 +246,17 @@ func (p *Primary) Start(ctx context.Context) error {
 	}
 	p.log.Info("replicating volume", "replicas", p.replicas)
 	return nil
+}
+
+// checkWatches fails when the volume's directories need more inotify
+// watches than the limit leaves.
+func (p *Primary) checkWatches(root *os.Root) error {
+	dirs, err := countDirs(root, rootPath)
+	if err != nil {
+		return err
+	}
+	limit, used := p.watchLimits()
+	return checkWatchLimit(dirs, limit, used)
 }
 
 // startSender runs a sender for node; p.mu is held.
@@ -266,6 +296,7 @@ func (p *Primary) SetReplicas(nodes []string) {
 // Status reports the replication state of every replica.
 func (p *Primary) Status() PrimaryStatus {
 	p.mu.Lock()
+	w := p.w
 	senders := make([]*sender, 0, len(p.senders))
 	for _, s := range p.senders {
 		senders = append(senders, s)
@@ -274,6 +305,9 @@ func (p *Primary) Status() PrimaryStatus {
 	p.bmu.Lock()
 	st := PrimaryStatus{Epoch: p.cfg.Epoch, Seq: p.latest, Cuts: p.cuts.Load(), FileConsistentOnlyCuts: p.fileOnlyCuts.Load()}
 	p.bmu.Unlock()
+	if w != nil {
+		st.WatchLimit = w.watchLimitErr()
+	}
 	now := time.Now()
 	for _, s := range senders {
 		st.Replicas = append(st.Replicas, s.state(now))

@@ -158,6 +158,9 @@ func printInspect(out io.Writer, resp *tetherpb.VolumeInspectResponse) error {
 }
 
 func printReplicaTable(out io.Writer, st *tetherpb.VolumeStatus) error {
+	if st.WatchLimit != "" {
+		fmt.Fprintf(out, "  WATCH LIMIT: %s\n", st.WatchLimit)
+	}
 	w := table(out)
 	fmt.Fprintln(w, "  REPLICA\tCONNECTED\tACKED BATCH\tLAST DURABLE CUT\tLAG\tLAG BYTES\tPENDING CUTS\tERROR")
 	for _, r := range st.Replicas {
