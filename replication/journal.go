@@ -24,6 +24,7 @@ import (
 const (
 	journalFile  = "journal"  // the batch's operations, referring to staged files
 	commitFile   = "commit"   // commit record: "seq sha256(journal)"
+	commitTemp   = "commit.tmp"
 	progressFile = "progress" // ops before this index are durable (written around renames)
 )
 
@@ -112,9 +113,6 @@ func (j journal) commit(b *batch, pos position, full bool) error {
 	if err := j.fail.at("staged"); err != nil {
 		return err
 	}
-	if err := syncFS(j.stage()); err != nil {
-		return fmt.Errorf("make staged contents durable: %w", err)
-	}
 	rec := journalRecord{Epoch: pos.Epoch, Seq: pos.Seq, CutNano: cutNano(pos.Cut), Full: full}
 	for _, op := range b.ops {
 		rec.Ops = append(rec.Ops, toJournal(op))
@@ -123,15 +121,28 @@ func (j journal) commit(b *batch, pos position, full bool) error {
 	if err := gob.NewEncoder(&buf).Encode(rec); err != nil {
 		return fmt.Errorf("encode journal: %w", err)
 	}
-	if err := writeSynced(filepath.Join(j.paths.State, journalFile), buf.Bytes()); err != nil {
-		return err
+	if err := os.WriteFile(filepath.Join(j.paths.State, journalFile), buf.Bytes(), 0o600); err != nil {
+		return fmt.Errorf("write journal: %w", err)
 	}
 	b.journaled = true // the staged files now belong to the journal
+	sum := sha256.Sum256(buf.Bytes())
+	record := fmt.Sprintf("%d %s\n", pos.Seq, hex.EncodeToString(sum[:]))
+	if err := os.WriteFile(filepath.Join(j.paths.State, commitTemp), []byte(record), 0o600); err != nil {
+		return fmt.Errorf("write journal commit record: %w", err)
+	}
+	// One syncfs makes the staged contents, the journal and the commit
+	// record durable (the stage is inside the state directory); then the
+	// rename of the record commits the batch.
+	if err := syncFS(j.paths.State); err != nil {
+		return fmt.Errorf("make staged contents and journal durable: %w", err)
+	}
 	if err := j.fail.at("journaled"); err != nil {
 		return err
 	}
-	sum := sha256.Sum256(buf.Bytes())
-	if err := writeFileDurable(j.paths.State, commitFile, fmt.Sprintf("%d %s\n", pos.Seq, hex.EncodeToString(sum[:]))); err != nil {
+	if err := os.Rename(filepath.Join(j.paths.State, commitTemp), filepath.Join(j.paths.State, commitFile)); err != nil {
+		return fmt.Errorf("write journal commit record: %w", err)
+	}
+	if err := syncDir(j.paths.State); err != nil {
 		return fmt.Errorf("write journal commit record: %w", err)
 	}
 	if err := j.fail.at("committed"); err != nil {
@@ -165,8 +176,13 @@ func (j journal) finish(rec journalRecord) error {
 	if err := j.fail.at("applied"); err != nil {
 		return err
 	}
+	// The position's rename becomes durable with the commit record's
+	// removal (one directory fsync in clear). A crash before then leaves
+	// the journal to replay (which writes the position again) or, if only
+	// the removal reached the disk, the previous position: the primary then
+	// sends this batch again, and applying it over itself is harmless.
 	pos := position{Epoch: rec.Epoch, Seq: rec.Seq, Cut: cutTime(rec.CutNano)}
-	if err := writePosition(j.paths.State, pos); err != nil {
+	if err := writeFileSynced(j.paths.State, positionFile, positionLine(pos)); err != nil {
 		return err
 	}
 	if err := j.fail.at("positioned"); err != nil {
@@ -181,8 +197,9 @@ func (j journal) markProgress(next int) error {
 }
 
 // clear marks the journal applied: the commit record goes first (durably,
-// so that a later batch's staged files can never be taken for this one's),
-// then the journal and the staged files.
+// together with the new position's rename, so that a later batch's staged
+// files can never be taken for this one's), then the journal and the staged
+// files.
 func (j journal) clear() error {
 	if err := os.Remove(filepath.Join(j.paths.State, commitFile)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("clear journal: %w", err)
@@ -207,7 +224,7 @@ func (j journal) recover(log *slog.Logger) (bool, error) {
 		return false, err
 	}
 	if !ok {
-		for _, f := range []string{journalFile, progressFile, applyingFile} {
+		for _, f := range []string{journalFile, progressFile, applyingFile, commitTemp} {
 			_ = os.Remove(filepath.Join(j.paths.State, f))
 		}
 		return false, nil
@@ -256,25 +273,6 @@ func readProgress(dir string) (int, error) {
 		return 0, err
 	}
 	return int(fields[0]), nil
-}
-
-// writeSynced writes a file and fsyncs it (not its directory).
-func writeSynced(path string, data []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("write %s: %w", filepath.Base(path), err)
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("write %s: %w", filepath.Base(path), err)
-	}
-	return nil
 }
 
 // syncFS flushes the whole file system holding dir (syncfs(2)): one call
