@@ -24,9 +24,11 @@ import (
 const (
 	journalFile  = "journal"  // the batch's operations, referring to staged files
 	commitFile   = "commit"   // commit record: "seq sha256(journal)"
-	commitTemp   = "commit.tmp"
 	progressFile = "progress" // ops before this index are durable (written around renames)
 )
+
+// commitTemp is the commit record before the rename that commits a batch.
+const commitTemp = "commit.tmp"
 
 // failpoint is called at each step of committing a batch; a non-nil error
 // stops the commit there, as a crash would. Tests use it; nil in production.
