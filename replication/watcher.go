@@ -34,6 +34,7 @@ type watcher struct {
 
 	dirs map[string]struct{} // watched directories
 	snap map[string]statKey  // the tree as the last scan saw it
+	errs []error             // inotify errors read while removing a watch
 
 	// limited holds the error of the last watch refused for the inotify
 	// watch limit (nil when every directory is watched); the watcher then
@@ -120,18 +121,53 @@ func (w *watcher) run(ctx context.Context) {
 			if !ok {
 				return
 			}
-			// Events were lost, possibly for changes a rescan cannot tell
-			// from its last scan: resend the whole tree.
-			if errors.Is(err, fsnotify.ErrEventOverflow) {
-				w.log.Warn("inotify event queue overflowed; resending the whole volume", "err", err)
-			} else {
-				w.log.Error("inotify error; resending the whole volume", "err", err)
-			}
-			w.rescanNow()
-			w.ch.requireFull()
+			w.failed(err)
 		case <-rescanT.C:
 			w.rescanNow()
 			rescanT.Reset(w.nextRescan())
+		}
+		for len(w.errs) > 0 { // read while removing watches
+			err := w.errs[0]
+			w.errs = w.errs[1:]
+			w.failed(err)
+		}
+	}
+}
+
+// failed handles an error of the inotify instance: events were lost,
+// possibly for changes a rescan cannot tell from its last scan, so the
+// whole tree is resent.
+func (w *watcher) failed(err error) {
+	if errors.Is(err, fsnotify.ErrEventOverflow) {
+		w.log.Warn("inotify event queue overflowed; resending the whole volume", "err", err)
+	} else {
+		w.log.Error("inotify error; resending the whole volume", "err", err)
+	}
+	w.rescanNow()
+	w.ch.requireFull()
+}
+
+// remove drops the inotify watch of path. fsnotify may hold the lock Remove
+// needs while it waits to deliver an error (a watched directory moved), and
+// this goroutine is the one that reads errors: they are read here, kept in
+// w.errs, until Remove returns.
+func (w *watcher) remove(path string) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = w.fsw.Remove(path) // may be gone already
+	}()
+	errs := w.fsw.Errors
+	for {
+		select {
+		case <-done:
+			return
+		case err, ok := <-errs:
+			if !ok {
+				errs = nil
+				continue
+			}
+			w.errs = append(w.errs, err)
 		}
 	}
 }
@@ -338,7 +374,7 @@ func (w *watcher) unwatch(rel string) {
 	}
 	for d := range w.dirs {
 		if isUnder(d, rel) {
-			_ = w.fsw.Remove(filepath.Join(w.dataDir, d)) // may be gone already
+			w.remove(filepath.Join(w.dataDir, d))
 			delete(w.dirs, d)
 		}
 	}
