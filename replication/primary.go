@@ -470,7 +470,7 @@ func (p *Primary) acked() {
 	defer p.bmu.Unlock()
 	kept := make([]retainedCut, len(p.batches))
 	for i, b := range p.batches {
-		kept[i] = retainedCut{seq: b.seq, bytes: b.bytes}
+		kept[i] = retainedCut{seq: b.seq, bytes: b.bytes, full: b.full}
 	}
 	n, released := retention(kept, holds, p.cfg.RetainBytes)
 	if n > 0 {
@@ -487,17 +487,33 @@ func (p *Primary) acked() {
 type retainedCut struct {
 	seq   uint64
 	bytes int64
+	full  bool
 }
 
 // replicaHold is what one replica asks the primary to keep: the cuts from
-// need on. An active replica (connected) holds them unconditionally (it is
-// at most maxAhead behind); a held one (disconnected less than RetainAge
-// ago) within the byte budget; an expired one holds nothing.
+// need on, or (full) from the first full cut after need on. An active
+// replica (connected) holds them unconditionally (it is at most maxAhead
+// behind); a held one (disconnected less than RetainAge ago) within the
+// byte budget; an expired one holds nothing.
 type replicaHold struct {
 	node   string
 	need   uint64
+	full   bool
 	active bool
 	held   bool
+}
+
+// from returns the first seq of the kept cuts h needs (0: none yet).
+func (h replicaHold) from(kept []retainedCut) uint64 {
+	if !h.full {
+		return h.need
+	}
+	for _, c := range kept {
+		if c.full && c.seq > h.need {
+			return c.seq
+		}
+	}
+	return 0
 }
 
 // retention returns how many of the oldest kept cuts (consecutive seqs,
@@ -507,11 +523,15 @@ type replicaHold struct {
 func retention(kept []retainedCut, holds []replicaHold, budget int64) (drop int, released []string) {
 	keepActive, keepAll := uint64(0), uint64(0)
 	for _, h := range holds {
-		if h.active && (keepActive == 0 || h.need < keepActive) {
-			keepActive = h.need
+		need := h.from(kept)
+		if need == 0 {
+			continue
 		}
-		if (h.active || h.held) && (keepAll == 0 || h.need < keepAll) {
-			keepAll = h.need
+		if h.active && (keepActive == 0 || need < keepActive) {
+			keepActive = need
+		}
+		if (h.active || h.held) && (keepAll == 0 || need < keepAll) {
+			keepAll = need
 		}
 	}
 	var total int64
@@ -532,7 +552,7 @@ func retention(kept []retainedCut, holds []replicaHold, budget int64) (drop int,
 	}
 	first, next := kept[0].seq, kept[drop-1].seq+1
 	for _, h := range holds {
-		if !h.active && h.need >= first && h.need < next {
+		if need := h.from(kept); !h.active && need != 0 && need >= first && need < next {
 			released = append(released, h.node)
 		}
 	}

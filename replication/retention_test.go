@@ -18,6 +18,12 @@ func TestRetention(t *testing.T) {
 		}
 		return out
 	}
+	fullAt := func(kept []retainedCut, seq uint64) []retainedCut {
+		for i := range kept {
+			kept[i].full = kept[i].seq == seq
+		}
+		return kept
+	}
 	cases := map[string]struct {
 		kept     []retainedCut
 		holds    []replicaHold
@@ -47,8 +53,14 @@ func TestRetention(t *testing.T) {
 			budget: 100, drop: 2, released: []string{"b"}},
 		"a replica already behind the kept cuts is not released again": {
 			kept: cuts(10, 1, 1), holds: []replicaHold{{node: "b", need: 5, held: true}}, budget: 100, drop: 0},
-		"a replica waiting for a full cut holds nothing older": {
-			kept: cuts(10, 1, 1), holds: []replicaHold{{node: "a", need: 12, active: true}}, budget: 100, drop: 2},
+		"a replica waiting for a full cut holds nothing before it": {
+			kept:   fullAt(cuts(10, 1, 1, 1, 1), 12),
+			holds:  []replicaHold{{node: "a", need: 9, full: true, active: true}},
+			budget: 100, drop: 2},
+		"a replica waiting for a full cut not taken yet holds nothing": {
+			kept:   fullAt(cuts(10, 1, 1, 1), 10),
+			holds:  []replicaHold{{node: "a", need: 10, full: true, held: true}},
+			budget: 100, drop: 3},
 	}
 	for name, c := range cases {
 		drop, released := retention(c.kept, c.holds, c.budget)

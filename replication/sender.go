@@ -54,11 +54,11 @@ func newSender(p *Primary, node string, cancel context.CancelFunc) *sender {
 func (s *sender) hold(now time.Time, age time.Duration) replicaHold {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	need := s.next
-	if need == 0 {
-		need = s.fullAfter + 1
+	h := replicaHold{node: s.node, need: s.next, active: s.connected, held: now.Sub(s.lastSeen) < age}
+	if s.next == 0 {
+		h.need, h.full = s.fullAfter, true
 	}
-	return replicaHold{node: s.node, need: need, active: s.connected, held: now.Sub(s.lastSeen) < age}
+	return h
 }
 
 // connectedNext returns the next cut of a connected sender.
