@@ -2,6 +2,7 @@ package replication
 
 import (
 	"context"
+	"crypto/rand"
 	"sync"
 	"testing"
 
@@ -76,7 +77,9 @@ func sumOf(xs []int) int {
 // replica passes through PrimaryConfig.Limiter.
 func TestPrimaryUsesLimiter(t *testing.T) {
 	c := newTestCluster(t)
-	c.write("big", string(make([]byte, 300_000)))
+	data := make([]byte, 300_000)
+	_, _ = rand.Read(data) // incompressible: the limiter counts bytes on the wire
+	c.write("big", string(data))
 	c.startReplica("r1")
 	lim := &countingLimiter{burst: 64 << 10}
 	c.startPrimaryWith(func(cfg *PrimaryConfig) { cfg.Limiter = lim }, 1, "r1")
