@@ -8,6 +8,14 @@ PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.5.1
 STATICCHECK_VERSION := v0.8.2
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+# The managed plugin's name is the volume driver's name; volumes remember
+# it, so keep it stable across upgrades. PLUGIN_SET: `docker plugin set`
+# arguments applied before enabling (mount sources, agent args).
+PLUGIN ?= tether:latest
+PLUGIN_SET ?=
+# Docker names the driver NAME:TAG (":latest" when no tag is given); the
+# agent must know it to find its containers (fencing, re-creation).
+PLUGIN_REF = $(if $(findstring :,$(PLUGIN)),$(PLUGIN),$(PLUGIN):latest)
 LDFLAGS := -s -w -X github.com/tether-io/tether/agent.Version=$(VERSION)
 
 .DEFAULT_GOAL := help
@@ -24,6 +32,16 @@ build: ## Build the static binary bin/tether.
 image: build ## Build the FROM-scratch agent image tether:latest (and tether:$(VERSION)).
 	cp $(BIN)/tether deploy/tether
 	docker build -q -t tether:latest -t tether:$(VERSION) -f deploy/Dockerfile deploy; rc=$$?; rm -f deploy/tether; exit $$rc
+
+.PHONY: plugin
+plugin: build ## Build the managed Docker plugin $(PLUGIN) in bin/plugin (rootfs + config.json), create it, apply PLUGIN_SET, enable it.
+	rm -rf $(BIN)/plugin
+	mkdir -p $(BIN)/plugin/rootfs/tmp $(BIN)/plugin/rootfs/etc/tether $(BIN)/plugin/rootfs/var/lib/tether $(BIN)/plugin/rootfs/run/docker/plugins
+	cp $(BIN)/tether $(BIN)/plugin/rootfs/tether
+	sed 's|@PLUGIN@|$(PLUGIN_REF)|' deploy/plugin/config.json > $(BIN)/plugin/config.json
+	docker plugin create $(PLUGIN_REF) $(BIN)/plugin
+	$(if $(PLUGIN_SET),docker plugin set $(PLUGIN_REF) $(PLUGIN_SET))
+	docker plugin enable --timeout 30 $(PLUGIN_REF)
 
 .PHONY: test
 test: ## Run every test with the race detector.

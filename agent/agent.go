@@ -44,6 +44,7 @@ type Agent struct {
 	prog    *progressReporter
 	driver  *volumedriver.Driver
 	fencer  *Fencer
+	keeper  *containerKeeper // nil without a Docker driver
 	lease   *leaseKeeper
 	metrics *metrics
 

@@ -52,6 +52,13 @@ type Config struct {
 	// DriverSocket is the unix socket of the Docker volume driver; empty
 	// serves none (see ResolveDriverSocket for the CLI's default).
 	DriverSocket string
+	// DockerHost is the Docker Engine's API address the agent fences,
+	// freezes and checks mounts through; empty: $DOCKER_HOST, else the
+	// default socket.
+	DockerHost string
+	// DriverName is the name Docker knows the driver by when it is not the
+	// socket's file name (a managed plugin: NAME:TAG); empty: the socket's.
+	DriverName string
 	// VolumeRetention is how long a deleted volume is kept before it is
 	// purged; 0 means cluster.DefaultRetention.
 	VolumeRetention time.Duration

@@ -61,6 +61,12 @@ func (s *controlServer) Status(context.Context, *tetherpb.StatusRequest) (*tethe
 		resp.Fenced = append(resp.Fenced, &tetherpb.FencedVolume{Name: name, Epoch: f.epoch, SinceUnixNano: f.since.UnixNano(), Reason: f.reason})
 	}
 	a.mu.Unlock()
+	if a.keeper != nil {
+		problems, _, _ := a.keeper.status()
+		for _, name := range sortedKeys(problems) {
+			resp.ContainerProblems = append(resp.ContainerProblems, &tetherpb.ContainerProblem{Container: name, Problem: problems[name]})
+		}
+	}
 	return resp, nil
 }
 
@@ -172,6 +178,10 @@ func (a *Agent) liveStatus(ctx context.Context, v cluster.Volume) *tetherpb.Volu
 	if v.Primary == "" {
 		return &tetherpb.VolumeStatus{Name: v.Name, Epoch: v.Epoch, Error: "the volume has no primary"}
 	}
+	if h := a.memberHealth()[v.Primary]; h == cluster.HealthDead || h == cluster.HealthLeft {
+		// Asking would only wait for the timeout.
+		return &tetherpb.VolumeStatus{Name: v.Name, Epoch: v.Epoch, Error: "primary " + v.Primary + " is " + h + " (gossip); the leader fails the volume over once its lease has lapsed"}
+	}
 	pc, err := a.dialPeer(v.Primary)
 	if err != nil {
 		return &tetherpb.VolumeStatus{Name: v.Name, Epoch: v.Epoch, Error: err.Error()}
@@ -224,6 +234,9 @@ func (a *Agent) volumePB(v cluster.Volume) *tetherpb.Volume {
 	a.deletionPB(pb, v)
 	if v.Primary == a.cfg.NodeName || contains(v.ReplicaNodes, a.cfg.NodeName) {
 		pb.Path = a.VolumePaths(v.Name).Data
+	}
+	for _, c := range v.Containers {
+		pb.Containers = append(pb.Containers, &tetherpb.RecordedContainer{Name: c.Name, Node: c.Node, Image: c.Image})
 	}
 	for _, node := range sortedKeys(v.Progress) {
 		pr := v.Progress[node]

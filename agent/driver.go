@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -49,11 +50,18 @@ func ResolveDriverSocket(flag string, euid int, pluginDirExists bool) (path, why
 	return DefaultDriverSocket, "the Docker volume driver serves its default socket"
 }
 
+// driverNameRE accepts a plugin reference: NAME[:TAG], NAME possibly with
+// a registry path.
+var driverNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._/-]{0,127}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$`)
+
 func (c *Config) validateDriver() error {
 	if c.DriverSocket != "" {
 		if !filepath.IsAbs(c.DriverSocket) || !strings.HasSuffix(c.DriverSocket, ".sock") {
 			return fmt.Errorf("--driver-socket %q: want an absolute path ending in .sock (the file name is the driver's name)", c.DriverSocket)
 		}
+	}
+	if c.DriverName != "" && !driverNameRE.MatchString(c.DriverName) {
+		return fmt.Errorf("--driver-name %q: want a Docker plugin name such as tether or tether:latest", c.DriverName)
 	}
 	if c.VolumeRetention < 0 {
 		return fmt.Errorf("--volume-retention %s: must not be negative", c.VolumeRetention)
@@ -62,10 +70,15 @@ func (c *Config) validateDriver() error {
 }
 
 // DriverName is the Docker volume driver name this agent serves ("" when
-// it serves none): the socket's file name without .sock.
+// it serves none): Config.DriverName, else the socket's file name without
+// .sock. Docker reports it with each mount, which is how the fencer, the
+// freezer and the container keeper find this driver's containers.
 func (a *Agent) DriverName() string {
-	if a.cfg.DriverSocket == "" {
+	switch {
+	case a.cfg.DriverSocket == "":
 		return ""
+	case a.cfg.DriverName != "":
+		return a.cfg.DriverName
 	}
 	return strings.TrimSuffix(filepath.Base(a.cfg.DriverSocket), ".sock")
 }
@@ -74,10 +87,16 @@ func (a *Agent) startDriver() error {
 	if a.cfg.DriverSocket == "" {
 		return nil
 	}
+	f, err := NewFencer(FencerConfig{Driver: a.DriverName(), Host: a.cfg.DockerHost, Logger: a.log.With("component", "fencer")})
+	if err != nil {
+		return fmt.Errorf("container fencer: %w", err)
+	}
+	a.fencer = f
 	d, err := volumedriver.New(volumedriver.Config{
 		Backend:   &driverBackend{a: a},
 		StatePath: filepath.Join(a.cfg.DataDir, driverStateFile),
 		Logger:    a.log.With("component", "volumedriver"),
+		InUse:     f.InUse,
 	})
 	if err != nil {
 		return fmt.Errorf("docker volume driver: %w", err)
@@ -86,12 +105,47 @@ func (a *Agent) startDriver() error {
 		return fmt.Errorf("docker volume driver: %w", err)
 	}
 	a.driver = d
-	f, err := NewFencer(FencerConfig{Driver: a.DriverName(), Logger: a.log.With("component", "fencer")})
-	if err != nil {
-		return fmt.Errorf("container fencer: %w", err)
-	}
-	a.fencer = f
+	a.keeper = newContainerKeeper(a, f.cli)
+	a.wg.Add(2)
+	go func() { defer a.wg.Done(); a.forgetStaleMounts(a.ctx) }()
+	go func() { defer a.wg.Done(); a.keeper.run(a.ctx) }()
 	return nil
+}
+
+// engineRetry paces the wait for the Docker Engine's API at start.
+const engineRetry = 2 * time.Second
+
+// forgetStaleMounts, once the Docker Engine answers, drops the mounts this
+// host still counts for volumes that no container uses: those of
+// containers that stopped while the agent was down (a crash, a host
+// reboot), for which Docker sent no Unmount. It never runs before the
+// Engine serves its API: dockerd calls the driver while it starts.
+func (a *Agent) forgetStaleMounts(ctx context.Context) {
+	if len(a.driver.MountedVolumes()) == 0 {
+		return
+	}
+	for {
+		pctx, cancel := context.WithTimeout(ctx, engineRetry)
+		err := a.fencer.Ping(pctx)
+		cancel()
+		if err == nil {
+			break
+		}
+		a.log.Debug("waiting for the Docker Engine to check the volumes' mounts", "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(engineRetry):
+		}
+	}
+	for _, v := range a.driver.MountedVolumes() {
+		cctx, cancel := context.WithTimeout(ctx, driverOpTimeout)
+		_, err := a.driver.ForgetStaleMounts(cctx, v, a.fencer.InUse)
+		cancel()
+		if err != nil {
+			a.log.Warn("could not check the volume's mounts with the Docker Engine", "volume", v, "err", err)
+		}
+	}
 }
 
 // fenceContainers stops, in the background, this host's containers that
@@ -212,6 +266,9 @@ func (b *driverBackend) Mount(ctx context.Context, name string) (string, error) 
 	p, err := a.prepareVolume(v)
 	if err != nil {
 		return "", err
+	}
+	if a.keeper != nil {
+		a.keeper.hint(name) // record the container if it asks for failover
 	}
 	return p.Data, nil
 }

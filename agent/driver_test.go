@@ -55,9 +55,13 @@ func errText(m map[string]any) string {
 	return s
 }
 
-// driverSocketInDataDir serves each agent's driver in its data dir.
+// driverSocketInDataDir serves each agent's driver in its data dir. These
+// tests play dockerd themselves, so the agent's Docker Engine is one that
+// does not answer: the real one, knowing no container of theirs, would
+// rightly call their mounts stale.
 func driverSocketInDataDir(c *Config) {
 	c.DriverSocket = filepath.Join(c.DataDir, "plugins", "tether-"+c.NodeName+".sock")
+	c.DockerHost = "unix://" + filepath.Join(c.DataDir, "no-docker-engine.sock")
 }
 
 // TestDriverOnCluster drives three real agents through their Docker volume
@@ -373,5 +377,24 @@ func TestRecreateAfterPurge(t *testing.T) {
 			}
 			return nil
 		})
+	}
+}
+
+func TestDriverName(t *testing.T) {
+	for _, tc := range []struct{ socket, name, want string }{
+		{"", "tether:latest", ""},
+		{"/run/docker/plugins/tether.sock", "", "tether"},
+		{"/run/docker/plugins/tether.sock", "tether:latest", "tether:latest"},
+	} {
+		a := &Agent{cfg: Config{DriverSocket: tc.socket, DriverName: tc.name}}
+		if got := a.DriverName(); got != tc.want {
+			t.Errorf("socket %q name %q: DriverName %q, want %q", tc.socket, tc.name, got, tc.want)
+		}
+	}
+	for name, ok := range map[string]bool{"tether": true, "tether:latest": true, "reg.example/x/tether:1.2": true, "Tether": false, "a b": false, "x:": false} {
+		c := Config{NodeName: "n", DriverSocket: "/run/docker/plugins/tether.sock", DriverName: name}
+		if err := c.Validate(); (err == nil) != ok || (err != nil && !strings.Contains(err.Error(), "--driver-name")) {
+			t.Errorf("driver name %q: %v", name, err)
+		}
 	}
 }

@@ -26,6 +26,9 @@ type FencerConfig struct {
 	Driver      string
 	StopTimeout time.Duration
 	Logger      *slog.Logger
+	// Host is the Engine's API address; empty: $DOCKER_HOST, else the
+	// default socket.
+	Host string
 }
 
 // Fencer stops this host's containers that use a volume this host no
@@ -50,11 +53,23 @@ func NewFencer(cfg FencerConfig) (*Fencer, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	cli, err := client.New(client.FromEnv)
+	opts := []client.Opt{client.FromEnv}
+	if cfg.Host != "" {
+		opts = append(opts, client.WithHost(cfg.Host))
+	}
+	cli, err := client.New(opts...)
 	if err != nil {
 		return nil, fmt.Errorf("fencer: docker client: %w", err)
 	}
 	return &Fencer{cli: cli, driver: cfg.Driver, timeout: cfg.StopTimeout, log: cfg.Logger}, nil
+}
+
+// Ping checks that the Docker Engine serves its API.
+func (f *Fencer) Ping(ctx context.Context) error {
+	if _, err := f.cli.Ping(ctx, client.PingOptions{}); err != nil {
+		return fmt.Errorf("the Docker Engine does not answer: %w", err)
+	}
+	return nil
 }
 
 // Close releases the Docker client.
@@ -101,6 +116,24 @@ func (f *Fencer) stop(ctx context.Context, id string) error {
 		return fmt.Errorf("stop: %w; kill: %w", err, kerr)
 	}
 	return nil
+}
+
+// InUse reports whether a container of this host that may hold a mount of
+// volume through the fencer's driver exists: created (Docker mounts while
+// it starts), running, paused or restarting. Exited and dead containers
+// hold none.
+func (f *Fencer) InUse(ctx context.Context, volume string) (bool, error) {
+	filters := make(client.Filters).Add("volume", volume).Add("status", "created", "running", "paused", "restarting")
+	res, err := f.cli.ContainerList(ctx, client.ContainerListOptions{All: true, Filters: filters})
+	if err != nil {
+		return false, fmt.Errorf("listing the containers of volume %s: %w", volume, err)
+	}
+	for _, c := range res.Items {
+		if usesVolume(c, volume, f.driver) {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // usesVolume reports whether c mounts volume of driver. Docker's volume

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
+	cerrdefs "github.com/containerd/errdefs"
 	"github.com/moby/moby/client"
 
 	"github.com/tether-io/tether/replication"
@@ -27,32 +29,65 @@ type containerFreezer struct {
 
 var _ replication.Freezer = containerFreezer{}
 
+// pauseTimeout bounds the Engine's answer to the pause calls of one
+// freeze; it is not the freeze's bound (MaxFreeze counts from when every
+// writer is paused), since the cgroup freezer may take a while to stop a
+// process in the middle of I/O.
+const pauseTimeout = 5 * time.Second
+
 // Freeze pauses the volume's running containers. If one cannot be paused,
-// those already paused are unpaused and the error returned: the cut then
-// ships marked file-consistent only.
+// every container it tried to pause is unpaused (a pause call that timed
+// out may still have taken effect in the Engine: a container must never stay
+// frozen) and the error returned: the cut then ships marked file-consistent
+// only.
 func (z containerFreezer) Freeze(ctx context.Context) (func(), error) {
+	ctx, cancel := context.WithTimeout(ctx, pauseTimeout)
+	defer cancel()
 	ids, err := z.f.runningUsing(ctx, z.volume)
 	if err != nil {
 		return nil, err
 	}
-	var paused []string
-	thaw := func() {
+	var tried []string
+	thaw := func(failed string) {
 		tctx, cancel := context.WithTimeout(context.Background(), thawTimeout)
 		defer cancel()
-		for _, id := range paused {
-			if _, err := z.f.cli.ContainerUnpause(tctx, id, client.ContainerUnpauseOptions{}); err != nil {
+		for _, id := range tried {
+			_, err := z.f.cli.ContainerUnpause(tctx, id, client.ContainerUnpauseOptions{})
+			// The one whose pause failed may never have been paused: the
+			// Engine (20.10) answers 500 "Container ... is not paused".
+			if err != nil && !(id == failed && (cerrdefs.IsConflict(err) || strings.Contains(err.Error(), "is not paused"))) {
 				z.f.log.Error("could not unpause a container after a cut: unpause it by hand", "volume", z.volume, "container", id, "err", err)
 			}
 		}
 	}
 	for _, id := range ids {
-		if _, err := z.f.cli.ContainerPause(ctx, id, client.ContainerPauseOptions{}); err != nil {
-			thaw()
+		tried = append(tried, id)
+		if err := z.pause(ctx, id); err != nil {
+			thaw(id)
 			return nil, fmt.Errorf("freezing volume %s: pausing container %s: %w", z.volume, id, err)
 		}
-		paused = append(paused, id)
 	}
-	return thaw, nil
+	return func() { thaw("") }, nil
+}
+
+// pauseAttempts is how often a pause the cgroup freezer could not complete
+// is tried: with cgroup v1 the freezer gives up when a task stays in
+// uninterruptible sleep (an fsync), and runc answers "unable to freeze";
+// a moment later it usually succeeds.
+const pauseAttempts = 3
+
+func (z containerFreezer) pause(ctx context.Context, id string) error {
+	for attempt := 1; ; attempt++ {
+		_, err := z.f.cli.ContainerPause(ctx, id, client.ContainerPauseOptions{})
+		if err == nil || attempt == pauseAttempts || !strings.Contains(err.Error(), "unable to freeze") {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // runningUsing lists the running (not paused) containers that mount volume

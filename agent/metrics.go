@@ -18,6 +18,7 @@ type metrics struct {
 	fencings prometheus.Counter
 
 	lag, lagBytes, pendingCuts, connected, acked, epoch, primary, leaseHeld, isLeader, members *prometheus.Desc
+	recreated, missingImage, containerProblems                                                 *prometheus.Desc
 }
 
 func newMetrics(a *Agent) *metrics {
@@ -51,6 +52,12 @@ func newMetrics(a *Agent) *metrics {
 			"1 when this node is the Raft leader.", nil, nil),
 		members: prometheus.NewDesc("tether_members",
 			"Cluster members by health, as this node sees them.", []string{"health"}, nil),
+		recreated: prometheus.NewDesc("tether_containers_recreated_total",
+			"Standalone containers (label tether.failover=true) this node created again after their host died.", nil, nil),
+		missingImage: prometheus.NewDesc("tether_container_recreate_missing_image_total",
+			"Times this node found a container to re-create whose image it does not have.", nil, nil),
+		containerProblems: prometheus.NewDesc("tether_container_recreate_problems",
+			"Containers this node should re-create and cannot right now (see tether status).", nil, nil),
 	}
 	m.registry.MustRegister(m, m.fencings,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -63,7 +70,7 @@ func (m *metrics) handler() http.Handler {
 
 // Describe implements prometheus.Collector.
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{m.lag, m.lagBytes, m.pendingCuts, m.connected, m.acked, m.epoch, m.primary, m.leaseHeld, m.isLeader, m.members} {
+	for _, d := range []*prometheus.Desc{m.lag, m.lagBytes, m.pendingCuts, m.connected, m.acked, m.epoch, m.primary, m.leaseHeld, m.isLeader, m.members, m.recreated, m.missingImage, m.containerProblems} {
 		ch <- d
 	}
 }
@@ -97,6 +104,12 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	}
 	for _, h := range sortedKeys(counts) {
 		gauge(m.members, float64(counts[h]), h)
+	}
+	if a.keeper != nil {
+		problems, created, missing := a.keeper.status()
+		ch <- prometheus.MustNewConstMetric(m.recreated, prometheus.CounterValue, float64(created))
+		ch <- prometheus.MustNewConstMetric(m.missingImage, prometheus.CounterValue, float64(missing))
+		gauge(m.containerProblems, float64(len(problems)))
 	}
 }
 

@@ -20,6 +20,9 @@ const (
 	TypeUpdateVolume   CommandType = 6
 	TypeSetDeleted     CommandType = 7
 	TypeUndelete       CommandType = 8
+	// TypeSetContainer and TypeRemoveContainer carry IgnoreUnknownFlag.
+	TypeSetContainer    CommandType = 9
+	TypeRemoveContainer CommandType = 10
 )
 
 // IgnoreUnknownFlag is a bit of the type byte telling an FSM that does not
@@ -128,6 +131,10 @@ func (SetDeleted) Type() CommandType { return TypeSetDeleted }
 // Type implements Command.
 func (Undelete) Type() CommandType { return TypeUndelete }
 
+// ignorable is implemented by commands an FSM that does not know them may
+// skip (they are encoded with IgnoreUnknownFlag).
+type ignorable interface{ ignoreUnknown() bool }
+
 // Encode writes cmd in its wire form.
 func Encode(cmd Command) ([]byte, error) {
 	if cmd == nil || newCommand(cmd.Type()) == nil {
@@ -138,7 +145,11 @@ func Encode(cmd Command) ([]byte, error) {
 		return nil, fmt.Errorf("%w: encoding %T: %w", ErrInvalidCommand, cmd, err)
 	}
 	out := make([]byte, 0, 2+len(body))
-	out = append(out, byte(cmd.Type()), commandVersion)
+	typ := byte(cmd.Type())
+	if ig, ok := cmd.(ignorable); ok && ig.ignoreUnknown() {
+		typ |= IgnoreUnknownFlag
+	}
+	out = append(out, typ, commandVersion)
 	return append(out, body...), nil
 }
 
@@ -178,6 +189,10 @@ func Decode(b []byte) (Command, error) {
 		return *c, nil
 	case *Undelete:
 		return *c, nil
+	case *SetContainer:
+		return *c, nil
+	case *RemoveContainer:
+		return *c, nil
 	}
 	return nil, fmt.Errorf("%w: type %d", ErrUnknownCommand, typ)
 }
@@ -201,6 +216,10 @@ func newCommand(typ CommandType) Command {
 		return &SetDeleted{}
 	case TypeUndelete:
 		return &Undelete{}
+	case TypeSetContainer:
+		return &SetContainer{}
+	case TypeRemoveContainer:
+		return &RemoveContainer{}
 	}
 	return nil
 }

@@ -6,7 +6,9 @@
 //
 // The catalog changes only through typed, versioned commands (command.go)
 // applied by Raft; the FSM (fsm.go) is deterministic and takes every time
-// value from the command. Decisions (placement, failover choice, volume
+// value from the command. Besides ownership it keeps, per volume, the
+// specs of standalone containers to re-create after a failover
+// (container.go). Decisions (placement, failover choice, volume
 // state) are pure functions in decide.go. Mux (mux.go) lets Raft share the
 // agent's RPC listener with gRPC.
 //

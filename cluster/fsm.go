@@ -120,6 +120,10 @@ func (f *fsm) apply(cmd Command) error {
 		return f.setReplicas(c)
 	case UpdateVolume:
 		return f.updateVolume(c)
+	case SetContainer:
+		return f.setContainer(c)
+	case RemoveContainer:
+		return f.removeContainer(c)
 	}
 	return fmt.Errorf("%w: %T", ErrUnknownCommand, cmd)
 }

@@ -59,6 +59,9 @@ type Volume struct {
 	// DeletedUnixNano is when the volume was deleted (soft delete), 0 when
 	// it is not.
 	DeletedUnixNano int64 `json:"deleted_unix_nano,omitempty"`
+	// Containers are the standalone containers using the volume that opted
+	// into re-creation after a failover (FailoverLabel), sorted by name.
+	Containers []ContainerSpec `json:"containers,omitempty"`
 }
 
 // Deleted reports whether v is soft-deleted.
@@ -95,6 +98,13 @@ func (v Volume) clone() Volume {
 	}
 	if v.Placement != nil {
 		v.Placement = maps.Clone(v.Placement)
+	}
+	if v.Containers != nil {
+		cs := make([]ContainerSpec, len(v.Containers))
+		for i, c := range v.Containers {
+			cs[i] = c.clone()
+		}
+		v.Containers = cs
 	}
 	return v
 }

@@ -92,3 +92,40 @@ func TestFreezePausesContainersUsingVolume(t *testing.T) {
 		t.Fatalf("%s after thaw: %s", ca, out)
 	}
 }
+
+// TestFreezeCutShortLeavesNothingPaused: a freeze whose pause calls are cut
+// short (its context ends while the Engine is still pausing) must leave no
+// container paused, whatever point the Engine had reached: a pause that
+// times out may still take effect, and a database frozen forever is the
+// worst outcome of a freeze hook. Deadlines from 1 ms to 300 ms sweep the
+// window of the pause call.
+func TestFreezeCutShortLeavesNothingPaused(t *testing.T) {
+	requireE2E(t)
+	volA, ca, _ := twoContainers(t, "freezecut")
+	f, err := agent.NewFencer(agent.FencerConfig{Driver: "local", Logger: testutil.Logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var failed, succeeded int
+	for _, d := range []time.Duration{1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300} {
+		ctx, cancel := context.WithTimeout(context.Background(), d*time.Millisecond)
+		thaw, err := agent.NewContainerFreezer(f, volA).Freeze(ctx)
+		cancel()
+		if err == nil {
+			succeeded++
+			thaw()
+		} else {
+			failed++
+		}
+		// The Engine may finish a pause it was asked for after the call
+		// returned; it must be undone by then.
+		testutil.EventuallyErr(t, 10*time.Second, func() error {
+			if out := mustDocker(t, "inspect", "--format", "{{.State.Paused}} {{.State.Running}}", ca); out != "false true" {
+				return fmt.Errorf("after a freeze cut short at %s (err %v), %s is paused/running: %s", d*time.Millisecond, err, ca, out)
+			}
+			return nil
+		})
+	}
+	t.Logf("%d freezes cut short, %d completed and thawed", failed, succeeded)
+}

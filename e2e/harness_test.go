@@ -255,7 +255,7 @@ func (tp *topo) reconnect(h *host) {
 }
 
 func (tp *topo) cleanup() {
-	if tp.t.Failed() {
+	if tp.t.Failed() || os.Getenv("TETHER_E2E_KEEP_LOGS") == "1" {
 		dir := filepath.Join("logs", tp.t.Name())
 		_ = os.MkdirAll(dir, 0o755)
 		for _, h := range tp.hosts {

@@ -54,10 +54,19 @@ func (tp *topo) measureFailover(t *testing.T, faultName string, at time.Time, ol
 	f := failover{Fault: faultName, OldPrimary: old.Primary, PollMs: failoverPoll.Milliseconds()}
 	var nv *tetherpb.Volume
 	since := func() int64 { return time.Since(at).Milliseconds() }
+	// A poll slower than a second skews the split: say so.
+	timed := func(what string, h *host, call func() error) error {
+		t0 := time.Now()
+		err := call()
+		if d := time.Since(t0); d > time.Second {
+			t.Logf("measuring the failover: %s on %s took %s (err %v)", what, h.name, d.Round(time.Millisecond), err)
+		}
+		return err
+	}
 	testutil.EventuallyErr(t, 90*time.Second, func() error {
 		if f.DetectionMs == 0 {
 			var mr tetherpb.MembersResponse
-			if err := tp.ctl(via, &mr, "members"); err == nil {
+			if err := timed("members", via, func() error { return tp.ctl(via, &mr, "members") }); err == nil {
 				for _, m := range mr.Members {
 					if m.Name == old.Primary && m.Health == "dead" {
 						f.DetectionMs = since()
@@ -66,7 +75,9 @@ func (tp *topo) measureFailover(t *testing.T, faultName string, at time.Time, ol
 			}
 		}
 		if nv == nil {
-			if vi, err := tp.inspect(via, "vol"); err == nil && vi.Volume.Epoch > old.Epoch && vi.Volume.Primary != "" {
+			var vi *tetherpb.VolumeInspectResponse
+			err := timed("volume inspect", via, func() (err error) { vi, err = tp.inspect(via, "vol"); return err })
+			if err == nil && vi.Volume.Epoch > old.Epoch && vi.Volume.Primary != "" {
 				nv = vi.Volume
 				f.RaftCommitMs = since()
 				f.NewPrimary, f.Epoch = nv.Primary, nv.Epoch
@@ -74,7 +85,8 @@ func (tp *topo) measureFailover(t *testing.T, faultName string, at time.Time, ol
 		}
 		if nv != nil && f.MountReadyMs == 0 {
 			var st tetherpb.StatusResponse
-			if err := tp.ctl(tp.host(nv.Primary), &st, "status"); err == nil {
+			np := tp.host(nv.Primary)
+			if err := timed("status", np, func() error { return tp.ctl(np, &st, "status") }); err == nil {
 				for _, ps := range st.PrimaryOf {
 					if ps.Name == "vol" && ps.Error == "" && ps.Epoch == nv.Epoch {
 						f.MountReadyMs = since()

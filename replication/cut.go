@@ -2,19 +2,21 @@ package replication
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 )
 
 // Freezer pauses every writer of a volume (for instance its containers,
 // through the cgroup freezer) so that the primary can take a consistent cut
 // of a volume that never goes quiet. Freeze returns once the writers are
-// paused; thaw resumes them and must be called exactly once.
+// paused (the Freezer bounds its own pausing; ctx only cancels it) and, if
+// it fails, leaves none paused; thaw resumes them and must be called
+// exactly once.
 type Freezer interface {
 	Freeze(ctx context.Context) (thaw func(), err error)
 }
@@ -107,6 +109,7 @@ func (c *cutRound) take() error {
 	t := c.p.ch.take()
 	c.gen = t.gen
 	c.since = oldest(c.since, t.dirty.since)
+	c.p.cuttingSince(c.since)
 	c.lost = c.lost || t.lost
 	if c.dirty == nil {
 		c.dirty = map[string]bool{}
@@ -164,7 +167,11 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 	if !consistent {
 		at = time.Now()
 		p.fileOnlyCuts.Add(1)
-		p.log.Warn("the volume kept changing while a cut was read: this batch is file-consistent only (each file intact, not one instant); configure a freeze hook for volumes that never go quiet",
+		hint := "configure a freeze hook (volume option freeze) for volumes that never go quiet"
+		if p.cfg.Freezer != nil {
+			hint = "the freeze hook could not make it consistent (see the warning above)"
+		}
+		p.log.Warn("the volume kept changing while a cut was read: this batch is file-consistent only (each file intact, not one instant); "+hint,
 			"rounds", p.cfg.MaxRounds)
 	}
 	for _, rel := range c.pl.skipped {
@@ -228,28 +235,38 @@ func deltaOf(full *plan, dirty map[string]bool) *plan {
 	return d
 }
 
-// frozen runs one more round with the volume's writers paused, bounded by
-// MaxFreeze. It reports false when there is no Freezer or it failed.
+// frozen runs one more round with the volume's writers paused. MaxFreeze
+// bounds how long they stay paused: a watchdog thaws them then, even in the
+// middle of the round. That costs no safety, since the round's second
+// barrier still decides whether the read was consistent (writes resumed
+// early show up as events). It reports false when there is no Freezer or it
+// failed.
 func (c *cutRound) frozen(ctx context.Context) (bool, time.Time, error) {
 	p := c.p
 	if p.cfg.Freezer == nil {
 		return false, time.Time{}, nil
 	}
-	fctx, cancel := context.WithTimeout(ctx, p.cfg.MaxFreeze)
-	defer cancel()
 	start := time.Now()
-	thaw, err := p.cfg.Freezer.Freeze(fctx)
+	thaw, err := p.cfg.Freezer.Freeze(ctx)
 	if err != nil {
 		p.log.Warn("freezing the volume's writers failed", "err", err)
 		return false, time.Time{}, nil
 	}
-	ok, at, err := c.frozenRound(fctx)
-	thaw()
-	p.log.Debug("froze the volume's writers for a cut", "took", time.Since(start), "consistent", ok)
+	frozenAt := time.Now()
+	var once sync.Once
+	release := func() { once.Do(thaw) }
+	watchdog := time.AfterFunc(p.cfg.MaxFreeze, release)
+	ok, at, err := c.frozenRound(ctx)
+	cutShort := !watchdog.Stop()
+	release()
+	p.log.Debug("froze the volume's writers for a cut", "pausing", frozenAt.Sub(start), "frozen", time.Since(frozenAt), "thawed_by_bound", cutShort, "consistent", ok)
+	if cutShort && !ok {
+		p.log.Warn("the writers were thawed at the freeze bound before the cut was read, and wrote meanwhile", "max_freeze", p.cfg.MaxFreeze)
+	}
 	if ctx.Err() != nil {
 		return false, time.Time{}, ctx.Err()
 	}
-	if err != nil && !errors.Is(err, context.DeadlineExceeded) {
+	if err != nil {
 		return false, time.Time{}, err
 	}
 	return ok, at, nil
@@ -271,7 +288,7 @@ func (c *cutRound) frozenRound(ctx context.Context) (bool, time.Time, error) {
 	if err != nil {
 		return false, time.Time{}, err
 	}
-	return gen == c.gen && ctx.Err() == nil, at, nil
+	return gen == c.gen, at, nil
 }
 
 // barrier creates a fresh sentinel in the barrier directory (watched by the

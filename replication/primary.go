@@ -67,7 +67,9 @@ type PrimaryConfig struct {
 	// cut that did not converge; nil means no freezing (such a cut ships
 	// file-consistent only).
 	Freezer Freezer
-	// MaxFreeze bounds how long writers stay frozen; default 200ms.
+	// MaxFreeze bounds how long writers stay frozen; default 1s (pausing a
+	// container and reading what a database changed take a few hundred
+	// milliseconds each here).
 	MaxFreeze time.Duration
 	// Limiter, if set, bounds the bytes per second sent to the replicas
 	// (shared by every Primary of the node); nil means no limit.
@@ -151,6 +153,10 @@ type Primary struct {
 	firstSeq uint64        // first cut of this Primary (0 before it)
 	latest   uint64        // last cut published
 	changed  chan struct{} // closed when a cut is published or an ack arrives
+	// cutting is the oldest change taken by the cut being read (zero when
+	// none): taken from the pending changes, not yet in a batch, it still
+	// counts in every replica's lag.
+	cutting time.Time
 }
 
 // NewPrimary checks cfg and returns a Primary; it starts nothing.
@@ -181,7 +187,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 		cfg.MaxRounds = 4
 	}
 	if cfg.MaxFreeze <= 0 {
-		cfg.MaxFreeze = 200 * time.Millisecond
+		cfg.MaxFreeze = time.Second
 	}
 	log := cfg.Logger
 	if log == nil {
@@ -394,6 +400,7 @@ func (p *Primary) publish(b *cutBatch) {
 	}
 	p.batches = append(p.batches, b)
 	p.latest = b.seq
+	p.cutting = time.Time{}
 	p.notifyLocked()
 }
 
@@ -593,10 +600,20 @@ func (p *Primary) latestSeq() uint64 {
 	return p.latest
 }
 
+// cuttingSince records that the cut being read carries a change made at
+// since; publish clears it. A cut that fails keeps it until the whole-tree
+// cut that replaces it is published.
+func (p *Primary) cuttingSince(since time.Time) {
+	p.bmu.Lock()
+	defer p.bmu.Unlock()
+	p.cutting = oldest(p.cutting, since)
+}
+
 // backlog describes the retained cuts a replica still needs, from cut
 // next on, or (next == 0) from the first full cut after fullAfter on: the
-// oldest change they carry, their encoded size (a full cut counts as its
-// delta view when the replica follows), and how many there are.
+// oldest change they carry (or the cut being read carries), their encoded
+// size (a full cut counts as its delta view when the replica follows), and
+// how many there are.
 func (p *Primary) backlog(next, fullAfter uint64) (since time.Time, bytes int64, cuts int) {
 	p.bmu.Lock()
 	defer p.bmu.Unlock()
@@ -610,6 +627,7 @@ func (p *Primary) backlog(next, fullAfter uint64) (since time.Time, bytes int64,
 			}
 		}
 	}
+	since = p.cutting // the cut being read counts too (not yet in bytes or cuts)
 	for _, b := range p.batches {
 		if b.seq < from {
 			continue

@@ -2,6 +2,7 @@ package replication
 
 import (
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -249,5 +250,45 @@ func TestChanges(t *testing.T) {
 	}
 	if ok, _ := c.pending(); ok {
 		t.Fatal("pending after take")
+	}
+}
+
+// TestLagCountsCutInProgress: changes taken by the cut being read are no
+// longer pending and not yet in a batch; a replica's lag must still count
+// them (a lag of 0 reported while a long cut is read would promise more
+// than the replica holds), until the cut is published and acknowledged.
+func TestLagCountsCutInProgress(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "a"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	root, err := os.OpenRoot(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	p := &Primary{ch: newChanges(), root: root, log: slog.New(slog.DiscardHandler), changed: make(chan struct{})}
+	s := newSender(p, "r1", func() {})
+	s.connected, s.next = true, 1
+	t0 := time.Now().Add(-time.Second)
+	p.ch.add("a", false, t0)
+	c := &cutRound{p: p}
+	if err := c.take(); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _ := p.ch.pending(); ok {
+		t.Fatal("changes still pending after the cut took them")
+	}
+	now := time.Now()
+	if lag := s.state(now).Lag; lag < now.Sub(t0) {
+		t.Fatalf("lag while the cut is read = %s, want at least %s", lag, now.Sub(t0))
+	}
+	p.publish(&cutBatch{seq: 1, since: t0})
+	if lag := s.state(now).Lag; lag < now.Sub(t0) {
+		t.Fatalf("lag once the cut is published, unacknowledged = %s, want at least %s", lag, now.Sub(t0))
+	}
+	s.next = 2 // the replica acknowledged cut 1
+	if lag := s.state(now).Lag; lag != 0 {
+		t.Fatalf("lag after the replica acknowledged the only cut = %s, want 0", lag)
 	}
 }

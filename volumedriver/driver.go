@@ -63,6 +63,12 @@ type Config struct {
 	Logger    *slog.Logger
 	// ReadyTimeout overrides DefaultReadyTimeout (tests).
 	ReadyTimeout time.Duration
+	// InUse, if set, tells whether any container of this host uses a
+	// volume through this driver (asked of the Docker Engine); a Remove of
+	// a volume with mounts asks it and forgets the mounts if none does.
+	// Never called from Get, List or Mount: dockerd calls those while it
+	// starts, before it serves its API.
+	InUse func(ctx context.Context, volume string) (bool, error)
 }
 
 // Driver serves the volume plugin protocol for a Backend.
@@ -71,6 +77,7 @@ type Driver struct {
 	mounts       *mountTable
 	log          *slog.Logger
 	readyTimeout time.Duration
+	inUse        func(ctx context.Context, volume string) (bool, error)
 
 	// locks holds one mutex per volume, taken across a Mount's backend
 	// call and its count, and by Exclusive.
@@ -101,7 +108,7 @@ func New(cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Driver{backend: cfg.Backend, mounts: mt, log: cfg.Logger, readyTimeout: cfg.ReadyTimeout, locks: map[string]*sync.Mutex{}}, nil
+	return &Driver{backend: cfg.Backend, mounts: mt, log: cfg.Logger, readyTimeout: cfg.ReadyTimeout, inUse: cfg.InUse, locks: map[string]*sync.Mutex{}}, nil
 }
 
 // MountCount is how many Docker mounts of volume are active on this host.
@@ -127,6 +134,32 @@ func (d *Driver) Exclusive(volume string, fn func(mounts int) error) error {
 	m.Lock()
 	defer m.Unlock()
 	return fn(d.mounts.count(volume))
+}
+
+// ForgetStaleMounts drops the mounts this host counts for volume if
+// inUse, asked while no Mount of the volume can proceed, says that no
+// container uses it: Docker sends no Unmount for a container that stopped
+// while this driver was down (a crash, a restart), and those mounts would
+// otherwise block `docker volume rm` and moves for ever. It returns how
+// many were dropped.
+func (d *Driver) ForgetStaleMounts(ctx context.Context, volume string, inUse func(ctx context.Context, volume string) (bool, error)) (int, error) {
+	m := d.lock(volume)
+	m.Lock()
+	defer m.Unlock()
+	n := d.mounts.count(volume)
+	if n == 0 {
+		return 0, nil
+	}
+	used, err := inUse(ctx, volume)
+	if err != nil || used {
+		return 0, err
+	}
+	dropped, err := d.mounts.forget(volume)
+	if err != nil {
+		return 0, fmt.Errorf("forgetting the stale mounts of volume %s: %w", volume, err)
+	}
+	d.log.Warn("forgot stale mounts: no container uses the volume (Docker stopped them while the driver was down, so no Unmount came)", "volume", volume, "mounts", dropped)
+	return dropped, nil
 }
 
 // MountedVolumes lists the volumes mounted on this host, sorted.
@@ -250,6 +283,14 @@ func (d *Driver) remove(w http.ResponseWriter, r *http.Request) {
 	var req nameRequest
 	if !decodeNamed(w, r, &req, &req.Name) {
 		return
+	}
+	if n := d.mounts.count(req.Name); n > 0 && d.inUse != nil {
+		// Docker asks to remove a volume it counts as unused: the mounts
+		// here may be stale (containers that stopped while the driver was
+		// down); the Engine serves its API by now.
+		if _, err := d.ForgetStaleMounts(r.Context(), req.Name, d.inUse); err != nil {
+			d.log.Warn("could not check the volume's mounts with the Docker Engine", "volume", req.Name, "err", err)
+		}
 	}
 	if n := d.mounts.count(req.Name); n > 0 {
 		fail(w, http.StatusConflict, fmt.Errorf("volume %s is still mounted %d time(s) on this host; stop the containers using it first", req.Name, n))

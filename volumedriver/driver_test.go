@@ -107,7 +107,14 @@ type plugin struct {
 
 func startPlugin(t *testing.T, b Backend, state string) *plugin {
 	t.Helper()
-	d, err := New(Config{Backend: b, StatePath: state, Logger: testutil.Logger(t), ReadyTimeout: 300 * time.Millisecond})
+	return startPluginWith(t, Config{Backend: b, StatePath: state})
+}
+
+func startPluginWith(t *testing.T, cfg Config) *plugin {
+	t.Helper()
+	cfg.Logger, cfg.ReadyTimeout = testutil.Logger(t), 300*time.Millisecond
+	state := cfg.StatePath
+	d, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -323,6 +330,68 @@ func TestMountRefcountingAndPersistence(t *testing.T) {
 	raw, err := os.ReadFile(state)
 	if err != nil || !bytes.Contains(raw, []byte(mountsFormat)) || bytes.Contains(raw, []byte(`"pg"`)) {
 		t.Fatalf("state file %s: %v", raw, err)
+	}
+}
+
+// TestStaleMounts: mounts of containers that stopped while the driver was
+// down (no Unmount came) are forgotten when the Engine says no container
+// uses the volume (at start, or when Docker asks to remove the volume),
+// and kept when one does or the Engine cannot say.
+func TestStaleMounts(t *testing.T) {
+	b := newMemBackend()
+	state := filepath.Join(t.TempDir(), "driver.json")
+	var used bool
+	var engineErr error
+	asked := 0
+	inUse := func(_ context.Context, volume string) (bool, error) {
+		asked++
+		if volume != "pg" {
+			t.Errorf("asked about %q", volume)
+		}
+		return used, engineErr
+	}
+	p := startPluginWith(t, Config{Backend: b, StatePath: state, InUse: inUse})
+	p.errOf("VolumeDriver.Create", `{"Name":"pg"}`)
+	var m mountResponse
+	for _, id := range []string{strings.Repeat("a", 64), strings.Repeat("b", 64)} {
+		if p.call("VolumeDriver.Mount", fmt.Sprintf(`{"Name":"pg","ID":%q}`, id), &m); m.Err != "" {
+			t.Fatal(m.Err)
+		}
+	}
+	ctx := context.Background()
+	used = true
+	if n, err := p.d.ForgetStaleMounts(ctx, "pg", inUse); n != 0 || err != nil || p.d.MountCount("pg") != 2 {
+		t.Fatalf("a volume in use: forgot %d (%v), count %d", n, err, p.d.MountCount("pg"))
+	}
+	if e := p.errOf("VolumeDriver.Remove", `{"Name":"pg"}`); !strings.Contains(e, "still mounted 2 time(s)") {
+		t.Fatalf("remove of a volume in use: %q", e)
+	}
+	used, engineErr = false, errors.New("engine down")
+	if n, err := p.d.ForgetStaleMounts(ctx, "pg", inUse); n != 0 || err == nil || p.d.MountCount("pg") != 2 {
+		t.Fatalf("the Engine cannot say: forgot %d (%v), count %d", n, err, p.d.MountCount("pg"))
+	}
+	if e := p.errOf("VolumeDriver.Remove", `{"Name":"pg"}`); !strings.Contains(e, "still mounted 2 time(s)") {
+		t.Fatalf("remove while the Engine cannot say: %q", e)
+	}
+	engineErr = nil
+	if n, err := p.d.ForgetStaleMounts(ctx, "pg", inUse); n != 2 || err != nil || p.d.MountCount("pg") != 0 {
+		t.Fatalf("stale mounts: forgot %d (%v), count %d", n, err, p.d.MountCount("pg"))
+	}
+	// Persisted: a restarted driver knows none.
+	if p2 := startPlugin(t, b, state); p2.d.MountCount("pg") != 0 {
+		t.Fatalf("after restart: %d mounts", p2.d.MountCount("pg"))
+	}
+	before := asked
+	if n, err := p.d.ForgetStaleMounts(ctx, "pg", inUse); n != 0 || err != nil || asked != before {
+		t.Fatalf("no mounts: forgot %d (%v), asked the Engine %d more times", n, err, asked-before)
+	}
+
+	// Remove checks by itself.
+	if p.call("VolumeDriver.Mount", fmt.Sprintf(`{"Name":"pg","ID":%q}`, strings.Repeat("c", 64)), &m); m.Err != "" {
+		t.Fatal(m.Err)
+	}
+	if e := p.errOf("VolumeDriver.Remove", `{"Name":"pg"}`); e != "" || len(b.removed) != 1 {
+		t.Fatalf("remove of a volume with only stale mounts: %q, backend removed %v", e, b.removed)
 	}
 }
 

@@ -107,6 +107,24 @@ func (t *mountTable) remove(volume, id string) (total int, err error) {
 	return sum(next[volume]), nil
 }
 
+// forget drops every mount of volume and persists it; it returns how many
+// there were. On a write error nothing changes.
+func (t *mountTable) forget(volume string) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := sum(t.mounts[volume])
+	if n == 0 {
+		return 0, nil
+	}
+	next := t.cloneLocked()
+	delete(next, volume)
+	if err := t.writeLocked(next); err != nil {
+		return 0, err
+	}
+	t.mounts = next
+	return n, nil
+}
+
 // count is how many mounts of volume are active on this host.
 func (t *mountTable) count(volume string) int {
 	t.mu.Lock()

@@ -75,6 +75,9 @@ func newStatusCmd(g *globals) *cobra.Command {
 				for _, q := range resp.Quarantined {
 					fmt.Fprintf(w, "QUARANTINED:\t%s: %d file(s) written as primary in epoch %d, set aside %s in %s\n", q.Volume, q.Files, q.Epoch, time.Unix(0, q.TimeUnixNano).UTC().Format(time.RFC3339), q.Dir)
 				}
+				for _, c := range resp.ContainerProblems {
+					fmt.Fprintf(w, "NOT RE-CREATED:\t%s: %s\n", c.Container, c.Problem)
+				}
 				fmt.Fprintf(w, "Replica of:\t%s\n", orNone(strings.Join(resp.ReplicaOf, ", ")))
 				if len(resp.PrimaryOf) == 0 {
 					fmt.Fprintf(w, "Primary of:\t(none)\n")

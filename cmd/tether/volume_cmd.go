@@ -132,6 +132,9 @@ func printInspect(out io.Writer, resp *tetherpb.VolumeInspectResponse) error {
 		fmt.Fprintf(w, "Placement:\t%s\n", labelString(v.Placement))
 	}
 	fmt.Fprintf(w, "Freeze:\t%v\n", v.Freeze)
+	for _, c := range v.Containers {
+		fmt.Fprintf(w, "Re-created on failover:\t%s (image %s, recorded on %s)\n", c.Name, c.Image, c.Node)
+	}
 	if v.Blocked != "" {
 		fmt.Fprintf(w, "NEEDS OPERATOR:\t%s\n", v.Blocked)
 	}

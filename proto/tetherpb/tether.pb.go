@@ -1628,11 +1628,15 @@ type StatusResponse struct {
 	Fenced []*FencedVolume `protobuf:"bytes,11,rep,name=fenced,proto3" json:"fenced,omitempty"`
 	// What this node set aside when it followed a newer epoch of a volume it
 	// had been primary of (never merged, never deleted by tether).
-	Quarantined   []*Quarantine `protobuf:"bytes,12,rep,name=quarantined,proto3" json:"quarantined,omitempty"`
-	Security      *Security     `protobuf:"bytes,20,opt,name=security,proto3" json:"security,omitempty"`
-	RaftTerm      uint64        `protobuf:"varint,21,opt,name=raft_term,json=raftTerm,proto3" json:"raft_term,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Quarantined []*Quarantine `protobuf:"bytes,12,rep,name=quarantined,proto3" json:"quarantined,omitempty"`
+	Security    *Security     `protobuf:"bytes,20,opt,name=security,proto3" json:"security,omitempty"`
+	RaftTerm    uint64        `protobuf:"varint,21,opt,name=raft_term,json=raftTerm,proto3" json:"raft_term,omitempty"`
+	// Standalone containers (label tether.failover=true) this node should
+	// have re-created after a failover and could not (image missing, name
+	// taken, engine error), until it can.
+	ContainerProblems []*ContainerProblem `protobuf:"bytes,22,rep,name=container_problems,json=containerProblems,proto3" json:"container_problems,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
@@ -1763,6 +1767,65 @@ func (x *StatusResponse) GetRaftTerm() uint64 {
 	return 0
 }
 
+func (x *StatusResponse) GetContainerProblems() []*ContainerProblem {
+	if x != nil {
+		return x.ContainerProblems
+	}
+	return nil
+}
+
+type ContainerProblem struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Container     string                 `protobuf:"bytes,1,opt,name=container,proto3" json:"container,omitempty"`
+	Problem       string                 `protobuf:"bytes,2,opt,name=problem,proto3" json:"problem,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ContainerProblem) Reset() {
+	*x = ContainerProblem{}
+	mi := &file_tether_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ContainerProblem) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ContainerProblem) ProtoMessage() {}
+
+func (x *ContainerProblem) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ContainerProblem.ProtoReflect.Descriptor instead.
+func (*ContainerProblem) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ContainerProblem) GetContainer() string {
+	if x != nil {
+		return x.Container
+	}
+	return ""
+}
+
+func (x *ContainerProblem) GetProblem() string {
+	if x != nil {
+		return x.Problem
+	}
+	return ""
+}
+
 type Quarantine struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Volume        string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
@@ -1776,7 +1839,7 @@ type Quarantine struct {
 
 func (x *Quarantine) Reset() {
 	*x = Quarantine{}
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1788,7 +1851,7 @@ func (x *Quarantine) String() string {
 func (*Quarantine) ProtoMessage() {}
 
 func (x *Quarantine) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1801,7 +1864,7 @@ func (x *Quarantine) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quarantine.ProtoReflect.Descriptor instead.
 func (*Quarantine) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{24}
+	return file_tether_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Quarantine) GetVolume() string {
@@ -1851,7 +1914,7 @@ type FencedVolume struct {
 
 func (x *FencedVolume) Reset() {
 	*x = FencedVolume{}
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1863,7 +1926,7 @@ func (x *FencedVolume) String() string {
 func (*FencedVolume) ProtoMessage() {}
 
 func (x *FencedVolume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1876,7 +1939,7 @@ func (x *FencedVolume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FencedVolume.ProtoReflect.Descriptor instead.
 func (*FencedVolume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{25}
+	return file_tether_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *FencedVolume) GetName() string {
@@ -1919,7 +1982,7 @@ type Security struct {
 
 func (x *Security) Reset() {
 	*x = Security{}
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1931,7 +1994,7 @@ func (x *Security) String() string {
 func (*Security) ProtoMessage() {}
 
 func (x *Security) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1944,7 +2007,7 @@ func (x *Security) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Security.ProtoReflect.Descriptor instead.
 func (*Security) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{26}
+	return file_tether_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Security) GetTls() bool {
@@ -1986,7 +2049,7 @@ type VolumeCreateRequest struct {
 
 func (x *VolumeCreateRequest) Reset() {
 	*x = VolumeCreateRequest{}
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1998,7 +2061,7 @@ func (x *VolumeCreateRequest) String() string {
 func (*VolumeCreateRequest) ProtoMessage() {}
 
 func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2011,7 +2074,7 @@ func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeCreateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{27}
+	return file_tether_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *VolumeCreateRequest) GetName() string {
@@ -2058,7 +2121,7 @@ type VolumeCreateResponse struct {
 
 func (x *VolumeCreateResponse) Reset() {
 	*x = VolumeCreateResponse{}
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2070,7 +2133,7 @@ func (x *VolumeCreateResponse) String() string {
 func (*VolumeCreateResponse) ProtoMessage() {}
 
 func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2083,7 +2146,7 @@ func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeCreateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{28}
+	return file_tether_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *VolumeCreateResponse) GetVolume() *Volume {
@@ -2101,7 +2164,7 @@ type VolumeListRequest struct {
 
 func (x *VolumeListRequest) Reset() {
 	*x = VolumeListRequest{}
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2113,7 +2176,7 @@ func (x *VolumeListRequest) String() string {
 func (*VolumeListRequest) ProtoMessage() {}
 
 func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2126,7 +2189,7 @@ func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListRequest.ProtoReflect.Descriptor instead.
 func (*VolumeListRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{29}
+	return file_tether_proto_rawDescGZIP(), []int{30}
 }
 
 type VolumeListResponse struct {
@@ -2138,7 +2201,7 @@ type VolumeListResponse struct {
 
 func (x *VolumeListResponse) Reset() {
 	*x = VolumeListResponse{}
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2150,7 +2213,7 @@ func (x *VolumeListResponse) String() string {
 func (*VolumeListResponse) ProtoMessage() {}
 
 func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2163,7 +2226,7 @@ func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListResponse.ProtoReflect.Descriptor instead.
 func (*VolumeListResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{30}
+	return file_tether_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *VolumeListResponse) GetVolumes() []*Volume {
@@ -2182,7 +2245,7 @@ type VolumeInspectRequest struct {
 
 func (x *VolumeInspectRequest) Reset() {
 	*x = VolumeInspectRequest{}
-	mi := &file_tether_proto_msgTypes[31]
+	mi := &file_tether_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2194,7 +2257,7 @@ func (x *VolumeInspectRequest) String() string {
 func (*VolumeInspectRequest) ProtoMessage() {}
 
 func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[31]
+	mi := &file_tether_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2207,7 +2270,7 @@ func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectRequest.ProtoReflect.Descriptor instead.
 func (*VolumeInspectRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{31}
+	return file_tether_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *VolumeInspectRequest) GetName() string {
@@ -2227,7 +2290,7 @@ type VolumeInspectResponse struct {
 
 func (x *VolumeInspectResponse) Reset() {
 	*x = VolumeInspectResponse{}
-	mi := &file_tether_proto_msgTypes[32]
+	mi := &file_tether_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2239,7 +2302,7 @@ func (x *VolumeInspectResponse) String() string {
 func (*VolumeInspectResponse) ProtoMessage() {}
 
 func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[32]
+	mi := &file_tether_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2252,7 +2315,7 @@ func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectResponse.ProtoReflect.Descriptor instead.
 func (*VolumeInspectResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{32}
+	return file_tether_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *VolumeInspectResponse) GetVolume() *Volume {
@@ -2293,14 +2356,17 @@ type Volume struct {
 	// When a deleted volume will be purged; 0 when it is not deleted.
 	PurgeAfterUnixNano int64 `protobuf:"varint,14,opt,name=purge_after_unix_nano,json=purgeAfterUnixNano,proto3" json:"purge_after_unix_nano,omitempty"`
 	// The primary may pause the volume's containers for a point-in-time cut.
-	Freeze        bool `protobuf:"varint,15,opt,name=freeze,proto3" json:"freeze,omitempty"`
+	Freeze bool `protobuf:"varint,15,opt,name=freeze,proto3" json:"freeze,omitempty"`
+	// Standalone containers (label tether.failover=true) recorded for
+	// re-creation after a failover.
+	Containers    []*RecordedContainer `protobuf:"bytes,16,rep,name=containers,proto3" json:"containers,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_tether_proto_msgTypes[33]
+	mi := &file_tether_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2312,7 +2378,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[33]
+	mi := &file_tether_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2325,7 +2391,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{33}
+	return file_tether_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *Volume) GetName() string {
@@ -2433,6 +2499,74 @@ func (x *Volume) GetFreeze() bool {
 	return false
 }
 
+func (x *Volume) GetContainers() []*RecordedContainer {
+	if x != nil {
+		return x.Containers
+	}
+	return nil
+}
+
+type RecordedContainer struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The host it was recorded on.
+	Node          string `protobuf:"bytes,2,opt,name=node,proto3" json:"node,omitempty"`
+	Image         string `protobuf:"bytes,3,opt,name=image,proto3" json:"image,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RecordedContainer) Reset() {
+	*x = RecordedContainer{}
+	mi := &file_tether_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RecordedContainer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RecordedContainer) ProtoMessage() {}
+
+func (x *RecordedContainer) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RecordedContainer.ProtoReflect.Descriptor instead.
+func (*RecordedContainer) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *RecordedContainer) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *RecordedContainer) GetNode() string {
+	if x != nil {
+		return x.Node
+	}
+	return ""
+}
+
+func (x *RecordedContainer) GetImage() string {
+	if x != nil {
+		return x.Image
+	}
+	return ""
+}
+
 type ReplicaProgress struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
@@ -2445,7 +2579,7 @@ type ReplicaProgress struct {
 
 func (x *ReplicaProgress) Reset() {
 	*x = ReplicaProgress{}
-	mi := &file_tether_proto_msgTypes[34]
+	mi := &file_tether_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2457,7 +2591,7 @@ func (x *ReplicaProgress) String() string {
 func (*ReplicaProgress) ProtoMessage() {}
 
 func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[34]
+	mi := &file_tether_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2470,7 +2604,7 @@ func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaProgress.ProtoReflect.Descriptor instead.
 func (*ReplicaProgress) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{34}
+	return file_tether_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *ReplicaProgress) GetNode() string {
@@ -2522,7 +2656,7 @@ type VolumeStatus struct {
 
 func (x *VolumeStatus) Reset() {
 	*x = VolumeStatus{}
-	mi := &file_tether_proto_msgTypes[35]
+	mi := &file_tether_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2534,7 +2668,7 @@ func (x *VolumeStatus) String() string {
 func (*VolumeStatus) ProtoMessage() {}
 
 func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[35]
+	mi := &file_tether_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2547,7 +2681,7 @@ func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
 func (*VolumeStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{35}
+	return file_tether_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *VolumeStatus) GetName() string {
@@ -2615,7 +2749,7 @@ type VolumeRemoveRequest struct {
 
 func (x *VolumeRemoveRequest) Reset() {
 	*x = VolumeRemoveRequest{}
-	mi := &file_tether_proto_msgTypes[36]
+	mi := &file_tether_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2627,7 +2761,7 @@ func (x *VolumeRemoveRequest) String() string {
 func (*VolumeRemoveRequest) ProtoMessage() {}
 
 func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[36]
+	mi := &file_tether_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2640,7 +2774,7 @@ func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveRequest.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{36}
+	return file_tether_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *VolumeRemoveRequest) GetName() string {
@@ -2659,7 +2793,7 @@ type VolumeRemoveResponse struct {
 
 func (x *VolumeRemoveResponse) Reset() {
 	*x = VolumeRemoveResponse{}
-	mi := &file_tether_proto_msgTypes[37]
+	mi := &file_tether_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2671,7 +2805,7 @@ func (x *VolumeRemoveResponse) String() string {
 func (*VolumeRemoveResponse) ProtoMessage() {}
 
 func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[37]
+	mi := &file_tether_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2684,7 +2818,7 @@ func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveResponse.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{37}
+	return file_tether_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *VolumeRemoveResponse) GetVolume() *Volume {
@@ -2703,7 +2837,7 @@ type VolumeUndeleteRequest struct {
 
 func (x *VolumeUndeleteRequest) Reset() {
 	*x = VolumeUndeleteRequest{}
-	mi := &file_tether_proto_msgTypes[38]
+	mi := &file_tether_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2715,7 +2849,7 @@ func (x *VolumeUndeleteRequest) String() string {
 func (*VolumeUndeleteRequest) ProtoMessage() {}
 
 func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[38]
+	mi := &file_tether_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2728,7 +2862,7 @@ func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteRequest.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{38}
+	return file_tether_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *VolumeUndeleteRequest) GetName() string {
@@ -2747,7 +2881,7 @@ type VolumeUndeleteResponse struct {
 
 func (x *VolumeUndeleteResponse) Reset() {
 	*x = VolumeUndeleteResponse{}
-	mi := &file_tether_proto_msgTypes[39]
+	mi := &file_tether_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2759,7 +2893,7 @@ func (x *VolumeUndeleteResponse) String() string {
 func (*VolumeUndeleteResponse) ProtoMessage() {}
 
 func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[39]
+	mi := &file_tether_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2772,7 +2906,7 @@ func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteResponse.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{39}
+	return file_tether_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *VolumeUndeleteResponse) GetVolume() *Volume {
@@ -2791,7 +2925,7 @@ type VolumePurgeRequest struct {
 
 func (x *VolumePurgeRequest) Reset() {
 	*x = VolumePurgeRequest{}
-	mi := &file_tether_proto_msgTypes[40]
+	mi := &file_tether_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2803,7 +2937,7 @@ func (x *VolumePurgeRequest) String() string {
 func (*VolumePurgeRequest) ProtoMessage() {}
 
 func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[40]
+	mi := &file_tether_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2816,7 +2950,7 @@ func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeRequest.ProtoReflect.Descriptor instead.
 func (*VolumePurgeRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{40}
+	return file_tether_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *VolumePurgeRequest) GetName() string {
@@ -2834,7 +2968,7 @@ type VolumePurgeResponse struct {
 
 func (x *VolumePurgeResponse) Reset() {
 	*x = VolumePurgeResponse{}
-	mi := &file_tether_proto_msgTypes[41]
+	mi := &file_tether_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2846,7 +2980,7 @@ func (x *VolumePurgeResponse) String() string {
 func (*VolumePurgeResponse) ProtoMessage() {}
 
 func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[41]
+	mi := &file_tether_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2859,7 +2993,7 @@ func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeResponse.ProtoReflect.Descriptor instead.
 func (*VolumePurgeResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{41}
+	return file_tether_proto_rawDescGZIP(), []int{43}
 }
 
 var File_tether_proto protoreflect.FileDescriptor
@@ -2990,7 +3124,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\">\n" +
 	"\x0fMembersResponse\x12+\n" +
 	"\amembers\x18\x01 \x03(\v2\x11.tether.v1.MemberR\amembers\"\x0f\n" +
-	"\rStatusRequest\"\x88\x04\n" +
+	"\rStatusRequest\"\xd4\x04\n" +
 	"\x0eStatusResponse\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12\x16\n" +
@@ -3011,7 +3145,11 @@ const file_tether_proto_rawDesc = "" +
 	"\x06fenced\x18\v \x03(\v2\x17.tether.v1.FencedVolumeR\x06fenced\x127\n" +
 	"\vquarantined\x18\f \x03(\v2\x15.tether.v1.QuarantineR\vquarantined\x12/\n" +
 	"\bsecurity\x18\x14 \x01(\v2\x13.tether.v1.SecurityR\bsecurity\x12\x1b\n" +
-	"\traft_term\x18\x15 \x01(\x04R\braftTerm\"\x88\x01\n" +
+	"\traft_term\x18\x15 \x01(\x04R\braftTerm\x12J\n" +
+	"\x12container_problems\x18\x16 \x03(\v2\x1b.tether.v1.ContainerProblemR\x11containerProblems\"J\n" +
+	"\x10ContainerProblem\x12\x1c\n" +
+	"\tcontainer\x18\x01 \x01(\tR\tcontainer\x12\x18\n" +
+	"\aproblem\x18\x02 \x01(\tR\aproblem\"\x88\x01\n" +
 	"\n" +
 	"Quarantine\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x14\n" +
@@ -3048,7 +3186,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"s\n" +
 	"\x15VolumeInspectResponse\x12)\n" +
 	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\x12/\n" +
-	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\xc8\x04\n" +
+	"\x06status\x18\x02 \x01(\v2\x17.tether.v1.VolumeStatusR\x06status\"\x86\x05\n" +
 	"\x06Volume\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1a\n" +
 	"\breplicas\x18\x02 \x01(\rR\breplicas\x12\x18\n" +
@@ -3066,10 +3204,17 @@ const file_tether_proto_rawDesc = "" +
 	"\tplacement\x18\f \x03(\v2 .tether.v1.Volume.PlacementEntryR\tplacement\x12*\n" +
 	"\x11deleted_unix_nano\x18\r \x01(\x03R\x0fdeletedUnixNano\x121\n" +
 	"\x15purge_after_unix_nano\x18\x0e \x01(\x03R\x12purgeAfterUnixNano\x12\x16\n" +
-	"\x06freeze\x18\x0f \x01(\bR\x06freeze\x1a<\n" +
+	"\x06freeze\x18\x0f \x01(\bR\x06freeze\x12<\n" +
+	"\n" +
+	"containers\x18\x10 \x03(\v2\x1c.tether.v1.RecordedContainerR\n" +
+	"containers\x1a<\n" +
 	"\x0ePlacementEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"q\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"Q\n" +
+	"\x11RecordedContainer\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04node\x18\x02 \x01(\tR\x04node\x12\x14\n" +
+	"\x05image\x18\x03 \x01(\tR\x05image\"q\n" +
 	"\x0fReplicaProgress\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
@@ -3133,7 +3278,7 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
 var file_tether_proto_goTypes = []any{
 	(FileOp_Kind)(0),               // 0: tether.v1.FileOp.Kind
 	(*StreamRequest)(nil),          // 1: tether.v1.StreamRequest
@@ -3160,28 +3305,30 @@ var file_tether_proto_goTypes = []any{
 	(*MembersResponse)(nil),        // 22: tether.v1.MembersResponse
 	(*StatusRequest)(nil),          // 23: tether.v1.StatusRequest
 	(*StatusResponse)(nil),         // 24: tether.v1.StatusResponse
-	(*Quarantine)(nil),             // 25: tether.v1.Quarantine
-	(*FencedVolume)(nil),           // 26: tether.v1.FencedVolume
-	(*Security)(nil),               // 27: tether.v1.Security
-	(*VolumeCreateRequest)(nil),    // 28: tether.v1.VolumeCreateRequest
-	(*VolumeCreateResponse)(nil),   // 29: tether.v1.VolumeCreateResponse
-	(*VolumeListRequest)(nil),      // 30: tether.v1.VolumeListRequest
-	(*VolumeListResponse)(nil),     // 31: tether.v1.VolumeListResponse
-	(*VolumeInspectRequest)(nil),   // 32: tether.v1.VolumeInspectRequest
-	(*VolumeInspectResponse)(nil),  // 33: tether.v1.VolumeInspectResponse
-	(*Volume)(nil),                 // 34: tether.v1.Volume
-	(*ReplicaProgress)(nil),        // 35: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),           // 36: tether.v1.VolumeStatus
-	(*VolumeRemoveRequest)(nil),    // 37: tether.v1.VolumeRemoveRequest
-	(*VolumeRemoveResponse)(nil),   // 38: tether.v1.VolumeRemoveResponse
-	(*VolumeUndeleteRequest)(nil),  // 39: tether.v1.VolumeUndeleteRequest
-	(*VolumeUndeleteResponse)(nil), // 40: tether.v1.VolumeUndeleteResponse
-	(*VolumePurgeRequest)(nil),     // 41: tether.v1.VolumePurgeRequest
-	(*VolumePurgeResponse)(nil),    // 42: tether.v1.VolumePurgeResponse
-	nil,                            // 43: tether.v1.VolumeUpdateRequest.PlacementEntry
-	nil,                            // 44: tether.v1.Member.LabelsEntry
-	nil,                            // 45: tether.v1.VolumeCreateRequest.PlacementEntry
-	nil,                            // 46: tether.v1.Volume.PlacementEntry
+	(*ContainerProblem)(nil),       // 25: tether.v1.ContainerProblem
+	(*Quarantine)(nil),             // 26: tether.v1.Quarantine
+	(*FencedVolume)(nil),           // 27: tether.v1.FencedVolume
+	(*Security)(nil),               // 28: tether.v1.Security
+	(*VolumeCreateRequest)(nil),    // 29: tether.v1.VolumeCreateRequest
+	(*VolumeCreateResponse)(nil),   // 30: tether.v1.VolumeCreateResponse
+	(*VolumeListRequest)(nil),      // 31: tether.v1.VolumeListRequest
+	(*VolumeListResponse)(nil),     // 32: tether.v1.VolumeListResponse
+	(*VolumeInspectRequest)(nil),   // 33: tether.v1.VolumeInspectRequest
+	(*VolumeInspectResponse)(nil),  // 34: tether.v1.VolumeInspectResponse
+	(*Volume)(nil),                 // 35: tether.v1.Volume
+	(*RecordedContainer)(nil),      // 36: tether.v1.RecordedContainer
+	(*ReplicaProgress)(nil),        // 37: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),           // 38: tether.v1.VolumeStatus
+	(*VolumeRemoveRequest)(nil),    // 39: tether.v1.VolumeRemoveRequest
+	(*VolumeRemoveResponse)(nil),   // 40: tether.v1.VolumeRemoveResponse
+	(*VolumeUndeleteRequest)(nil),  // 41: tether.v1.VolumeUndeleteRequest
+	(*VolumeUndeleteResponse)(nil), // 42: tether.v1.VolumeUndeleteResponse
+	(*VolumePurgeRequest)(nil),     // 43: tether.v1.VolumePurgeRequest
+	(*VolumePurgeResponse)(nil),    // 44: tether.v1.VolumePurgeResponse
+	nil,                            // 45: tether.v1.VolumeUpdateRequest.PlacementEntry
+	nil,                            // 46: tether.v1.Member.LabelsEntry
+	nil,                            // 47: tether.v1.VolumeCreateRequest.PlacementEntry
+	nil,                            // 48: tether.v1.Volume.PlacementEntry
 }
 var file_tether_proto_depIdxs = []int32{
 	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
@@ -3190,65 +3337,67 @@ var file_tether_proto_depIdxs = []int32{
 	0,  // 3: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
 	4,  // 4: tether.v1.FileOp.xattrs:type_name -> tether.v1.Xattr
 	13, // 5: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
-	43, // 6: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
-	34, // 7: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
-	34, // 8: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
-	34, // 9: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
-	44, // 10: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
+	45, // 6: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
+	35, // 7: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
+	35, // 8: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
+	35, // 9: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
+	46, // 10: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
 	21, // 11: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
-	36, // 12: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
-	26, // 13: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
-	25, // 14: tether.v1.StatusResponse.quarantined:type_name -> tether.v1.Quarantine
-	27, // 15: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
-	45, // 16: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
-	34, // 17: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
-	34, // 18: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
-	34, // 19: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
-	36, // 20: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
-	35, // 21: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	46, // 22: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
-	13, // 23: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	34, // 24: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
-	34, // 25: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
-	1,  // 26: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	9,  // 27: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	11, // 28: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	7,  // 29: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
-	16, // 30: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
-	18, // 31: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
-	20, // 32: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	23, // 33: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	28, // 34: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	30, // 35: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	32, // 36: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	37, // 37: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
-	39, // 38: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
-	41, // 39: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
-	16, // 40: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
-	18, // 41: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
-	14, // 42: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
-	6,  // 43: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	10, // 44: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	12, // 45: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	8,  // 46: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
-	17, // 47: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
-	19, // 48: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
-	22, // 49: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	24, // 50: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	29, // 51: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	31, // 52: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	33, // 53: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	38, // 54: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
-	40, // 55: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
-	42, // 56: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
-	17, // 57: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
-	19, // 58: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
-	15, // 59: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
-	43, // [43:60] is the sub-list for method output_type
-	26, // [26:43] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	38, // 12: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
+	27, // 13: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
+	26, // 14: tether.v1.StatusResponse.quarantined:type_name -> tether.v1.Quarantine
+	28, // 15: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
+	25, // 16: tether.v1.StatusResponse.container_problems:type_name -> tether.v1.ContainerProblem
+	47, // 17: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
+	35, // 18: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
+	35, // 19: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
+	35, // 20: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
+	38, // 21: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
+	37, // 22: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
+	48, // 23: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
+	36, // 24: tether.v1.Volume.containers:type_name -> tether.v1.RecordedContainer
+	13, // 25: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
+	35, // 26: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
+	35, // 27: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
+	1,  // 28: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	9,  // 29: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	11, // 30: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	7,  // 31: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
+	16, // 32: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
+	18, // 33: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
+	20, // 34: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	23, // 35: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	29, // 36: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	31, // 37: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	33, // 38: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	39, // 39: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
+	41, // 40: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
+	43, // 41: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
+	16, // 42: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
+	18, // 43: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
+	14, // 44: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
+	6,  // 45: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	10, // 46: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	12, // 47: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	8,  // 48: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
+	17, // 49: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
+	19, // 50: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
+	22, // 51: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	24, // 52: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	30, // 53: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	32, // 54: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	34, // 55: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	40, // 56: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
+	42, // 57: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
+	44, // 58: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
+	17, // 59: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
+	19, // 60: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
+	15, // 61: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
+	45, // [45:62] is the sub-list for method output_type
+	28, // [28:45] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -3268,7 +3417,7 @@ func file_tether_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   46,
+			NumMessages:   48,
 			NumExtensions: 0,
 			NumServices:   3,
 		},
