@@ -28,6 +28,7 @@ type watcher struct {
 	root       *os.Root
 	fsw        *fsnotify.Watcher
 	add        func(path string) error // fsw.Add (tests wrap it)
+	rm         func(path string) error // fsw.Remove (tests replace it)
 	log        *slog.Logger
 	rescan     time.Duration
 	ch         *changes
@@ -72,7 +73,7 @@ func newWatcher(dataDir, barrierDir string, root *os.Root, log *slog.Logger, res
 		}
 		return nil, fmt.Errorf("create inotify instance: %w", err)
 	}
-	return &watcher{dataDir: dataDir, barrierDir: barrierDir, root: root, fsw: fsw, add: fsw.Add, log: log, rescan: rescan,
+	return &watcher{dataDir: dataDir, barrierDir: barrierDir, root: root, fsw: fsw, add: fsw.Add, rm: fsw.Remove, log: log, rescan: rescan,
 		ch: ch, dirs: map[string]struct{}{}}, nil
 }
 
@@ -155,7 +156,7 @@ func (w *watcher) remove(path string) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		_ = w.fsw.Remove(path) // may be gone already
+		_ = w.rm(path) // may be gone already
 	}()
 	errs := w.fsw.Errors
 	for {
