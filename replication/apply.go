@@ -311,6 +311,9 @@ type applier struct {
 	dirMeta  map[string]applyOp  // directory modes and mtimes, set at the end
 	warn     *onceLogger
 	stage    *os.File // the stage directory, once a file was placed from it
+	// replay is set when the batch may have been applied in part before
+	// (recovery): a staged file that is gone was placed then.
+	replay bool
 }
 
 // applyOps applies a batch's ops, from index start on, to the volume
@@ -321,8 +324,8 @@ type applier struct {
 // depends on what it finds, so the ops before it are made durable and
 // mark(i) records that a replay starts at the rename, and mark(i+1) after
 // it is durable.
-func applyOps(root *os.Root, ops []applyOp, full bool, start int, warn *onceLogger, mark func(int) error, fail failpoint) error {
-	a := &applier{root: root, verified: map[string]struct{}{}, dirMeta: map[string]applyOp{}, warn: warn}
+func applyOps(root *os.Root, ops []applyOp, full bool, start int, replay bool, warn *onceLogger, mark func(int) error, fail failpoint) error {
+	a := &applier{root: root, verified: map[string]struct{}{}, dirMeta: map[string]applyOp{}, warn: warn, replay: replay}
 	defer func() {
 		if a.stage != nil {
 			_ = a.stage.Close()
@@ -524,7 +527,10 @@ func (a *applier) placeFile(op applyOp) error {
 	}
 	err := a.prepareStaged(op)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil // placed already: a replay
+		if a.replay {
+			return nil // placed by the interrupted application
+		}
+		return fmt.Errorf("the staged contents of %q are missing: %w", op.path, err)
 	}
 	if err != nil {
 		return err

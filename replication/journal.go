@@ -150,11 +150,12 @@ func (j journal) commit(b *batch, pos position, full bool) error {
 	if err := j.fail.at("committed"); err != nil {
 		return err
 	}
-	return j.finish(rec)
+	return j.finish(rec, false)
 }
 
-// finish applies a committed journal, records its position and clears it.
-func (j journal) finish(rec journalRecord) error {
+// finish applies a committed journal (again, after a crash, when replay is
+// set), records its position and clears it.
+func (j journal) finish(rec journalRecord, replay bool) error {
 	ops := make([]applyOp, 0, len(rec.Ops))
 	for _, o := range rec.Ops {
 		op, err := fromJournal(o, j.stage())
@@ -172,7 +173,7 @@ func (j journal) finish(rec journalRecord) error {
 		return fmt.Errorf("open volume data directory: %w", err)
 	}
 	defer root.Close()
-	if err := applyOps(root, ops, rec.Full, start, j.warn, j.markProgress, j.fail); err != nil {
+	if err := applyOps(root, ops, rec.Full, start, replay, j.warn, j.markProgress, j.fail); err != nil {
 		return fmt.Errorf("apply batch %d: %w", rec.Seq, err)
 	}
 	if err := j.fail.at("applied"); err != nil {
@@ -241,7 +242,7 @@ func (j journal) recover(log *slog.Logger) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("remove temporary files of an interrupted batch: %w", err)
 	}
-	return true, j.finish(rec)
+	return true, j.finish(rec, true)
 }
 
 // load reads a committed journal; ok is false when there is none.

@@ -1,6 +1,8 @@
 package replication
 
 import (
+	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -46,11 +48,15 @@ func TestFilesPlacedByRename(t *testing.T) {
 	if fi.Mode().Perm() != op.mode.Perm() || !fi.ModTime().Equal(op.mtime) {
 		t.Fatalf("d/a has mode %v mtime %v, want %v %v", fi.Mode(), fi.ModTime(), op.mode, op.mtime)
 	}
-	// A replay of the batch finds the staged file gone: already placed.
+	// A replay of the batch finds the staged file gone: already placed. A
+	// first application would take it for a lost file.
 	root, err := os.OpenRoot(paths.Data)
 	must(t, err)
 	defer root.Close()
-	must(t, applyOps(root, b.ops, false, 0, j.warn, func(int) error { return nil }, nil))
+	if err := applyOps(root, b.ops, false, 0, false, j.warn, func(int) error { return nil }, nil); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("applying a batch whose staged file is gone, not as a replay: %v, want a missing-contents error", err)
+	}
+	must(t, applyOps(root, b.ops, false, 0, true, j.warn, func(int) error { return nil }, nil))
 	if got, err := os.ReadFile(target); err != nil || string(got) != "contents" {
 		t.Fatalf("after a replay d/a = %q, %v", got, err)
 	}
