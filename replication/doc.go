@@ -9,7 +9,8 @@
 // volume arrived in between, else the paths of the new events are read
 // again (a few rounds, then a Freezer pauses the writers, or the batch is
 // marked file-consistent only). Each cut is read once and kept while a
-// replica needs it (a disconnected one's within RetainAge and RetainBytes);
+// replica needs it (a disconnected one's within RetainAge, RetainBytes and
+// RetainCuts);
 // one sender per replica streams the cuts over the gRPC Replication.Stream
 // (or a full cut when the replica's position is unknown), each followed by
 // a Commit, optionally under a bandwidth Limiter shared by the node. At

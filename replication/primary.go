@@ -28,6 +28,7 @@ const (
 	// Defaults of PrimaryConfig.RetainBytes and RetainAge.
 	defaultRetainBytes = 1 << 30
 	defaultRetainAge   = 10 * time.Minute
+	defaultRetainCuts  = 4096
 )
 
 // PrimaryConfig configures the primary side of one volume.
@@ -57,6 +58,9 @@ type PrimaryConfig struct {
 	// RetainAge is how long cuts are kept for a disconnected replica;
 	// default 10 minutes.
 	RetainAge time.Duration
+	// RetainCuts bounds how many cuts are kept, as RetainBytes does their
+	// size (each holds an open spool file); default 4096.
+	RetainCuts int
 	// RescanInterval is the period (jittered) of the full rescan that
 	// catches what inotify missed; default 30s.
 	RescanInterval time.Duration
@@ -179,6 +183,9 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	}
 	if cfg.RetainAge <= 0 {
 		cfg.RetainAge = defaultRetainAge
+	}
+	if cfg.RetainCuts <= 0 {
+		cfg.RetainCuts = defaultRetainCuts
 	}
 	if cfg.RescanInterval <= 0 {
 		cfg.RescanInterval = 30 * time.Second
@@ -479,13 +486,13 @@ func (p *Primary) acked() {
 	for i, b := range p.batches {
 		kept[i] = retainedCut{seq: b.seq, bytes: b.bytes, full: b.full}
 	}
-	n, released := retention(kept, holds, p.cfg.RetainBytes)
+	n, released := retention(kept, holds, retainLimits{bytes: p.cfg.RetainBytes, cuts: p.cfg.RetainCuts})
 	if n > 0 {
 		p.dropLocked(n)
 	}
 	for _, node := range released {
-		p.log.Warn("dropping the cuts kept for a disconnected replica (it was away longer than the retention age, or they exceed the retention bytes); it will get the whole tree when it returns",
-			"replica", node, "retain_age", p.cfg.RetainAge, "retain_bytes", p.cfg.RetainBytes)
+		p.log.Warn("dropping the cuts kept for a disconnected replica (it was away longer than the retention age, or they exceed the retention bytes or count); it will get the whole tree when it returns",
+			"replica", node, "retain_age", p.cfg.RetainAge, "retain_bytes", p.cfg.RetainBytes, "retain_cuts", p.cfg.RetainCuts)
 	}
 	p.notifyLocked()
 }
@@ -523,11 +530,17 @@ func (h replicaHold) from(kept []retainedCut) uint64 {
 	return 0
 }
 
+// retainLimits bound the cuts kept for disconnected replicas.
+type retainLimits struct {
+	bytes int64
+	cuts  int
+}
+
 // retention returns how many of the oldest kept cuts (consecutive seqs,
 // oldest first) to drop: those no active or held replica needs, then, while
-// the kept cuts exceed budget bytes, those only held replicas need. It
-// names the replicas that could resume before and no longer can.
-func retention(kept []retainedCut, holds []replicaHold, budget int64) (drop int, released []string) {
+// the kept cuts exceed the limits, those only held replicas need. It names
+// the replicas that could resume before and no longer can.
+func retention(kept []retainedCut, holds []replicaHold, lim retainLimits) (drop int, released []string) {
 	keepActive, keepAll := uint64(0), uint64(0)
 	for _, h := range holds {
 		need := h.from(kept)
@@ -548,7 +561,8 @@ func retention(kept []retainedCut, holds []replicaHold, budget int64) (drop int,
 	for drop < len(kept) {
 		c := kept[drop]
 		needed := keepAll != 0 && c.seq >= keepAll
-		if needed && (total <= budget || (keepActive != 0 && c.seq >= keepActive)) {
+		within := total <= lim.bytes && len(kept)-drop <= lim.cuts
+		if needed && (within || (keepActive != 0 && c.seq >= keepActive)) {
 			break
 		}
 		total -= c.bytes

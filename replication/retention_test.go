@@ -28,6 +28,7 @@ func TestRetention(t *testing.T) {
 		kept     []retainedCut
 		holds    []replicaHold
 		budget   int64
+		maxCuts  int
 		drop     int
 		released []string
 	}{
@@ -47,6 +48,10 @@ func TestRetention(t *testing.T) {
 			kept:   cuts(10, 40, 40, 40, 40),
 			holds:  []replicaHold{{node: "a", need: 13, active: true}, {node: "b", need: 10, held: true}},
 			budget: 90, drop: 2, released: []string{"b"}},
+		"over the count, a disconnected replica's cuts go too": {
+			kept:   cuts(10, 1, 1, 1, 1, 1),
+			holds:  []replicaHold{{node: "a", need: 14, active: true}, {node: "b", need: 10, held: true}},
+			budget: 100, maxCuts: 3, drop: 2, released: []string{"b"}},
 		"an expired replica holds nothing": {
 			kept:   cuts(10, 1, 1, 1),
 			holds:  []replicaHold{{node: "a", need: 12, active: true}, {node: "b", need: 10}},
@@ -63,7 +68,10 @@ func TestRetention(t *testing.T) {
 			budget: 100, drop: 3},
 	}
 	for name, c := range cases {
-		drop, released := retention(c.kept, c.holds, c.budget)
+		if c.maxCuts == 0 {
+			c.maxCuts = 1000
+		}
+		drop, released := retention(c.kept, c.holds, retainLimits{bytes: c.budget, cuts: c.maxCuts})
 		if drop != c.drop || !slices.Equal(released, c.released) {
 			t.Errorf("%s: retention = %d %v, want %d %v", name, drop, released, c.drop, c.released)
 		}
