@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"sync"
 
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 
 	"github.com/tether-io/tether/cluster"
@@ -51,6 +53,9 @@ type Agent struct {
 	// lease lapsed). Only the reconcile loop starts and stops primaries.
 	mu        sync.Mutex
 	primaries map[string]*runningPrimary
+	// limiter bounds the replication bytes sent by every primary of this
+	// node (nil: no limit); rate.Limiter is safe for concurrent use.
+	limiter replication.Limiter
 	// prepMu serialises prepareVolume (incarnation.go).
 	prepMu sync.Mutex
 	fenced map[string]fencedVolume
@@ -77,7 +82,19 @@ func New(cfg Config) (*Agent, error) {
 		log:       cfg.Logger.With("node", cfg.NodeName),
 		primaries: map[string]*runningPrimary{},
 		fenced:    map[string]fencedVolume{},
+		limiter:   replicationLimiter(cfg.ReplicationRate),
 	}, nil
+}
+
+// replicationLimiter returns the limiter of a node's replication streams,
+// nil for no limit. Its burst is a tenth of a second's worth (at least 64
+// KiB), so the rate holds over short windows too.
+func replicationLimiter(bytesPerSecond int64) replication.Limiter {
+	if bytesPerSecond <= 0 {
+		return nil
+	}
+	burst := max(bytesPerSecond/10, 64<<10)
+	return rate.NewLimiter(rate.Limit(bytesPerSecond), int(min(burst, math.MaxInt32)))
 }
 
 // Start opens the listeners, joins the cluster and starts the reconcile

@@ -208,7 +208,7 @@ func runFailover(t *testing.T, tc *testCluster, primary *Agent) {
 			return fmt.Errorf("status %+v", vi.Status)
 		}
 		for _, rs := range vi.Status.Replicas {
-			if !rs.Connected || rs.AckedSeq == 0 || rs.LagMs != 0 {
+			if !rs.Connected || rs.AckedSeq == 0 || rs.LagMs != 0 || rs.LagBytes != 0 || rs.PendingCuts != 0 {
 				return fmt.Errorf("replica %s not caught up: %+v", rs.Node, rs)
 			}
 		}

@@ -74,6 +74,9 @@ type Config struct {
 	// with a warning (see security.go).
 	GossipKeys [][]byte
 	TLS        tlsutil.Files
+	// ReplicationRate bounds the bytes per second this node sends to
+	// replicas, all volumes together; 0 means no limit.
+	ReplicationRate int64
 }
 
 var nodeNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
@@ -112,6 +115,9 @@ func (c *Config) Validate() error {
 	}
 	if c.AdvertiseIP != "" && net.ParseIP(c.AdvertiseIP) == nil {
 		return fmt.Errorf("--advertise %q is not an IP address", c.AdvertiseIP)
+	}
+	if c.ReplicationRate < 0 {
+		return fmt.Errorf("--replication-rate %d: must be 0 (no limit) or more", c.ReplicationRate)
 	}
 	if c.BootstrapExpect < 0 {
 		return fmt.Errorf("--bootstrap-expect %d: must be 0 or more", c.BootstrapExpect)

@@ -53,6 +53,8 @@ func TestHTTPEndpoints(t *testing.T) {
 			`tether_volume_epoch{volume="vol1"} 1`,
 			`tether_replica_connected{replica="n2",volume="vol1"} 1`,
 			`tether_replica_lag_seconds{replica="n3",volume="vol1"} 0`,
+			`tether_replica_lag_bytes{replica="n3",volume="vol1"} 0`,
+			`tether_replica_pending_cuts{replica="n3",volume="vol1"} 0`,
 			`tether_lease_held 1`,
 			`tether_members{health="alive"} 3`,
 		} {

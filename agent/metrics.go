@@ -17,8 +17,8 @@ type metrics struct {
 
 	fencings prometheus.Counter
 
-	lag, connected, acked, epoch, primary, leaseHeld, isLeader, members *prometheus.Desc
-	recreated, missingImage, containerProblems                          *prometheus.Desc
+	lag, lagBytes, pendingCuts, connected, acked, epoch, primary, leaseHeld, isLeader, members *prometheus.Desc
+	recreated, missingImage, containerProblems                                                 *prometheus.Desc
 }
 
 func newMetrics(a *Agent) *metrics {
@@ -31,6 +31,12 @@ func newMetrics(a *Agent) *metrics {
 		}),
 		lag: prometheus.NewDesc("tether_replica_lag_seconds",
 			"Age of the oldest change the replica has not made durable (0 when caught up), seen by the primary.",
+			[]string{"volume", "replica"}, nil),
+		lagBytes: prometheus.NewDesc("tether_replica_lag_bytes",
+			"Encoded bytes of the cuts taken and not yet durable on the replica, seen by the primary.",
+			[]string{"volume", "replica"}, nil),
+		pendingCuts: prometheus.NewDesc("tether_replica_pending_cuts",
+			"Cuts taken and not yet durable on the replica (the first is in flight while it is connected).",
 			[]string{"volume", "replica"}, nil),
 		connected: prometheus.NewDesc("tether_replica_connected",
 			"1 when the primary's stream to the replica is up.", []string{"volume", "replica"}, nil),
@@ -64,7 +70,7 @@ func (m *metrics) handler() http.Handler {
 
 // Describe implements prometheus.Collector.
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{m.lag, m.connected, m.acked, m.epoch, m.primary, m.leaseHeld, m.isLeader, m.members, m.recreated, m.missingImage, m.containerProblems} {
+	for _, d := range []*prometheus.Desc{m.lag, m.lagBytes, m.pendingCuts, m.connected, m.acked, m.epoch, m.primary, m.leaseHeld, m.isLeader, m.members, m.recreated, m.missingImage, m.containerProblems} {
 		ch <- d
 	}
 }
@@ -84,6 +90,8 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		gauge(m.primary, b2f(serving), v.Name)
 		for _, r := range st.Replicas {
 			gauge(m.lag, r.Lag.Seconds(), v.Name, r.Node)
+			gauge(m.lagBytes, float64(r.LagBytes), v.Name, r.Node)
+			gauge(m.pendingCuts, float64(r.PendingCuts), v.Name, r.Node)
 			gauge(m.connected, b2f(r.Connected), v.Name, r.Node)
 			gauge(m.acked, float64(r.AckedSeq), v.Name, r.Node)
 		}

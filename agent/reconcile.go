@@ -131,6 +131,7 @@ func (a *Agent) startPrimary(ctx context.Context, v cluster.Volume) error {
 		},
 		Logger:  a.log,
 		Freezer: freezer,
+		Limiter: a.limiter,
 	})
 	if err != nil {
 		return err

@@ -52,15 +52,18 @@ type batch struct {
 	ops    []applyOp
 	nondir map[string]struct{} // paths this batch made files or symlinks
 	files  map[string]struct{} // regular files this batch wrote and still holds
-	open   *incoming
-	nfiles int
+	// fileDirs holds the ancestors of every path ever in files (a superset
+	// of those of files now).
+	fileDirs map[string]struct{}
+	open     *incoming
+	nfiles   int
 	// journaled is set once a journal refers to the staged files: they are
 	// the journal's to remove then.
 	journaled bool
 }
 
 func newBatch(stage string) *batch {
-	return &batch{stage: stage, nondir: map[string]struct{}{}, files: map[string]struct{}{}}
+	return &batch{stage: stage, nondir: map[string]struct{}{}, files: map[string]struct{}{}, fileDirs: map[string]struct{}{}}
 }
 
 // metaOf returns the owner, mode and mtime of an op.
@@ -72,10 +75,22 @@ func metaOf(k tetherpb.FileOp_Kind, p string, op *tetherpb.FileOp) applyOp {
 // replaced forgets the files of the batch that an op at p replaces (p
 // itself and, unless the op keeps a directory at p, everything below).
 func (b *batch) replaced(p string, keepsDir bool) {
+	delete(b.files, p)
+	if _, ok := b.fileDirs[p]; keepsDir || !ok {
+		return // no file of the batch below p: no scan (it would make a batch quadratic)
+	}
 	for f := range b.files {
-		if f == p || (!keepsDir && isUnder(f, p)) {
+		if isUnder(f, p) {
 			delete(b.files, f)
 		}
+	}
+}
+
+// addFile records a regular file the batch wrote at p.
+func (b *batch) addFile(p string) {
+	b.files[p] = struct{}{}
+	for _, a := range ancestorsOf(p) {
+		b.fileDirs[a] = struct{}{}
 	}
 }
 
@@ -235,7 +250,7 @@ func (b *batch) addFileChunk(op *tetherpb.FileOp) error {
 	}
 	b.replaced(in.path, false)
 	b.nondir[in.path] = struct{}{}
-	b.files[in.path] = struct{}{}
+	b.addFile(in.path)
 	a := metaOf(tetherpb.FileOp_KIND_FILE, in.path, op)
 	a.staged, a.size, a.extents, a.xattrs = in.staged, int64(size), in.extents, xs
 	b.ops = append(b.ops, a)
@@ -264,6 +279,7 @@ func (b *batch) discard() {
 	b.ops, b.nfiles, b.journaled = nil, 0, false
 	clear(b.nondir)
 	clear(b.files)
+	clear(b.fileDirs)
 }
 
 // namedOf returns every path a full batch keeps, with their ancestors.
@@ -294,6 +310,10 @@ type applier struct {
 	verified map[string]struct{} // directories known to be real in this batch
 	dirMeta  map[string]applyOp  // directory modes and mtimes, set at the end
 	warn     *onceLogger
+	stage    *os.File // the stage directory, once a file was placed from it
+	// replay is set when the batch may have been applied in part before
+	// (recovery): a staged file that is gone was placed then.
+	replay bool
 }
 
 // applyOps applies a batch's ops, from index start on, to the volume
@@ -304,8 +324,13 @@ type applier struct {
 // depends on what it finds, so the ops before it are made durable and
 // mark(i) records that a replay starts at the rename, and mark(i+1) after
 // it is durable.
-func applyOps(root *os.Root, ops []applyOp, full bool, start int, warn *onceLogger, mark func(int) error, fail failpoint) error {
-	a := &applier{root: root, verified: map[string]struct{}{}, dirMeta: map[string]applyOp{}, warn: warn}
+func applyOps(root *os.Root, ops []applyOp, full bool, start int, replay bool, warn *onceLogger, mark func(int) error, fail failpoint) error {
+	a := &applier{root: root, verified: map[string]struct{}{}, dirMeta: map[string]applyOp{}, warn: warn, replay: replay}
+	defer func() {
+		if a.stage != nil {
+			_ = a.stage.Close()
+		}
+	}()
 	for _, op := range ops {
 		if op.kind == tetherpb.FileOp_KIND_MKDIR {
 			a.dirMeta[op.path] = op
@@ -489,11 +514,29 @@ func (a *applier) replaceWith(tmp, rel string) error {
 	return a.root.Rename(tmp, rel)
 }
 
-// placeFile writes a staged file next to its target, makes it durable with
-// its mode and mtime, and renames it into place.
+// placeFile gives a staged file its owner, mode, extended attributes and
+// mtime and renames it into place (renameat from the stage directory into
+// the target's directory, opened through the root; the last component is
+// replaced, never followed). A staged file that is gone was placed by an
+// earlier, interrupted application of this batch. When the stage is on
+// another file system, the contents are copied next to the target instead.
 func (a *applier) placeFile(op applyOp) error {
 	dir := parentOf(op.path)
 	if err := a.ensureDir(dir); err != nil {
+		return err
+	}
+	err := a.prepareStaged(op)
+	if errors.Is(err, fs.ErrNotExist) {
+		if a.replay {
+			return nil // placed by the interrupted application
+		}
+		return fmt.Errorf("the staged contents of %q are missing: %w", op.path, err)
+	}
+	if err != nil {
+		return err
+	}
+	err = a.renameStaged(op)
+	if !errors.Is(err, unix.EXDEV) {
 		return err
 	}
 	tmp := tempName(dir)
@@ -506,6 +549,66 @@ func (a *applier) placeFile(op applyOp) error {
 		return err
 	}
 	return nil
+}
+
+// prepareStaged sets the metadata of a staged file (fs.ErrNotExist when it
+// is gone).
+func (a *applier) prepareStaged(op applyOp) error {
+	f, err := os.OpenFile(op.staged, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	err = a.setMeta(f, op.path, op) // after writing: a write clears setuid/setgid
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	if err := os.Chtimes(op.staged, op.mtime, op.mtime); err != nil {
+		return fmt.Errorf("set mtime of %q: %w", op.path, err)
+	}
+	return nil
+}
+
+// renameStaged moves a prepared staged file over op.path, first removing a
+// directory found there.
+func (a *applier) renameStaged(op applyOp) error {
+	if fi, err := a.root.Lstat(op.path); err == nil && fi.IsDir() {
+		clear(a.verified)
+		if err := a.root.RemoveAll(op.path); err != nil {
+			return err
+		}
+	}
+	stage, err := a.stageDir(filepath.Dir(op.staged))
+	if err != nil {
+		return err
+	}
+	d, err := a.root.Open(parentOf(op.path))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := unix.Renameat(int(stage.Fd()), filepath.Base(op.staged), int(d.Fd()), baseOf(op.path)); err != nil {
+		return fmt.Errorf("move staged contents into place: %w", err)
+	}
+	return nil
+}
+
+// stageDir returns the open stage directory dir (kept for the batch).
+func (a *applier) stageDir(dir string) (*os.File, error) {
+	if a.stage != nil && a.stage.Name() == dir {
+		return a.stage, nil
+	}
+	if a.stage != nil {
+		_ = a.stage.Close()
+	}
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, fmt.Errorf("open stage directory: %w", err)
+	}
+	a.stage = f
+	return f, nil
 }
 
 func (a *applier) writeTemp(tmp string, op applyOp) error {
@@ -611,6 +714,13 @@ func (a *applier) placeHardlink(op applyOp) error {
 	}
 	if ok, err := a.realDirs(op.to); err != nil || !ok {
 		return fmt.Errorf("hard link target %q is not below real directories: %w", op.to, err)
+	}
+	if cur, err := a.root.Lstat(op.path); err == nil {
+		if to, err := a.root.Lstat(op.to); err == nil && os.SameFile(cur, to) {
+			// Linked already (a replay): renaming another link of the same
+			// file over it would do nothing and leave the temporary name.
+			return nil
+		}
 	}
 	tmp := tempName(dir)
 	if err := a.root.Link(op.to, tmp); err != nil {

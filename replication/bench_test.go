@@ -8,12 +8,15 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
+	"syscall"
 	"testing"
 	"time"
 
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -49,7 +52,10 @@ func newBenchPair(b *testing.B) *benchPair {
 
 // start runs the replica's server and the primary; it returns when the
 // primary runs (its first, full cut may still be on its way).
-func (bp *benchPair) start() {
+func (bp *benchPair) start() { bp.startLimited(nil) }
+
+// startLimited is start with a bandwidth limiter.
+func (bp *benchPair) startLimited(lim Limiter) {
 	b := bp.b
 	quiet := slog.New(slog.DiscardHandler)
 	srv := NewServer(ServerConfig{Resolve: func(string) (Paths, error) { return bp.replica, nil }, Logger: quiet})
@@ -78,6 +84,7 @@ func (bp *benchPair) start() {
 		},
 		Logger:         quiet,
 		RescanInterval: time.Hour,
+		Limiter:        lim,
 	})
 	if err != nil {
 		b.Fatal(err)
@@ -110,19 +117,8 @@ func BenchmarkInitialSyncSmallFiles(b *testing.B) {
 	n := envInt("TETHER_BENCH_FILES", 20000)
 	for i := 0; i < b.N; i++ {
 		bp := newBenchPair(b)
-		buf := make([]byte, 4096)
-		for f := 0; f < n; f++ {
-			dir := filepath.Join(bp.primary.Data, fmt.Sprintf("d%03d", f%200))
-			if f < 200 {
-				if err := os.MkdirAll(dir, 0o755); err != nil {
-					b.Fatal(err)
-				}
-			}
-			_, _ = rand.Read(buf[:16])
-			if err := os.WriteFile(filepath.Join(dir, fmt.Sprintf("f%05d", f)), buf, 0o644); err != nil {
-				b.Fatal(err)
-			}
-		}
+		writeSmallFiles(b, bp.primary.Data, n)
+		syncData()
 		b.ResetTimer()
 		t0 := time.Now()
 		bp.start()
@@ -140,26 +136,118 @@ func BenchmarkInitialSyncLargeFile(b *testing.B) {
 	mib := envInt("TETHER_BENCH_LARGE_MIB", 1024)
 	for i := 0; i < b.N; i++ {
 		bp := newBenchPair(b)
-		f, err := os.Create(filepath.Join(bp.primary.Data, "large"))
-		if err != nil {
-			b.Fatal(err)
-		}
-		chunk := make([]byte, 1<<20)
-		for m := 0; m < mib; m++ {
-			_, _ = rand.Read(chunk)
-			if _, err := f.Write(chunk); err != nil {
-				b.Fatal(err)
-			}
-		}
-		if err := f.Close(); err != nil {
-			b.Fatal(err)
-		}
+		writeLargeFile(b, bp.primary.Data, mib)
+		syncData()
 		b.ResetTimer()
 		t0 := time.Now()
 		bp.start()
 		bp.waitAck(10 * time.Minute)
 		el := time.Since(t0)
 		b.StopTimer()
+		b.ReportMetric(float64(mib)/el.Seconds(), "MiB/s")
+	}
+}
+
+// BenchmarkLimitedSync: the initial sync of a 64 MiB file with the
+// replication rate limited to 16 MiB/s (the result should be close to 16).
+func BenchmarkLimitedSync(b *testing.B) {
+	const mib, limit = 64, 16 << 20
+	for i := 0; i < b.N; i++ {
+		bp := newBenchPair(b)
+		writeLargeFile(b, bp.primary.Data, mib)
+		syncData()
+		b.ResetTimer()
+		t0 := time.Now()
+		bp.startLimited(rate.NewLimiter(limit, limit/10))
+		bp.waitAck(10 * time.Minute)
+		el := time.Since(t0)
+		b.StopTimer()
+		b.ReportMetric(float64(mib)/el.Seconds(), "MiB/s")
+	}
+}
+
+// syncData flushes the generated data before the clock starts, so that
+// neither tether's syncfs nor rsync pays for writing the source.
+func syncData() {
+	syscall.Sync()
+}
+
+// writeSmallFiles writes n files of 4 KiB in 200 directories below dir.
+func writeSmallFiles(b *testing.B, dir string, n int) {
+	buf := make([]byte, 4096)
+	for f := 0; f < n; f++ {
+		sub := filepath.Join(dir, fmt.Sprintf("d%03d", f%200))
+		if f < 200 {
+			if err := os.MkdirAll(sub, 0o755); err != nil {
+				b.Fatal(err)
+			}
+		}
+		_, _ = rand.Read(buf[:16])
+		if err := os.WriteFile(filepath.Join(sub, fmt.Sprintf("f%05d", f)), buf, 0o644); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// writeLargeFile writes one file of mib MiB of random data in dir.
+func writeLargeFile(b *testing.B, dir string, mib int) {
+	f, err := os.Create(filepath.Join(dir, "large"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	chunk := make([]byte, 1<<20)
+	for m := 0; m < mib; m++ {
+		_, _ = rand.Read(chunk)
+		if _, err := f.Write(chunk); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := f.Close(); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// rsyncBench times `rsync -a --fsync` of what fill writes, from one
+// directory to another on the same disk: the reference of issue 5.
+func rsyncBench(b *testing.B, fill func(dir string)) time.Duration {
+	rsync, err := exec.LookPath("rsync")
+	if err != nil {
+		b.Skip("rsync is not installed")
+	}
+	dir := b.TempDir()
+	src, dst := filepath.Join(dir, "src"), filepath.Join(dir, "dst")
+	if err := os.MkdirAll(src, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	fill(src)
+	syncData()
+	b.ResetTimer()
+	t0 := time.Now()
+	if out, err := exec.Command(rsync, "-a", "--fsync", src+"/", dst+"/").CombinedOutput(); err != nil {
+		b.Fatalf("rsync: %v: %s", err, out)
+	}
+	el := time.Since(t0)
+	b.StopTimer()
+	return el
+}
+
+// BenchmarkRsyncSmallFiles is `rsync -a --fsync` of the data of
+// BenchmarkInitialSyncSmallFiles, for comparison in the same run.
+func BenchmarkRsyncSmallFiles(b *testing.B) {
+	n := envInt("TETHER_BENCH_FILES", 20000)
+	for i := 0; i < b.N; i++ {
+		el := rsyncBench(b, func(dir string) { writeSmallFiles(b, dir, n) })
+		b.ReportMetric(float64(n)/el.Seconds(), "files/s")
+		b.ReportMetric(float64(n)*4096/(1<<20)/el.Seconds(), "MiB/s")
+	}
+}
+
+// BenchmarkRsyncLargeFile is `rsync -a --fsync` of the data of
+// BenchmarkInitialSyncLargeFile, for comparison in the same run.
+func BenchmarkRsyncLargeFile(b *testing.B) {
+	mib := envInt("TETHER_BENCH_LARGE_MIB", 1024)
+	for i := 0; i < b.N; i++ {
+		el := rsyncBench(b, func(dir string) { writeLargeFile(b, dir, mib) })
 		b.ReportMetric(float64(mib)/el.Seconds(), "MiB/s")
 	}
 }

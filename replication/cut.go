@@ -180,11 +180,13 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 	p.cuts.Add(1)
 	b := &cutBatch{seq: p.nextSeq(), full: c.full, cut: at, fileOnly: !consistent, since: c.since,
 		sp: c.sp, items: c.sp.items(c.pl)}
+	b.bytes = itemBytes(b.items)
 	if c.full {
 		p.fullCuts.Add(1)
 		if !c.lost {
 			// Replicas that follow get only what changed since the last cut.
 			b.delta = c.sp.items(deltaOf(c.pl, c.dirty))
+			b.deltaBytes = itemBytes(b.delta)
 		}
 	}
 	return b, nil

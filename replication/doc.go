@@ -8,15 +8,21 @@
 // and waits for its event; the cut is consistent when no event of the
 // volume arrived in between, else the paths of the new events are read
 // again (a few rounds, then a Freezer pauses the writers, or the batch is
-// marked file-consistent only). Each cut is read once and kept until every
-// replica has it; one sender per replica streams the cuts over the gRPC
-// Replication.Stream (or a full cut when the replica's position is unknown),
-// each followed by a Commit.
+// marked file-consistent only). Each cut is read once and kept while a
+// replica needs it (a disconnected one's within RetainAge, RetainBytes and
+// RetainCuts);
+// one sender per replica streams the cuts over the gRPC Replication.Stream
+// (or a full cut when the replica's position is unknown), each followed by
+// a Commit, optionally under a bandwidth Limiter shared by the node. At
+// Start, a volume whose directories exceed the inotify watch limit is
+// refused with the fix; a watch refused later makes the watcher rescan
+// every few seconds.
 //
 // On the replica, a Server stages the batch's file contents outside the data
 // directory; at its Commit it writes a redo journal (the batch's
 // operations, referring to the staged contents) and a commit record, applies
-// the batch in place (through an os.Root, never writing through a symlink),
+// the batch in place (through an os.Root, never writing through a symlink;
+// staged files are renamed into place),
 // makes it durable with syncfs, records its position, clears the journal and
 // acknowledges it. After a crash, the next stream (or Fence, before the node
 // serves the volume) re-applies a committed journal and drops an

@@ -27,6 +27,9 @@ const (
 	progressFile = "progress" // ops before this index are durable (written around renames)
 )
 
+// commitTemp is the commit record before the rename that commits a batch.
+const commitTemp = "commit.tmp"
+
 // failpoint is called at each step of committing a batch; a non-nil error
 // stops the commit there, as a crash would. Tests use it; nil in production.
 type failpoint func(step string) error
@@ -112,9 +115,6 @@ func (j journal) commit(b *batch, pos position, full bool) error {
 	if err := j.fail.at("staged"); err != nil {
 		return err
 	}
-	if err := syncFS(j.stage()); err != nil {
-		return fmt.Errorf("make staged contents durable: %w", err)
-	}
 	rec := journalRecord{Epoch: pos.Epoch, Seq: pos.Seq, CutNano: cutNano(pos.Cut), Full: full}
 	for _, op := range b.ops {
 		rec.Ops = append(rec.Ops, toJournal(op))
@@ -123,25 +123,39 @@ func (j journal) commit(b *batch, pos position, full bool) error {
 	if err := gob.NewEncoder(&buf).Encode(rec); err != nil {
 		return fmt.Errorf("encode journal: %w", err)
 	}
-	if err := writeSynced(filepath.Join(j.paths.State, journalFile), buf.Bytes()); err != nil {
-		return err
+	if err := os.WriteFile(filepath.Join(j.paths.State, journalFile), buf.Bytes(), 0o600); err != nil {
+		return fmt.Errorf("write journal: %w", err)
 	}
 	b.journaled = true // the staged files now belong to the journal
+	sum := sha256.Sum256(buf.Bytes())
+	record := fmt.Sprintf("%d %s\n", pos.Seq, hex.EncodeToString(sum[:]))
+	if err := os.WriteFile(filepath.Join(j.paths.State, commitTemp), []byte(record), 0o600); err != nil {
+		return fmt.Errorf("write journal commit record: %w", err)
+	}
+	// One syncfs makes the staged contents, the journal and the commit
+	// record durable (the stage is inside the state directory); then the
+	// rename of the record commits the batch.
+	if err := syncFS(j.paths.State); err != nil {
+		return fmt.Errorf("make staged contents and journal durable: %w", err)
+	}
 	if err := j.fail.at("journaled"); err != nil {
 		return err
 	}
-	sum := sha256.Sum256(buf.Bytes())
-	if err := writeFileDurable(j.paths.State, commitFile, fmt.Sprintf("%d %s\n", pos.Seq, hex.EncodeToString(sum[:]))); err != nil {
+	if err := os.Rename(filepath.Join(j.paths.State, commitTemp), filepath.Join(j.paths.State, commitFile)); err != nil {
+		return fmt.Errorf("write journal commit record: %w", err)
+	}
+	if err := syncDir(j.paths.State); err != nil {
 		return fmt.Errorf("write journal commit record: %w", err)
 	}
 	if err := j.fail.at("committed"); err != nil {
 		return err
 	}
-	return j.finish(rec)
+	return j.finish(rec, false)
 }
 
-// finish applies a committed journal, records its position and clears it.
-func (j journal) finish(rec journalRecord) error {
+// finish applies a committed journal (again, after a crash, when replay is
+// set), records its position and clears it.
+func (j journal) finish(rec journalRecord, replay bool) error {
 	ops := make([]applyOp, 0, len(rec.Ops))
 	for _, o := range rec.Ops {
 		op, err := fromJournal(o, j.stage())
@@ -159,14 +173,19 @@ func (j journal) finish(rec journalRecord) error {
 		return fmt.Errorf("open volume data directory: %w", err)
 	}
 	defer root.Close()
-	if err := applyOps(root, ops, rec.Full, start, j.warn, j.markProgress, j.fail); err != nil {
+	if err := applyOps(root, ops, rec.Full, start, replay, j.warn, j.markProgress, j.fail); err != nil {
 		return fmt.Errorf("apply batch %d: %w", rec.Seq, err)
 	}
 	if err := j.fail.at("applied"); err != nil {
 		return err
 	}
+	// The position's rename becomes durable with the commit record's
+	// removal (one directory fsync in clear). A crash before then leaves
+	// the journal to replay (which writes the position again) or, if only
+	// the removal reached the disk, the previous position: the primary then
+	// sends this batch again, and applying it over itself is harmless.
 	pos := position{Epoch: rec.Epoch, Seq: rec.Seq, Cut: cutTime(rec.CutNano)}
-	if err := writePosition(j.paths.State, pos); err != nil {
+	if err := writeFileSynced(j.paths.State, positionFile, positionLine(pos)); err != nil {
 		return err
 	}
 	if err := j.fail.at("positioned"); err != nil {
@@ -181,8 +200,9 @@ func (j journal) markProgress(next int) error {
 }
 
 // clear marks the journal applied: the commit record goes first (durably,
-// so that a later batch's staged files can never be taken for this one's),
-// then the journal and the staged files.
+// together with the new position's rename, so that a later batch's staged
+// files can never be taken for this one's), then the journal and the staged
+// files.
 func (j journal) clear() error {
 	if err := os.Remove(filepath.Join(j.paths.State, commitFile)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("clear journal: %w", err)
@@ -207,7 +227,7 @@ func (j journal) recover(log *slog.Logger) (bool, error) {
 		return false, err
 	}
 	if !ok {
-		for _, f := range []string{journalFile, progressFile, applyingFile} {
+		for _, f := range []string{journalFile, progressFile, applyingFile, commitTemp} {
 			_ = os.Remove(filepath.Join(j.paths.State, f))
 		}
 		return false, nil
@@ -222,7 +242,7 @@ func (j journal) recover(log *slog.Logger) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("remove temporary files of an interrupted batch: %w", err)
 	}
-	return true, j.finish(rec)
+	return true, j.finish(rec, true)
 }
 
 // load reads a committed journal; ok is false when there is none.
@@ -256,25 +276,6 @@ func readProgress(dir string) (int, error) {
 		return 0, err
 	}
 	return int(fields[0]), nil
-}
-
-// writeSynced writes a file and fsyncs it (not its directory).
-func writeSynced(path string, data []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("write %s: %w", filepath.Base(path), err)
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("write %s: %w", filepath.Base(path), err)
-	}
-	return nil
 }
 
 // syncFS flushes the whole file system holding dir (syncfs(2)): one call

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -23,8 +24,11 @@ const (
 
 // Retention of cut batches on a primary.
 const (
-	maxAhead    = 4  // cuts taken ahead of the slowest connected replica
-	maxRetained = 64 // batches kept for replicas that reconnect
+	maxAhead = 4 // cuts taken ahead of the slowest connected replica
+	// Defaults of PrimaryConfig.RetainBytes and RetainAge.
+	defaultRetainBytes = 1 << 30
+	defaultRetainAge   = 10 * time.Minute
+	defaultRetainCuts  = 4096
 )
 
 // PrimaryConfig configures the primary side of one volume.
@@ -44,8 +48,19 @@ type PrimaryConfig struct {
 	// must not block long.
 	OnAck  func(node string, ack Ack)
 	Logger *slog.Logger
-	// Debounce is how long changes gather before a cut; default 20ms.
+	// Debounce is how long changes gather before a cut; default 2ms.
 	Debounce time.Duration
+	// RetainBytes bounds the bytes of the cuts kept only for replicas that
+	// are disconnected (so that they resume where they stopped); past it
+	// the oldest are dropped and those replicas get the whole tree when
+	// they return. Default 1 GiB.
+	RetainBytes int64
+	// RetainAge is how long cuts are kept for a disconnected replica;
+	// default 10 minutes.
+	RetainAge time.Duration
+	// RetainCuts bounds how many cuts are kept, as RetainBytes does their
+	// size (each holds an open spool file); default 4096.
+	RetainCuts int
 	// RescanInterval is the period (jittered) of the full rescan that
 	// catches what inotify missed; default 30s.
 	RescanInterval time.Duration
@@ -60,6 +75,9 @@ type PrimaryConfig struct {
 	// container and reading what a database changed take a few hundred
 	// milliseconds each here).
 	MaxFreeze time.Duration
+	// Limiter, if set, bounds the bytes per second sent to the replicas
+	// (shared by every Primary of the node); nil means no limit.
+	Limiter Limiter
 }
 
 // Ack is a replica's durable position.
@@ -75,6 +93,10 @@ type PrimaryStatus struct {
 	// Cuts counts the cuts taken; FileConsistentOnlyCuts those of them that
 	// are not crash-consistent (the volume never went quiet).
 	Cuts, FileConsistentOnlyCuts uint64
+	// WatchLimit, when not empty, says that directories go unwatched for
+	// the inotify watch limit (and how to raise it): their changes are
+	// found by a rescan every few seconds instead.
+	WatchLimit string
 }
 
 // ReplicaState is the replication state of one replica.
@@ -86,7 +108,14 @@ type ReplicaState struct {
 	// Lag is now minus the oldest change not yet durable on the replica;
 	// 0 when it is caught up.
 	Lag time.Duration
-	Err string
+	// LagBytes is the encoded size of the cuts taken and not yet durable on
+	// the replica, and PendingCuts their number (the first of them is in
+	// flight while the replica is connected). A replica that needs the
+	// whole tree counts the full cut once it is taken; changes not yet in
+	// a cut count in Lag only.
+	LagBytes    int64
+	PendingCuts int
+	Err         string
 }
 
 // Primary watches a volume, takes consistent cuts of its changes, and
@@ -108,6 +137,13 @@ type Primary struct {
 	root     *os.Root
 	w        *watcher
 	wg       sync.WaitGroup
+
+	// watchLimits returns the inotify watch limit and the watches in use
+	// (inotifyWatches; tests replace it).
+	watchLimits func() (limit, used int)
+	// wrapAdd, if set, wraps the watcher's inotify watch Add (tests inject
+	// watch-limit errors with it).
+	wrapAdd func(add func(string) error) func(string) error
 
 	seq          atomic.Uint64 // last batch number handed out
 	barrierN     atomic.Uint64
@@ -140,7 +176,16 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 		return nil, fmt.Errorf("replication primary for volume %s: no Dial function", cfg.Volume)
 	}
 	if cfg.Debounce <= 0 {
-		cfg.Debounce = 20 * time.Millisecond
+		cfg.Debounce = 2 * time.Millisecond
+	}
+	if cfg.RetainBytes <= 0 {
+		cfg.RetainBytes = defaultRetainBytes
+	}
+	if cfg.RetainAge <= 0 {
+		cfg.RetainAge = defaultRetainAge
+	}
+	if cfg.RetainCuts <= 0 {
+		cfg.RetainCuts = defaultRetainCuts
 	}
 	if cfg.RescanInterval <= 0 {
 		cfg.RescanInterval = 30 * time.Second
@@ -158,7 +203,8 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	log = log.With("component", "replication-primary", "volume", cfg.Volume, "epoch", cfg.Epoch)
 	p := &Primary{cfg: cfg, log: log, warn: newOnceLogger(log), ch: newChanges(),
 		barrierDir: filepath.Join(filepath.Clean(cfg.Paths.State), barrierDir),
-		replicas:   slices.Clone(cfg.Replicas), senders: map[string]*sender{}, changed: make(chan struct{})}
+		replicas:   slices.Clone(cfg.Replicas), senders: map[string]*sender{}, changed: make(chan struct{}),
+		watchLimits: inotifyWatches}
 	// Batch numbers of a primary restarted in the same epoch must not reuse
 	// those of its previous life (a replica could take a batch it never had
 	// for one it applied): they start from the clock, in microseconds.
@@ -178,8 +224,15 @@ func (p *Primary) Start(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("replication primary for volume %s: open data directory: %w", p.cfg.Volume, err)
 	}
+	if err := p.checkWatches(root); err != nil {
+		_ = root.Close()
+		return fmt.Errorf("replication primary for volume %s: %w", p.cfg.Volume, err)
+	}
 	w, err := newWatcher(filepath.Clean(p.cfg.Paths.Data), p.barrierDir, root, p.log, p.cfg.RescanInterval, p.ch)
 	if err == nil {
+		if p.wrapAdd != nil {
+			w.add = p.wrapAdd(w.add)
+		}
 		err = w.setup()
 		if err != nil {
 			w.close()
@@ -206,6 +259,17 @@ func (p *Primary) Start(ctx context.Context) error {
 	}
 	p.log.Info("replicating volume", "replicas", p.replicas)
 	return nil
+}
+
+// checkWatches fails when the volume's directories need more inotify
+// watches than the limit leaves.
+func (p *Primary) checkWatches(root *os.Root) error {
+	dirs, err := countDirs(root, rootPath)
+	if err != nil {
+		return err
+	}
+	limit, used := p.watchLimits()
+	return checkWatchLimit(dirs, limit, used)
 }
 
 // startSender runs a sender for node; p.mu is held.
@@ -245,6 +309,7 @@ func (p *Primary) SetReplicas(nodes []string) {
 // Status reports the replication state of every replica.
 func (p *Primary) Status() PrimaryStatus {
 	p.mu.Lock()
+	w := p.w
 	senders := make([]*sender, 0, len(p.senders))
 	for _, s := range p.senders {
 		senders = append(senders, s)
@@ -253,6 +318,9 @@ func (p *Primary) Status() PrimaryStatus {
 	p.bmu.Lock()
 	st := PrimaryStatus{Epoch: p.cfg.Epoch, Seq: p.latest, Cuts: p.cuts.Load(), FileConsistentOnlyCuts: p.fileOnlyCuts.Load()}
 	p.bmu.Unlock()
+	if w != nil {
+		st.WatchLimit = w.watchLimitErr()
+	}
 	now := time.Now()
 	for _, s := range senders {
 		st.Replicas = append(st.Replicas, s.state(now))
@@ -340,9 +408,6 @@ func (p *Primary) publish(b *cutBatch) {
 	p.batches = append(p.batches, b)
 	p.latest = b.seq
 	p.cutting = time.Time{}
-	if len(p.batches) > maxRetained {
-		p.dropLocked(len(p.batches) - maxRetained)
-	}
 	p.notifyLocked()
 }
 
@@ -404,28 +469,116 @@ func resumable(epoch, seq, ourEpoch, firstSeq, base, latest uint64) bool {
 	return epoch == ourEpoch && firstSeq != 0 && seq >= firstSeq && seq >= base && seq <= latest
 }
 
-// acked trims the cuts every sender is past (all of them when there is no
-// replica: a new one starts with a full cut) and wakes the cutter.
+// acked trims the cuts no replica needs any more (all of them when there
+// is no replica: a new one starts with a full cut), within the retention
+// budget (see retention), and wakes the cutter.
 func (p *Primary) acked() {
+	now := time.Now()
 	p.mu.Lock()
-	keep := uint64(0)
+	holds := make([]replicaHold, 0, len(p.senders))
 	for _, s := range p.senders {
-		if n := s.position(); keep == 0 || n < keep {
-			keep = n
-		}
+		holds = append(holds, s.hold(now, p.cfg.RetainAge))
 	}
-	none := len(p.senders) == 0
 	p.mu.Unlock()
 	p.bmu.Lock()
 	defer p.bmu.Unlock()
-	n := 0
-	for n < len(p.batches) && (none || p.batches[n].seq < keep) {
-		n++
+	kept := make([]retainedCut, len(p.batches))
+	for i, b := range p.batches {
+		kept[i] = retainedCut{seq: b.seq, bytes: b.bytes, full: b.full}
 	}
+	n, released := retention(kept, holds, retainLimits{bytes: p.cfg.RetainBytes, cuts: p.cfg.RetainCuts})
 	if n > 0 {
 		p.dropLocked(n)
 	}
+	for _, node := range released {
+		p.log.Warn("dropping the cuts kept for a disconnected replica (it was away longer than the retention age, or they exceed the retention bytes or count); it will get the whole tree when it returns",
+			"replica", node, "retain_age", p.cfg.RetainAge, "retain_bytes", p.cfg.RetainBytes, "retain_cuts", p.cfg.RetainCuts)
+	}
 	p.notifyLocked()
+}
+
+// retainedCut is what retention needs to know of a kept cut.
+type retainedCut struct {
+	seq   uint64
+	bytes int64
+	full  bool
+}
+
+// replicaHold is what one replica asks the primary to keep: the cuts from
+// need on, or (full) from the first full cut after need on. An active
+// replica (connected) holds them unconditionally (it is at most maxAhead
+// behind); a held one (disconnected less than RetainAge ago) within the
+// byte budget; an expired one holds nothing.
+type replicaHold struct {
+	node   string
+	need   uint64
+	full   bool
+	active bool
+	held   bool
+}
+
+// from returns the first seq of the kept cuts h needs (0: none yet).
+func (h replicaHold) from(kept []retainedCut) uint64 {
+	if !h.full {
+		return h.need
+	}
+	for _, c := range kept {
+		if c.full && c.seq > h.need {
+			return c.seq
+		}
+	}
+	return 0
+}
+
+// retainLimits bound the cuts kept for disconnected replicas.
+type retainLimits struct {
+	bytes int64
+	cuts  int
+}
+
+// retention returns how many of the oldest kept cuts (consecutive seqs,
+// oldest first) to drop: those no active or held replica needs, then, while
+// the kept cuts exceed the limits, those only held replicas need. It names
+// the replicas that could resume before and no longer can.
+func retention(kept []retainedCut, holds []replicaHold, lim retainLimits) (drop int, released []string) {
+	keepActive, keepAll := uint64(0), uint64(0)
+	for _, h := range holds {
+		need := h.from(kept)
+		if need == 0 {
+			continue
+		}
+		if h.active && (keepActive == 0 || need < keepActive) {
+			keepActive = need
+		}
+		if (h.active || h.held) && (keepAll == 0 || need < keepAll) {
+			keepAll = need
+		}
+	}
+	var total int64
+	for _, c := range kept {
+		total += c.bytes
+	}
+	for drop < len(kept) {
+		c := kept[drop]
+		needed := keepAll != 0 && c.seq >= keepAll
+		within := total <= lim.bytes && len(kept)-drop <= lim.cuts
+		if needed && (within || (keepActive != 0 && c.seq >= keepActive)) {
+			break
+		}
+		total -= c.bytes
+		drop++
+	}
+	if drop == 0 {
+		return 0, nil
+	}
+	first, next := kept[0].seq, kept[drop-1].seq+1
+	for _, h := range holds {
+		if need := h.from(kept); !h.active && need != 0 && need >= first && need < next {
+			released = append(released, h.node)
+		}
+	}
+	slices.Sort(released)
+	return drop, released
 }
 
 // waitRoom waits until no connected replica is more than maxAhead cuts
@@ -470,16 +623,36 @@ func (p *Primary) cuttingSince(since time.Time) {
 	p.cutting = oldest(p.cutting, since)
 }
 
-// unackedSince returns the oldest change carried by the cuts from next on,
-// or by the cut being read.
-func (p *Primary) unackedSince(next uint64) time.Time {
+// backlog describes the retained cuts a replica still needs, from cut
+// next on, or (next == 0) from the first full cut after fullAfter on: the
+// oldest change they carry (or the cut being read carries), their encoded
+// size (a full cut counts as its delta view when the replica follows), and
+// how many there are.
+func (p *Primary) backlog(next, fullAfter uint64) (since time.Time, bytes int64, cuts int) {
 	p.bmu.Lock()
 	defer p.bmu.Unlock()
-	o := p.cutting
-	for _, b := range p.batches {
-		if b.seq >= next {
-			o = oldest(o, b.since)
+	from := next
+	if next == 0 {
+		from = math.MaxUint64
+		for _, b := range p.batches {
+			if b.full && b.seq > fullAfter {
+				from = b.seq
+				break
+			}
 		}
 	}
-	return o
+	since = p.cutting // the cut being read counts too (not yet in bytes or cuts)
+	for _, b := range p.batches {
+		if b.seq < from {
+			continue
+		}
+		since = oldest(since, b.since)
+		cuts++
+		if b.full && next != 0 && b.delta != nil {
+			bytes += b.deltaBytes
+		} else {
+			bytes += b.bytes
+		}
+	}
+	return since, bytes, cuts
 }

@@ -37,25 +37,28 @@ type sender struct {
 	fullSince time.Time // when the replica was found to need a full cut
 	acked     Ack
 	connected bool
+	lastSeen  time.Time // when it was last connected (or created)
 	err       string
 	fullSent  int // full batches sent (tests)
 }
 
 func newSender(p *Primary, node string, cancel context.CancelFunc) *sender {
 	// Until it connects, a sender needs no cut older than the next full one.
-	return &sender{p: p, node: node, log: p.log.With("replica", node), cancel: cancel, fullSince: time.Now(),
-		fullAfter: p.latestSeq()}
+	now := time.Now()
+	return &sender{p: p, node: node, log: p.log.With("replica", node), cancel: cancel, fullSince: now,
+		lastSeen: now, fullAfter: p.latestSeq()}
 }
 
-// position returns the oldest cut this sender may still need: the primary
-// keeps the cuts from there on.
-func (s *sender) position() uint64 {
+// hold says which cuts this sender still needs and how firmly (see
+// replicaHold).
+func (s *sender) hold(now time.Time, age time.Duration) replicaHold {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	h := replicaHold{node: s.node, need: s.next, active: s.connected, held: now.Sub(s.lastSeen) < age}
 	if s.next == 0 {
-		return s.fullAfter + 1
+		h.need, h.full = s.fullAfter, true
 	}
-	return s.next
+	return h
 }
 
 // connectedNext returns the next cut of a connected sender.
@@ -69,13 +72,15 @@ func (s *sender) connectedNext() (uint64, bool) {
 func (s *sender) state(now time.Time) ReplicaState {
 	s.mu.Lock()
 	st := ReplicaState{Node: s.node, Connected: s.connected, AckedSeq: s.acked.Seq, AckedCut: s.acked.Cut, Err: s.err}
-	next, full := s.next, time.Time{}
+	next, after, full := s.next, s.fullAfter, time.Time{}
 	if next == 0 {
 		full = s.fullSince
 	}
 	s.mu.Unlock()
 	_, pending := s.p.ch.pending()
-	if o := oldest(pending, full, s.p.unackedSince(max(next, 1))); !o.IsZero() {
+	since, bytes, cuts := s.p.backlog(next, after)
+	st.LagBytes, st.PendingCuts = bytes, cuts
+	if o := oldest(pending, full, since); !o.IsZero() {
 		st.Lag = now.Sub(o)
 	}
 	return st
@@ -111,6 +116,9 @@ func (s *sender) run(ctx context.Context) {
 func (s *sender) disconnected(err error, stopping bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.connected {
+		s.lastSeen = time.Now()
+	}
 	s.connected = false
 	if err != nil && !stopping {
 		s.err = err.Error()
@@ -126,7 +134,7 @@ func (s *sender) connectedAt(a *tetherpb.StreamAck) {
 	}
 	next := s.p.resumeFrom(a.GetEpoch(), a.GetSeq())
 	s.mu.Lock()
-	s.connected, s.err = true, ""
+	s.connected, s.err, s.lastSeen = true, "", time.Now()
 	if a.GetEpoch() == epoch {
 		s.acked = Ack{Epoch: epoch, Seq: a.GetSeq(), Cut: cutTime(a.GetCutUnixNano())}
 	}
@@ -142,19 +150,29 @@ func (s *sender) connectedAt(a *tetherpb.StreamAck) {
 }
 
 // requestFull asks for a full cut unless one is being read (it will do:
-// its number is above the fullAfter just set).
+// its number is above the fullAfter just set) or one the sender can take
+// is already kept.
 func (s *sender) requestFull() {
-	if !s.p.cuttingFull.Load() {
+	if s.p.cuttingFull.Load() {
+		return
+	}
+	s.mu.Lock()
+	after := s.fullAfter
+	s.mu.Unlock()
+	if b, _, _ := s.p.batchFor(0, after); b == nil {
 		s.p.ch.requireFullForReplica()
 	}
 }
 
-// needFullLocked makes the sender wait for the next full cut.
+// needFullLocked makes the sender wait for a full cut: the next one, or
+// when it was already waiting for one, any full cut after the point it
+// started waiting (a full cut suits a replica in any state).
 func (s *sender) needFullLocked() {
 	if s.next != 0 || s.fullSince.IsZero() {
 		s.fullSince = time.Now()
+		s.fullAfter = s.p.latestSeq()
 	}
-	s.next, s.fullAfter = 0, s.p.latestSeq()
+	s.next = 0
 }
 
 // ackedBatch records a durable cut.
@@ -268,6 +286,7 @@ func (s *sender) nextBatch(ctx context.Context, in *ackReader) (b *cutBatch, ful
 // stream sends cuts as they are taken, one at a time, each awaiting its
 // ack.
 func (s *sender) stream(ctx context.Context, stream tetherpb.Replication_StreamClient, in *ackReader) error {
+	send := throttled(ctx, s.p.cfg.Limiter, stream.Send)
 	for {
 		b, full, err := s.nextBatch(ctx, in)
 		if err != nil {
@@ -278,7 +297,7 @@ func (s *sender) stream(ctx context.Context, stream tetherpb.Replication_StreamC
 			s.fullSent++
 			s.mu.Unlock()
 		}
-		if err := b.send(stream.Send, full); err != nil && !errors.Is(err, io.EOF) {
+		if err := b.send(send, full); err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("send batch %d to %s: %w", b.seq, s.node, err)
 		} // on io.EOF the replica ended the stream; its status says why
 		s.log.Debug("batch sent", "seq", b.seq, "full", b.full, "items", len(b.items))

@@ -119,7 +119,7 @@ type item struct {
 // files, symlinks and fifos. Of the names of a hard-linked file, the first
 // carries the contents and the others become HARDLINK ops.
 func (s *spool) items(p *plan) []item {
-	var out []item
+	out := []item{} // never nil: an empty delta view is still one
 	dels := make([]string, 0, len(p.deletes))
 	for rel := range p.deletes {
 		dels = append(dels, rel)
@@ -171,6 +171,21 @@ type cutBatch struct {
 	// delta, for a full cut taken because a replica needed the whole tree,
 	// is what the replicas at the previous cut need (nil: they take items).
 	delta []item
+	// bytes and deltaBytes are the encoded sizes of items and delta.
+	bytes, deltaBytes int64
+}
+
+// itemBytes returns the encoded size of a batch's items.
+func itemBytes(items []item) int64 {
+	var n int64
+	for _, it := range items {
+		if it.op != nil {
+			n += int64(proto.Size(it.op))
+		} else {
+			n += it.n
+		}
+	}
+	return n
 }
 
 // send streams the batch and its Commit: the whole tree, or (full false on

@@ -68,10 +68,9 @@ func readPosition(dir string) (position, error) {
 	return position{Epoch: fields[0], Seq: fields[1], Cut: cutTime(int64(fields[2]))}, nil
 }
 
-// writePosition durably records pos as the last durable batch.
-func writePosition(dir string, pos position) error {
-	return writeFileDurable(dir, positionFile,
-		fmt.Sprintf("%d %d %d\n", pos.Epoch, pos.Seq, cutNano(pos.Cut)))
+// positionLine is the content of the position file.
+func positionLine(pos position) string {
+	return fmt.Sprintf("%d %d %d\n", pos.Epoch, pos.Seq, cutNano(pos.Cut))
 }
 
 // readFields reads a file of n unsigned decimal fields; a missing file gives
@@ -102,6 +101,15 @@ func readFields(path string, n int) ([]uint64, error) {
 // writeFileDurable replaces dir/name with content so that a crash leaves
 // either the old or the new content: temp file, fsync, rename, fsync dir.
 func writeFileDurable(dir, name, content string) error {
+	if err := writeFileSynced(dir, name, content); err != nil {
+		return err
+	}
+	return syncDir(dir)
+}
+
+// writeFileSynced replaces dir/name with content, synced, by a rename that
+// is durable only once dir is synced.
+func writeFileSynced(dir, name, content string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create replication state directory: %w", err)
 	}
@@ -124,7 +132,7 @@ func writeFileDurable(dir, name, content string) error {
 		_ = os.Remove(tmp)
 		return fmt.Errorf("write replication state %s: %w", name, err)
 	}
-	return syncDir(dir)
+	return nil
 }
 
 // syncDir fsyncs a directory so that renames and creations in it survive a

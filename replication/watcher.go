@@ -9,7 +9,9 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -25,13 +27,26 @@ type watcher struct {
 	barrierDir string // outside the volume: where cut barriers create sentinels
 	root       *os.Root
 	fsw        *fsnotify.Watcher
+	add        func(path string) error // fsw.Add (tests wrap it)
+	rm         func(path string) error // fsw.Remove (tests replace it)
 	log        *slog.Logger
 	rescan     time.Duration
 	ch         *changes
 
 	dirs map[string]struct{} // watched directories
 	snap map[string]statKey  // the tree as the last scan saw it
+	errs []error             // inotify errors read while removing a watch
+
+	// limited holds the error of the last watch refused for the inotify
+	// watch limit (nil when every directory is watched); the watcher then
+	// rescans every limitedRescan. Written by the watcher's goroutine, read
+	// by Status.
+	limited atomic.Pointer[error]
 }
+
+// limitedRescan is the rescan period while directories go unwatched for
+// the inotify watch limit.
+const limitedRescan = 2 * time.Second
 
 // statKey is what a rescan compares to notice a change.
 type statKey struct {
@@ -58,7 +73,7 @@ func newWatcher(dataDir, barrierDir string, root *os.Root, log *slog.Logger, res
 		}
 		return nil, fmt.Errorf("create inotify instance: %w", err)
 	}
-	return &watcher{dataDir: dataDir, barrierDir: barrierDir, root: root, fsw: fsw, log: log, rescan: rescan,
+	return &watcher{dataDir: dataDir, barrierDir: barrierDir, root: root, fsw: fsw, add: fsw.Add, rm: fsw.Remove, log: log, rescan: rescan,
 		ch: ch, dirs: map[string]struct{}{}}, nil
 }
 
@@ -74,7 +89,7 @@ func (w *watcher) setup() error {
 	if err := w.fsw.Add(w.barrierDir); err != nil {
 		return fmt.Errorf("watch the barrier directory: %w", err)
 	}
-	snap, err := w.scan()
+	snap, err := w.scan(true)
 	if err != nil {
 		return err
 	}
@@ -88,7 +103,7 @@ func (w *watcher) close() {
 
 // run handles events until ctx ends.
 func (w *watcher) run(ctx context.Context) {
-	rescanT := time.NewTimer(jitter(w.rescan))
+	rescanT := time.NewTimer(w.nextRescan())
 	defer rescanT.Stop()
 	for {
 		select {
@@ -98,25 +113,73 @@ func (w *watcher) run(ctx context.Context) {
 			if !ok {
 				return
 			}
+			limited := w.limited.Load() != nil
 			w.handle(ev)
+			if !limited && w.limited.Load() != nil {
+				rescanT.Reset(w.nextRescan())
+			}
 		case err, ok := <-w.fsw.Errors:
 			if !ok {
 				return
 			}
-			// Events were lost, possibly for changes a rescan cannot tell
-			// from its last scan: resend the whole tree.
-			if errors.Is(err, fsnotify.ErrEventOverflow) {
-				w.log.Warn("inotify event queue overflowed; resending the whole volume", "err", err)
-			} else {
-				w.log.Error("inotify error; resending the whole volume", "err", err)
-			}
-			w.rescanNow()
-			w.ch.requireFull()
+			w.failed(err)
 		case <-rescanT.C:
 			w.rescanNow()
-			rescanT.Reset(jitter(w.rescan))
+			rescanT.Reset(w.nextRescan())
+		}
+		for len(w.errs) > 0 { // read while removing watches
+			err := w.errs[0]
+			w.errs = w.errs[1:]
+			w.failed(err)
 		}
 	}
+}
+
+// failed handles an error of the inotify instance: events were lost,
+// possibly for changes a rescan cannot tell from its last scan, so the
+// whole tree is resent.
+func (w *watcher) failed(err error) {
+	if errors.Is(err, fsnotify.ErrEventOverflow) {
+		w.log.Warn("inotify event queue overflowed; resending the whole volume", "err", err)
+	} else {
+		w.log.Error("inotify error; resending the whole volume", "err", err)
+	}
+	w.rescanNow()
+	w.ch.requireFull()
+}
+
+// remove drops the inotify watch of path. fsnotify may hold the lock Remove
+// needs while it waits to deliver an error (a watched directory moved), and
+// this goroutine is the one that reads errors: they are read here, kept in
+// w.errs, until Remove returns.
+func (w *watcher) remove(path string) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_ = w.rm(path) // may be gone already
+	}()
+	errs := w.fsw.Errors
+	for {
+		select {
+		case <-done:
+			return
+		case err, ok := <-errs:
+			if !ok {
+				errs = nil
+				continue
+			}
+			w.errs = append(w.errs, err)
+		}
+	}
+}
+
+// nextRescan returns the delay to the next rescan: shorter while
+// directories go unwatched.
+func (w *watcher) nextRescan() time.Duration {
+	if w.limited.Load() != nil {
+		return jitter(min(w.rescan, limitedRescan))
+	}
+	return jitter(w.rescan)
 }
 
 // jitter spreads d by ±10%.
@@ -156,7 +219,9 @@ func (w *watcher) handle(ev fsnotify.Event) {
 	if ev.Has(fsnotify.Create) && rel != rootPath {
 		if fi, err := w.root.Lstat(rel); err == nil && fi.IsDir() {
 			subtree = true
-			if err := w.watchTree(rel); err != nil {
+			if err := w.watchTree(rel); errors.Is(err, syscall.ENOSPC) {
+				w.limitedBy(err)
+			} else if err != nil {
 				w.log.Error("cannot watch a new directory; changes in it are caught by the periodic rescan only", "dir", rel, "err", err)
 			}
 		}
@@ -172,7 +237,7 @@ func (w *watcher) watch(rel string) error {
 	if _, ok := w.dirs[rel]; ok {
 		return nil
 	}
-	if err := w.fsw.Add(filepath.Join(w.dataDir, rel)); err != nil {
+	if err := w.add(filepath.Join(w.dataDir, rel)); err != nil {
 		if errors.Is(err, syscall.ENOSPC) {
 			return watchLimitError(len(w.dirs), err)
 		}
@@ -184,12 +249,98 @@ func (w *watcher) watch(rel string) error {
 
 // watchLimitError explains how to raise the inotify watch limit.
 func watchLimitError(n int, err error) error {
-	limit := "unknown"
-	if b, rerr := os.ReadFile("/proc/sys/fs/inotify/max_user_watches"); rerr == nil {
-		limit = strings.TrimSpace(string(b))
+	limit, used := inotifyWatches()
+	return fmt.Errorf("inotify watch limit reached after %d directories (fs.inotify.max_user_watches=%s, %d watches in use by this process): %s: %w",
+		n, limitString(limit), used, raiseWatchLimit(max(limit, n+used)), err)
+}
+
+func limitString(limit int) string {
+	if limit <= 0 {
+		return "unknown"
 	}
-	return fmt.Errorf("inotify watch limit reached after %d directories (fs.inotify.max_user_watches=%s): "+
-		"raise it, e.g. `sysctl -w fs.inotify.max_user_watches=1048576` and persist it in /etc/sysctl.d/: %w", n, limit, err)
+	return strconv.Itoa(limit)
+}
+
+// raiseWatchLimit words the fix for a watch limit that needs to exceed need.
+func raiseWatchLimit(need int) string {
+	n := max(1<<20, 2*need)
+	return fmt.Sprintf("raise it with `sysctl -w fs.inotify.max_user_watches=%d` and make it persistent with `echo fs.inotify.max_user_watches=%d > /etc/sysctl.d/90-tether.conf`", n, n)
+}
+
+// checkWatchLimit says whether a tree of dirs directories (plus one watch
+// for the cut barriers) fits in the inotify watch limit, of which used are
+// taken; a limit of 0 or less is unknown and passes.
+func checkWatchLimit(dirs, limit, used int) error {
+	need := dirs + 1
+	if limit <= 0 || need <= limit-used {
+		return nil
+	}
+	return fmt.Errorf("the volume has %d directories to watch but the inotify watch limit (fs.inotify.max_user_watches=%d) leaves %d (%d in use by this process): %s",
+		dirs, limit, max(limit-used, 0), used, raiseWatchLimit(limit+need))
+}
+
+// inotifyWatches returns fs.inotify.max_user_watches (0 if unreadable) and
+// the inotify watches this process holds. Other processes of the same user
+// share the limit too; they are not counted.
+func inotifyWatches() (limit, used int) {
+	if b, err := os.ReadFile("/proc/sys/fs/inotify/max_user_watches"); err == nil {
+		limit, _ = strconv.Atoi(strings.TrimSpace(string(b)))
+	}
+	fds, _ := os.ReadDir("/proc/self/fdinfo")
+	for _, fd := range fds {
+		b, err := os.ReadFile("/proc/self/fdinfo/" + fd.Name())
+		if err == nil {
+			used += strings.Count(string(b), "inotify wd:")
+		}
+	}
+	return limit, used
+}
+
+// countDirs counts the directories of the tree below root (root included).
+func countDirs(root *os.Root, dir string) (int, error) {
+	entries, err := readDirRoot(root, dir)
+	if err != nil {
+		if isGone(err) {
+			return 0, nil
+		}
+		return 0, fmt.Errorf("count the volume's directories: %w", err)
+	}
+	n := 1
+	for _, e := range entries {
+		if e.IsDir() {
+			k, err := countDirs(root, joinRel(dir, e.Name()))
+			if err != nil {
+				return 0, err
+			}
+			n += k
+		}
+	}
+	return n, nil
+}
+
+// limitedBy records a watch refused for the watch limit (nil: none in the
+// last scan) and logs the change.
+func (w *watcher) limitedBy(err error) {
+	was := w.limited.Load()
+	switch {
+	case err != nil && was == nil:
+		w.log.Error("directories go unwatched: their changes are found by a rescan every "+limitedRescan.String(), "err", err)
+		w.limited.Store(&err)
+	case err != nil:
+		w.limited.Store(&err)
+	case was != nil:
+		w.log.Info("every directory of the volume is watched again")
+		w.limited.Store(nil)
+	}
+}
+
+// watchLimitErr returns the watch-limit error directories go unwatched for
+// ("" when none).
+func (w *watcher) watchLimitErr() string {
+	if e := w.limited.Load(); e != nil {
+		return (*e).Error()
+	}
+	return ""
 }
 
 // watchTree watches rel and every directory below it.
@@ -224,7 +375,7 @@ func (w *watcher) unwatch(rel string) {
 	}
 	for d := range w.dirs {
 		if isUnder(d, rel) {
-			_ = w.fsw.Remove(filepath.Join(w.dataDir, d)) // may be gone already
+			w.remove(filepath.Join(w.dataDir, d))
 			delete(w.dirs, d)
 		}
 	}
@@ -236,16 +387,25 @@ func isGone(err error) bool {
 }
 
 // scan walks the tree, watching directories that are not yet, and returns
-// its state.
-func (w *watcher) scan() (map[string]statKey, error) {
+// its state. A watch refused for the watch limit fails it when strict, else
+// the directory goes unwatched (see limitedBy).
+func (w *watcher) scan(strict bool) (map[string]statKey, error) {
 	snap := map[string]statKey{}
 	fi, err := w.root.Lstat(rootPath)
 	if err != nil {
 		return nil, fmt.Errorf("scan volume: %w", err)
 	}
 	snap[rootPath] = keyOf(fi)
-	if err := w.scanDir(rootPath, snap); err != nil {
+	var limit error
+	lp := &limit
+	if strict {
+		lp = nil
+	}
+	if err := w.scanDir(rootPath, snap, lp); err != nil {
 		return nil, err
+	}
+	if !strict {
+		w.limitedBy(limit)
 	}
 	for d := range w.dirs {
 		if _, ok := snap[d]; !ok {
@@ -255,12 +415,16 @@ func (w *watcher) scan() (map[string]statKey, error) {
 	return snap, nil
 }
 
-func (w *watcher) scanDir(dir string, snap map[string]statKey) error {
+func (w *watcher) scanDir(dir string, snap map[string]statKey, limit *error) error {
 	if err := w.watch(dir); err != nil {
-		if isGone(err) {
+		switch {
+		case isGone(err):
 			return nil
+		case errors.Is(err, syscall.ENOSPC) && limit != nil:
+			*limit = err // rescans find what changes in it
+		default:
+			return err
 		}
-		return err
 	}
 	entries, err := readDirRoot(w.root, dir)
 	if err != nil {
@@ -277,7 +441,7 @@ func (w *watcher) scanDir(dir string, snap map[string]statKey) error {
 		}
 		snap[rel] = keyOf(fi)
 		if fi.IsDir() {
-			if err := w.scanDir(rel, snap); err != nil {
+			if err := w.scanDir(rel, snap, limit); err != nil {
 				return err
 			}
 		}
@@ -287,7 +451,7 @@ func (w *watcher) scanDir(dir string, snap map[string]statKey) error {
 
 // rescanNow compares the tree with the last scan and marks what differs.
 func (w *watcher) rescanNow() {
-	snap, err := w.scan()
+	snap, err := w.scan(false)
 	if err != nil {
 		w.log.Error("rescan of the volume failed", "err", err)
 		return

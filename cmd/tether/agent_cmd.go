@@ -3,7 +3,9 @@ package main
 import (
 	"fmt"
 	"log/slog"
+	"math"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -14,7 +16,7 @@ import (
 
 func newAgentCmd(g *globals) *cobra.Command {
 	cfg := agent.Config{}
-	var logLevel, logFormat string
+	var logLevel, logFormat, replRate string
 	var drv *driverFlags
 	var sec securityFlags
 	cmd := &cobra.Command{
@@ -36,6 +38,9 @@ Without --tls-* and a gossip key the agent refuses to start unless --insecure-de
 			}
 			if err := sec.apply(&cfg); err != nil {
 				return err
+			}
+			if cfg.ReplicationRate, err = parseByteRate(replRate); err != nil {
+				return fmt.Errorf("--replication-rate: %w", err)
 			}
 			cfg.DataDir = g.dataDir
 			cfg.Logger = logger
@@ -74,6 +79,7 @@ Without --tls-* and a gossip key the agent refuses to start unless --insecure-de
 	f.DurationVar(&cfg.Timing.ReplaceGrace, "replace-after", 2*time.Minute, "replace a replica dead for this long with a spare node")
 	f.DurationVar(&cfg.Timing.DeadServerGrace, "dead-server-after", 5*time.Minute, "remove a server dead for this long from Raft (when quorum allows)")
 	f.StringToStringVar(&cfg.Labels, "label", nil, "a label of this node for placement constraints, KEY=VALUE (repeatable)")
+	f.StringVar(&replRate, "replication-rate", "0", "limit the bytes per second this node sends to replicas, all volumes together, e.g. 50MiB or 100MB (0: no limit)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	drv = addDriverFlags(f)
@@ -94,4 +100,31 @@ func newLogger(level, format string) (*slog.Logger, error) {
 	default:
 		return nil, fmt.Errorf("--log-format %q: want text or json", format)
 	}
+}
+
+// byteUnits are the suffixes parseByteRate knows, longest first.
+var byteUnits = []struct {
+	suffix string
+	mult   int64
+}{
+	{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30},
+	{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"B", 1},
+}
+
+// parseByteRate parses a byte count per second such as 50MiB, 100MB, 1.5GB
+// or 1048576 (an optional "/s" is allowed); 0 means no limit.
+func parseByteRate(s string) (int64, error) {
+	num := strings.TrimSuffix(strings.TrimSpace(s), "/s")
+	mult := int64(1)
+	for _, u := range byteUnits {
+		if rest, ok := strings.CutSuffix(num, u.suffix); ok {
+			num, mult = strings.TrimSpace(rest), u.mult
+			break
+		}
+	}
+	v, err := strconv.ParseFloat(num, 64)
+	if err != nil || v < 0 || math.IsInf(v, 0) || math.IsNaN(v) || v*float64(mult) > math.MaxInt64/2 {
+		return 0, fmt.Errorf("%q is not a byte rate: give e.g. 50MiB, 100MB or 0 for no limit", s)
+	}
+	return int64(v * float64(mult)), nil
 }

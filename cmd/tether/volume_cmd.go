@@ -161,11 +161,18 @@ func printInspect(out io.Writer, resp *tetherpb.VolumeInspectResponse) error {
 }
 
 func printReplicaTable(out io.Writer, st *tetherpb.VolumeStatus) error {
+	if st.WatchLimit != "" {
+		fmt.Fprintf(out, "  WATCH LIMIT: %s\n", st.WatchLimit)
+	}
 	w := table(out)
-	fmt.Fprintln(w, "  REPLICA\tCONNECTED\tACKED BATCH\tLAG\tERROR")
+	fmt.Fprintln(w, "  REPLICA\tCONNECTED\tACKED BATCH\tLAST DURABLE CUT\tLAG\tLAG BYTES\tPENDING CUTS\tERROR")
 	for _, r := range st.Replicas {
-		fmt.Fprintf(w, "  %s\t%v\t%d\t%s\t%s\n", r.Node, r.Connected, r.AckedSeq,
-			(time.Duration(r.LagMs) * time.Millisecond).String(), r.Error)
+		cut := "-"
+		if r.AckedCutUnixNano != 0 {
+			cut = fmtTime(r.AckedCutUnixNano)
+		}
+		fmt.Fprintf(w, "  %s\t%v\t%d\t%s\t%s\t%d\t%d\t%s\n", r.Node, r.Connected, r.AckedSeq, cut,
+			(time.Duration(r.LagMs) * time.Millisecond).String(), r.LagBytes, r.PendingCuts, r.Error)
 	}
 	return w.Flush()
 }

@@ -850,8 +850,11 @@ type PrimaryStatusResponse struct {
 	DockerMounts           uint32 `protobuf:"varint,4,opt,name=docker_mounts,json=dockerMounts,proto3" json:"docker_mounts,omitempty"`
 	Cuts                   uint64 `protobuf:"varint,5,opt,name=cuts,proto3" json:"cuts,omitempty"`
 	FileConsistentOnlyCuts uint64 `protobuf:"varint,6,opt,name=file_consistent_only_cuts,json=fileConsistentOnlyCuts,proto3" json:"file_consistent_only_cuts,omitempty"`
-	unknownFields          protoimpl.UnknownFields
-	sizeCache              protoimpl.SizeCache
+	// Not empty when directories go unwatched for the inotify watch limit
+	// (rescans find their changes); says how to raise the limit.
+	WatchLimit    string `protobuf:"bytes,7,opt,name=watch_limit,json=watchLimit,proto3" json:"watch_limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PrimaryStatusResponse) Reset() {
@@ -926,6 +929,13 @@ func (x *PrimaryStatusResponse) GetFileConsistentOnlyCuts() uint64 {
 	return 0
 }
 
+func (x *PrimaryStatusResponse) GetWatchLimit() string {
+	if x != nil {
+		return x.WatchLimit
+	}
+	return ""
+}
+
 type ReplicaStatus struct {
 	state            protoimpl.MessageState `protogen:"open.v1"`
 	Node             string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
@@ -934,8 +944,12 @@ type ReplicaStatus struct {
 	AckedCutUnixNano int64                  `protobuf:"varint,4,opt,name=acked_cut_unix_nano,json=ackedCutUnixNano,proto3" json:"acked_cut_unix_nano,omitempty"`
 	// Milliseconds between the newest change seen on the primary and the cut
 	// this replica has made durable; 0 when it is caught up.
-	LagMs         int64  `protobuf:"varint,5,opt,name=lag_ms,json=lagMs,proto3" json:"lag_ms,omitempty"`
-	Error         string `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
+	LagMs int64  `protobuf:"varint,5,opt,name=lag_ms,json=lagMs,proto3" json:"lag_ms,omitempty"`
+	Error string `protobuf:"bytes,6,opt,name=error,proto3" json:"error,omitempty"`
+	// Encoded bytes of the cuts taken and not yet durable on this replica.
+	LagBytes int64 `protobuf:"varint,7,opt,name=lag_bytes,json=lagBytes,proto3" json:"lag_bytes,omitempty"`
+	// Number of those cuts; the first is in flight while it is connected.
+	PendingCuts   uint32 `protobuf:"varint,8,opt,name=pending_cuts,json=pendingCuts,proto3" json:"pending_cuts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1010,6 +1024,20 @@ func (x *ReplicaStatus) GetError() string {
 		return x.Error
 	}
 	return ""
+}
+
+func (x *ReplicaStatus) GetLagBytes() int64 {
+	if x != nil {
+		return x.LagBytes
+	}
+	return 0
+}
+
+func (x *ReplicaStatus) GetPendingCuts() uint32 {
+	if x != nil {
+		return x.PendingCuts
+	}
+	return 0
 }
 
 // VolumeUpdateRequest changes a volume's options; unset fields stay.
@@ -2620,8 +2648,10 @@ type VolumeStatus struct {
 	// file only (writers never paused long enough for a point-in-time cut).
 	Cuts                   uint64 `protobuf:"varint,6,opt,name=cuts,proto3" json:"cuts,omitempty"`
 	FileConsistentOnlyCuts uint64 `protobuf:"varint,7,opt,name=file_consistent_only_cuts,json=fileConsistentOnlyCuts,proto3" json:"file_consistent_only_cuts,omitempty"`
-	unknownFields          protoimpl.UnknownFields
-	sizeCache              protoimpl.SizeCache
+	// See PrimaryStatusResponse.watch_limit.
+	WatchLimit    string `protobuf:"bytes,8,opt,name=watch_limit,json=watchLimit,proto3" json:"watch_limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *VolumeStatus) Reset() {
@@ -2701,6 +2731,13 @@ func (x *VolumeStatus) GetFileConsistentOnlyCuts() uint64 {
 		return x.FileConsistentOnlyCuts
 	}
 	return 0
+}
+
+func (x *VolumeStatus) GetWatchLimit() string {
+	if x != nil {
+		return x.WatchLimit
+	}
+	return ""
 }
 
 type VolumeRemoveRequest struct {
@@ -3023,21 +3060,25 @@ const file_tether_proto_rawDesc = "" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\".\n" +
 	"\x14PrimaryStatusRequest\x12\x16\n" +
-	"\x06volume\x18\x01 \x01(\tR\x06volume\"\xe9\x01\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\"\x8a\x02\n" +
 	"\x15PrimaryStatusResponse\x124\n" +
 	"\breplicas\x18\x01 \x03(\v2\x18.tether.v1.ReplicaStatusR\breplicas\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x04R\x03seq\x12#\n" +
 	"\rdocker_mounts\x18\x04 \x01(\rR\fdockerMounts\x12\x12\n" +
 	"\x04cuts\x18\x05 \x01(\x04R\x04cuts\x129\n" +
-	"\x19file_consistent_only_cuts\x18\x06 \x01(\x04R\x16fileConsistentOnlyCuts\"\xba\x01\n" +
+	"\x19file_consistent_only_cuts\x18\x06 \x01(\x04R\x16fileConsistentOnlyCuts\x12\x1f\n" +
+	"\vwatch_limit\x18\a \x01(\tR\n" +
+	"watchLimit\"\xfa\x01\n" +
 	"\rReplicaStatus\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1c\n" +
 	"\tconnected\x18\x02 \x01(\bR\tconnected\x12\x1b\n" +
 	"\tacked_seq\x18\x03 \x01(\x04R\backedSeq\x12-\n" +
 	"\x13acked_cut_unix_nano\x18\x04 \x01(\x03R\x10ackedCutUnixNano\x12\x15\n" +
 	"\x06lag_ms\x18\x05 \x01(\x03R\x05lagMs\x12\x14\n" +
-	"\x05error\x18\x06 \x01(\tR\x05error\"\xe1\x02\n" +
+	"\x05error\x18\x06 \x01(\tR\x05error\x12\x1b\n" +
+	"\tlag_bytes\x18\a \x01(\x03R\blagBytes\x12!\n" +
+	"\fpending_cuts\x18\b \x01(\rR\vpendingCuts\"\xe1\x02\n" +
 	"\x13VolumeUpdateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1f\n" +
 	"\breplicas\x18\x02 \x01(\rH\x00R\breplicas\x88\x01\x01\x12!\n" +
@@ -3178,7 +3219,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x04R\x03seq\x12\"\n" +
-	"\rcut_unix_nano\x18\x04 \x01(\x03R\vcutUnixNano\"\xe5\x01\n" +
+	"\rcut_unix_nano\x18\x04 \x01(\x03R\vcutUnixNano\"\x86\x02\n" +
 	"\fVolumeStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
@@ -3186,7 +3227,9 @@ const file_tether_proto_rawDesc = "" +
 	"\breplicas\x18\x04 \x03(\v2\x18.tether.v1.ReplicaStatusR\breplicas\x12\x14\n" +
 	"\x05error\x18\x05 \x01(\tR\x05error\x12\x12\n" +
 	"\x04cuts\x18\x06 \x01(\x04R\x04cuts\x129\n" +
-	"\x19file_consistent_only_cuts\x18\a \x01(\x04R\x16fileConsistentOnlyCuts\")\n" +
+	"\x19file_consistent_only_cuts\x18\a \x01(\x04R\x16fileConsistentOnlyCuts\x12\x1f\n" +
+	"\vwatch_limit\x18\b \x01(\tR\n" +
+	"watchLimit\")\n" +
 	"\x13VolumeRemoveRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"A\n" +
 	"\x14VolumeRemoveResponse\x12)\n" +

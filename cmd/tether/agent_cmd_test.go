@@ -1,0 +1,62 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tether-io/tether/proto/tetherpb"
+)
+
+func TestParseByteRate(t *testing.T) {
+	cases := map[string]struct {
+		in   string
+		want int64
+		bad  bool
+	}{
+		"zero is no limit": {in: "0", want: 0},
+		"plain bytes":      {in: "1048576", want: 1 << 20},
+		"MiB":              {in: "50MiB", want: 50 << 20},
+		"MB per second":    {in: "100MB/s", want: 100_000_000},
+		"fraction of GiB":  {in: "1.5GiB", want: 3 << 29},
+		"KB with a space":  {in: "64 KB", want: 64_000},
+		"B":                {in: "512B", want: 512},
+		"negative":         {in: "-1MiB", bad: true},
+		"garbage":          {in: "fast", bad: true},
+		"unknown unit":     {in: "5TB", bad: true},
+		"empty":            {in: "", bad: true},
+		"overflow":         {in: "1e30GB", bad: true},
+	}
+	for name, c := range cases {
+		got, err := parseByteRate(c.in)
+		if c.bad {
+			if err == nil {
+				t.Errorf("%s: parseByteRate(%q) = %d, want an error", name, c.in, got)
+			}
+			continue
+		}
+		if err != nil || got != c.want {
+			t.Errorf("%s: parseByteRate(%q) = %d, %v, want %d", name, c.in, got, err, c.want)
+		}
+	}
+}
+
+func TestPrintReplicaTable(t *testing.T) {
+	var out bytes.Buffer
+	st := &tetherpb.VolumeStatus{WatchLimit: "inotify watch limit reached", Replicas: []*tetherpb.ReplicaStatus{{
+		Node: "h2", Connected: true, AckedSeq: 7, AckedCutUnixNano: time.Date(2026, 12, 7, 10, 0, 0, 0, time.UTC).UnixNano(),
+		LagMs: 1500, LagBytes: 123456, PendingCuts: 3,
+	}}}
+	if err := printReplicaTable(&out, st); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"LAST DURABLE CUT", "LAG BYTES", "PENDING CUTS", "2026-12-07T10:00:00Z", "1.5s", "123456", "WATCH LIMIT: inotify watch limit reached"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("replica table lacks %q:\n%s", want, out.String())
+		}
+	}
+	if fields := strings.Fields(strings.Split(out.String(), "\n")[2]); len(fields) < 7 || fields[5] != "123456" || fields[6] != "3" {
+		t.Errorf("replica row %q: want lag bytes 123456 and 3 pending cuts in columns 6 and 7", fields)
+	}
+}
