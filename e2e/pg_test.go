@@ -225,15 +225,7 @@ func TestPostgresFailover(t *testing.T) {
 		t.Fatalf("initdb and pgbench -i on %s: %v\n%s", primary.name, err, out)
 	}
 	mustDocker(t, "run", "-d", "--name", work, "--network", "none", "-v", "vol:/data", img, "bash", "-c", pgLoad)
-	testutil.EventuallyErr(t, 90*time.Second, func() error {
-		acks, _ := workloadLog(t, work)
-		lag := tp.lagOf(primary)
-		if len(acks) < 200 || len(lag) < 2 {
-			return fmt.Errorf("%d inserts acknowledged, lag of %d replicas known", len(acks), len(lag))
-		}
-		return nil
-	})
-	tp.progressRecorded(t, primary)
+	tp.underLoad(t, primary, work, 200, 90*time.Second)
 	var st tetherpb.StatusResponse
 	if err := tp.ctl(primary, &st, "status"); err == nil {
 		for _, ps := range st.PrimaryOf {
@@ -294,28 +286,12 @@ func TestPostgresFailover(t *testing.T) {
 	}
 	tp.rec.finding(t, "PostgreSQL 15 recovered by itself on %s's copy: %d pgbench transactions in history, %d numbered inserts (%d..%d)", np.name, res.history, res.rows, res.min, res.max)
 
-	acks, failed := workloadLog(t, work)
 	lagMs, ok := lag[np.name]
 	if !ok {
 		t.Fatalf("the primary reported no lag for %s before the kill: %v", np.name, lag)
 	}
-	cutoff := lagAsked.Add(-time.Duration(lagMs) * time.Millisecond)
-	ops := operations{OK: len(acks), Failed: failed, LagCutoffMs: lagMs, LagQueryToFaultMs: killed.Sub(lagAsked).Milliseconds()}
-	var lastAcked int64
-	var lostBeyond []int64
-	for _, a := range acks {
-		lastAcked = max(lastAcked, a.n)
-		if res.has(a.n) {
-			continue
-		}
-		if a.at.Before(cutoff) {
-			ops.AckedLostBeyondLag++
-			lostBeyond = append(lostBeyond, a.n)
-		} else {
-			ops.AckedLostWithinLag++
-		}
-	}
-	ops.Indeterminate = 1 // the insert in flight at the kill
+	acks, failed := workloadLog(t, work)
+	ops, lastAcked, lostBeyond := countLosses(acks, failed, res.has, lagMs, lagAsked, killed)
 	tp.rec.update(func(r *report) { r.Operations = ops })
 	t.Logf("inserts: %d acknowledged (last %d), %d failed; the copy holds %d..%d; lag of %s before the kill %d ms; acked and lost: %d within the lag, %d beyond",
 		len(acks), lastAcked, failed, res.min, res.max, np.name, lagMs, ops.AckedLostWithinLag, ops.AckedLostBeyondLag)

@@ -64,6 +64,52 @@ func workloadLog(t *testing.T, container string) (acks []ack, failed int) {
 	return acks, failed
 }
 
+// underLoad waits until the workload in container work acknowledged n
+// transactions and primary reports the lag of both replicas, and the
+// catalog records their progress: a fault then hits a loaded, streaming
+// volume.
+func (tp *topo) underLoad(t *testing.T, primary *host, work string, n int, timeout time.Duration) {
+	t.Helper()
+	testutil.EventuallyErr(t, timeout, func() error {
+		acks, _ := workloadLog(t, work)
+		lag := tp.lagOf(primary)
+		if len(acks) < n || len(lag) < 2 {
+			return fmt.Errorf("%d transactions acknowledged, lag of %d replicas known", len(acks), len(lag))
+		}
+		return nil
+	})
+	tp.progressRecorded(t, primary)
+}
+
+// countLosses sorts the acknowledged transactions missing from a promoted
+// copy (has says which it holds): lost within the lag the primary reported
+// for that copy (asynchronous replication's promise), or beyond it (must
+// not happen). Counted from lagAsked - lag: writes went on between the
+// question and the fault. It returns the operations (one indeterminate:
+// the transaction in flight at the fault), the last number acknowledged and
+// the numbers lost beyond the lag.
+func countLosses(acks []ack, failed int, has func(int64) bool, lagMs int64, lagAsked, fault time.Time) (ops operations, lastAcked int64, lostBeyond []int64) {
+	lag := time.Duration(lagMs) * time.Millisecond
+	cutoff := lagAsked.Add(-lag)
+	ops = operations{OK: len(acks), Failed: failed, Indeterminate: 1, LagCutoffMs: lagMs, LagQueryToFaultMs: fault.Sub(lagAsked).Milliseconds()}
+	for _, a := range acks {
+		lastAcked = max(lastAcked, a.n)
+		if has(a.n) {
+			continue
+		}
+		if a.at.Before(fault.Add(-lag)) {
+			ops.AckedLostBeforeKillMinusLag++
+		}
+		if a.at.Before(cutoff) {
+			ops.AckedLostBeyondLag++
+			lostBeyond = append(lostBeyond, a.n)
+		} else {
+			ops.AckedLostWithinLag++
+		}
+	}
+	return ops, lastAcked, lostBeyond
+}
+
 type verifyResult struct {
 	Integrity string     `json:"integrity"`
 	Rows      int64      `json:"rows"`
@@ -147,16 +193,7 @@ func sqliteFailover(t *testing.T, faultType, journal string) {
 		return err == nil
 	})
 	work := tp.startWorkload(primary, "--interval", "20ms", "--journal", journal)
-	// Under load, with both replicas streaming.
-	testutil.EventuallyErr(t, 60*time.Second, func() error {
-		acks, _ := workloadLog(t, work)
-		lag := tp.lagOf(primary)
-		if len(acks) < 300 || len(lag) < 2 {
-			return fmt.Errorf("%d transactions acknowledged, lag of %d replicas known", len(acks), len(lag))
-		}
-		return nil
-	})
-	tp.progressRecorded(t, primary)
+	tp.underLoad(t, primary, work, 300, 60*time.Second)
 	// The lag right before the kill, and the kill of the host: its agent
 	// and its workload together.
 	lagAsked := time.Now()
@@ -193,35 +230,15 @@ func sqliteFailover(t *testing.T, faultType, journal string) {
 		up = tp.hosts
 	}
 
-	acks, failed := workloadLog(t, work)
 	lagMs, ok := lag[np.name]
 	if !ok {
 		t.Fatalf("the primary reported no lag for %s before the kill: %v", np.name, lag)
 	}
-	cutoff := lagAsked.Add(-time.Duration(lagMs) * time.Millisecond)
-	ops := operations{OK: len(acks), Failed: failed, LagCutoffMs: lagMs, LagQueryToFaultMs: killed.Sub(lagAsked).Milliseconds()}
-	var lastAcked int64
-	var lostBeyond []int64
-	for _, a := range acks {
-		lastAcked = max(lastAcked, a.n)
-		if res.has(a.n) {
-			continue
-		}
-		if a.at.Before(killed.Add(-time.Duration(lagMs) * time.Millisecond)) {
-			ops.AckedLostBeforeKillMinusLag++
-		}
-		if a.at.Before(cutoff) {
-			ops.AckedLostBeyondLag++
-			lostBeyond = append(lostBeyond, a.n)
-		} else {
-			ops.AckedLostWithinLag++
-		}
-	}
+	acks, failed := workloadLog(t, work)
+	ops, lastAcked, lostBeyond := countLosses(acks, failed, res.has, lagMs, lagAsked, killed)
 	// The transaction in flight at the kill, if any, is indeterminate.
 	if res.Max > lastAcked {
 		ops.Indeterminate = int(res.Max - lastAcked)
-	} else {
-		ops.Indeterminate = 1
 	}
 	tp.rec.update(func(r *report) { r.Operations = ops })
 	t.Logf("workload: %d acknowledged (last %d), %d failed; copy holds rows %d..%d, gaps %v; lag of %s before the kill %d ms; acked and lost: %d within the lag, %d beyond",
