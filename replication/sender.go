@@ -38,7 +38,8 @@ type sender struct {
 	acked     Ack
 	connected bool
 	err       string
-	fullSent  int // full batches sent (tests)
+	fullSent  int  // full batches sent (tests)
+	refused   bool // the replica refused a batch's base: it needs the whole tree
 }
 
 func newSender(p *Primary, node string, cancel context.CancelFunc) *sender {
@@ -94,6 +95,12 @@ func (s *sender) run(ctx context.Context) {
 			delay = retryMin
 		}
 		wait := delay
+		if status.Code(err) == codes.DataLoss {
+			s.log.Warn("the replica's copy is not the previous cut a batch builds on; sending it the whole tree", "err", err)
+			s.mu.Lock()
+			s.refused = true
+			s.mu.Unlock()
+		}
 		if status.Code(err) == codes.FailedPrecondition {
 			wait = retryStale
 			s.log.Warn("replica refused this primary; retrying slowly", "err", err)
@@ -130,7 +137,8 @@ func (s *sender) connectedAt(a *tetherpb.StreamAck) {
 	if a.GetEpoch() == epoch {
 		s.acked = Ack{Epoch: epoch, Seq: a.GetSeq(), Cut: cutTime(a.GetCutUnixNano())}
 	}
-	if next == 0 {
+	if next == 0 || s.refused {
+		next = 0
 		s.needFullLocked()
 	} else {
 		s.next = next
@@ -161,7 +169,7 @@ func (s *sender) needFullLocked() {
 func (s *sender) ackedBatch(a *tetherpb.StreamAck) Ack {
 	ack := Ack{Epoch: a.GetEpoch(), Seq: a.GetSeq(), Cut: cutTime(a.GetCutUnixNano())}
 	s.mu.Lock()
-	s.acked, s.next, s.fullSince = ack, ack.Seq+1, time.Time{}
+	s.acked, s.next, s.fullSince, s.refused = ack, ack.Seq+1, time.Time{}, false
 	s.mu.Unlock()
 	s.p.acked()
 	return ack

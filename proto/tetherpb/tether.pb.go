@@ -42,7 +42,8 @@ const (
 	FileOp_KIND_SYMLINK FileOp_Kind = 3
 	// DELETE removes a file, symlink or directory tree.
 	FileOp_KIND_DELETE FileOp_Kind = 4
-	// RENAME moves path to new_path.
+	// RENAME moves path to new_path (a file or a whole directory tree). A
+	// primary sends a batch's renames first, in the order they happened.
 	FileOp_KIND_RENAME FileOp_Kind = 5
 	// FIFO creates a named pipe with mode, owner and mtime.
 	FileOp_KIND_FIFO FileOp_Kind = 6
@@ -288,7 +289,14 @@ type FileOp struct {
 	// of the data is taken as that end.
 	Size uint64 `protobuf:"varint,13,opt,name=size,proto3" json:"size,omitempty"`
 	// HARDLINK: the path this one becomes another name of.
-	HardlinkTo    []byte `protobuf:"bytes,14,opt,name=hardlink_to,json=hardlinkTo,proto3" json:"hardlink_to,omitempty"`
+	HardlinkTo []byte `protobuf:"bytes,14,opt,name=hardlink_to,json=hardlinkTo,proto3" json:"hardlink_to,omitempty"`
+	// FILE, on the last op: the chunks patch the file the replica already
+	// holds (the version the previous cut carried) instead of replacing it.
+	// Only an incremental batch carries deltas.
+	Delta *Delta `protobuf:"bytes,15,opt,name=delta,proto3" json:"delta,omitempty"`
+	// FILE chunks: data is compressed with zstd (one frame, at most 4 MiB
+	// once decompressed).
+	Zstd          bool `protobuf:"varint,16,opt,name=zstd,proto3" json:"zstd,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -421,6 +429,105 @@ func (x *FileOp) GetHardlinkTo() []byte {
 	return nil
 }
 
+func (x *FileOp) GetDelta() *Delta {
+	if x != nil {
+		return x.Delta
+	}
+	return nil
+}
+
+func (x *FileOp) GetZstd() bool {
+	if x != nil {
+		return x.Zstd
+	}
+	return false
+}
+
+// Delta says which blocks of a file changed since the previous cut, and
+// which base it applies to. The replica checks its copy is that base (size,
+// mtime and the digest of its block hashes) before it journals the batch,
+// and refuses the batch otherwise (the primary then sends the whole tree).
+type Delta struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The base: size, mtime and BLAKE3 of the concatenated BLAKE3 hashes of
+	// its blocks of block_size bytes (the last one shorter).
+	BaseSize          uint64 `protobuf:"varint,1,opt,name=base_size,json=baseSize,proto3" json:"base_size,omitempty"`
+	BaseMtimeUnixNano int64  `protobuf:"varint,2,opt,name=base_mtime_unix_nano,json=baseMtimeUnixNano,proto3" json:"base_mtime_unix_nano,omitempty"`
+	BaseDigest        []byte `protobuf:"bytes,3,opt,name=base_digest,json=baseDigest,proto3" json:"base_digest,omitempty"`
+	BlockSize         uint32 `protobuf:"varint,4,opt,name=block_size,json=blockSize,proto3" json:"block_size,omitempty"`
+	// The blocks (by index) whose contents the batch replaces: each one is
+	// set to the chunks' data that falls in it, zeros elsewhere, then the
+	// file is cut to the op's size. Ascending.
+	Blocks        []uint64 `protobuf:"varint,5,rep,packed,name=blocks,proto3" json:"blocks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Delta) Reset() {
+	*x = Delta{}
+	mi := &file_tether_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Delta) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Delta) ProtoMessage() {}
+
+func (x *Delta) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Delta.ProtoReflect.Descriptor instead.
+func (*Delta) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *Delta) GetBaseSize() uint64 {
+	if x != nil {
+		return x.BaseSize
+	}
+	return 0
+}
+
+func (x *Delta) GetBaseMtimeUnixNano() int64 {
+	if x != nil {
+		return x.BaseMtimeUnixNano
+	}
+	return 0
+}
+
+func (x *Delta) GetBaseDigest() []byte {
+	if x != nil {
+		return x.BaseDigest
+	}
+	return nil
+}
+
+func (x *Delta) GetBlockSize() uint32 {
+	if x != nil {
+		return x.BlockSize
+	}
+	return 0
+}
+
+func (x *Delta) GetBlocks() []uint64 {
+	if x != nil {
+		return x.Blocks
+	}
+	return nil
+}
+
 type Xattr struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          []byte                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -431,7 +538,7 @@ type Xattr struct {
 
 func (x *Xattr) Reset() {
 	*x = Xattr{}
-	mi := &file_tether_proto_msgTypes[3]
+	mi := &file_tether_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -443,7 +550,7 @@ func (x *Xattr) String() string {
 func (*Xattr) ProtoMessage() {}
 
 func (x *Xattr) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[3]
+	mi := &file_tether_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -456,7 +563,7 @@ func (x *Xattr) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Xattr.ProtoReflect.Descriptor instead.
 func (*Xattr) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{3}
+	return file_tether_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Xattr) GetName() []byte {
@@ -492,7 +599,7 @@ type Commit struct {
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_tether_proto_msgTypes[4]
+	mi := &file_tether_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -504,7 +611,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[4]
+	mi := &file_tether_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -517,7 +624,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{4}
+	return file_tether_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Commit) GetSeq() uint64 {
@@ -560,7 +667,7 @@ type StreamAck struct {
 
 func (x *StreamAck) Reset() {
 	*x = StreamAck{}
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -572,7 +679,7 @@ func (x *StreamAck) String() string {
 func (*StreamAck) ProtoMessage() {}
 
 func (x *StreamAck) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -585,7 +692,7 @@ func (x *StreamAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamAck.ProtoReflect.Descriptor instead.
 func (*StreamAck) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{5}
+	return file_tether_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *StreamAck) GetEpoch() uint64 {
@@ -618,7 +725,7 @@ type RenewLeaseRequest struct {
 
 func (x *RenewLeaseRequest) Reset() {
 	*x = RenewLeaseRequest{}
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -630,7 +737,7 @@ func (x *RenewLeaseRequest) String() string {
 func (*RenewLeaseRequest) ProtoMessage() {}
 
 func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -643,7 +750,7 @@ func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RenewLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{6}
+	return file_tether_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RenewLeaseRequest) GetNode() string {
@@ -664,7 +771,7 @@ type RenewLeaseResponse struct {
 
 func (x *RenewLeaseResponse) Reset() {
 	*x = RenewLeaseResponse{}
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -676,7 +783,7 @@ func (x *RenewLeaseResponse) String() string {
 func (*RenewLeaseResponse) ProtoMessage() {}
 
 func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -689,7 +796,7 @@ func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{7}
+	return file_tether_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RenewLeaseResponse) GetIndex() uint64 {
@@ -708,7 +815,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -720,7 +827,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -733,7 +840,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{8}
+	return file_tether_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ApplyRequest) GetCommand() []byte {
@@ -755,7 +862,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -767,7 +874,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -780,7 +887,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{9}
+	return file_tether_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ApplyResponse) GetIndex() uint64 {
@@ -806,7 +913,7 @@ type PrimaryStatusRequest struct {
 
 func (x *PrimaryStatusRequest) Reset() {
 	*x = PrimaryStatusRequest{}
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -818,7 +925,7 @@ func (x *PrimaryStatusRequest) String() string {
 func (*PrimaryStatusRequest) ProtoMessage() {}
 
 func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -831,7 +938,7 @@ func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusRequest.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{10}
+	return file_tether_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *PrimaryStatusRequest) GetVolume() string {
@@ -856,7 +963,7 @@ type PrimaryStatusResponse struct {
 
 func (x *PrimaryStatusResponse) Reset() {
 	*x = PrimaryStatusResponse{}
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -868,7 +975,7 @@ func (x *PrimaryStatusResponse) String() string {
 func (*PrimaryStatusResponse) ProtoMessage() {}
 
 func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -881,7 +988,7 @@ func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusResponse.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{11}
+	return file_tether_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *PrimaryStatusResponse) GetReplicas() []*ReplicaStatus {
@@ -942,7 +1049,7 @@ type ReplicaStatus struct {
 
 func (x *ReplicaStatus) Reset() {
 	*x = ReplicaStatus{}
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -954,7 +1061,7 @@ func (x *ReplicaStatus) String() string {
 func (*ReplicaStatus) ProtoMessage() {}
 
 func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -967,7 +1074,7 @@ func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaStatus.ProtoReflect.Descriptor instead.
 func (*ReplicaStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{12}
+	return file_tether_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ReplicaStatus) GetNode() string {
@@ -1029,7 +1136,7 @@ type VolumeUpdateRequest struct {
 
 func (x *VolumeUpdateRequest) Reset() {
 	*x = VolumeUpdateRequest{}
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1041,7 +1148,7 @@ func (x *VolumeUpdateRequest) String() string {
 func (*VolumeUpdateRequest) ProtoMessage() {}
 
 func (x *VolumeUpdateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1054,7 +1161,7 @@ func (x *VolumeUpdateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUpdateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeUpdateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{13}
+	return file_tether_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *VolumeUpdateRequest) GetName() string {
@@ -1108,7 +1215,7 @@ type VolumeUpdateResponse struct {
 
 func (x *VolumeUpdateResponse) Reset() {
 	*x = VolumeUpdateResponse{}
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1120,7 +1227,7 @@ func (x *VolumeUpdateResponse) String() string {
 func (*VolumeUpdateResponse) ProtoMessage() {}
 
 func (x *VolumeUpdateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1133,7 +1240,7 @@ func (x *VolumeUpdateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUpdateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeUpdateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{14}
+	return file_tether_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *VolumeUpdateResponse) GetVolume() *Volume {
@@ -1156,7 +1263,7 @@ type VolumePromoteRequest struct {
 
 func (x *VolumePromoteRequest) Reset() {
 	*x = VolumePromoteRequest{}
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1168,7 +1275,7 @@ func (x *VolumePromoteRequest) String() string {
 func (*VolumePromoteRequest) ProtoMessage() {}
 
 func (x *VolumePromoteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1181,7 +1288,7 @@ func (x *VolumePromoteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePromoteRequest.ProtoReflect.Descriptor instead.
 func (*VolumePromoteRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{15}
+	return file_tether_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *VolumePromoteRequest) GetName() string {
@@ -1217,7 +1324,7 @@ type VolumePromoteResponse struct {
 
 func (x *VolumePromoteResponse) Reset() {
 	*x = VolumePromoteResponse{}
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1229,7 +1336,7 @@ func (x *VolumePromoteResponse) String() string {
 func (*VolumePromoteResponse) ProtoMessage() {}
 
 func (x *VolumePromoteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1242,7 +1349,7 @@ func (x *VolumePromoteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePromoteResponse.ProtoReflect.Descriptor instead.
 func (*VolumePromoteResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{16}
+	return file_tether_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *VolumePromoteResponse) GetVolume() *Volume {
@@ -1271,7 +1378,7 @@ type VolumeMoveRequest struct {
 
 func (x *VolumeMoveRequest) Reset() {
 	*x = VolumeMoveRequest{}
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1283,7 +1390,7 @@ func (x *VolumeMoveRequest) String() string {
 func (*VolumeMoveRequest) ProtoMessage() {}
 
 func (x *VolumeMoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1296,7 +1403,7 @@ func (x *VolumeMoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeMoveRequest.ProtoReflect.Descriptor instead.
 func (*VolumeMoveRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{17}
+	return file_tether_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *VolumeMoveRequest) GetName() string {
@@ -1330,7 +1437,7 @@ type VolumeMoveResponse struct {
 
 func (x *VolumeMoveResponse) Reset() {
 	*x = VolumeMoveResponse{}
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1342,7 +1449,7 @@ func (x *VolumeMoveResponse) String() string {
 func (*VolumeMoveResponse) ProtoMessage() {}
 
 func (x *VolumeMoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1355,7 +1462,7 @@ func (x *VolumeMoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeMoveResponse.ProtoReflect.Descriptor instead.
 func (*VolumeMoveResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{18}
+	return file_tether_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *VolumeMoveResponse) GetVolume() *Volume {
@@ -1380,7 +1487,7 @@ type MembersRequest struct {
 
 func (x *MembersRequest) Reset() {
 	*x = MembersRequest{}
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1392,7 +1499,7 @@ func (x *MembersRequest) String() string {
 func (*MembersRequest) ProtoMessage() {}
 
 func (x *MembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1405,7 +1512,7 @@ func (x *MembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersRequest.ProtoReflect.Descriptor instead.
 func (*MembersRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{19}
+	return file_tether_proto_rawDescGZIP(), []int{20}
 }
 
 type Member struct {
@@ -1425,7 +1532,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1437,7 +1544,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1450,7 +1557,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{20}
+	return file_tether_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *Member) GetName() string {
@@ -1511,7 +1618,7 @@ type MembersResponse struct {
 
 func (x *MembersResponse) Reset() {
 	*x = MembersResponse{}
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1523,7 +1630,7 @@ func (x *MembersResponse) String() string {
 func (*MembersResponse) ProtoMessage() {}
 
 func (x *MembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1536,7 +1643,7 @@ func (x *MembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersResponse.ProtoReflect.Descriptor instead.
 func (*MembersResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{21}
+	return file_tether_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *MembersResponse) GetMembers() []*Member {
@@ -1554,7 +1661,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1566,7 +1673,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1579,7 +1686,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{22}
+	return file_tether_proto_rawDescGZIP(), []int{23}
 }
 
 type StatusResponse struct {
@@ -1609,7 +1716,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1621,7 +1728,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1634,7 +1741,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{23}
+	return file_tether_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *StatusResponse) GetNode() string {
@@ -1748,7 +1855,7 @@ type Quarantine struct {
 
 func (x *Quarantine) Reset() {
 	*x = Quarantine{}
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1760,7 +1867,7 @@ func (x *Quarantine) String() string {
 func (*Quarantine) ProtoMessage() {}
 
 func (x *Quarantine) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1773,7 +1880,7 @@ func (x *Quarantine) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quarantine.ProtoReflect.Descriptor instead.
 func (*Quarantine) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{24}
+	return file_tether_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Quarantine) GetVolume() string {
@@ -1823,7 +1930,7 @@ type FencedVolume struct {
 
 func (x *FencedVolume) Reset() {
 	*x = FencedVolume{}
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1835,7 +1942,7 @@ func (x *FencedVolume) String() string {
 func (*FencedVolume) ProtoMessage() {}
 
 func (x *FencedVolume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1848,7 +1955,7 @@ func (x *FencedVolume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FencedVolume.ProtoReflect.Descriptor instead.
 func (*FencedVolume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{25}
+	return file_tether_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *FencedVolume) GetName() string {
@@ -1891,7 +1998,7 @@ type Security struct {
 
 func (x *Security) Reset() {
 	*x = Security{}
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1903,7 +2010,7 @@ func (x *Security) String() string {
 func (*Security) ProtoMessage() {}
 
 func (x *Security) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1916,7 +2023,7 @@ func (x *Security) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Security.ProtoReflect.Descriptor instead.
 func (*Security) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{26}
+	return file_tether_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *Security) GetTls() bool {
@@ -1958,7 +2065,7 @@ type VolumeCreateRequest struct {
 
 func (x *VolumeCreateRequest) Reset() {
 	*x = VolumeCreateRequest{}
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1970,7 +2077,7 @@ func (x *VolumeCreateRequest) String() string {
 func (*VolumeCreateRequest) ProtoMessage() {}
 
 func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1983,7 +2090,7 @@ func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeCreateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{27}
+	return file_tether_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *VolumeCreateRequest) GetName() string {
@@ -2030,7 +2137,7 @@ type VolumeCreateResponse struct {
 
 func (x *VolumeCreateResponse) Reset() {
 	*x = VolumeCreateResponse{}
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2042,7 +2149,7 @@ func (x *VolumeCreateResponse) String() string {
 func (*VolumeCreateResponse) ProtoMessage() {}
 
 func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2055,7 +2162,7 @@ func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeCreateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{28}
+	return file_tether_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *VolumeCreateResponse) GetVolume() *Volume {
@@ -2073,7 +2180,7 @@ type VolumeListRequest struct {
 
 func (x *VolumeListRequest) Reset() {
 	*x = VolumeListRequest{}
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2085,7 +2192,7 @@ func (x *VolumeListRequest) String() string {
 func (*VolumeListRequest) ProtoMessage() {}
 
 func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2098,7 +2205,7 @@ func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListRequest.ProtoReflect.Descriptor instead.
 func (*VolumeListRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{29}
+	return file_tether_proto_rawDescGZIP(), []int{30}
 }
 
 type VolumeListResponse struct {
@@ -2110,7 +2217,7 @@ type VolumeListResponse struct {
 
 func (x *VolumeListResponse) Reset() {
 	*x = VolumeListResponse{}
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2122,7 +2229,7 @@ func (x *VolumeListResponse) String() string {
 func (*VolumeListResponse) ProtoMessage() {}
 
 func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2135,7 +2242,7 @@ func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListResponse.ProtoReflect.Descriptor instead.
 func (*VolumeListResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{30}
+	return file_tether_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *VolumeListResponse) GetVolumes() []*Volume {
@@ -2154,7 +2261,7 @@ type VolumeInspectRequest struct {
 
 func (x *VolumeInspectRequest) Reset() {
 	*x = VolumeInspectRequest{}
-	mi := &file_tether_proto_msgTypes[31]
+	mi := &file_tether_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2166,7 +2273,7 @@ func (x *VolumeInspectRequest) String() string {
 func (*VolumeInspectRequest) ProtoMessage() {}
 
 func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[31]
+	mi := &file_tether_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2179,7 +2286,7 @@ func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectRequest.ProtoReflect.Descriptor instead.
 func (*VolumeInspectRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{31}
+	return file_tether_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *VolumeInspectRequest) GetName() string {
@@ -2199,7 +2306,7 @@ type VolumeInspectResponse struct {
 
 func (x *VolumeInspectResponse) Reset() {
 	*x = VolumeInspectResponse{}
-	mi := &file_tether_proto_msgTypes[32]
+	mi := &file_tether_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2211,7 +2318,7 @@ func (x *VolumeInspectResponse) String() string {
 func (*VolumeInspectResponse) ProtoMessage() {}
 
 func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[32]
+	mi := &file_tether_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2224,7 +2331,7 @@ func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectResponse.ProtoReflect.Descriptor instead.
 func (*VolumeInspectResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{32}
+	return file_tether_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *VolumeInspectResponse) GetVolume() *Volume {
@@ -2272,7 +2379,7 @@ type Volume struct {
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_tether_proto_msgTypes[33]
+	mi := &file_tether_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2284,7 +2391,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[33]
+	mi := &file_tether_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2297,7 +2404,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{33}
+	return file_tether_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *Volume) GetName() string {
@@ -2417,7 +2524,7 @@ type ReplicaProgress struct {
 
 func (x *ReplicaProgress) Reset() {
 	*x = ReplicaProgress{}
-	mi := &file_tether_proto_msgTypes[34]
+	mi := &file_tether_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2429,7 +2536,7 @@ func (x *ReplicaProgress) String() string {
 func (*ReplicaProgress) ProtoMessage() {}
 
 func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[34]
+	mi := &file_tether_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2442,7 +2549,7 @@ func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaProgress.ProtoReflect.Descriptor instead.
 func (*ReplicaProgress) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{34}
+	return file_tether_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *ReplicaProgress) GetNode() string {
@@ -2492,7 +2599,7 @@ type VolumeStatus struct {
 
 func (x *VolumeStatus) Reset() {
 	*x = VolumeStatus{}
-	mi := &file_tether_proto_msgTypes[35]
+	mi := &file_tether_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2504,7 +2611,7 @@ func (x *VolumeStatus) String() string {
 func (*VolumeStatus) ProtoMessage() {}
 
 func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[35]
+	mi := &file_tether_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2517,7 +2624,7 @@ func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
 func (*VolumeStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{35}
+	return file_tether_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *VolumeStatus) GetName() string {
@@ -2578,7 +2685,7 @@ type VolumeRemoveRequest struct {
 
 func (x *VolumeRemoveRequest) Reset() {
 	*x = VolumeRemoveRequest{}
-	mi := &file_tether_proto_msgTypes[36]
+	mi := &file_tether_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2590,7 +2697,7 @@ func (x *VolumeRemoveRequest) String() string {
 func (*VolumeRemoveRequest) ProtoMessage() {}
 
 func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[36]
+	mi := &file_tether_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2603,7 +2710,7 @@ func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveRequest.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{36}
+	return file_tether_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *VolumeRemoveRequest) GetName() string {
@@ -2622,7 +2729,7 @@ type VolumeRemoveResponse struct {
 
 func (x *VolumeRemoveResponse) Reset() {
 	*x = VolumeRemoveResponse{}
-	mi := &file_tether_proto_msgTypes[37]
+	mi := &file_tether_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2634,7 +2741,7 @@ func (x *VolumeRemoveResponse) String() string {
 func (*VolumeRemoveResponse) ProtoMessage() {}
 
 func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[37]
+	mi := &file_tether_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2647,7 +2754,7 @@ func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveResponse.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{37}
+	return file_tether_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *VolumeRemoveResponse) GetVolume() *Volume {
@@ -2666,7 +2773,7 @@ type VolumeUndeleteRequest struct {
 
 func (x *VolumeUndeleteRequest) Reset() {
 	*x = VolumeUndeleteRequest{}
-	mi := &file_tether_proto_msgTypes[38]
+	mi := &file_tether_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2678,7 +2785,7 @@ func (x *VolumeUndeleteRequest) String() string {
 func (*VolumeUndeleteRequest) ProtoMessage() {}
 
 func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[38]
+	mi := &file_tether_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2691,7 +2798,7 @@ func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteRequest.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{38}
+	return file_tether_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *VolumeUndeleteRequest) GetName() string {
@@ -2710,7 +2817,7 @@ type VolumeUndeleteResponse struct {
 
 func (x *VolumeUndeleteResponse) Reset() {
 	*x = VolumeUndeleteResponse{}
-	mi := &file_tether_proto_msgTypes[39]
+	mi := &file_tether_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2722,7 +2829,7 @@ func (x *VolumeUndeleteResponse) String() string {
 func (*VolumeUndeleteResponse) ProtoMessage() {}
 
 func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[39]
+	mi := &file_tether_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2735,7 +2842,7 @@ func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteResponse.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{39}
+	return file_tether_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *VolumeUndeleteResponse) GetVolume() *Volume {
@@ -2754,7 +2861,7 @@ type VolumePurgeRequest struct {
 
 func (x *VolumePurgeRequest) Reset() {
 	*x = VolumePurgeRequest{}
-	mi := &file_tether_proto_msgTypes[40]
+	mi := &file_tether_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2766,7 +2873,7 @@ func (x *VolumePurgeRequest) String() string {
 func (*VolumePurgeRequest) ProtoMessage() {}
 
 func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[40]
+	mi := &file_tether_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2779,7 +2886,7 @@ func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeRequest.ProtoReflect.Descriptor instead.
 func (*VolumePurgeRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{40}
+	return file_tether_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *VolumePurgeRequest) GetName() string {
@@ -2797,7 +2904,7 @@ type VolumePurgeResponse struct {
 
 func (x *VolumePurgeResponse) Reset() {
 	*x = VolumePurgeResponse{}
-	mi := &file_tether_proto_msgTypes[41]
+	mi := &file_tether_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2809,7 +2916,7 @@ func (x *VolumePurgeResponse) String() string {
 func (*VolumePurgeResponse) ProtoMessage() {}
 
 func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[41]
+	mi := &file_tether_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2822,7 +2929,7 @@ func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeResponse.ProtoReflect.Descriptor instead.
 func (*VolumePurgeResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{41}
+	return file_tether_proto_rawDescGZIP(), []int{42}
 }
 
 var File_tether_proto protoreflect.FileDescriptor
@@ -2838,7 +2945,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x05Hello\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12!\n" +
-	"\fprimary_node\x18\x03 \x01(\tR\vprimaryNode\"\x97\x04\n" +
+	"\fprimary_node\x18\x03 \x01(\tR\vprimaryNode\"\xd3\x04\n" +
 	"\x06FileOp\x12*\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x16.tether.v1.FileOp.KindR\x04kind\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\fR\x04path\x12\x19\n" +
@@ -2856,7 +2963,9 @@ const file_tether_proto_rawDesc = "" +
 	"\x06xattrs\x18\f \x03(\v2\x10.tether.v1.XattrR\x06xattrs\x12\x12\n" +
 	"\x04size\x18\r \x01(\x04R\x04size\x12\x1f\n" +
 	"\vhardlink_to\x18\x0e \x01(\fR\n" +
-	"hardlinkTo\"\x91\x01\n" +
+	"hardlinkTo\x12&\n" +
+	"\x05delta\x18\x0f \x01(\v2\x10.tether.v1.DeltaR\x05delta\x12\x12\n" +
+	"\x04zstd\x18\x10 \x01(\bR\x04zstd\"\x91\x01\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n" +
 	"\n" +
@@ -2866,7 +2975,15 @@ const file_tether_proto_rawDesc = "" +
 	"\vKIND_DELETE\x10\x04\x12\x0f\n" +
 	"\vKIND_RENAME\x10\x05\x12\r\n" +
 	"\tKIND_FIFO\x10\x06\x12\x11\n" +
-	"\rKIND_HARDLINK\x10\a\"1\n" +
+	"\rKIND_HARDLINK\x10\a\"\xad\x01\n" +
+	"\x05Delta\x12\x1b\n" +
+	"\tbase_size\x18\x01 \x01(\x04R\bbaseSize\x12/\n" +
+	"\x14base_mtime_unix_nano\x18\x02 \x01(\x03R\x11baseMtimeUnixNano\x12\x1f\n" +
+	"\vbase_digest\x18\x03 \x01(\fR\n" +
+	"baseDigest\x12\x1d\n" +
+	"\n" +
+	"block_size\x18\x04 \x01(\rR\tblockSize\x12\x16\n" +
+	"\x06blocks\x18\x05 \x03(\x04R\x06blocks\"1\n" +
 	"\x05Xattr\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\fR\x04name\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\fR\x05value\"\x84\x01\n" +
@@ -3090,122 +3207,124 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 46)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
 var file_tether_proto_goTypes = []any{
 	(FileOp_Kind)(0),               // 0: tether.v1.FileOp.Kind
 	(*StreamRequest)(nil),          // 1: tether.v1.StreamRequest
 	(*Hello)(nil),                  // 2: tether.v1.Hello
 	(*FileOp)(nil),                 // 3: tether.v1.FileOp
-	(*Xattr)(nil),                  // 4: tether.v1.Xattr
-	(*Commit)(nil),                 // 5: tether.v1.Commit
-	(*StreamAck)(nil),              // 6: tether.v1.StreamAck
-	(*RenewLeaseRequest)(nil),      // 7: tether.v1.RenewLeaseRequest
-	(*RenewLeaseResponse)(nil),     // 8: tether.v1.RenewLeaseResponse
-	(*ApplyRequest)(nil),           // 9: tether.v1.ApplyRequest
-	(*ApplyResponse)(nil),          // 10: tether.v1.ApplyResponse
-	(*PrimaryStatusRequest)(nil),   // 11: tether.v1.PrimaryStatusRequest
-	(*PrimaryStatusResponse)(nil),  // 12: tether.v1.PrimaryStatusResponse
-	(*ReplicaStatus)(nil),          // 13: tether.v1.ReplicaStatus
-	(*VolumeUpdateRequest)(nil),    // 14: tether.v1.VolumeUpdateRequest
-	(*VolumeUpdateResponse)(nil),   // 15: tether.v1.VolumeUpdateResponse
-	(*VolumePromoteRequest)(nil),   // 16: tether.v1.VolumePromoteRequest
-	(*VolumePromoteResponse)(nil),  // 17: tether.v1.VolumePromoteResponse
-	(*VolumeMoveRequest)(nil),      // 18: tether.v1.VolumeMoveRequest
-	(*VolumeMoveResponse)(nil),     // 19: tether.v1.VolumeMoveResponse
-	(*MembersRequest)(nil),         // 20: tether.v1.MembersRequest
-	(*Member)(nil),                 // 21: tether.v1.Member
-	(*MembersResponse)(nil),        // 22: tether.v1.MembersResponse
-	(*StatusRequest)(nil),          // 23: tether.v1.StatusRequest
-	(*StatusResponse)(nil),         // 24: tether.v1.StatusResponse
-	(*Quarantine)(nil),             // 25: tether.v1.Quarantine
-	(*FencedVolume)(nil),           // 26: tether.v1.FencedVolume
-	(*Security)(nil),               // 27: tether.v1.Security
-	(*VolumeCreateRequest)(nil),    // 28: tether.v1.VolumeCreateRequest
-	(*VolumeCreateResponse)(nil),   // 29: tether.v1.VolumeCreateResponse
-	(*VolumeListRequest)(nil),      // 30: tether.v1.VolumeListRequest
-	(*VolumeListResponse)(nil),     // 31: tether.v1.VolumeListResponse
-	(*VolumeInspectRequest)(nil),   // 32: tether.v1.VolumeInspectRequest
-	(*VolumeInspectResponse)(nil),  // 33: tether.v1.VolumeInspectResponse
-	(*Volume)(nil),                 // 34: tether.v1.Volume
-	(*ReplicaProgress)(nil),        // 35: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),           // 36: tether.v1.VolumeStatus
-	(*VolumeRemoveRequest)(nil),    // 37: tether.v1.VolumeRemoveRequest
-	(*VolumeRemoveResponse)(nil),   // 38: tether.v1.VolumeRemoveResponse
-	(*VolumeUndeleteRequest)(nil),  // 39: tether.v1.VolumeUndeleteRequest
-	(*VolumeUndeleteResponse)(nil), // 40: tether.v1.VolumeUndeleteResponse
-	(*VolumePurgeRequest)(nil),     // 41: tether.v1.VolumePurgeRequest
-	(*VolumePurgeResponse)(nil),    // 42: tether.v1.VolumePurgeResponse
-	nil,                            // 43: tether.v1.VolumeUpdateRequest.PlacementEntry
-	nil,                            // 44: tether.v1.Member.LabelsEntry
-	nil,                            // 45: tether.v1.VolumeCreateRequest.PlacementEntry
-	nil,                            // 46: tether.v1.Volume.PlacementEntry
+	(*Delta)(nil),                  // 4: tether.v1.Delta
+	(*Xattr)(nil),                  // 5: tether.v1.Xattr
+	(*Commit)(nil),                 // 6: tether.v1.Commit
+	(*StreamAck)(nil),              // 7: tether.v1.StreamAck
+	(*RenewLeaseRequest)(nil),      // 8: tether.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),     // 9: tether.v1.RenewLeaseResponse
+	(*ApplyRequest)(nil),           // 10: tether.v1.ApplyRequest
+	(*ApplyResponse)(nil),          // 11: tether.v1.ApplyResponse
+	(*PrimaryStatusRequest)(nil),   // 12: tether.v1.PrimaryStatusRequest
+	(*PrimaryStatusResponse)(nil),  // 13: tether.v1.PrimaryStatusResponse
+	(*ReplicaStatus)(nil),          // 14: tether.v1.ReplicaStatus
+	(*VolumeUpdateRequest)(nil),    // 15: tether.v1.VolumeUpdateRequest
+	(*VolumeUpdateResponse)(nil),   // 16: tether.v1.VolumeUpdateResponse
+	(*VolumePromoteRequest)(nil),   // 17: tether.v1.VolumePromoteRequest
+	(*VolumePromoteResponse)(nil),  // 18: tether.v1.VolumePromoteResponse
+	(*VolumeMoveRequest)(nil),      // 19: tether.v1.VolumeMoveRequest
+	(*VolumeMoveResponse)(nil),     // 20: tether.v1.VolumeMoveResponse
+	(*MembersRequest)(nil),         // 21: tether.v1.MembersRequest
+	(*Member)(nil),                 // 22: tether.v1.Member
+	(*MembersResponse)(nil),        // 23: tether.v1.MembersResponse
+	(*StatusRequest)(nil),          // 24: tether.v1.StatusRequest
+	(*StatusResponse)(nil),         // 25: tether.v1.StatusResponse
+	(*Quarantine)(nil),             // 26: tether.v1.Quarantine
+	(*FencedVolume)(nil),           // 27: tether.v1.FencedVolume
+	(*Security)(nil),               // 28: tether.v1.Security
+	(*VolumeCreateRequest)(nil),    // 29: tether.v1.VolumeCreateRequest
+	(*VolumeCreateResponse)(nil),   // 30: tether.v1.VolumeCreateResponse
+	(*VolumeListRequest)(nil),      // 31: tether.v1.VolumeListRequest
+	(*VolumeListResponse)(nil),     // 32: tether.v1.VolumeListResponse
+	(*VolumeInspectRequest)(nil),   // 33: tether.v1.VolumeInspectRequest
+	(*VolumeInspectResponse)(nil),  // 34: tether.v1.VolumeInspectResponse
+	(*Volume)(nil),                 // 35: tether.v1.Volume
+	(*ReplicaProgress)(nil),        // 36: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),           // 37: tether.v1.VolumeStatus
+	(*VolumeRemoveRequest)(nil),    // 38: tether.v1.VolumeRemoveRequest
+	(*VolumeRemoveResponse)(nil),   // 39: tether.v1.VolumeRemoveResponse
+	(*VolumeUndeleteRequest)(nil),  // 40: tether.v1.VolumeUndeleteRequest
+	(*VolumeUndeleteResponse)(nil), // 41: tether.v1.VolumeUndeleteResponse
+	(*VolumePurgeRequest)(nil),     // 42: tether.v1.VolumePurgeRequest
+	(*VolumePurgeResponse)(nil),    // 43: tether.v1.VolumePurgeResponse
+	nil,                            // 44: tether.v1.VolumeUpdateRequest.PlacementEntry
+	nil,                            // 45: tether.v1.Member.LabelsEntry
+	nil,                            // 46: tether.v1.VolumeCreateRequest.PlacementEntry
+	nil,                            // 47: tether.v1.Volume.PlacementEntry
 }
 var file_tether_proto_depIdxs = []int32{
 	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
 	3,  // 1: tether.v1.StreamRequest.op:type_name -> tether.v1.FileOp
-	5,  // 2: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
+	6,  // 2: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
 	0,  // 3: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
-	4,  // 4: tether.v1.FileOp.xattrs:type_name -> tether.v1.Xattr
-	13, // 5: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
-	43, // 6: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
-	34, // 7: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
-	34, // 8: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
-	34, // 9: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
-	44, // 10: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
-	21, // 11: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
-	36, // 12: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
-	26, // 13: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
-	25, // 14: tether.v1.StatusResponse.quarantined:type_name -> tether.v1.Quarantine
-	27, // 15: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
-	45, // 16: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
-	34, // 17: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
-	34, // 18: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
-	34, // 19: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
-	36, // 20: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
-	35, // 21: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	46, // 22: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
-	13, // 23: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	34, // 24: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
-	34, // 25: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
-	1,  // 26: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	9,  // 27: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	11, // 28: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	7,  // 29: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
-	16, // 30: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
-	18, // 31: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
-	20, // 32: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	23, // 33: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	28, // 34: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	30, // 35: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	32, // 36: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	37, // 37: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
-	39, // 38: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
-	41, // 39: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
-	16, // 40: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
-	18, // 41: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
-	14, // 42: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
-	6,  // 43: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	10, // 44: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	12, // 45: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	8,  // 46: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
-	17, // 47: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
-	19, // 48: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
-	22, // 49: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	24, // 50: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	29, // 51: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	31, // 52: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	33, // 53: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	38, // 54: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
-	40, // 55: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
-	42, // 56: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
-	17, // 57: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
-	19, // 58: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
-	15, // 59: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
-	43, // [43:60] is the sub-list for method output_type
-	26, // [26:43] is the sub-list for method input_type
-	26, // [26:26] is the sub-list for extension type_name
-	26, // [26:26] is the sub-list for extension extendee
-	0,  // [0:26] is the sub-list for field type_name
+	5,  // 4: tether.v1.FileOp.xattrs:type_name -> tether.v1.Xattr
+	4,  // 5: tether.v1.FileOp.delta:type_name -> tether.v1.Delta
+	14, // 6: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
+	44, // 7: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
+	35, // 8: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
+	35, // 9: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
+	35, // 10: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
+	45, // 11: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
+	22, // 12: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
+	37, // 13: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
+	27, // 14: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
+	26, // 15: tether.v1.StatusResponse.quarantined:type_name -> tether.v1.Quarantine
+	28, // 16: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
+	46, // 17: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
+	35, // 18: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
+	35, // 19: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
+	35, // 20: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
+	37, // 21: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
+	36, // 22: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
+	47, // 23: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
+	14, // 24: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
+	35, // 25: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
+	35, // 26: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
+	1,  // 27: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	10, // 28: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	12, // 29: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	8,  // 30: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
+	17, // 31: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
+	19, // 32: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
+	21, // 33: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	24, // 34: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	29, // 35: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	31, // 36: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	33, // 37: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	38, // 38: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
+	40, // 39: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
+	42, // 40: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
+	17, // 41: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
+	19, // 42: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
+	15, // 43: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
+	7,  // 44: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	11, // 45: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	13, // 46: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	9,  // 47: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
+	18, // 48: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
+	20, // 49: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
+	23, // 50: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	25, // 51: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	30, // 52: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	32, // 53: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	34, // 54: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	39, // 55: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
+	41, // 56: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
+	43, // 57: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
+	18, // 58: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
+	20, // 59: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
+	16, // 60: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
+	44, // [44:61] is the sub-list for method output_type
+	27, // [27:44] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -3218,14 +3337,14 @@ func file_tether_proto_init() {
 		(*StreamRequest_Op)(nil),
 		(*StreamRequest_Commit)(nil),
 	}
-	file_tether_proto_msgTypes[13].OneofWrappers = []any{}
+	file_tether_proto_msgTypes[14].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   46,
+			NumMessages:   47,
 			NumExtensions: 0,
 			NumServices:   3,
 		},
