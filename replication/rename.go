@@ -75,7 +75,9 @@ func inoOf(fi fs.FileInfo) uint64 {
 // everything below it, of which only what changed since the previous cut
 // is sent again. A source must be gone and a target new (not in the
 // index), so the renames of a cut do not depend on one another; anything
-// less clear travels as delete and re-send.
+// less clear travels as delete and re-send. Targets are looked for among
+// the entries just planned, including those read with a new directory
+// (an entry moved into it before its watch was set has no event).
 func (p *plan) detectRenames(root *os.Root) error {
 	if p.idx == nil {
 		return nil
@@ -94,7 +96,7 @@ func (p *plan) detectRenames(root *os.Root) error {
 		return err
 	}
 	var found []renameOp
-	for rel := range p.touched {
+	for rel := range p.fresh {
 		fi, ok := p.planned(rel)
 		if !ok || rel == rootPath {
 			continue

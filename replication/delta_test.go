@@ -1,0 +1,378 @@
+package replication
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/klauspost/compress/zstd"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/tether-io/tether/internal/testutil"
+	"github.com/tether-io/tether/proto/tetherpb"
+)
+
+// countStream is a client interceptor adding the encoded size of every
+// message sent on a stream to n: the bytes on the wire less gRPC's framing.
+func countStream(n *atomic.Int64) grpc.StreamClientInterceptor {
+	return func(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+		s, err := streamer(ctx, desc, cc, method, opts...)
+		if err != nil {
+			return nil, err
+		}
+		return &countingStream{ClientStream: s, n: n}, nil
+	}
+}
+
+type countingStream struct {
+	grpc.ClientStream
+	n *atomic.Int64
+}
+
+func (s *countingStream) SendMsg(m any) error {
+	if pm, ok := m.(proto.Message); ok {
+		s.n.Add(int64(proto.Size(pm)))
+	}
+	return s.ClientStream.SendMsg(m)
+}
+
+// randomBytes returns n random bytes.
+func randomBytes(n int) []byte {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return b
+}
+
+// writeAt overwrites part of a file in place.
+func writeAt(t *testing.T, path string, off int64, data []byte) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	must(t, err)
+	_, err = f.WriteAt(data, off)
+	must(t, errors.Join(err, f.Close()))
+}
+
+// fullSentTo returns how many full batches the primary sent to node.
+func fullSentTo(p *Primary, node string) int {
+	p.mu.Lock()
+	s := p.senders[node]
+	p.mu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.fullSent
+}
+
+// TestDeltaSendsChangedBlocks changes 1 MiB at an unaligned offset of an
+// 8 MiB file (then grows and shrinks it): only the changed blocks cross
+// the wire (within 1.1 x the change), and the replica equals the primary,
+// without another full batch.
+func TestDeltaSendsChangedBlocks(t *testing.T) {
+	c := newTestCluster(t)
+	c.startReplica("r1")
+	big := c.path("big")
+	must(t, os.WriteFile(big, randomBytes(8<<20), 0o644))
+	p := c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+
+	c.wire.Store(0)
+	writeAt(t, big, 3<<20+12345, randomBytes(1<<20))
+	c.waitSynced("r1")
+	if n := c.wire.Load(); n > (1<<20)*11/10 || n < 1<<20 {
+		t.Fatalf("a 1 MiB change sent %d bytes, want between 1 MiB and 1.1 MiB", n)
+	}
+	c.wire.Store(0)
+	f, err := os.OpenFile(big, os.O_WRONLY|os.O_APPEND, 0)
+	must(t, err)
+	_, err = f.Write(randomBytes(100 << 10))
+	must(t, errors.Join(err, f.Close()))
+	c.waitSynced("r1")
+	if n := c.wire.Load(); n > 200<<10 {
+		t.Fatalf("appending 100 KiB sent %d bytes", n)
+	}
+	must(t, os.Truncate(big, 5<<20+7))
+	c.waitSynced("r1")
+	if n := fullSentTo(p, "r1"); n != 1 {
+		t.Fatalf("full batches sent = %d, want only the initial one", n)
+	}
+}
+
+// TestDeltaRefusedOnDivergedReplica changes the replica's copy behind the
+// primary's back (same size and mtime): the next delta is refused and the
+// primary sends the whole tree instead, which repairs the replica.
+func TestDeltaRefusedOnDivergedReplica(t *testing.T) {
+	c := newTestCluster(t)
+	c.startReplica("r1")
+	must(t, os.WriteFile(c.path("f"), randomBytes(1<<20), 0o644))
+	p := c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+
+	rf := filepath.Join(c.replicaPaths("r1").Data, "f")
+	fi, err := os.Stat(rf)
+	must(t, err)
+	writeAt(t, rf, 700<<10, []byte("diverged"))
+	must(t, os.Chtimes(rf, fi.ModTime(), fi.ModTime()))
+	writeAt(t, c.path("f"), 10, []byte("changed on the primary"))
+	c.waitSynced("r1")
+	if n := fullSentTo(p, "r1"); n != 2 {
+		t.Fatalf("full batches sent = %d, want 2 (the initial one, then one after the refused delta)", n)
+	}
+}
+
+// TestIndexAfterPrimaryRestart restarts the primary: its first cut is full
+// and rebuilds the index, after which changes travel as deltas again.
+func TestIndexAfterPrimaryRestart(t *testing.T) {
+	c := newTestCluster(t)
+	c.startReplica("r1")
+	must(t, os.WriteFile(c.path("f"), randomBytes(4<<20), 0o644))
+	p := c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+	p.Stop()
+	writeAt(t, c.path("f"), 1<<20, randomBytes(4096)) // while no primary runs
+	c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+	c.wire.Store(0)
+	writeAt(t, c.path("f"), 2<<20, randomBytes(4096))
+	c.waitSynced("r1")
+	if n := c.wire.Load(); n > 2*blockSize {
+		t.Fatalf("a 4 KiB change after a restart sent %d bytes, want one block", n)
+	}
+}
+
+// TestRenameDirectoryTravelsAsRename renames a directory of 5,000 files (one
+// of them changed as well) and a large file: a few KiB cross the wire and
+// the replica equals the primary.
+func TestRenameDirectoryTravelsAsRename(t *testing.T) {
+	c := newTestCluster(t)
+	c.startReplica("r1")
+	must(t, os.MkdirAll(c.path("dir/sub"), 0o755))
+	for i := range 5000 {
+		c.write(filepath.Join("dir", "sub"[:3*(i%2)], fmt.Sprintf("f%05d", i)), strings.Repeat("data", 64))
+	}
+	must(t, os.WriteFile(c.path("large"), randomBytes(2<<20), 0o644))
+	p := c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+
+	c.wire.Store(0)
+	must(t, os.Rename(c.path("dir"), c.path("moved")))
+	must(t, os.Rename(c.path("large"), c.path("moved/large")))
+	c.waitSynced("r1")
+	if n := c.wire.Load(); n > 16<<10 {
+		t.Fatalf("renaming a directory of 5,000 files and a 2 MiB file sent %d bytes", n)
+	}
+	c.wire.Store(0)
+	must(t, os.Rename(c.path("moved"), c.path("again")))
+	c.write("again/sub/f00001", "changed")
+	must(t, os.Remove(c.path("again/f00000")))
+	c.waitSynced("r1")
+	if n := c.wire.Load(); n > 16<<10 {
+		t.Fatalf("renaming the directory again (one file changed, one removed) sent %d bytes", n)
+	}
+	if n := fullSentTo(p, "r1"); n != 1 {
+		t.Fatalf("full batches sent = %d, want only the initial one", n)
+	}
+}
+
+// TestCompressedChunks sends a compressible file: it crosses the wire
+// compressed and arrives intact.
+func TestCompressedChunks(t *testing.T) {
+	c := newTestCluster(t)
+	c.startReplica("r1")
+	c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+	c.wire.Store(0)
+	must(t, os.WriteFile(c.path("text"), bytes.Repeat([]byte("tether replicates volumes; "), 100000), 0o644))
+	c.waitSynced("r1")
+	if n := c.wire.Load(); n > 100000 {
+		t.Fatalf("a compressible 2.7 MB file sent %d bytes", n)
+	}
+}
+
+// TestDecompressionBounded sends a chunk that decompresses to more than a
+// chunk may hold: the batch refuses it.
+func TestDecompressionBounded(t *testing.T) {
+	enc, err := zstd.NewWriter(nil)
+	must(t, err)
+	bomb := enc.EncodeAll(make([]byte, maxChunkData+1), nil)
+	must(t, enc.Close())
+	paths := replicaDirs(t)
+	b := newBatch(filepath.Join(paths.State, stageDir))
+	defer b.discard()
+	err = b.add(&tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte("f"), Data: bomb, Zstd: true, More: true})
+	if !errors.Is(err, errBadBatch) {
+		t.Fatalf("a chunk decompressing to %d bytes: %v, want refused", maxChunkData+1, err)
+	}
+	err = b.add(&tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte("g"), Data: []byte("not zstd"), Zstd: true})
+	if !errors.Is(err, errBadBatch) {
+		t.Fatalf("a chunk that is not zstd: %v, want refused", err)
+	}
+}
+
+// deltaOps reads the file at rel of dir as a cut would, against base (nil:
+// whole), and returns its ops and index entry.
+func deltaOps(t *testing.T, dir, rel string, base *indexEntry) ([]*tetherpb.FileOp, *indexEntry) {
+	t.Helper()
+	root, err := os.OpenRoot(dir)
+	must(t, err)
+	defer root.Close()
+	fi, err := root.Lstat(rel)
+	must(t, err)
+	var ops []*tetherpb.FileOp
+	send := func(m *tetherpb.StreamRequest) error {
+		ops = append(ops, proto.Clone(m.GetOp()).(*tetherpb.FileOp))
+		return nil
+	}
+	_, _, e, sent, err := sendFile(root, send, rel, fi, newOnceLogger(testutil.Logger(t)), fileOpts{base: base})
+	must(t, err)
+	if !sent || e == nil {
+		t.Fatal("file not read")
+	}
+	return ops, e
+}
+
+// TestDeltaJournalCrashAtEveryStep applies a batch with a rename and a
+// delta (patched in place), crashing at every step: after recovery the
+// replica holds the old cut or the new one.
+func TestDeltaJournalCrashAtEveryStep(t *testing.T) {
+	src := t.TempDir()
+	old := randomBytes(1 << 20)
+	must(t, os.WriteFile(filepath.Join(src, "f"), old, 0o644))
+	old1, e1 := deltaOps(t, src, "f", nil)
+	// The second cut: f renamed to g, changed in two places and grown.
+	must(t, os.Rename(filepath.Join(src, "f"), filepath.Join(src, "g")))
+	writeAt(t, filepath.Join(src, "g"), 5, []byte("changed"))
+	writeAt(t, filepath.Join(src, "g"), 900<<10, randomBytes(300<<10))
+	new2, _ := deltaOps(t, src, "g", e1)
+	if d := new2[len(new2)-1].GetDelta(); d == nil || len(d.GetBlocks()) != 6 {
+		t.Fatalf("delta = %v, want 6 blocks (1 at the start, 5 at the end)", d)
+	}
+	first := append([]*tetherpb.FileOp{mkdirOp(".", 0o755, 1)}, old1...)
+	second := append([]*tetherpb.FileOp{{Kind: tetherpb.FileOp_KIND_RENAME, Path: []byte("f"), NewPath: []byte("g")},
+		mkdirOp(".", 0o755, 2)}, new2...)
+
+	var steps []string
+	clean := replicaDirs(t)
+	j := journal{paths: clean, warn: newOnceLogger(testutil.Logger(t))}
+	must(t, commitOps(t, j, 1, true, first))
+	oldCut, err := Manifest(clean.Data)
+	must(t, err)
+	j.fail = func(step string) error { steps = append(steps, step); return nil }
+	must(t, commitOps(t, j, 2, false, second))
+	newCut, err := Manifest(clean.Data)
+	must(t, err)
+	got, err := os.ReadFile(filepath.Join(clean.Data, "g"))
+	must(t, err)
+	want, err := os.ReadFile(filepath.Join(src, "g"))
+	must(t, err)
+	if !bytes.Equal(got, want) {
+		t.Fatal("the patched file differs from the primary's")
+	}
+	for _, step := range steps {
+		paths := replicaDirs(t)
+		j := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t))}
+		must(t, commitOps(t, j, 1, true, first))
+		j.fail = func(s string) error {
+			if s == step {
+				return errCrash
+			}
+			return nil
+		}
+		if err := commitOps(t, j, 2, false, second); !errors.Is(err, errCrash) {
+			t.Fatalf("step %s: commit returned %v, want the injected crash", step, err)
+		}
+		j.fail = nil
+		if _, err := j.recover(testutil.Logger(t)); err != nil {
+			t.Fatalf("step %s: recover: %v", step, err)
+		}
+		m, err := Manifest(paths.Data)
+		must(t, err)
+		pos, err := readPosition(paths.State)
+		must(t, err)
+		switch {
+		case len(DiffManifests(m, oldCut)) == 0 && pos.Seq == 1:
+		case len(DiffManifests(m, newCut)) == 0 && pos.Seq == 2:
+		default:
+			t.Fatalf("crash at %s: replica at seq %d is neither cut:\nvs old: %q\nvs new: %q",
+				step, pos.Seq, DiffManifests(m, oldCut), DiffManifests(m, newCut))
+		}
+	}
+	t.Logf("%d crash points checked", len(steps))
+}
+
+// TestDeltaRefusals checks the replica's validation of deltas: a full batch
+// may not carry one, blocks must be in order and cover the data, and the
+// base must be there.
+func TestDeltaRefusals(t *testing.T) {
+	src := t.TempDir()
+	must(t, os.WriteFile(filepath.Join(src, "f"), randomBytes(300<<10), 0o644))
+	ops1, e1 := deltaOps(t, src, "f", nil)
+	writeAt(t, filepath.Join(src, "f"), 70<<10, []byte("x"))
+	ops2, _ := deltaOps(t, src, "f", e1)
+	last := ops2[len(ops2)-1]
+	if got := last.GetDelta().GetBlocks(); len(got) != 1 || got[0] != 1 {
+		t.Fatalf("blocks = %v, want [1]", got)
+	}
+	paths := replicaDirs(t)
+	j := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t))}
+	must(t, commitOps(t, j, 1, true, append([]*tetherpb.FileOp{mkdirOp(".", 0o755, 1)}, ops1...)))
+
+	commit := func(full bool, ops ...*tetherpb.FileOp) error {
+		b := newBatch(j.stage())
+		defer b.discard()
+		for _, op := range ops {
+			if err := b.add(op); err != nil {
+				return err
+			}
+		}
+		return j.commit(b, position{Epoch: 1, Seq: 9}, full)
+	}
+	with := func(mod func(d *tetherpb.Delta)) []*tetherpb.FileOp {
+		out := make([]*tetherpb.FileOp, len(ops2))
+		for i, op := range ops2 {
+			out[i] = proto.Clone(op).(*tetherpb.FileOp)
+		}
+		mod(out[len(out)-1].Delta)
+		return out
+	}
+	cases := []struct {
+		name string
+		full bool
+		ops  []*tetherpb.FileOp
+		want error
+	}{
+		{"in a full batch", true, ops2, errBadBatch},
+		{"data outside the blocks", false, with(func(d *tetherpb.Delta) { d.Blocks = []uint64{2} }), errBadBatch},
+		{"blocks out of order", false, with(func(d *tetherpb.Delta) { d.Blocks = []uint64{1, 1} }), errBadBatch},
+		{"tiny block size", false, with(func(d *tetherpb.Delta) { d.BlockSize = 1 }), errBadBatch},
+		{"other base digest", false, with(func(d *tetherpb.Delta) { d.BaseDigest = make([]byte, hashLen) }), errBaseMismatch},
+		{"other base size", false, with(func(d *tetherpb.Delta) { d.BaseSize++ }), errBaseMismatch},
+		{"base deleted before", false, append([]*tetherpb.FileOp{{Kind: tetherpb.FileOp_KIND_DELETE, Path: []byte("f")}}, ops2...), errBadBatch},
+	}
+	before, err := Manifest(paths.Data)
+	must(t, err)
+	for _, tc := range cases {
+		if err := commit(tc.full, tc.ops...); !errors.Is(err, tc.want) {
+			t.Errorf("%s: %v, want %v", tc.name, err, tc.want)
+		}
+		after, err := Manifest(paths.Data)
+		must(t, err)
+		if d := DiffManifests(before, after); len(d) > 0 {
+			t.Fatalf("%s: the refused batch changed the replica: %q", tc.name, d)
+		}
+	}
+	must(t, commit(false, ops2...))
+	got, err := os.ReadFile(filepath.Join(paths.Data, "f"))
+	must(t, err)
+	want, err := os.ReadFile(filepath.Join(src, "f"))
+	must(t, err)
+	if !bytes.Equal(got, want) {
+		t.Fatal("the patched file differs from the primary's")
+	}
+}
