@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"slices"
+	"sync"
 	"syscall"
 
 	"github.com/klauspost/compress/zstd"
@@ -248,7 +250,7 @@ func preBatchPath(ops []applyOp, i int, p string) (string, bool) {
 // what the batch builds on: the source of every rename, and the base of
 // every delta (size, mtime and block digest). A mismatch refuses the batch
 // (errBaseMismatch); the primary then sends the whole tree.
-func verifyBases(data string, ops []applyOp, full bool) error {
+func verifyBases(data string, ops []applyOp, full bool, cache *digestCache) error {
 	var root *os.Root
 	defer func() {
 		if root != nil {
@@ -287,7 +289,7 @@ func verifyBases(data string, ops []applyOp, full bool) error {
 			}
 			continue
 		}
-		if err := checkBase(root, p, op.delta); err != nil {
+		if err := checkBase(root, p, op.delta, cache); err != nil {
 			return err
 		}
 	}
@@ -301,7 +303,7 @@ func existsReal(root *os.Root, rel string) (bool, error) {
 }
 
 // checkBase checks that the file at p is a delta's base.
-func checkBase(root *os.Root, p string, d *deltaOp) error {
+func checkBase(root *os.Root, p string, d *deltaOp, cache *digestCache) error {
 	if ok, err := existsReal(root, p); err != nil || !ok {
 		return errors.Join(err, fmt.Errorf("%w: the base of the delta of %q is missing", errBaseMismatch, p))
 	}
@@ -319,11 +321,15 @@ func checkBase(root *os.Root, p string, d *deltaOp) error {
 		return fmt.Errorf("%w: %q is not the base of its delta (size %d, mtime %d; the delta expects a single-linked file of size %d, mtime %d)",
 			errBaseMismatch, p, e.size, e.mtime, d.baseSize, d.baseMtime)
 	}
-	hashes, err := hashFile(f, e.size, d.blockSize)
-	if err != nil {
-		return fmt.Errorf("read the base of the delta of %q: %w", p, err)
+	digest, ok := cache.lookup(p, fi, d.blockSize)
+	if !ok {
+		hashes, err := hashFile(f, e.size, d.blockSize)
+		if err != nil {
+			return fmt.Errorf("read the base of the delta of %q: %w", p, err)
+		}
+		digest = digestOf(hashes)
 	}
-	if !bytes.Equal(digestOf(hashes), d.digest) {
+	if !bytes.Equal(digest, d.digest) {
 		return fmt.Errorf("%w: the contents of %q differ from the base of its delta", errBaseMismatch, p)
 	}
 	return nil
@@ -398,4 +404,81 @@ func zeroRange(f *os.File, off, n int64) error {
 	}
 	_, err = f.WriteAt(make([]byte, n), off)
 	return err
+}
+
+// minCachedSize is the smallest file whose digest a replica remembers:
+// reading a smaller base costs little.
+const minCachedSize = 1 << 20
+
+// digestCache remembers, for the large files a replica's batches wrote,
+// the block digest the primary sent with them and the file's stat right
+// after the write. A later delta's base is checked against it instead of
+// reading the whole file, as long as the inode, size, mtime and ctime
+// (which no one can set) are unchanged. It lives in memory: after a
+// restart the first delta of each file reads it.
+type digestCache struct {
+	mu sync.Mutex
+	m  map[string]cachedDigest
+}
+
+type cachedDigest struct {
+	key       statKey
+	dev       uint64
+	blockSize int64
+	digest    []byte
+}
+
+func newDigestCache() *digestCache { return &digestCache{m: map[string]cachedDigest{}} }
+
+func cacheKey(fi fs.FileInfo) (statKey, uint64) {
+	var dev uint64
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		dev = st.Dev
+	}
+	return keyOf(fi), dev
+}
+
+// lookup returns the digest remembered for the file at p, if fi (its stat
+// now) shows it unchanged since.
+func (c *digestCache) lookup(p string, fi fs.FileInfo, bs int64) ([]byte, bool) {
+	if c == nil {
+		return nil, false
+	}
+	key, dev := cacheKey(fi)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	d, ok := c.m[p]
+	if !ok || d.key != key || d.dev != dev || d.blockSize != bs {
+		return nil, false
+	}
+	return d.digest, true
+}
+
+// remember records the digests of the large files an applied batch wrote,
+// and forgets the paths it removed or moved.
+func (c *digestCache) remember(root *os.Root, ops []applyOp) {
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, op := range ops {
+		switch {
+		case op.kind == tetherpb.FileOp_KIND_DELETE || op.kind == tetherpb.FileOp_KIND_RENAME:
+			for p := range c.m {
+				if isUnder(p, op.path) || (op.to != "" && isUnder(p, op.to)) {
+					delete(c.m, p)
+				}
+			}
+		case op.kind == tetherpb.FileOp_KIND_FILE:
+			delete(c.m, op.path)
+			if len(op.digest) != hashLen || op.size < minCachedSize {
+				continue
+			}
+			if fi, err := root.Lstat(op.path); err == nil && fi.Mode().IsRegular() && fi.Size() == op.size {
+				key, dev := cacheKey(fi)
+				c.m[op.path] = cachedDigest{key: key, dev: dev, blockSize: blockSize, digest: op.digest}
+			}
+		}
+	}
 }

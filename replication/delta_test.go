@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 	"google.golang.org/grpc"
@@ -374,5 +375,48 @@ func TestDeltaRefusals(t *testing.T) {
 	must(t, err)
 	if !bytes.Equal(got, want) {
 		t.Fatal("the patched file differs from the primary's")
+	}
+}
+
+// TestDigestCache remembers the digest of a large file a batch wrote and
+// gives it back only while the file is untouched: a write, even one that
+// restores size and mtime, changes its ctime and makes it read again.
+func TestDigestCache(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "f")
+	must(t, os.WriteFile(p, randomBytes(minCachedSize), 0o644))
+	root, err := os.OpenRoot(dir)
+	must(t, err)
+	defer root.Close()
+	c := newDigestCache()
+	digest := bytes.Repeat([]byte{7}, hashLen)
+	c.remember(root, []applyOp{{kind: tetherpb.FileOp_KIND_FILE, path: "f", size: minCachedSize, digest: digest}})
+	fi, err := os.Stat(p)
+	must(t, err)
+	if got, ok := c.lookup("f", fi, blockSize); !ok || !bytes.Equal(got, digest) {
+		t.Fatalf("lookup of an untouched file = %x, %v", got, ok)
+	}
+	if _, ok := c.lookup("f", fi, 2*blockSize); ok {
+		t.Fatal("lookup with another block size hit")
+	}
+	// A write in the same tick of the kernel's coarse clock may leave ctime
+	// as it was: write until it moves.
+	var fi2 os.FileInfo
+	testutil.Eventually(t, 5*time.Second, "ctime changes", func() bool {
+		writeAt(t, p, 10, []byte("x"))
+		must(t, os.Chtimes(p, fi.ModTime(), fi.ModTime()))
+		fi2, err = os.Stat(p)
+		must(t, err)
+		return keyOf(fi2) != keyOf(fi)
+	})
+	if fi2.Size() != fi.Size() || !fi2.ModTime().Equal(fi.ModTime()) {
+		t.Fatal("bad test setup: size or mtime changed")
+	}
+	if _, ok := c.lookup("f", fi2, blockSize); ok {
+		t.Fatal("lookup of a file written since hit")
+	}
+	c.remember(root, []applyOp{{kind: tetherpb.FileOp_KIND_DELETE, path: "f"}})
+	if len(c.m) != 0 {
+		t.Fatal("a deleted path stays remembered")
 	}
 }

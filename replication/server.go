@@ -61,8 +61,9 @@ func (s *Server) setFailpoint(f failpoint) {
 // replicaVolume serializes the streams, fences and batch applications of one
 // volume on a replica.
 type replicaVolume struct {
-	mu     sync.Mutex
-	active *inbound
+	mu      sync.Mutex
+	active  *inbound
+	digests *digestCache // block digests of the files batches wrote
 }
 
 // inbound is one primary's stream into a replica.
@@ -118,7 +119,7 @@ func (s *Server) volume(name string) *replicaVolume {
 	defer s.mu.Unlock()
 	v, ok := s.volumes[name]
 	if !ok {
-		v = &replicaVolume{}
+		v = &replicaVolume{digests: newDigestCache()}
 		s.volumes[name] = v
 	}
 	return v
@@ -420,7 +421,9 @@ func (c *inboundSession) commit(b *batch, cm *tetherpb.Commit) error {
 		return status.Errorf(codes.Internal, "quarantine before the first batch of epoch %d: %v", c.me.epoch, err)
 	}
 	pos := position{Epoch: c.me.epoch, Seq: cm.GetSeq(), Cut: cutTime(cm.GetCutUnixNano())}
-	if err := c.s.journal(c.paths).commit(b, pos, cm.GetFull()); err != nil {
+	j := c.s.journal(c.paths)
+	j.digests = c.v.digests
+	if err := j.commit(b, pos, cm.GetFull()); err != nil {
 		return batchStatus(fmt.Errorf("apply batch %d: %w", cm.GetSeq(), err))
 	}
 	c.pos = pos
