@@ -75,7 +75,7 @@ func (c *chunker) flush() error {
 		return nil
 	}
 	op := &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte(c.rel), Data: c.buf, Offset: uint64(c.off), More: true}
-	if c.enc != nil && len(c.buf) >= minCompress {
+	if c.enc != nil && len(c.buf) >= minCompress && pays(c.enc, c.buf[:min(len(c.buf), compressSample)]) {
 		// Kept only when it saves at least an eighth.
 		if z := c.enc.EncodeAll(c.buf, nil); len(z) < len(c.buf)-len(c.buf)/8 {
 			op.Data, op.Zstd = z, true
@@ -84,6 +84,16 @@ func (c *chunker) flush() error {
 	c.end = c.off + int64(len(c.buf))
 	c.buf = nil
 	return sendOp(c.send, op)
+}
+
+// compressSample is how much of a chunk is compressed first to tell
+// whether compressing the chunk pays: incompressible data (media, already
+// compressed or encrypted files) then costs 1/64 of the compression work.
+const compressSample = 16 << 10
+
+// pays reports whether compressing b saves at least an eighth.
+func pays(enc *zstd.Encoder, b []byte) bool {
+	return len(enc.EncodeAll(b, nil)) < len(b)-len(b)/8
 }
 
 // blockRead is what reading a file block by block found.
