@@ -12,6 +12,7 @@ import (
 	"time"
 
 	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
 )
 
 // indexFile is the primary's block index of a volume, in Paths.State.
@@ -138,7 +139,7 @@ func openIndex(dir string) (*index, error) {
 	path := filepath.Join(dir, indexFile)
 	opts := &bolt.Options{Timeout: time.Second, NoSync: true, NoFreelistSync: true}
 	db, err := bolt.Open(path, 0o600, opts)
-	if err != nil && !errors.Is(err, bolt.ErrTimeout) {
+	if err != nil && !errors.Is(err, berrors.ErrTimeout) {
 		// Written without fsync (it is rebuilt by the first cut): after a
 		// crash it may be unreadable; start afresh.
 		if rerr := os.Remove(path); rerr == nil {
@@ -226,7 +227,7 @@ type indexUpdate struct {
 func (x *index) apply(u *indexUpdate) error {
 	err := x.db.Update(func(tx *bolt.Tx) error {
 		if u.reset {
-			if err := tx.DeleteBucket(entriesBucket); err != nil && !errors.Is(err, bolt.ErrBucketNotFound) {
+			if err := tx.DeleteBucket(entriesBucket); err != nil && !errors.Is(err, berrors.ErrBucketNotFound) {
 				return err
 			}
 		}
