@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -418,5 +419,71 @@ func TestDigestCache(t *testing.T) {
 	c.remember(root, []applyOp{{kind: tetherpb.FileOp_KIND_DELETE, path: "f"}})
 	if len(c.m) != 0 {
 		t.Fatal("a deleted path stays remembered")
+	}
+}
+
+// TestRenameScenarios replays tricky renames (into a new directory, nested,
+// swaps, over an empty directory, a directory moved below a new one of its
+// old name, renames racing writes): after each the replica equals the
+// primary, and no batch was refused (no second full batch).
+func TestRenameScenarios(t *testing.T) {
+	c := newTestCluster(t)
+	c.startReplica("r1")
+	big := randomBytes(1 << 20)
+	must(t, os.WriteFile(c.path("a"), big, 0o644))
+	for _, d := range []string{"dir1/sub/deep", "d/x", "dirA/k", "dirB", "x"} {
+		must(t, os.MkdirAll(c.path(d), 0o755))
+	}
+	for _, f := range []string{"dir1/f", "dir1/sub/g", "dir1/sub/deep/h", "d/x/i", "dirA/k/l", "x/m", "f", "g"} {
+		c.write(f, f+" contents")
+	}
+	p := c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+	steps := []struct {
+		name string
+		do   func()
+	}{
+		{"into a new directory", func() {
+			must(t, os.Mkdir(c.path("Y"), 0o755))
+			must(t, os.Rename(c.path("a"), c.path("Y/a")))
+		}},
+		{"nested", func() {
+			must(t, os.Rename(c.path("dir1"), c.path("dir2")))
+			must(t, os.Rename(c.path("dir2/sub"), c.path("dir3")))
+		}},
+		{"swap", func() {
+			must(t, os.Rename(c.path("f"), c.path("g.tmp")))
+			must(t, os.Rename(c.path("g"), c.path("f")))
+			must(t, os.Rename(c.path("g.tmp"), c.path("g")))
+		}},
+		{"over an empty directory", func() { must(t, syscall.Rename(c.path("dirA"), c.path("dirB"))) }},
+		{"below a new directory of its old name", func() {
+			must(t, os.Rename(c.path("d"), c.path("e")))
+			must(t, os.Mkdir(c.path("d"), 0o755))
+			must(t, os.Rename(c.path("e"), c.path("d/e")))
+		}},
+		{"then written", func() {
+			must(t, os.Rename(c.path("x"), c.path("y")))
+			c.write("y/new", "new")
+			c.write("y/m", "changed")
+			writeAt(t, c.path("Y/a"), 5, []byte("changed"))
+			must(t, os.Rename(c.path("Y/a"), c.path("Y/b")))
+		}},
+		{"removed and recreated elsewhere", func() {
+			must(t, os.Remove(c.path("Y/b")))
+			must(t, os.WriteFile(c.path("Y/c"), big, 0o644))
+		}},
+	}
+	for _, s := range steps {
+		s.do()
+		testutil.EventuallyErr(t, 15*time.Second, func() error {
+			if err := c.diff("r1"); err != nil {
+				return fmt.Errorf("%s: %w", s.name, err)
+			}
+			return nil
+		})
+	}
+	if n := fullSentTo(p, "r1"); n != 1 {
+		t.Fatalf("full batches sent = %d, want only the initial one", n)
 	}
 }

@@ -95,11 +95,20 @@ func (p *plan) detectRenames(root *os.Root) error {
 	if err != nil || len(srcs) == 0 {
 		return err
 	}
-	var found []renameOp
+	cands := make([]string, 0, len(p.fresh))
 	for rel := range p.fresh {
+		cands = append(cands, rel)
+	}
+	slices.SortFunc(cands, func(a, b string) int {
+		if d := depthOf(a) - depthOf(b); d != 0 {
+			return d
+		}
+		return strings.Compare(a, b)
+	})
+	for _, rel := range cands {
 		fi, ok := p.planned(rel)
-		if !ok || rel == rootPath {
-			continue
+		if !ok || rel == rootPath || p.replacedBelow(parentOf(rel)) {
+			continue // below a directory the batch deletes first
 		}
 		src, ok := srcs[inoOf(fi)]
 		if !ok || src.kind != indexEntryOf(fi, time.Unix(0, 0)).kind || isUnder(rel, src.path) || isUnder(src.path, rel) {
@@ -109,6 +118,8 @@ func (p *plan) detectRenames(root *os.Root) error {
 			if _, whole := p.deletes[rel]; !whole {
 				continue // its subtree was not read: no way to tell what changed in it
 			}
+		} else if _, ok := p.deletes[rel]; ok {
+			continue
 		} else if n := indexEntryOf(fi, time.Unix(0, 0)).nlink; n != 1 {
 			continue
 		}
@@ -117,20 +128,17 @@ func (p *plan) detectRenames(root *os.Root) error {
 		} else if e != nil {
 			continue // not new: delete + send
 		}
-		found = append(found, renameOp{from: src.path, to: rel, ino: inoOf(fi), dir: fi.IsDir()})
-	}
-	slices.SortFunc(found, func(a, b renameOp) int {
-		if d := depthOf(a.to) - depthOf(b.to); d != 0 {
-			return d
+		delete(srcs, inoOf(fi))
+		delete(p.deletes, src.path)
+		p.renames = append(p.renames, renameOp{from: src.path, to: rel, ino: inoOf(fi), dir: fi.IsDir()})
+		if fi.IsDir() {
+			p.reconciling[rel] = true
+			delete(p.deletes, rel) // what lies below it may be a rename target too
 		}
-		return strings.Compare(a.to, b.to)
-	})
-	for _, r := range found {
-		delete(p.deletes, r.from)
-		p.renames = append(p.renames, r)
 	}
 	for _, r := range p.renames {
-		if _, whole := p.deletes[r.to]; r.dir && whole {
+		if r.dir && p.reconciling[r.to] {
+			delete(p.reconciling, r.to)
 			if err := p.reconcile(r); err != nil {
 				return err
 			}
@@ -182,7 +190,6 @@ func (p *plan) renameSources(root *os.Root) (map[uint64]renameSource, error) {
 // stat proves them unchanged since they were read are not sent (the
 // RENAME moves them), the rest is sent (as deltas against the old name).
 func (p *plan) reconcile(r renameOp) error {
-	delete(p.deletes, r.to)
 	return p.idx.under(r.from, func(old string, e *indexEntry) {
 		t := r.to + old[len(r.from):]
 		if p.origin(t) != old {

@@ -95,8 +95,11 @@ func (s *sender) run(ctx context.Context) {
 			delay = retryMin
 		}
 		wait := delay
-		if status.Code(err) == codes.DataLoss {
-			s.log.Warn("the replica's copy is not the previous cut a batch builds on; sending it the whole tree", "err", err)
+		if c := status.Code(err); c == codes.DataLoss || c == codes.InvalidArgument {
+			// DataLoss: its copy is not the cut the batch builds on.
+			// InvalidArgument: it refused the batch (a full one carries no
+			// deltas or renames, which depend on what the replica holds).
+			s.log.Warn("the replica refused a batch; sending it the whole tree", "err", err)
 			s.mu.Lock()
 			s.refused = true
 			s.mu.Unlock()

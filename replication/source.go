@@ -30,13 +30,14 @@ type plan struct {
 	// idx, on an incremental cut, is the index of the previous cut: files
 	// go as deltas against it and renames are told from deletes.
 	idx     *index
-	renames []renameOp      // sent first, in this order
-	touched map[string]bool // every dirty path the plan took
+	renames     []renameOp      // sent first, in this order
+	touched     map[string]bool // every dirty path the plan took
+	reconciling map[string]bool // renamed directories whose subtree is to be compared with the index
 }
 
 func newPlan() *plan {
 	return &plan{deletes: map[string]struct{}{}, dirs: map[string]fs.FileInfo{}, others: map[string]fs.FileInfo{},
-		fresh: map[string]struct{}{}, touched: map[string]bool{}}
+		fresh: map[string]struct{}{}, touched: map[string]bool{}, reconciling: map[string]bool{}}
 }
 
 // put plans entry rel of kind m (p.dirs or p.others) for reading.
