@@ -160,7 +160,9 @@ func TestRenameDirectoryTravelsAsRename(t *testing.T) {
 	}
 	must(t, os.WriteFile(c.path("large"), randomBytes(2<<20), 0o644))
 	p := c.startPrimary(1, "r1")
-	c.waitSynced("r1")
+	// The initial sync of 5,000 files can take long on a loaded machine
+	// under the race detector.
+	testutil.EventuallyErr(t, time.Minute, func() error { return c.diff("r1") })
 
 	c.wire.Store(0)
 	must(t, os.Rename(c.path("dir"), c.path("moved")))
