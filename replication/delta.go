@@ -283,8 +283,8 @@ func verifyBases(data string, ops []applyOp, full bool, cache *digestCache) erro
 		if !isDelta && op.kind != tetherpb.FileOp_KIND_RENAME {
 			continue
 		}
-		if full {
-			return fmt.Errorf("%w: a full batch carries a %s of %q that depends on the previous cut", errBadBatch, op.kind, op.path)
+		if full && !isDelta {
+			return fmt.Errorf("%w: a full batch carries a rename of %q", errBadBatch, op.path)
 		}
 		if err := open(); err != nil {
 			return err

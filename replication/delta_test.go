@@ -16,6 +16,8 @@ import (
 
 	"github.com/klauspost/compress/zstd"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/tether-io/tether/internal/testutil"
@@ -31,6 +33,20 @@ func countStream(n *atomic.Int64) grpc.StreamClientInterceptor {
 			return nil, err
 		}
 		return &countingStream{ClientStream: s, n: n}, nil
+	}
+}
+
+// countUnary is a client interceptor adding the encoded size of every
+// unary request and response to n.
+func countUnary(n *atomic.Int64) grpc.UnaryClientInterceptor {
+	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		err := invoker(ctx, method, req, reply, cc, opts...)
+		for _, m := range []any{req, reply} {
+			if pm, ok := m.(proto.Message); ok {
+				n.Add(int64(proto.Size(pm)))
+			}
+		}
+		return err
 	}
 }
 
@@ -351,7 +367,7 @@ func TestDeltaRefusals(t *testing.T) {
 		ops  []*tetherpb.FileOp
 		want error
 	}{
-		{"in a full batch", true, ops2, errBadBatch},
+		{"a rename in a full batch", true, append([]*tetherpb.FileOp{{Kind: tetherpb.FileOp_KIND_RENAME, Path: []byte("f"), NewPath: []byte("g")}}, ops2...), errBadBatch},
 		{"data outside the blocks", false, with(func(d *tetherpb.Delta) { d.Blocks = []uint64{2} }), errBadBatch},
 		{"blocks out of order", false, with(func(d *tetherpb.Delta) { d.Blocks = []uint64{1, 1} }), errBadBatch},
 		{"tiny block size", false, with(func(d *tetherpb.Delta) { d.BlockSize = 1 }), errBadBatch},
@@ -487,5 +503,73 @@ func TestRenameScenarios(t *testing.T) {
 	}
 	if n := fullSentTo(p, "r1"); n != 1 {
 		t.Fatalf("full batches sent = %d, want only the initial one", n)
+	}
+}
+
+// TestFullResyncSendsMissingBlocks restarts the primary after changing a
+// large file, adding one and removing another while it was down: the full
+// cut it starts with asks the replica which blocks it holds and sends only
+// the others (counting the BlockSums call), and the replica equals the
+// primary.
+func TestFullResyncSendsMissingBlocks(t *testing.T) {
+	c := newTestCluster(t)
+	c.startReplica("r1")
+	must(t, os.WriteFile(c.path("big"), randomBytes(4<<20), 0o644))
+	must(t, os.Mkdir(c.path("small"), 0o755))
+	for i := range 100 {
+		must(t, os.WriteFile(c.path(fmt.Sprintf("small/%03d", i)), randomBytes(1024), 0o644))
+	}
+	p := c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+	p.Stop()
+	writeAt(t, c.path("big"), 1<<20+100, randomBytes(64<<10))
+	must(t, os.WriteFile(c.path("new"), randomBytes(10<<10), 0o644))
+	must(t, os.Remove(c.path("small/007")))
+	c.wire.Store(0)
+	c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+	if n := c.wire.Load(); n > 200<<10 {
+		t.Fatalf("a full resync of a replica missing 74 KiB sent %d bytes", n)
+	} else {
+		t.Logf("a full resync of a replica missing 74 KiB sent %d bytes", n)
+	}
+}
+
+// TestBlockSumsRefusals asks a replica for block sums without an active
+// stream of that epoch, with a path leaving the volume and with a bad block
+// size: each is refused; a symlink and a missing path get no sums.
+func TestBlockSumsRefusals(t *testing.T) {
+	c := newTestCluster(t)
+	r := c.startReplica("r1")
+	data := c.replicaPaths("r1").Data
+	must(t, os.MkdirAll(data, 0o755))
+	must(t, os.WriteFile(filepath.Join(data, "f"), randomBytes(100<<10), 0o644))
+	must(t, os.Symlink("f", filepath.Join(data, "l")))
+	ask := func(epoch uint64, bs uint32, paths ...string) (*tetherpb.BlockSumsResponse, error) {
+		req := &tetherpb.BlockSumsRequest{Volume: testVolume, Epoch: epoch, BlockSize: bs}
+		for _, p := range paths {
+			req.Paths = append(req.Paths, []byte(p))
+		}
+		return r.srv.BlockSums(context.Background(), req)
+	}
+	if _, err := ask(1, blockSize, "f"); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("without a stream: %v, want FailedPrecondition", err)
+	}
+	_, err := openRaw(t, c, "r1", 2)
+	must(t, err)
+	if _, err := ask(1, blockSize, "f"); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("an older epoch than the stream's: %v, want FailedPrecondition", err)
+	}
+	if _, err := ask(2, blockSize, "../f"); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("a path leaving the volume: %v, want InvalidArgument", err)
+	}
+	if _, err := ask(2, 3, "f"); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("block size 3: %v, want InvalidArgument", err)
+	}
+	resp, err := ask(2, blockSize, "f", "l", "missing", "l/x")
+	must(t, err)
+	if resp.GetAnswered() != 4 || len(resp.GetFiles()) != 1 || string(resp.GetFiles()[0].GetPath()) != "f" ||
+		len(resp.GetFiles()[0].GetHashes()) != 2*hashLen {
+		t.Fatalf("sums = %v, want those of f only (2 blocks)", resp)
 	}
 }

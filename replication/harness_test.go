@@ -134,7 +134,7 @@ func (c *testCluster) dial(_ context.Context, node string) (tetherpb.Replication
 	if !ok {
 		var err error
 		cc, err = grpc.NewClient(r.addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithStreamInterceptor(countStream(&c.wire)))
+			grpc.WithStreamInterceptor(countStream(&c.wire)), grpc.WithUnaryInterceptor(countUnary(&c.wire)))
 		if err != nil {
 			return nil, err
 		}

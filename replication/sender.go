@@ -201,7 +201,7 @@ func (s *sender) session(ctx context.Context) (progressed bool, err error) {
 		defer wg.Done()
 		in.run(sctx, stream)
 	}()
-	return true, s.stream(ctx, stream, in)
+	return true, s.stream(ctx, client, stream, in)
 }
 
 // open opens the stream, says Hello and records the replica's answer.
@@ -278,7 +278,7 @@ func (s *sender) nextBatch(ctx context.Context, in *ackReader) (b *cutBatch, ful
 
 // stream sends cuts as they are taken, one at a time, each awaiting its
 // ack.
-func (s *sender) stream(ctx context.Context, stream tetherpb.Replication_StreamClient, in *ackReader) error {
+func (s *sender) stream(ctx context.Context, client tetherpb.ReplicationClient, stream tetherpb.Replication_StreamClient, in *ackReader) error {
 	for {
 		b, full, err := s.nextBatch(ctx, in)
 		if err != nil {
@@ -289,7 +289,19 @@ func (s *sender) stream(ctx context.Context, stream tetherpb.Replication_StreamC
 			s.fullSent++
 			s.mu.Unlock()
 		}
-		if err := b.send(stream.Send, full); err != nil && !errors.Is(err, io.EOF) {
+		send, filter := stream.Send, (*sumsFilter)(nil)
+		if b.full && (full || b.delta == nil) {
+			// The replica may hold files already: send what it lacks.
+			if sums := s.blockSums(ctx, client, b); len(sums) > 0 {
+				filter = &sumsFilter{next: send, sums: sums, entries: b.sp.entries}
+				send = filter.send
+			}
+		}
+		err = b.send(send, full)
+		if filter != nil {
+			filter.close()
+		}
+		if err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("send batch %d to %s: %w", b.seq, s.node, err)
 		} // on io.EOF the replica ended the stream; its status says why
 		s.log.Debug("batch sent", "seq", b.seq, "full", b.full, "items", len(b.items))

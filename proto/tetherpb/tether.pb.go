@@ -100,7 +100,199 @@ func (x FileOp_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FileOp_Kind.Descriptor instead.
 func (FileOp_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{2, 0}
+	return file_tether_proto_rawDescGZIP(), []int{5, 0}
+}
+
+type BlockSumsRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Volume string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Epoch  uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// At most 4096 paths.
+	Paths         [][]byte `protobuf:"bytes,3,rep,name=paths,proto3" json:"paths,omitempty"`
+	BlockSize     uint32   `protobuf:"varint,4,opt,name=block_size,json=blockSize,proto3" json:"block_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BlockSumsRequest) Reset() {
+	*x = BlockSumsRequest{}
+	mi := &file_tether_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BlockSumsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BlockSumsRequest) ProtoMessage() {}
+
+func (x *BlockSumsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BlockSumsRequest.ProtoReflect.Descriptor instead.
+func (*BlockSumsRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *BlockSumsRequest) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *BlockSumsRequest) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *BlockSumsRequest) GetPaths() [][]byte {
+	if x != nil {
+		return x.Paths
+	}
+	return nil
+}
+
+func (x *BlockSumsRequest) GetBlockSize() uint32 {
+	if x != nil {
+		return x.BlockSize
+	}
+	return 0
+}
+
+type BlockSumsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How many of the paths asked (a prefix) the response answers; the
+	// primary asks again for the rest.
+	Answered      uint32      `protobuf:"varint,1,opt,name=answered,proto3" json:"answered,omitempty"`
+	Files         []*FileSums `protobuf:"bytes,2,rep,name=files,proto3" json:"files,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BlockSumsResponse) Reset() {
+	*x = BlockSumsResponse{}
+	mi := &file_tether_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BlockSumsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BlockSumsResponse) ProtoMessage() {}
+
+func (x *BlockSumsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BlockSumsResponse.ProtoReflect.Descriptor instead.
+func (*BlockSumsResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *BlockSumsResponse) GetAnswered() uint32 {
+	if x != nil {
+		return x.Answered
+	}
+	return 0
+}
+
+func (x *BlockSumsResponse) GetFiles() []*FileSums {
+	if x != nil {
+		return x.Files
+	}
+	return nil
+}
+
+type FileSums struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          []byte                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	Size          uint64                 `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	MtimeUnixNano int64                  `protobuf:"varint,3,opt,name=mtime_unix_nano,json=mtimeUnixNano,proto3" json:"mtime_unix_nano,omitempty"`
+	// BLAKE3-256 of each block (32 bytes each).
+	Hashes        []byte `protobuf:"bytes,4,opt,name=hashes,proto3" json:"hashes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FileSums) Reset() {
+	*x = FileSums{}
+	mi := &file_tether_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FileSums) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FileSums) ProtoMessage() {}
+
+func (x *FileSums) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FileSums.ProtoReflect.Descriptor instead.
+func (*FileSums) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *FileSums) GetPath() []byte {
+	if x != nil {
+		return x.Path
+	}
+	return nil
+}
+
+func (x *FileSums) GetSize() uint64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *FileSums) GetMtimeUnixNano() int64 {
+	if x != nil {
+		return x.MtimeUnixNano
+	}
+	return 0
+}
+
+func (x *FileSums) GetHashes() []byte {
+	if x != nil {
+		return x.Hashes
+	}
+	return nil
 }
 
 type StreamRequest struct {
@@ -117,7 +309,7 @@ type StreamRequest struct {
 
 func (x *StreamRequest) Reset() {
 	*x = StreamRequest{}
-	mi := &file_tether_proto_msgTypes[0]
+	mi := &file_tether_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -129,7 +321,7 @@ func (x *StreamRequest) String() string {
 func (*StreamRequest) ProtoMessage() {}
 
 func (x *StreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[0]
+	mi := &file_tether_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -142,7 +334,7 @@ func (x *StreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRequest.ProtoReflect.Descriptor instead.
 func (*StreamRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{0}
+	return file_tether_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *StreamRequest) GetKind() isStreamRequest_Kind {
@@ -214,7 +406,7 @@ type Hello struct {
 
 func (x *Hello) Reset() {
 	*x = Hello{}
-	mi := &file_tether_proto_msgTypes[1]
+	mi := &file_tether_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -226,7 +418,7 @@ func (x *Hello) String() string {
 func (*Hello) ProtoMessage() {}
 
 func (x *Hello) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[1]
+	mi := &file_tether_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -239,7 +431,7 @@ func (x *Hello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Hello.ProtoReflect.Descriptor instead.
 func (*Hello) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{1}
+	return file_tether_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Hello) GetVolume() string {
@@ -307,7 +499,7 @@ type FileOp struct {
 
 func (x *FileOp) Reset() {
 	*x = FileOp{}
-	mi := &file_tether_proto_msgTypes[2]
+	mi := &file_tether_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -319,7 +511,7 @@ func (x *FileOp) String() string {
 func (*FileOp) ProtoMessage() {}
 
 func (x *FileOp) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[2]
+	mi := &file_tether_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -332,7 +524,7 @@ func (x *FileOp) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileOp.ProtoReflect.Descriptor instead.
 func (*FileOp) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{2}
+	return file_tether_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *FileOp) GetKind() FileOp_Kind {
@@ -476,7 +668,7 @@ type Delta struct {
 
 func (x *Delta) Reset() {
 	*x = Delta{}
-	mi := &file_tether_proto_msgTypes[3]
+	mi := &file_tether_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -488,7 +680,7 @@ func (x *Delta) String() string {
 func (*Delta) ProtoMessage() {}
 
 func (x *Delta) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[3]
+	mi := &file_tether_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -501,7 +693,7 @@ func (x *Delta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Delta.ProtoReflect.Descriptor instead.
 func (*Delta) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{3}
+	return file_tether_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Delta) GetBaseSize() uint64 {
@@ -549,7 +741,7 @@ type Xattr struct {
 
 func (x *Xattr) Reset() {
 	*x = Xattr{}
-	mi := &file_tether_proto_msgTypes[4]
+	mi := &file_tether_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -561,7 +753,7 @@ func (x *Xattr) String() string {
 func (*Xattr) ProtoMessage() {}
 
 func (x *Xattr) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[4]
+	mi := &file_tether_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -574,7 +766,7 @@ func (x *Xattr) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Xattr.ProtoReflect.Descriptor instead.
 func (*Xattr) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{4}
+	return file_tether_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Xattr) GetName() []byte {
@@ -610,7 +802,7 @@ type Commit struct {
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -622,7 +814,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -635,7 +827,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{5}
+	return file_tether_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Commit) GetSeq() uint64 {
@@ -678,7 +870,7 @@ type StreamAck struct {
 
 func (x *StreamAck) Reset() {
 	*x = StreamAck{}
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -690,7 +882,7 @@ func (x *StreamAck) String() string {
 func (*StreamAck) ProtoMessage() {}
 
 func (x *StreamAck) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -703,7 +895,7 @@ func (x *StreamAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamAck.ProtoReflect.Descriptor instead.
 func (*StreamAck) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{6}
+	return file_tether_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *StreamAck) GetEpoch() uint64 {
@@ -736,7 +928,7 @@ type RenewLeaseRequest struct {
 
 func (x *RenewLeaseRequest) Reset() {
 	*x = RenewLeaseRequest{}
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -748,7 +940,7 @@ func (x *RenewLeaseRequest) String() string {
 func (*RenewLeaseRequest) ProtoMessage() {}
 
 func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -761,7 +953,7 @@ func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RenewLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{7}
+	return file_tether_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RenewLeaseRequest) GetNode() string {
@@ -782,7 +974,7 @@ type RenewLeaseResponse struct {
 
 func (x *RenewLeaseResponse) Reset() {
 	*x = RenewLeaseResponse{}
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -794,7 +986,7 @@ func (x *RenewLeaseResponse) String() string {
 func (*RenewLeaseResponse) ProtoMessage() {}
 
 func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -807,7 +999,7 @@ func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{8}
+	return file_tether_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RenewLeaseResponse) GetIndex() uint64 {
@@ -826,7 +1018,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -838,7 +1030,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -851,7 +1043,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{9}
+	return file_tether_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ApplyRequest) GetCommand() []byte {
@@ -873,7 +1065,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -885,7 +1077,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -898,7 +1090,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{10}
+	return file_tether_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ApplyResponse) GetIndex() uint64 {
@@ -924,7 +1116,7 @@ type PrimaryStatusRequest struct {
 
 func (x *PrimaryStatusRequest) Reset() {
 	*x = PrimaryStatusRequest{}
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -936,7 +1128,7 @@ func (x *PrimaryStatusRequest) String() string {
 func (*PrimaryStatusRequest) ProtoMessage() {}
 
 func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -949,7 +1141,7 @@ func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusRequest.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{11}
+	return file_tether_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *PrimaryStatusRequest) GetVolume() string {
@@ -974,7 +1166,7 @@ type PrimaryStatusResponse struct {
 
 func (x *PrimaryStatusResponse) Reset() {
 	*x = PrimaryStatusResponse{}
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -986,7 +1178,7 @@ func (x *PrimaryStatusResponse) String() string {
 func (*PrimaryStatusResponse) ProtoMessage() {}
 
 func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -999,7 +1191,7 @@ func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusResponse.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{12}
+	return file_tether_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *PrimaryStatusResponse) GetReplicas() []*ReplicaStatus {
@@ -1060,7 +1252,7 @@ type ReplicaStatus struct {
 
 func (x *ReplicaStatus) Reset() {
 	*x = ReplicaStatus{}
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1072,7 +1264,7 @@ func (x *ReplicaStatus) String() string {
 func (*ReplicaStatus) ProtoMessage() {}
 
 func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1085,7 +1277,7 @@ func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaStatus.ProtoReflect.Descriptor instead.
 func (*ReplicaStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{13}
+	return file_tether_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ReplicaStatus) GetNode() string {
@@ -1147,7 +1339,7 @@ type VolumeUpdateRequest struct {
 
 func (x *VolumeUpdateRequest) Reset() {
 	*x = VolumeUpdateRequest{}
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1159,7 +1351,7 @@ func (x *VolumeUpdateRequest) String() string {
 func (*VolumeUpdateRequest) ProtoMessage() {}
 
 func (x *VolumeUpdateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1172,7 +1364,7 @@ func (x *VolumeUpdateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUpdateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeUpdateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{14}
+	return file_tether_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *VolumeUpdateRequest) GetName() string {
@@ -1226,7 +1418,7 @@ type VolumeUpdateResponse struct {
 
 func (x *VolumeUpdateResponse) Reset() {
 	*x = VolumeUpdateResponse{}
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1238,7 +1430,7 @@ func (x *VolumeUpdateResponse) String() string {
 func (*VolumeUpdateResponse) ProtoMessage() {}
 
 func (x *VolumeUpdateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1251,7 +1443,7 @@ func (x *VolumeUpdateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUpdateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeUpdateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{15}
+	return file_tether_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *VolumeUpdateResponse) GetVolume() *Volume {
@@ -1274,7 +1466,7 @@ type VolumePromoteRequest struct {
 
 func (x *VolumePromoteRequest) Reset() {
 	*x = VolumePromoteRequest{}
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1286,7 +1478,7 @@ func (x *VolumePromoteRequest) String() string {
 func (*VolumePromoteRequest) ProtoMessage() {}
 
 func (x *VolumePromoteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1299,7 +1491,7 @@ func (x *VolumePromoteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePromoteRequest.ProtoReflect.Descriptor instead.
 func (*VolumePromoteRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{16}
+	return file_tether_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *VolumePromoteRequest) GetName() string {
@@ -1335,7 +1527,7 @@ type VolumePromoteResponse struct {
 
 func (x *VolumePromoteResponse) Reset() {
 	*x = VolumePromoteResponse{}
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1347,7 +1539,7 @@ func (x *VolumePromoteResponse) String() string {
 func (*VolumePromoteResponse) ProtoMessage() {}
 
 func (x *VolumePromoteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1360,7 +1552,7 @@ func (x *VolumePromoteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePromoteResponse.ProtoReflect.Descriptor instead.
 func (*VolumePromoteResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{17}
+	return file_tether_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *VolumePromoteResponse) GetVolume() *Volume {
@@ -1389,7 +1581,7 @@ type VolumeMoveRequest struct {
 
 func (x *VolumeMoveRequest) Reset() {
 	*x = VolumeMoveRequest{}
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1401,7 +1593,7 @@ func (x *VolumeMoveRequest) String() string {
 func (*VolumeMoveRequest) ProtoMessage() {}
 
 func (x *VolumeMoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1414,7 +1606,7 @@ func (x *VolumeMoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeMoveRequest.ProtoReflect.Descriptor instead.
 func (*VolumeMoveRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{18}
+	return file_tether_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *VolumeMoveRequest) GetName() string {
@@ -1448,7 +1640,7 @@ type VolumeMoveResponse struct {
 
 func (x *VolumeMoveResponse) Reset() {
 	*x = VolumeMoveResponse{}
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1460,7 +1652,7 @@ func (x *VolumeMoveResponse) String() string {
 func (*VolumeMoveResponse) ProtoMessage() {}
 
 func (x *VolumeMoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1473,7 +1665,7 @@ func (x *VolumeMoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeMoveResponse.ProtoReflect.Descriptor instead.
 func (*VolumeMoveResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{19}
+	return file_tether_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *VolumeMoveResponse) GetVolume() *Volume {
@@ -1498,7 +1690,7 @@ type MembersRequest struct {
 
 func (x *MembersRequest) Reset() {
 	*x = MembersRequest{}
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1510,7 +1702,7 @@ func (x *MembersRequest) String() string {
 func (*MembersRequest) ProtoMessage() {}
 
 func (x *MembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1523,7 +1715,7 @@ func (x *MembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersRequest.ProtoReflect.Descriptor instead.
 func (*MembersRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{20}
+	return file_tether_proto_rawDescGZIP(), []int{23}
 }
 
 type Member struct {
@@ -1543,7 +1735,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1555,7 +1747,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1568,7 +1760,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{21}
+	return file_tether_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Member) GetName() string {
@@ -1629,7 +1821,7 @@ type MembersResponse struct {
 
 func (x *MembersResponse) Reset() {
 	*x = MembersResponse{}
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1641,7 +1833,7 @@ func (x *MembersResponse) String() string {
 func (*MembersResponse) ProtoMessage() {}
 
 func (x *MembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1654,7 +1846,7 @@ func (x *MembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersResponse.ProtoReflect.Descriptor instead.
 func (*MembersResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{22}
+	return file_tether_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *MembersResponse) GetMembers() []*Member {
@@ -1672,7 +1864,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1684,7 +1876,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1697,7 +1889,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{23}
+	return file_tether_proto_rawDescGZIP(), []int{26}
 }
 
 type StatusResponse struct {
@@ -1727,7 +1919,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1739,7 +1931,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1752,7 +1944,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{24}
+	return file_tether_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *StatusResponse) GetNode() string {
@@ -1866,7 +2058,7 @@ type Quarantine struct {
 
 func (x *Quarantine) Reset() {
 	*x = Quarantine{}
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1878,7 +2070,7 @@ func (x *Quarantine) String() string {
 func (*Quarantine) ProtoMessage() {}
 
 func (x *Quarantine) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1891,7 +2083,7 @@ func (x *Quarantine) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quarantine.ProtoReflect.Descriptor instead.
 func (*Quarantine) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{25}
+	return file_tether_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *Quarantine) GetVolume() string {
@@ -1941,7 +2133,7 @@ type FencedVolume struct {
 
 func (x *FencedVolume) Reset() {
 	*x = FencedVolume{}
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1953,7 +2145,7 @@ func (x *FencedVolume) String() string {
 func (*FencedVolume) ProtoMessage() {}
 
 func (x *FencedVolume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1966,7 +2158,7 @@ func (x *FencedVolume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FencedVolume.ProtoReflect.Descriptor instead.
 func (*FencedVolume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{26}
+	return file_tether_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *FencedVolume) GetName() string {
@@ -2009,7 +2201,7 @@ type Security struct {
 
 func (x *Security) Reset() {
 	*x = Security{}
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2021,7 +2213,7 @@ func (x *Security) String() string {
 func (*Security) ProtoMessage() {}
 
 func (x *Security) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2034,7 +2226,7 @@ func (x *Security) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Security.ProtoReflect.Descriptor instead.
 func (*Security) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{27}
+	return file_tether_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Security) GetTls() bool {
@@ -2076,7 +2268,7 @@ type VolumeCreateRequest struct {
 
 func (x *VolumeCreateRequest) Reset() {
 	*x = VolumeCreateRequest{}
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2088,7 +2280,7 @@ func (x *VolumeCreateRequest) String() string {
 func (*VolumeCreateRequest) ProtoMessage() {}
 
 func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2101,7 +2293,7 @@ func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeCreateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{28}
+	return file_tether_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *VolumeCreateRequest) GetName() string {
@@ -2148,7 +2340,7 @@ type VolumeCreateResponse struct {
 
 func (x *VolumeCreateResponse) Reset() {
 	*x = VolumeCreateResponse{}
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2160,7 +2352,7 @@ func (x *VolumeCreateResponse) String() string {
 func (*VolumeCreateResponse) ProtoMessage() {}
 
 func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2173,7 +2365,7 @@ func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeCreateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{29}
+	return file_tether_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *VolumeCreateResponse) GetVolume() *Volume {
@@ -2191,7 +2383,7 @@ type VolumeListRequest struct {
 
 func (x *VolumeListRequest) Reset() {
 	*x = VolumeListRequest{}
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2203,7 +2395,7 @@ func (x *VolumeListRequest) String() string {
 func (*VolumeListRequest) ProtoMessage() {}
 
 func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2216,7 +2408,7 @@ func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListRequest.ProtoReflect.Descriptor instead.
 func (*VolumeListRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{30}
+	return file_tether_proto_rawDescGZIP(), []int{33}
 }
 
 type VolumeListResponse struct {
@@ -2228,7 +2420,7 @@ type VolumeListResponse struct {
 
 func (x *VolumeListResponse) Reset() {
 	*x = VolumeListResponse{}
-	mi := &file_tether_proto_msgTypes[31]
+	mi := &file_tether_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2240,7 +2432,7 @@ func (x *VolumeListResponse) String() string {
 func (*VolumeListResponse) ProtoMessage() {}
 
 func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[31]
+	mi := &file_tether_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2253,7 +2445,7 @@ func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListResponse.ProtoReflect.Descriptor instead.
 func (*VolumeListResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{31}
+	return file_tether_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *VolumeListResponse) GetVolumes() []*Volume {
@@ -2272,7 +2464,7 @@ type VolumeInspectRequest struct {
 
 func (x *VolumeInspectRequest) Reset() {
 	*x = VolumeInspectRequest{}
-	mi := &file_tether_proto_msgTypes[32]
+	mi := &file_tether_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2284,7 +2476,7 @@ func (x *VolumeInspectRequest) String() string {
 func (*VolumeInspectRequest) ProtoMessage() {}
 
 func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[32]
+	mi := &file_tether_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2297,7 +2489,7 @@ func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectRequest.ProtoReflect.Descriptor instead.
 func (*VolumeInspectRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{32}
+	return file_tether_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *VolumeInspectRequest) GetName() string {
@@ -2317,7 +2509,7 @@ type VolumeInspectResponse struct {
 
 func (x *VolumeInspectResponse) Reset() {
 	*x = VolumeInspectResponse{}
-	mi := &file_tether_proto_msgTypes[33]
+	mi := &file_tether_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2329,7 +2521,7 @@ func (x *VolumeInspectResponse) String() string {
 func (*VolumeInspectResponse) ProtoMessage() {}
 
 func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[33]
+	mi := &file_tether_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2342,7 +2534,7 @@ func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectResponse.ProtoReflect.Descriptor instead.
 func (*VolumeInspectResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{33}
+	return file_tether_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *VolumeInspectResponse) GetVolume() *Volume {
@@ -2390,7 +2582,7 @@ type Volume struct {
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_tether_proto_msgTypes[34]
+	mi := &file_tether_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2402,7 +2594,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[34]
+	mi := &file_tether_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2415,7 +2607,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{34}
+	return file_tether_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *Volume) GetName() string {
@@ -2535,7 +2727,7 @@ type ReplicaProgress struct {
 
 func (x *ReplicaProgress) Reset() {
 	*x = ReplicaProgress{}
-	mi := &file_tether_proto_msgTypes[35]
+	mi := &file_tether_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2547,7 +2739,7 @@ func (x *ReplicaProgress) String() string {
 func (*ReplicaProgress) ProtoMessage() {}
 
 func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[35]
+	mi := &file_tether_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2560,7 +2752,7 @@ func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaProgress.ProtoReflect.Descriptor instead.
 func (*ReplicaProgress) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{35}
+	return file_tether_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *ReplicaProgress) GetNode() string {
@@ -2610,7 +2802,7 @@ type VolumeStatus struct {
 
 func (x *VolumeStatus) Reset() {
 	*x = VolumeStatus{}
-	mi := &file_tether_proto_msgTypes[36]
+	mi := &file_tether_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2622,7 +2814,7 @@ func (x *VolumeStatus) String() string {
 func (*VolumeStatus) ProtoMessage() {}
 
 func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[36]
+	mi := &file_tether_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2635,7 +2827,7 @@ func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
 func (*VolumeStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{36}
+	return file_tether_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *VolumeStatus) GetName() string {
@@ -2696,7 +2888,7 @@ type VolumeRemoveRequest struct {
 
 func (x *VolumeRemoveRequest) Reset() {
 	*x = VolumeRemoveRequest{}
-	mi := &file_tether_proto_msgTypes[37]
+	mi := &file_tether_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2708,7 +2900,7 @@ func (x *VolumeRemoveRequest) String() string {
 func (*VolumeRemoveRequest) ProtoMessage() {}
 
 func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[37]
+	mi := &file_tether_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2721,7 +2913,7 @@ func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveRequest.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{37}
+	return file_tether_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *VolumeRemoveRequest) GetName() string {
@@ -2740,7 +2932,7 @@ type VolumeRemoveResponse struct {
 
 func (x *VolumeRemoveResponse) Reset() {
 	*x = VolumeRemoveResponse{}
-	mi := &file_tether_proto_msgTypes[38]
+	mi := &file_tether_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2752,7 +2944,7 @@ func (x *VolumeRemoveResponse) String() string {
 func (*VolumeRemoveResponse) ProtoMessage() {}
 
 func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[38]
+	mi := &file_tether_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2765,7 +2957,7 @@ func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveResponse.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{38}
+	return file_tether_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *VolumeRemoveResponse) GetVolume() *Volume {
@@ -2784,7 +2976,7 @@ type VolumeUndeleteRequest struct {
 
 func (x *VolumeUndeleteRequest) Reset() {
 	*x = VolumeUndeleteRequest{}
-	mi := &file_tether_proto_msgTypes[39]
+	mi := &file_tether_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2796,7 +2988,7 @@ func (x *VolumeUndeleteRequest) String() string {
 func (*VolumeUndeleteRequest) ProtoMessage() {}
 
 func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[39]
+	mi := &file_tether_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2809,7 +3001,7 @@ func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteRequest.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{39}
+	return file_tether_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *VolumeUndeleteRequest) GetName() string {
@@ -2828,7 +3020,7 @@ type VolumeUndeleteResponse struct {
 
 func (x *VolumeUndeleteResponse) Reset() {
 	*x = VolumeUndeleteResponse{}
-	mi := &file_tether_proto_msgTypes[40]
+	mi := &file_tether_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2840,7 +3032,7 @@ func (x *VolumeUndeleteResponse) String() string {
 func (*VolumeUndeleteResponse) ProtoMessage() {}
 
 func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[40]
+	mi := &file_tether_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2853,7 +3045,7 @@ func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteResponse.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{40}
+	return file_tether_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *VolumeUndeleteResponse) GetVolume() *Volume {
@@ -2872,7 +3064,7 @@ type VolumePurgeRequest struct {
 
 func (x *VolumePurgeRequest) Reset() {
 	*x = VolumePurgeRequest{}
-	mi := &file_tether_proto_msgTypes[41]
+	mi := &file_tether_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2884,7 +3076,7 @@ func (x *VolumePurgeRequest) String() string {
 func (*VolumePurgeRequest) ProtoMessage() {}
 
 func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[41]
+	mi := &file_tether_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2897,7 +3089,7 @@ func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeRequest.ProtoReflect.Descriptor instead.
 func (*VolumePurgeRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{41}
+	return file_tether_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *VolumePurgeRequest) GetName() string {
@@ -2915,7 +3107,7 @@ type VolumePurgeResponse struct {
 
 func (x *VolumePurgeResponse) Reset() {
 	*x = VolumePurgeResponse{}
-	mi := &file_tether_proto_msgTypes[42]
+	mi := &file_tether_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2927,7 +3119,7 @@ func (x *VolumePurgeResponse) String() string {
 func (*VolumePurgeResponse) ProtoMessage() {}
 
 func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[42]
+	mi := &file_tether_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2940,14 +3132,28 @@ func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeResponse.ProtoReflect.Descriptor instead.
 func (*VolumePurgeResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{42}
+	return file_tether_proto_rawDescGZIP(), []int{45}
 }
 
 var File_tether_proto protoreflect.FileDescriptor
 
 const file_tether_proto_rawDesc = "" +
 	"\n" +
-	"\ftether.proto\x12\ttether.v1\"\x93\x01\n" +
+	"\ftether.proto\x12\ttether.v1\"u\n" +
+	"\x10BlockSumsRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x14\n" +
+	"\x05paths\x18\x03 \x03(\fR\x05paths\x12\x1d\n" +
+	"\n" +
+	"block_size\x18\x04 \x01(\rR\tblockSize\"Z\n" +
+	"\x11BlockSumsResponse\x12\x1a\n" +
+	"\banswered\x18\x01 \x01(\rR\banswered\x12)\n" +
+	"\x05files\x18\x02 \x03(\v2\x13.tether.v1.FileSumsR\x05files\"r\n" +
+	"\bFileSums\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\fR\x04path\x12\x12\n" +
+	"\x04size\x18\x02 \x01(\x04R\x04size\x12&\n" +
+	"\x0fmtime_unix_nano\x18\x03 \x01(\x03R\rmtimeUnixNano\x12\x16\n" +
+	"\x06hashes\x18\x04 \x01(\fR\x06hashes\"\x93\x01\n" +
 	"\rStreamRequest\x12(\n" +
 	"\x05hello\x18\x01 \x01(\v2\x10.tether.v1.HelloH\x00R\x05hello\x12#\n" +
 	"\x02op\x18\x02 \x01(\v2\x11.tether.v1.FileOpH\x00R\x02op\x12+\n" +
@@ -3181,9 +3387,10 @@ const file_tether_proto_rawDesc = "" +
 	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\"(\n" +
 	"\x12VolumePurgeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x15\n" +
-	"\x13VolumePurgeResponse2K\n" +
+	"\x13VolumePurgeResponse2\x93\x01\n" +
 	"\vReplication\x12<\n" +
-	"\x06Stream\x12\x18.tether.v1.StreamRequest\x1a\x14.tether.v1.StreamAck(\x010\x012\xf4\x02\n" +
+	"\x06Stream\x12\x18.tether.v1.StreamRequest\x1a\x14.tether.v1.StreamAck(\x010\x01\x12F\n" +
+	"\tBlockSums\x12\x1b.tether.v1.BlockSumsRequest\x1a\x1c.tether.v1.BlockSumsResponse2\xf4\x02\n" +
 	"\x04Peer\x12:\n" +
 	"\x05Apply\x12\x17.tether.v1.ApplyRequest\x1a\x18.tether.v1.ApplyResponse\x12R\n" +
 	"\rPrimaryStatus\x12\x1f.tether.v1.PrimaryStatusRequest\x1a .tether.v1.PrimaryStatusResponse\x12I\n" +
@@ -3219,124 +3426,130 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 50)
 var file_tether_proto_goTypes = []any{
 	(FileOp_Kind)(0),               // 0: tether.v1.FileOp.Kind
-	(*StreamRequest)(nil),          // 1: tether.v1.StreamRequest
-	(*Hello)(nil),                  // 2: tether.v1.Hello
-	(*FileOp)(nil),                 // 3: tether.v1.FileOp
-	(*Delta)(nil),                  // 4: tether.v1.Delta
-	(*Xattr)(nil),                  // 5: tether.v1.Xattr
-	(*Commit)(nil),                 // 6: tether.v1.Commit
-	(*StreamAck)(nil),              // 7: tether.v1.StreamAck
-	(*RenewLeaseRequest)(nil),      // 8: tether.v1.RenewLeaseRequest
-	(*RenewLeaseResponse)(nil),     // 9: tether.v1.RenewLeaseResponse
-	(*ApplyRequest)(nil),           // 10: tether.v1.ApplyRequest
-	(*ApplyResponse)(nil),          // 11: tether.v1.ApplyResponse
-	(*PrimaryStatusRequest)(nil),   // 12: tether.v1.PrimaryStatusRequest
-	(*PrimaryStatusResponse)(nil),  // 13: tether.v1.PrimaryStatusResponse
-	(*ReplicaStatus)(nil),          // 14: tether.v1.ReplicaStatus
-	(*VolumeUpdateRequest)(nil),    // 15: tether.v1.VolumeUpdateRequest
-	(*VolumeUpdateResponse)(nil),   // 16: tether.v1.VolumeUpdateResponse
-	(*VolumePromoteRequest)(nil),   // 17: tether.v1.VolumePromoteRequest
-	(*VolumePromoteResponse)(nil),  // 18: tether.v1.VolumePromoteResponse
-	(*VolumeMoveRequest)(nil),      // 19: tether.v1.VolumeMoveRequest
-	(*VolumeMoveResponse)(nil),     // 20: tether.v1.VolumeMoveResponse
-	(*MembersRequest)(nil),         // 21: tether.v1.MembersRequest
-	(*Member)(nil),                 // 22: tether.v1.Member
-	(*MembersResponse)(nil),        // 23: tether.v1.MembersResponse
-	(*StatusRequest)(nil),          // 24: tether.v1.StatusRequest
-	(*StatusResponse)(nil),         // 25: tether.v1.StatusResponse
-	(*Quarantine)(nil),             // 26: tether.v1.Quarantine
-	(*FencedVolume)(nil),           // 27: tether.v1.FencedVolume
-	(*Security)(nil),               // 28: tether.v1.Security
-	(*VolumeCreateRequest)(nil),    // 29: tether.v1.VolumeCreateRequest
-	(*VolumeCreateResponse)(nil),   // 30: tether.v1.VolumeCreateResponse
-	(*VolumeListRequest)(nil),      // 31: tether.v1.VolumeListRequest
-	(*VolumeListResponse)(nil),     // 32: tether.v1.VolumeListResponse
-	(*VolumeInspectRequest)(nil),   // 33: tether.v1.VolumeInspectRequest
-	(*VolumeInspectResponse)(nil),  // 34: tether.v1.VolumeInspectResponse
-	(*Volume)(nil),                 // 35: tether.v1.Volume
-	(*ReplicaProgress)(nil),        // 36: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),           // 37: tether.v1.VolumeStatus
-	(*VolumeRemoveRequest)(nil),    // 38: tether.v1.VolumeRemoveRequest
-	(*VolumeRemoveResponse)(nil),   // 39: tether.v1.VolumeRemoveResponse
-	(*VolumeUndeleteRequest)(nil),  // 40: tether.v1.VolumeUndeleteRequest
-	(*VolumeUndeleteResponse)(nil), // 41: tether.v1.VolumeUndeleteResponse
-	(*VolumePurgeRequest)(nil),     // 42: tether.v1.VolumePurgeRequest
-	(*VolumePurgeResponse)(nil),    // 43: tether.v1.VolumePurgeResponse
-	nil,                            // 44: tether.v1.VolumeUpdateRequest.PlacementEntry
-	nil,                            // 45: tether.v1.Member.LabelsEntry
-	nil,                            // 46: tether.v1.VolumeCreateRequest.PlacementEntry
-	nil,                            // 47: tether.v1.Volume.PlacementEntry
+	(*BlockSumsRequest)(nil),       // 1: tether.v1.BlockSumsRequest
+	(*BlockSumsResponse)(nil),      // 2: tether.v1.BlockSumsResponse
+	(*FileSums)(nil),               // 3: tether.v1.FileSums
+	(*StreamRequest)(nil),          // 4: tether.v1.StreamRequest
+	(*Hello)(nil),                  // 5: tether.v1.Hello
+	(*FileOp)(nil),                 // 6: tether.v1.FileOp
+	(*Delta)(nil),                  // 7: tether.v1.Delta
+	(*Xattr)(nil),                  // 8: tether.v1.Xattr
+	(*Commit)(nil),                 // 9: tether.v1.Commit
+	(*StreamAck)(nil),              // 10: tether.v1.StreamAck
+	(*RenewLeaseRequest)(nil),      // 11: tether.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),     // 12: tether.v1.RenewLeaseResponse
+	(*ApplyRequest)(nil),           // 13: tether.v1.ApplyRequest
+	(*ApplyResponse)(nil),          // 14: tether.v1.ApplyResponse
+	(*PrimaryStatusRequest)(nil),   // 15: tether.v1.PrimaryStatusRequest
+	(*PrimaryStatusResponse)(nil),  // 16: tether.v1.PrimaryStatusResponse
+	(*ReplicaStatus)(nil),          // 17: tether.v1.ReplicaStatus
+	(*VolumeUpdateRequest)(nil),    // 18: tether.v1.VolumeUpdateRequest
+	(*VolumeUpdateResponse)(nil),   // 19: tether.v1.VolumeUpdateResponse
+	(*VolumePromoteRequest)(nil),   // 20: tether.v1.VolumePromoteRequest
+	(*VolumePromoteResponse)(nil),  // 21: tether.v1.VolumePromoteResponse
+	(*VolumeMoveRequest)(nil),      // 22: tether.v1.VolumeMoveRequest
+	(*VolumeMoveResponse)(nil),     // 23: tether.v1.VolumeMoveResponse
+	(*MembersRequest)(nil),         // 24: tether.v1.MembersRequest
+	(*Member)(nil),                 // 25: tether.v1.Member
+	(*MembersResponse)(nil),        // 26: tether.v1.MembersResponse
+	(*StatusRequest)(nil),          // 27: tether.v1.StatusRequest
+	(*StatusResponse)(nil),         // 28: tether.v1.StatusResponse
+	(*Quarantine)(nil),             // 29: tether.v1.Quarantine
+	(*FencedVolume)(nil),           // 30: tether.v1.FencedVolume
+	(*Security)(nil),               // 31: tether.v1.Security
+	(*VolumeCreateRequest)(nil),    // 32: tether.v1.VolumeCreateRequest
+	(*VolumeCreateResponse)(nil),   // 33: tether.v1.VolumeCreateResponse
+	(*VolumeListRequest)(nil),      // 34: tether.v1.VolumeListRequest
+	(*VolumeListResponse)(nil),     // 35: tether.v1.VolumeListResponse
+	(*VolumeInspectRequest)(nil),   // 36: tether.v1.VolumeInspectRequest
+	(*VolumeInspectResponse)(nil),  // 37: tether.v1.VolumeInspectResponse
+	(*Volume)(nil),                 // 38: tether.v1.Volume
+	(*ReplicaProgress)(nil),        // 39: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),           // 40: tether.v1.VolumeStatus
+	(*VolumeRemoveRequest)(nil),    // 41: tether.v1.VolumeRemoveRequest
+	(*VolumeRemoveResponse)(nil),   // 42: tether.v1.VolumeRemoveResponse
+	(*VolumeUndeleteRequest)(nil),  // 43: tether.v1.VolumeUndeleteRequest
+	(*VolumeUndeleteResponse)(nil), // 44: tether.v1.VolumeUndeleteResponse
+	(*VolumePurgeRequest)(nil),     // 45: tether.v1.VolumePurgeRequest
+	(*VolumePurgeResponse)(nil),    // 46: tether.v1.VolumePurgeResponse
+	nil,                            // 47: tether.v1.VolumeUpdateRequest.PlacementEntry
+	nil,                            // 48: tether.v1.Member.LabelsEntry
+	nil,                            // 49: tether.v1.VolumeCreateRequest.PlacementEntry
+	nil,                            // 50: tether.v1.Volume.PlacementEntry
 }
 var file_tether_proto_depIdxs = []int32{
-	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
-	3,  // 1: tether.v1.StreamRequest.op:type_name -> tether.v1.FileOp
-	6,  // 2: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
-	0,  // 3: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
-	5,  // 4: tether.v1.FileOp.xattrs:type_name -> tether.v1.Xattr
-	4,  // 5: tether.v1.FileOp.delta:type_name -> tether.v1.Delta
-	14, // 6: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
-	44, // 7: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
-	35, // 8: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
-	35, // 9: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
-	35, // 10: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
-	45, // 11: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
-	22, // 12: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
-	37, // 13: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
-	27, // 14: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
-	26, // 15: tether.v1.StatusResponse.quarantined:type_name -> tether.v1.Quarantine
-	28, // 16: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
-	46, // 17: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
-	35, // 18: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
-	35, // 19: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
-	35, // 20: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
-	37, // 21: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
-	36, // 22: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	47, // 23: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
-	14, // 24: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	35, // 25: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
-	35, // 26: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
-	1,  // 27: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	10, // 28: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	12, // 29: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	8,  // 30: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
-	17, // 31: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
-	19, // 32: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
-	21, // 33: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	24, // 34: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	29, // 35: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	31, // 36: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	33, // 37: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	38, // 38: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
-	40, // 39: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
-	42, // 40: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
-	17, // 41: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
-	19, // 42: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
-	15, // 43: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
-	7,  // 44: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	11, // 45: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	13, // 46: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	9,  // 47: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
-	18, // 48: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
-	20, // 49: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
-	23, // 50: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	25, // 51: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	30, // 52: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	32, // 53: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	34, // 54: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	39, // 55: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
-	41, // 56: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
-	43, // 57: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
-	18, // 58: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
-	20, // 59: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
-	16, // 60: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
-	44, // [44:61] is the sub-list for method output_type
-	27, // [27:44] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	3,  // 0: tether.v1.BlockSumsResponse.files:type_name -> tether.v1.FileSums
+	5,  // 1: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
+	6,  // 2: tether.v1.StreamRequest.op:type_name -> tether.v1.FileOp
+	9,  // 3: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
+	0,  // 4: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
+	8,  // 5: tether.v1.FileOp.xattrs:type_name -> tether.v1.Xattr
+	7,  // 6: tether.v1.FileOp.delta:type_name -> tether.v1.Delta
+	17, // 7: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
+	47, // 8: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
+	38, // 9: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
+	38, // 10: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
+	38, // 11: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
+	48, // 12: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
+	25, // 13: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
+	40, // 14: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
+	30, // 15: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
+	29, // 16: tether.v1.StatusResponse.quarantined:type_name -> tether.v1.Quarantine
+	31, // 17: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
+	49, // 18: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
+	38, // 19: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
+	38, // 20: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
+	38, // 21: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
+	40, // 22: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
+	39, // 23: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
+	50, // 24: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
+	17, // 25: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
+	38, // 26: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
+	38, // 27: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
+	4,  // 28: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	1,  // 29: tether.v1.Replication.BlockSums:input_type -> tether.v1.BlockSumsRequest
+	13, // 30: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	15, // 31: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	11, // 32: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
+	20, // 33: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
+	22, // 34: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
+	24, // 35: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	27, // 36: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	32, // 37: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	34, // 38: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	36, // 39: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	41, // 40: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
+	43, // 41: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
+	45, // 42: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
+	20, // 43: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
+	22, // 44: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
+	18, // 45: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
+	10, // 46: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	2,  // 47: tether.v1.Replication.BlockSums:output_type -> tether.v1.BlockSumsResponse
+	14, // 48: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	16, // 49: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	12, // 50: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
+	21, // 51: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
+	23, // 52: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
+	26, // 53: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	28, // 54: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	33, // 55: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	35, // 56: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	37, // 57: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	42, // 58: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
+	44, // 59: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
+	46, // 60: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
+	21, // 61: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
+	23, // 62: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
+	19, // 63: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
+	46, // [46:64] is the sub-list for method output_type
+	28, // [28:46] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -3344,19 +3557,19 @@ func file_tether_proto_init() {
 	if File_tether_proto != nil {
 		return
 	}
-	file_tether_proto_msgTypes[0].OneofWrappers = []any{
+	file_tether_proto_msgTypes[3].OneofWrappers = []any{
 		(*StreamRequest_Hello)(nil),
 		(*StreamRequest_Op)(nil),
 		(*StreamRequest_Commit)(nil),
 	}
-	file_tether_proto_msgTypes[14].OneofWrappers = []any{}
+	file_tether_proto_msgTypes[17].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   47,
+			NumMessages:   50,
 			NumExtensions: 0,
 			NumServices:   3,
 		},
