@@ -29,7 +29,7 @@ type plan struct {
 	fresh map[string]struct{}
 	// idx, on an incremental cut, is the index of the previous cut: files
 	// go as deltas against it and renames are told from deletes.
-	idx     *index
+	idx         *index
 	renames     []renameOp      // sent first, in this order
 	touched     map[string]bool // every dirty path the plan took
 	reconciling map[string]bool // renamed directories whose subtree is to be compared with the index
