@@ -56,12 +56,18 @@ func (s *Server) BlockSums(ctx context.Context, req *tetherpb.BlockSumsRequest) 
 		return nil, status.Errorf(codes.FailedPrecondition, "block sums of volume %s: no replication stream of epoch %d is active",
 			req.GetVolume(), req.GetEpoch())
 	}
+	resp := &tetherpb.BlockSumsResponse{}
+	if was, err := readPrimaryEpoch(paths.State); err != nil || (was != 0 && was < req.GetEpoch()) {
+		// A former primary: what it wrote goes to quarantine before the
+		// first batch; nothing it holds is a base.
+		resp.Answered = uint32(len(rels))
+		return resp, nil
+	}
 	root, err := os.OpenRoot(paths.Data)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "open volume data directory: %v", err)
 	}
 	defer root.Close()
-	resp := &tetherpb.BlockSumsResponse{}
 	budget := maxSumsBytes
 	for _, p := range rels {
 		if ctx.Err() != nil {
