@@ -46,7 +46,10 @@
 // refuses it otherwise (the primary then sends the whole tree), and patches
 // the file in place inside the journal. A rename the index can prove (the
 // old path is gone, the new one holds its inode) travels as one RENAME,
-// also for a directory: of its subtree only what changed is sent.
+// also for a directory: of its subtree only what changed is sent. Before
+// sending a full cut to a replica, the sender asks its BlockSums (the
+// block hashes of the files it holds) and sends each such file as a delta
+// against the replica's copy.
 //
 // Manifest and DiffManifests compare two trees entry by entry; tests and
 // demos use them to check that a replica equals its primary.
