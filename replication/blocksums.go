@@ -165,10 +165,10 @@ func (s *sender) blockSums(ctx context.Context, client tetherpb.ReplicationClien
 // already holds (per its block sums) as a delta against its copy: only the
 // blocks whose hashes differ, and a Delta naming the copy as the base.
 type sumsFilter struct {
-	next    sendFunc
-	sums    map[string]*tetherpb.FileSums
-	entries map[string]*indexEntry
-	dec     *zstd.Decoder
+	next sendFunc
+	sums map[string]*tetherpb.FileSums
+	sp   *spool // the cut's spool: index entries and block hashes
+	dec  *zstd.Decoder
 
 	cur     string
 	base    *tetherpb.FileSums
@@ -187,7 +187,9 @@ func (f *sumsFilter) send(m *tetherpb.StreamRequest) error {
 		return f.next(m)
 	}
 	if rel := string(op.GetPath()); rel != f.cur {
-		f.start(rel)
+		if err := f.start(rel); err != nil {
+			return err
+		}
 	}
 	if f.base == nil {
 		return f.next(m)
@@ -202,20 +204,25 @@ func (f *sumsFilter) send(m *tetherpb.StreamRequest) error {
 }
 
 // start computes which blocks of file rel the replica lacks.
-func (f *sumsFilter) start(rel string) {
+func (f *sumsFilter) start(rel string) error {
 	f.cur, f.base, f.changed = rel, nil, nil
-	base, e := f.sums[rel], f.entries[rel]
+	base, e := f.sums[rel], f.sp.entries[rel]
 	if base == nil || e == nil || e.nlink != 1 {
-		return
+		return nil
+	}
+	hashes, err := f.sp.hashesOf(rel)
+	if err != nil || hashes == nil {
+		return err
 	}
 	have := base.GetHashes()
-	for i := int64(0); i*hashLen < int64(len(e.hashes)); i++ {
-		h := e.hashes[i*hashLen : (i+1)*hashLen]
+	for i := int64(0); i*hashLen < int64(len(hashes)); i++ {
+		h := hashes[i*hashLen : (i+1)*hashLen]
 		if (i+1)*hashLen > int64(len(have)) || !bytes.Equal(have[i*hashLen:(i+1)*hashLen], h) {
 			f.changed = append(f.changed, uint64(i))
 		}
 	}
 	f.base = base
+	return nil
 }
 
 // chunk sends the parts of a chunk that fall in changed blocks.

@@ -86,7 +86,10 @@ func (p *Primary) takeCut(ctx context.Context) (*cutBatch, error) {
 	b, err := c.run(ctx)
 	if err == nil {
 		// The next cut's deltas build on this one.
-		err = p.idx.apply(sp.indexUpdate(c.pl, c.full))
+		var u *indexUpdate
+		if u, err = sp.indexUpdate(c.pl, c.full); err == nil {
+			err = p.idx.apply(u)
+		}
 	}
 	if err != nil {
 		sp.close()

@@ -293,7 +293,7 @@ func (s *sender) stream(ctx context.Context, client tetherpb.ReplicationClient, 
 		if b.full && (full || b.delta == nil) {
 			// The replica may hold files already: send what it lacks.
 			if sums := s.blockSums(ctx, client, b); len(sums) > 0 {
-				filter = &sumsFilter{next: send, sums: sums, entries: b.sp.entries}
+				filter = &sumsFilter{next: send, sums: sums, sp: b.sp}
 				send = filter.send
 			}
 		}

@@ -26,8 +26,10 @@ type spool struct {
 	small map[string][]*tetherpb.FileOp // directories, symlinks, fifos
 	files map[string]fileRead
 	// entries are the index entries of what was read (nil: a file read
-	// incompletely, which the index forgets).
+	// incompletely, which the index forgets). A file's block hashes are
+	// kept in the spool file (hashAt), not in memory.
 	entries map[string]*indexEntry
+	hashAt  map[string]extent
 	enc     *zstd.Encoder // compresses file chunks; nil: none
 }
 
@@ -48,25 +50,49 @@ func newSpool(dir string) (*spool, error) {
 	}
 	_ = os.Remove(f.Name()) // lives as long as the open file
 	return &spool{f: f, small: map[string][]*tetherpb.FileOp{}, files: map[string]fileRead{},
-		entries: map[string]*indexEntry{}}, nil
+		entries: map[string]*indexEntry{}, hashAt: map[string]extent{}}, nil
 }
 
 func (s *spool) close() { _ = s.f.Close() }
 
 // indexUpdate is what the cut of plan p changes in the index.
-func (s *spool) indexUpdate(p *plan, reset bool) *indexUpdate {
+func (s *spool) indexUpdate(p *plan, reset bool) (*indexUpdate, error) {
 	u := &indexUpdate{reset: reset, renames: p.renames, puts: map[string]*indexEntry{}}
 	for rel := range p.deletes {
 		u.deletes = append(u.deletes, rel)
 	}
 	for _, m := range []map[string]fs.FileInfo{p.dirs, p.others} {
 		for rel := range m {
-			if e, ok := s.entries[rel]; ok {
-				u.puts[rel] = e
+			e, ok := s.entries[rel]
+			if !ok {
+				continue
 			}
+			if e != nil && e.kind == kindFile {
+				h, err := s.hashesOf(rel)
+				if err != nil {
+					return nil, err
+				}
+				c := *e
+				c.hashes = h
+				e = &c
+			}
+			u.puts[rel] = e
 		}
 	}
-	return u
+	return u, nil
+}
+
+// hashesOf reads the block hashes of file rel from the spool file.
+func (s *spool) hashesOf(rel string) ([]byte, error) {
+	at, ok := s.hashAt[rel]
+	if !ok {
+		return nil, nil
+	}
+	h := make([]byte, at.n)
+	if _, err := s.f.ReadAt(h, at.off); err != nil {
+		return nil, fmt.Errorf("read spool: %w", err)
+	}
+	return h, nil
 }
 
 // write appends one op to the spool file, length-prefixed.
@@ -90,10 +116,13 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 		delete(s.small, rel)
 		delete(s.files, rel)
 		delete(s.entries, rel)
+		delete(s.hashAt, rel)
 		if fi, ok := p.dirs[rel]; ok {
-			s.entries[rel] = indexEntryOf(fi, time.Unix(0, 0))
 			if err := sendDir(root, s.collect(rel), rel, fi, warn); err != nil {
 				return err
+			}
+			if len(s.small[rel]) > 0 {
+				s.entries[rel] = indexEntryOf(fi, time.Unix(0, 0))
 			}
 			continue
 		}
@@ -122,6 +151,9 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 			if sent {
 				s.files[rel] = fileRead{off: start, n: s.end - start, key: key, nlink: nlink}
 				s.entries[rel] = entry
+				if entry != nil && ferr == nil {
+					ferr = s.putHashes(rel, entry)
+				}
 			}
 			err = ferr
 		}
@@ -130,6 +162,17 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 		}
 	}
 	clear(p.fresh)
+	return nil
+}
+
+// putHashes moves a file's block hashes from its entry to the spool file.
+func (s *spool) putHashes(rel string, e *indexEntry) error {
+	if _, err := s.f.WriteAt(e.hashes, s.end); err != nil {
+		return fmt.Errorf("write spool: %w", err)
+	}
+	s.hashAt[rel] = extent{s.end, int64(len(e.hashes))}
+	s.end += int64(len(e.hashes))
+	e.hashes = nil
 	return nil
 }
 
