@@ -36,7 +36,6 @@ type applyOp struct {
 	size     int64    // FILE: size
 	extents  []extent // FILE: data extents (the rest are holes)
 	delta    *deltaOp // FILE: patches the file in place instead of replacing it
-	digest   []byte   // FILE: the primary's block digest of the new contents (may be empty)
 }
 
 // incoming is a file whose chunks are still arriving.
@@ -241,9 +240,6 @@ func (b *batch) addFileChunk(op *tetherpb.FileOp) error {
 	if err != nil {
 		return err
 	}
-	if n := len(op.GetDigest()); n != 0 && n != hashLen {
-		return fmt.Errorf("%w: file %q has a digest of %d bytes", errBadBatch, in.path, n)
-	}
 	var d *deltaOp
 	if op.GetDelta() != nil {
 		if d, err = checkDelta(in.path, op.GetDelta(), int64(size), in.extents); err != nil {
@@ -254,7 +250,7 @@ func (b *batch) addFileChunk(op *tetherpb.FileOp) error {
 	b.nondir[in.path] = struct{}{}
 	b.files[in.path] = struct{}{}
 	a := metaOf(tetherpb.FileOp_KIND_FILE, in.path, op)
-	a.staged, a.size, a.extents, a.xattrs, a.delta, a.digest = in.staged, int64(size), in.extents, xs, d, op.GetDigest()
+	a.staged, a.size, a.extents, a.xattrs, a.delta = in.staged, int64(size), in.extents, xs, d
 	b.ops = append(b.ops, a)
 	return nil
 }

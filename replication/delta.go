@@ -5,10 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"slices"
-	"sync"
 	"syscall"
 
 	"github.com/klauspost/compress/zstd"
@@ -228,30 +226,71 @@ func (b *batch) chunkData(op *tetherpb.FileOp) ([]byte, error) {
 	return out, nil
 }
 
-// preBatchPath returns the path that p (a path after ops[:i] are applied) had
-// before the batch, following the batch's renames back; ok is false when
-// an op before i replaces or removes what p holds.
-func preBatchPath(ops []applyOp, i int, p string) (string, bool) {
-	for j := i - 1; j >= 0; j-- {
-		o := ops[j]
-		switch o.kind {
-		case tetherpb.FileOp_KIND_RENAME:
-			if p == o.to || isUnder(p, o.to) {
-				p = o.path + p[len(o.to):]
-				continue
-			}
-			if p == o.path || isUnder(p, o.path) {
-				return "", false
-			}
-		case tetherpb.FileOp_KIND_MKDIR:
-			if p == o.path {
-				return "", false
-			}
-		default:
-			if p == o.path || isUnder(p, o.path) {
-				return "", false
+// baseResolver tells, for an op of a batch, the path its base had before
+// the batch, without walking the whole batch for every op.
+type baseResolver struct {
+	ops     []applyOp
+	renames []int            // indices of the RENAME ops, ascending
+	at      map[string][]int // indices of the other ops by path, ascending
+}
+
+func newBaseResolver(ops []applyOp) *baseResolver {
+	r := &baseResolver{ops: ops, at: map[string][]int{}}
+	for i, o := range ops {
+		if o.kind == tetherpb.FileOp_KIND_RENAME {
+			r.renames = append(r.renames, i)
+		} else {
+			r.at[o.path] = append(r.at[o.path], i)
+		}
+	}
+	return r
+}
+
+// replaced reports whether an op (not a rename) with an index in (lo, hi)
+// replaces p or removes it: any op at p, or one at an ancestor of p that is
+// not a MKDIR.
+func (r *baseResolver) replaced(p string, lo, hi int) bool {
+	hit := func(q string, mkdirKeeps bool) bool {
+		idx := r.at[q]
+		k, _ := slices.BinarySearch(idx, lo+1)
+		for ; k < len(idx) && idx[k] < hi; k++ {
+			if !mkdirKeeps || r.ops[idx[k]].kind != tetherpb.FileOp_KIND_MKDIR {
+				return true
 			}
 		}
+		return false
+	}
+	if hit(p, false) {
+		return true
+	}
+	for _, a := range ancestorsOf(p) {
+		if hit(a, true) {
+			return true
+		}
+	}
+	return false
+}
+
+// path returns the path that p (a path once ops[:i] are applied) had
+// before the batch, following the batch's renames back; ok is false when
+// an op before i replaces or removes what p holds.
+func (r *baseResolver) path(i int, p string) (string, bool) {
+	hi := i
+	k, _ := slices.BinarySearch(r.renames, i)
+	for k--; k >= 0; k-- {
+		j := r.renames[k]
+		o := r.ops[j]
+		inTo, inFrom := isUnder(p, o.to), isUnder(p, o.path)
+		if !inTo && !inFrom {
+			continue
+		}
+		if !inTo || r.replaced(p, j, hi) {
+			return "", false // moved away, or replaced after the rename
+		}
+		p, hi = o.path+p[len(o.to):], j
+	}
+	if r.replaced(p, -1, hi) {
+		return "", false
 	}
 	return p, true
 }
@@ -260,8 +299,9 @@ func preBatchPath(ops []applyOp, i int, p string) (string, bool) {
 // what the batch builds on: the source of every rename, and the base of
 // every delta (size, mtime and block digest). A mismatch refuses the batch
 // (errBaseMismatch); the primary then sends the whole tree.
-func verifyBases(data string, ops []applyOp, full bool, cache *digestCache) error {
+func verifyBases(data string, ops []applyOp, full bool) error {
 	var root *os.Root
+	var res *baseResolver
 	defer func() {
 		if root != nil {
 			_ = root.Close()
@@ -289,7 +329,10 @@ func verifyBases(data string, ops []applyOp, full bool, cache *digestCache) erro
 		if err := open(); err != nil {
 			return err
 		}
-		p, ok := preBatchPath(ops, i, op.path)
+		if res == nil {
+			res = newBaseResolver(ops)
+		}
+		p, ok := res.path(i, op.path)
 		if !ok {
 			return fmt.Errorf("%w: %s of %q builds on a path an earlier op of the batch replaced", errBadBatch, op.kind, op.path)
 		}
@@ -299,7 +342,7 @@ func verifyBases(data string, ops []applyOp, full bool, cache *digestCache) erro
 			}
 			continue
 		}
-		if err := checkBase(root, p, op.delta, cache); err != nil {
+		if err := checkBase(root, p, op.delta); err != nil {
 			return err
 		}
 	}
@@ -313,7 +356,7 @@ func existsReal(root *os.Root, rel string) (bool, error) {
 }
 
 // checkBase checks that the file at p is a delta's base.
-func checkBase(root *os.Root, p string, d *deltaOp, cache *digestCache) error {
+func checkBase(root *os.Root, p string, d *deltaOp) error {
 	if ok, err := existsReal(root, p); err != nil || !ok {
 		return errors.Join(err, fmt.Errorf("%w: the base of the delta of %q is missing", errBaseMismatch, p))
 	}
@@ -331,15 +374,11 @@ func checkBase(root *os.Root, p string, d *deltaOp, cache *digestCache) error {
 		return fmt.Errorf("%w: %q is not the base of its delta (size %d, mtime %d; the delta expects a single-linked file of size %d, mtime %d)",
 			errBaseMismatch, p, e.size, e.mtime, d.baseSize, d.baseMtime)
 	}
-	digest, ok := cache.lookup(p, fi, d.blockSize)
-	if !ok {
-		hashes, err := hashFile(f, e.size, d.blockSize)
-		if err != nil {
-			return fmt.Errorf("read the base of the delta of %q: %w", p, err)
-		}
-		digest = digestOf(hashes)
+	hashes, err := hashFile(f, e.size, d.blockSize)
+	if err != nil {
+		return fmt.Errorf("read the base of the delta of %q: %w", p, err)
 	}
-	if !bytes.Equal(digest, d.digest) {
+	if !bytes.Equal(digestOf(hashes), d.digest) {
 		return fmt.Errorf("%w: the contents of %q differ from the base of its delta", errBaseMismatch, p)
 	}
 	return nil
@@ -414,81 +453,4 @@ func zeroRange(f *os.File, off, n int64) error {
 	}
 	_, err = f.WriteAt(make([]byte, n), off)
 	return err
-}
-
-// minCachedSize is the smallest file whose digest a replica remembers:
-// reading a smaller base costs little.
-const minCachedSize = 1 << 20
-
-// digestCache remembers, for the large files a replica's batches wrote,
-// the block digest the primary sent with them and the file's stat right
-// after the write. A later delta's base is checked against it instead of
-// reading the whole file, as long as the inode, size, mtime and ctime
-// (which no one can set) are unchanged. It lives in memory: after a
-// restart the first delta of each file reads it.
-type digestCache struct {
-	mu sync.Mutex
-	m  map[string]cachedDigest
-}
-
-type cachedDigest struct {
-	key       statKey
-	dev       uint64
-	blockSize int64
-	digest    []byte
-}
-
-func newDigestCache() *digestCache { return &digestCache{m: map[string]cachedDigest{}} }
-
-func cacheKey(fi fs.FileInfo) (statKey, uint64) {
-	var dev uint64
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-		dev = st.Dev
-	}
-	return keyOf(fi), dev
-}
-
-// lookup returns the digest remembered for the file at p, if fi (its stat
-// now) shows it unchanged since.
-func (c *digestCache) lookup(p string, fi fs.FileInfo, bs int64) ([]byte, bool) {
-	if c == nil {
-		return nil, false
-	}
-	key, dev := cacheKey(fi)
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	d, ok := c.m[p]
-	if !ok || d.key != key || d.dev != dev || d.blockSize != bs {
-		return nil, false
-	}
-	return d.digest, true
-}
-
-// remember records the digests of the large files an applied batch wrote,
-// and forgets the paths it removed or moved.
-func (c *digestCache) remember(root *os.Root, ops []applyOp) {
-	if c == nil {
-		return
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, op := range ops {
-		switch {
-		case op.kind == tetherpb.FileOp_KIND_DELETE || op.kind == tetherpb.FileOp_KIND_RENAME:
-			for p := range c.m {
-				if isUnder(p, op.path) || (op.to != "" && isUnder(p, op.to)) {
-					delete(c.m, p)
-				}
-			}
-		case op.kind == tetherpb.FileOp_KIND_FILE:
-			delete(c.m, op.path)
-			if len(op.digest) != hashLen || op.size < minCachedSize {
-				continue
-			}
-			if fi, err := root.Lstat(op.path); err == nil && fi.Mode().IsRegular() && fi.Size() == op.size {
-				key, dev := cacheKey(fi)
-				c.m[op.path] = cachedDigest{key: key, dev: dev, blockSize: blockSize, digest: op.digest}
-			}
-		}
-	}
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
+	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
 	"strings"
@@ -397,49 +398,6 @@ func TestDeltaRefusals(t *testing.T) {
 	}
 }
 
-// TestDigestCache remembers the digest of a large file a batch wrote and
-// gives it back only while the file is untouched: a write, even one that
-// restores size and mtime, changes its ctime and makes it read again.
-func TestDigestCache(t *testing.T) {
-	dir := t.TempDir()
-	p := filepath.Join(dir, "f")
-	must(t, os.WriteFile(p, randomBytes(minCachedSize), 0o644))
-	root, err := os.OpenRoot(dir)
-	must(t, err)
-	defer root.Close()
-	c := newDigestCache()
-	digest := bytes.Repeat([]byte{7}, hashLen)
-	c.remember(root, []applyOp{{kind: tetherpb.FileOp_KIND_FILE, path: "f", size: minCachedSize, digest: digest}})
-	fi, err := os.Stat(p)
-	must(t, err)
-	if got, ok := c.lookup("f", fi, blockSize); !ok || !bytes.Equal(got, digest) {
-		t.Fatalf("lookup of an untouched file = %x, %v", got, ok)
-	}
-	if _, ok := c.lookup("f", fi, 2*blockSize); ok {
-		t.Fatal("lookup with another block size hit")
-	}
-	// A write in the same tick of the kernel's coarse clock may leave ctime
-	// as it was: write until it moves.
-	var fi2 os.FileInfo
-	testutil.Eventually(t, 5*time.Second, "ctime changes", func() bool {
-		writeAt(t, p, 10, []byte("x"))
-		must(t, os.Chtimes(p, fi.ModTime(), fi.ModTime()))
-		fi2, err = os.Stat(p)
-		must(t, err)
-		return keyOf(fi2) != keyOf(fi)
-	})
-	if fi2.Size() != fi.Size() || !fi2.ModTime().Equal(fi.ModTime()) {
-		t.Fatal("bad test setup: size or mtime changed")
-	}
-	if _, ok := c.lookup("f", fi2, blockSize); ok {
-		t.Fatal("lookup of a file written since hit")
-	}
-	c.remember(root, []applyOp{{kind: tetherpb.FileOp_KIND_DELETE, path: "f"}})
-	if len(c.m) != 0 {
-		t.Fatal("a deleted path stays remembered")
-	}
-}
-
 // TestRenameScenarios replays tricky renames (into a new directory, nested,
 // swaps, over an empty directory, a directory moved below a new one of its
 // old name, renames racing writes): after each the replica equals the
@@ -571,5 +529,58 @@ func TestBlockSumsRefusals(t *testing.T) {
 	if resp.GetAnswered() != 4 || len(resp.GetFiles()) != 1 || string(resp.GetFiles()[0].GetPath()) != "f" ||
 		len(resp.GetFiles()[0].GetHashes()) != 2*hashLen {
 		t.Fatalf("sums = %v, want those of f only (2 blocks)", resp)
+	}
+}
+
+// naiveBasePath is the specification of baseResolver.path: walk the batch
+// back from op i.
+func naiveBasePath(ops []applyOp, i int, p string) (string, bool) {
+	for j := i - 1; j >= 0; j-- {
+		o := ops[j]
+		switch o.kind {
+		case tetherpb.FileOp_KIND_RENAME:
+			if isUnder(p, o.to) {
+				p = o.path + p[len(o.to):]
+				continue
+			}
+			if isUnder(p, o.path) {
+				return "", false
+			}
+		case tetherpb.FileOp_KIND_MKDIR:
+			if p == o.path {
+				return "", false
+			}
+		default:
+			if isUnder(p, o.path) {
+				return "", false
+			}
+		}
+	}
+	return p, true
+}
+
+// TestBaseResolver compares baseResolver.path with the naive walk on random
+// batches over a few paths.
+func TestBaseResolver(t *testing.T) {
+	paths := []string{"a", "b", "a/b", "a/c", "b/a", "a/b/c", "c", "b/a/c"}
+	kinds := []tetherpb.FileOp_Kind{tetherpb.FileOp_KIND_RENAME, tetherpb.FileOp_KIND_RENAME, tetherpb.FileOp_KIND_DELETE,
+		tetherpb.FileOp_KIND_MKDIR, tetherpb.FileOp_KIND_FILE, tetherpb.FileOp_KIND_SYMLINK}
+	var seed [32]byte
+	rng := mrand.New(mrand.NewChaCha8(seed))
+	for range 3000 {
+		ops := make([]applyOp, 1+rng.IntN(8))
+		for i := range ops {
+			ops[i] = applyOp{kind: kinds[rng.IntN(len(kinds))], path: paths[rng.IntN(len(paths))], to: paths[rng.IntN(len(paths))]}
+		}
+		r := newBaseResolver(ops)
+		for i := range ops {
+			for _, p := range paths {
+				wp, wok := naiveBasePath(ops, i, p)
+				gp, gok := r.path(i, p)
+				if wp != gp || wok != gok {
+					t.Fatalf("ops %+v, op %d, path %q: got %q %v, want %q %v", ops, i, p, gp, gok, wp, wok)
+				}
+			}
+		}
 	}
 }

@@ -63,7 +63,6 @@ type journalOp struct {
 	// listed are replaced by the staged data.
 	DeltaBlockSize int64
 	DeltaBlocks    []uint64
-	Digest         []byte
 }
 
 func toJournal(op applyOp) journalOp {
@@ -82,7 +81,6 @@ func toJournal(op applyOp) journalOp {
 	if op.delta != nil {
 		j.DeltaBlockSize, j.DeltaBlocks = op.delta.blockSize, op.delta.blocks
 	}
-	j.Digest = op.digest
 	return j
 }
 
@@ -104,16 +102,14 @@ func fromJournal(j journalOp, stage string) (applyOp, error) {
 	if j.DeltaBlockSize > 0 {
 		op.delta = &deltaOp{blockSize: j.DeltaBlockSize, blocks: j.DeltaBlocks}
 	}
-	op.digest = j.Digest
 	return op, nil
 }
 
 // journal applies batches on one replica volume through a redo journal.
 type journal struct {
-	paths   Paths
-	warn    *onceLogger
-	fail    failpoint
-	digests *digestCache // nil: none
+	paths Paths
+	warn  *onceLogger
+	fail  failpoint
 }
 
 func (j journal) stage() string { return filepath.Join(j.paths.State, stageDir) }
@@ -126,7 +122,7 @@ func (j journal) commit(b *batch, pos position, full bool) error {
 	if err := j.fail.at("staged"); err != nil {
 		return err
 	}
-	if err := verifyBases(j.paths.Data, b.ops, full, j.digests); err != nil {
+	if err := verifyBases(j.paths.Data, b.ops, full); err != nil {
 		return err
 	}
 	if err := syncFS(j.stage()); err != nil {
@@ -179,7 +175,6 @@ func (j journal) finish(rec journalRecord) error {
 	if err := applyOps(root, ops, rec.Full, start, j.warn, j.markProgress, j.fail); err != nil {
 		return fmt.Errorf("apply batch %d: %w", rec.Seq, err)
 	}
-	j.digests.remember(root, ops)
 	if err := j.fail.at("applied"); err != nil {
 		return err
 	}

@@ -61,9 +61,8 @@ func (s *Server) setFailpoint(f failpoint) {
 // replicaVolume serializes the streams, fences and batch applications of one
 // volume on a replica.
 type replicaVolume struct {
-	mu      sync.Mutex
-	active  *inbound
-	digests *digestCache // block digests of the files batches wrote
+	mu     sync.Mutex
+	active *inbound
 }
 
 // inbound is one primary's stream into a replica.
@@ -119,7 +118,7 @@ func (s *Server) volume(name string) *replicaVolume {
 	defer s.mu.Unlock()
 	v, ok := s.volumes[name]
 	if !ok {
-		v = &replicaVolume{digests: newDigestCache()}
+		v = &replicaVolume{}
 		s.volumes[name] = v
 	}
 	return v
@@ -421,9 +420,7 @@ func (c *inboundSession) commit(b *batch, cm *tetherpb.Commit) error {
 		return status.Errorf(codes.Internal, "quarantine before the first batch of epoch %d: %v", c.me.epoch, err)
 	}
 	pos := position{Epoch: c.me.epoch, Seq: cm.GetSeq(), Cut: cutTime(cm.GetCutUnixNano())}
-	j := c.s.journal(c.paths)
-	j.digests = c.v.digests
-	if err := j.commit(b, pos, cm.GetFull()); err != nil {
+	if err := c.s.journal(c.paths).commit(b, pos, cm.GetFull()); err != nil {
 		return batchStatus(fmt.Errorf("apply batch %d: %w", cm.GetSeq(), err))
 	}
 	c.pos = pos

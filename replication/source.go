@@ -447,8 +447,6 @@ func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo, war
 	entry.hashes = r.hashes
 	if r.short {
 		entry = nil
-	} else {
-		op.Digest = digestOf(r.hashes)
 	}
 	err = sendOp(send, op)
 	return key, nlink, entry, err == nil, err
