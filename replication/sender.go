@@ -39,7 +39,7 @@ type sender struct {
 	connected bool
 	err       string
 	fullSent  int  // full batches sent (tests)
-	refused   bool // the replica refused a batch's base: it needs the whole tree
+	refused   bool // the replica refused a batch: it needs the whole tree, every file whole
 }
 
 func newSender(p *Primary, node string, cancel context.CancelFunc) *sender {
@@ -97,8 +97,9 @@ func (s *sender) run(ctx context.Context) {
 		wait := delay
 		if c := status.Code(err); c == codes.DataLoss || c == codes.InvalidArgument {
 			// DataLoss: its copy is not the cut the batch builds on.
-			// InvalidArgument: it refused the batch (a full one carries no
-			// deltas or renames, which depend on what the replica holds).
+			// InvalidArgument: it refused the batch. Either way the next
+			// batch is the whole tree, every file whole (no deltas, no
+			// renames: nothing that depends on what the replica holds).
 			s.log.Warn("the replica refused a batch; sending it the whole tree", "err", err)
 			s.mu.Lock()
 			s.refused = true
@@ -289,8 +290,11 @@ func (s *sender) stream(ctx context.Context, client tetherpb.ReplicationClient, 
 			s.fullSent++
 			s.mu.Unlock()
 		}
+		s.mu.Lock()
+		refused := s.refused
+		s.mu.Unlock()
 		send, filter := stream.Send, (*sumsFilter)(nil)
-		if b.full && (full || b.delta == nil) {
+		if b.full && (full || b.delta == nil) && !refused {
 			// The replica may hold files already: send what it lacks.
 			if sums := s.blockSums(ctx, client, b); len(sums) > 0 {
 				filter = &sumsFilter{next: send, sums: sums, sp: b.sp}
