@@ -9,6 +9,7 @@ import (
 	mrand "math/rand/v2"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -580,6 +581,53 @@ func TestBaseResolver(t *testing.T) {
 				if wp != gp || wok != gok {
 					t.Fatalf("ops %+v, op %d, path %q: got %q %v, want %q %v", ops, i, p, gp, gok, wp, wok)
 				}
+			}
+		}
+	}
+}
+
+// TestChurnNeverRefused makes random changes (renames of files and
+// directories, in-place writes to files spanning blocks, deletes) without
+// waiting, for several seeds: the replica ends equal to the primary and
+// never refused a batch (a refusal would heal by a full resync, hiding a
+// wrong delta or rename).
+func TestChurnNeverRefused(t *testing.T) {
+	for seed := range uint64(3) {
+		c := newTestCluster(t)
+		c.startReplica("r1")
+		// Rescans catch what inotify misses under such churn (on main too,
+		// a renamed directory's changes can go unseen until one).
+		p := c.startPrimaryWith(func(cfg *PrimaryConfig) { cfg.RescanInterval = 300 * time.Millisecond }, 1, "r1")
+		c.waitSynced("r1")
+		rng := mrand.New(mrand.NewPCG(seed, 7))
+		names := []string{"a", "b", "c", "a/x", "a/y", "b/x", "b/y", "a/x/p", "a/x/q", "b/y/p", "c/q"}
+		pick := func() string { return c.path(names[rng.IntN(len(names))]) }
+		for round := range 3 {
+			for i := range 300 {
+				path := pick()
+				switch rng.IntN(8) {
+				case 0:
+					_ = os.WriteFile(path, randomBytes(rng.IntN(300<<10)), 0o644)
+				case 1:
+					if f, err := os.OpenFile(path, os.O_WRONLY, 0); err == nil {
+						_, _ = f.WriteAt(randomBytes(100), int64(rng.IntN(300<<10)))
+						_ = f.Close()
+					}
+				case 2:
+					_ = os.MkdirAll(path, 0o755)
+				case 3:
+					_ = os.RemoveAll(path)
+				case 4, 5:
+					_ = syscall.Rename(path, pick())
+				case 6:
+					_ = os.Truncate(path, int64(rng.IntN(200<<10)))
+				case 7:
+					_ = os.WriteFile(path, []byte(strconv.Itoa(i)), 0o600)
+				}
+			}
+			c.waitSynced("r1")
+			if n := fullSentTo(p, "r1"); n != 1 {
+				t.Fatalf("seed %d round %d: full batches sent = %d, want only the initial one", seed, round, n)
 			}
 		}
 	}
