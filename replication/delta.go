@@ -101,24 +101,36 @@ type blockRead struct {
 	short   bool     // the file shrank while read: hashes are incomplete
 }
 
+// clip returns the parts of extents exts (sorted) within [bs, be),
+// advancing *ei past those that end before bs.
+func clip(exts []extent, ei *int, bs, be int64) []extent {
+	for *ei < len(exts) && exts[*ei].off+exts[*ei].n <= bs {
+		*ei++
+	}
+	var out []extent
+	for k := *ei; k < len(exts) && exts[k].off < be; k++ {
+		if s, e := max(exts[k].off, bs), min(exts[k].off+exts[k].n, be); s < e {
+			out = append(out, extent{s, e - s})
+		}
+	}
+	return out
+}
+
 // readBlocks reads a file of size bytes (data extents exts) block by
 // block, hashing every block (holes read as zeros, without reading them)
 // and sending the data of the blocks that differ from base (every block
-// when base is nil) through ch. The file is read once.
-func readBlocks(f *os.File, size int64, exts []extent, base []byte, ch *chunker) (blockRead, error) {
+// when base is nil) through ch: in contents, or in where their holes are.
+// The file is read once.
+func readBlocks(f *os.File, size int64, exts []extent, base *indexEntry, ch *chunker) (blockRead, error) {
 	var r blockRead
 	buf := make([]byte, blockSize)
-	ei := 0
+	ei, bi := 0, 0
 	for i := int64(0); i*blockSize < size; i++ {
 		bs, be := i*blockSize, min((i+1)*blockSize, size)
-		for ei < len(exts) && exts[ei].off+exts[ei].n <= bs {
-			ei++
-		}
-		var ranges []extent
-		for k := ei; k < len(exts) && exts[k].off < be; k++ {
-			if s, e := max(exts[k].off, bs), min(exts[k].off+exts[k].n, be); s < e {
-				ranges = append(ranges, extent{s, e - s})
-			}
+		ranges := clip(exts, &ei, bs, be)
+		var baseRanges []extent
+		if base != nil {
+			baseRanges = clip(base.exts, &bi, bs, be)
 		}
 		blk := buf[:be-bs]
 		var h [hashLen]byte
@@ -139,7 +151,8 @@ func readBlocks(f *os.File, size int64, exts []extent, base []byte, ch *chunker)
 			h = blake3.Sum256(blk)
 		}
 		r.hashes = append(r.hashes, h[:]...)
-		if !r.short && base != nil && int64(len(base)) >= (i+1)*hashLen && bytes.Equal(base[i*hashLen:(i+1)*hashLen], h[:]) {
+		if !r.short && base != nil && int64(len(base.hashes)) >= (i+1)*hashLen &&
+			bytes.Equal(base.hashes[i*hashLen:(i+1)*hashLen], h[:]) && !layoutMoved(ranges, baseRanges) {
 			continue
 		}
 		r.changed = append(r.changed, uint64(i))
@@ -155,6 +168,12 @@ func readBlocks(f *os.File, size int64, exts []extent, base []byte, ch *chunker)
 		}
 	}
 	return r, ch.flush()
+}
+
+// layoutMoved reports whether a block's data extents differ from the
+// base's (a hole became zeros written as data, or the reverse).
+func layoutMoved(cur, base []extent) bool {
+	return !slices.Equal(cur, base)
 }
 
 // deltaBase returns the entry a file read now can be sent as a delta

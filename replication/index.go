@@ -44,8 +44,9 @@ type indexEntry struct {
 	mtime, ctime    int64
 	mode            uint32
 	uid, gid        uint32
-	readNano        int64  // when the entry was read (a change within the clock's tick may not show in its times)
-	hashes          []byte // regular files: blake3-256 of each block of blockSize bytes
+	readNano        int64    // when the entry was read (a change within the clock's tick may not show in its times)
+	exts            []extent // regular files: data extents as sent (a block whose holes moved changed too)
+	hashes          []byte   // regular files: blake3-256 of each block of blockSize bytes
 }
 
 // indexEntryOf describes fi (stat taken at read time).
@@ -89,6 +90,10 @@ func (e *indexEntry) encode() []byte {
 	for _, v := range []int64{e.size, e.mtime, e.ctime, e.readNano} {
 		b = binary.AppendVarint(b, v)
 	}
+	b = binary.AppendUvarint(b, uint64(len(e.exts)))
+	for _, x := range e.exts {
+		b = binary.AppendUvarint(binary.AppendUvarint(b, uint64(x.off)), uint64(x.n))
+	}
 	return append(b, e.hashes...)
 }
 
@@ -115,6 +120,22 @@ func decodeEntry(b []byte) (*indexEntry, error) {
 			return nil, errBadEntry
 		}
 		vs[i], b = v, b[n:]
+	}
+	n, k := binary.Uvarint(b)
+	if k <= 0 || n > uint64(len(b)) {
+		return nil, errBadEntry
+	}
+	b = b[k:]
+	for range n {
+		var x [2]uint64
+		for i := range x {
+			u, k := binary.Uvarint(b)
+			if k <= 0 {
+				return nil, errBadEntry
+			}
+			x[i], b = u, b[k:]
+		}
+		e.exts = append(e.exts, extent{int64(x[0]), int64(x[1])})
 	}
 	if len(b)%hashLen != 0 {
 		return nil, errBadEntry

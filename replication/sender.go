@@ -40,6 +40,7 @@ type sender struct {
 	err       string
 	fullSent  int  // full batches sent (tests)
 	refused   bool // the replica refused a batch: it needs the whole tree, every file whole
+	refusals  int  // batches the replica refused (tests)
 }
 
 func newSender(p *Primary, node string, cancel context.CancelFunc) *sender {
@@ -103,6 +104,7 @@ func (s *sender) run(ctx context.Context) {
 			s.log.Warn("the replica refused a batch; sending it the whole tree", "err", err)
 			s.mu.Lock()
 			s.refused = true
+			s.refusals++
 			s.mu.Unlock()
 		}
 		if status.Code(err) == codes.FailedPrecondition {

@@ -428,12 +428,8 @@ func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo, war
 	}
 	entry = indexEntryOf(fi, readAt)
 	base := deltaBase(o.base, entry)
-	var baseHashes []byte
-	if base != nil {
-		baseHashes = base.hashes
-	}
 	ch := &chunker{send: send, rel: rel, enc: o.enc}
-	r, err := readBlocks(f, size, exts, baseHashes, ch)
+	r, err := readBlocks(f, size, exts, base, ch)
 	if err != nil {
 		return key, 0, nil, false, fmt.Errorf("read %q: %w", rel, err)
 	}
@@ -444,7 +440,7 @@ func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo, war
 		op.Delta = &tetherpb.Delta{BaseSize: uint64(base.size), BaseMtimeUnixNano: base.mtime, BaseDigest: digestOf(base.hashes),
 			BlockSize: blockSize, Blocks: r.changed}
 	}
-	entry.hashes = r.hashes
+	entry.hashes, entry.exts = r.hashes, exts
 	if r.short {
 		entry = nil
 	}
