@@ -84,7 +84,7 @@ func (s *Server) BlockSums(ctx context.Context, req *tetherpb.BlockSumsRequest) 
 			}
 			if sums != nil {
 				resp.Files = append(resp.Files, sums)
-				budget -= len(sums.GetHashes())
+				budget -= len(sums.GetHashes()) + 16*len(sums.GetExtents())
 			}
 		}
 		resp.Answered++
@@ -125,7 +125,15 @@ func fileSums(root *os.Root, p string, bs int64) (*tetherpb.FileSums, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &tetherpb.FileSums{Path: []byte(p), Size: uint64(e.size), MtimeUnixNano: e.mtime, Hashes: hashes}, nil
+	exts, err := dataExtents(f, e.size)
+	if err != nil {
+		return nil, err
+	}
+	sums := &tetherpb.FileSums{Path: []byte(p), Size: uint64(e.size), MtimeUnixNano: e.mtime, Hashes: hashes}
+	for _, x := range exts {
+		sums.Extents = append(sums.Extents, uint64(x.off), uint64(x.n))
+	}
+	return sums, nil
 }
 
 // blockSums asks the replica which blocks it holds of the files of a full
@@ -152,7 +160,8 @@ func (s *sender) blockSums(ctx context.Context, client tetherpb.ReplicationClien
 			return nil
 		}
 		for _, f := range resp.GetFiles() {
-			if len(f.GetHashes())%hashLen == 0 && int64(len(f.GetHashes())) == blockCount(int64(f.GetSize()), blockSize)*hashLen {
+			if len(f.GetHashes())%hashLen == 0 && int64(len(f.GetHashes())) == blockCount(int64(f.GetSize()), blockSize)*hashLen &&
+				len(f.GetExtents())%2 == 0 {
 				out[string(f.GetPath())] = f
 			}
 		}
@@ -215,9 +224,16 @@ func (f *sumsFilter) start(rel string) error {
 		return err
 	}
 	have := base.GetHashes()
+	var haveExts []extent
+	for k := 0; k+1 < len(base.GetExtents()); k += 2 {
+		haveExts = append(haveExts, extent{int64(base.GetExtents()[k]), int64(base.GetExtents()[k+1])})
+	}
+	ei, hi := 0, 0
 	for i := int64(0); i*hashLen < int64(len(hashes)); i++ {
 		h := hashes[i*hashLen : (i+1)*hashLen]
-		if (i+1)*hashLen > int64(len(have)) || !bytes.Equal(have[i*hashLen:(i+1)*hashLen], h) {
+		bs, be := i*blockSize, min((i+1)*blockSize, e.size)
+		if (i+1)*hashLen > int64(len(have)) || !bytes.Equal(have[i*hashLen:(i+1)*hashLen], h) ||
+			layoutMoved(clip(e.exts, &ei, bs, be), clip(haveExts, &hi, bs, be)) {
 			f.changed = append(f.changed, uint64(i))
 		}
 	}

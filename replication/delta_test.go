@@ -672,3 +672,24 @@ func TestDeltaKeepsHoles(t *testing.T) {
 	must(t, errors.Join(err, f.Close()))
 	c.waitSynced("r1") // the manifests compare data extents
 }
+
+// TestFullResyncKeepsHoles fills a hole with zeros written as data while
+// the primary is down: the full resync's deltas carry that block although
+// its contents match, so the replica's data extents match the primary's.
+func TestFullResyncKeepsHoles(t *testing.T) {
+	c := newTestCluster(t)
+	c.startReplica("r1")
+	f, err := os.Create(c.path("f"))
+	must(t, err)
+	_, err = f.WriteAt(randomBytes(blockSize), 0)
+	if err == nil {
+		_, err = f.WriteAt(randomBytes(blockSize), 3*blockSize)
+	}
+	must(t, errors.Join(err, f.Close()))
+	p := c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+	p.Stop()
+	writeAt(t, c.path("f"), blockSize, make([]byte, blockSize))
+	c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+}

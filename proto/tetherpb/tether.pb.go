@@ -232,7 +232,10 @@ type FileSums struct {
 	Size          uint64                 `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
 	MtimeUnixNano int64                  `protobuf:"varint,3,opt,name=mtime_unix_nano,json=mtimeUnixNano,proto3" json:"mtime_unix_nano,omitempty"`
 	// BLAKE3-256 of each block (32 bytes each).
-	Hashes        []byte `protobuf:"bytes,4,opt,name=hashes,proto3" json:"hashes,omitempty"`
+	Hashes []byte `protobuf:"bytes,4,opt,name=hashes,proto3" json:"hashes,omitempty"`
+	// The file's data extents, as offset and length pairs (the rest are
+	// holes): a block whose holes differ is sent even when its contents match.
+	Extents       []uint64 `protobuf:"varint,5,rep,packed,name=extents,proto3" json:"extents,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -291,6 +294,13 @@ func (x *FileSums) GetMtimeUnixNano() int64 {
 func (x *FileSums) GetHashes() []byte {
 	if x != nil {
 		return x.Hashes
+	}
+	return nil
+}
+
+func (x *FileSums) GetExtents() []uint64 {
+	if x != nil {
+		return x.Extents
 	}
 	return nil
 }
@@ -3137,12 +3147,13 @@ const file_tether_proto_rawDesc = "" +
 	"block_size\x18\x04 \x01(\rR\tblockSize\"Z\n" +
 	"\x11BlockSumsResponse\x12\x1a\n" +
 	"\banswered\x18\x01 \x01(\rR\banswered\x12)\n" +
-	"\x05files\x18\x02 \x03(\v2\x13.tether.v1.FileSumsR\x05files\"r\n" +
+	"\x05files\x18\x02 \x03(\v2\x13.tether.v1.FileSumsR\x05files\"\x8c\x01\n" +
 	"\bFileSums\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\fR\x04path\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12&\n" +
 	"\x0fmtime_unix_nano\x18\x03 \x01(\x03R\rmtimeUnixNano\x12\x16\n" +
-	"\x06hashes\x18\x04 \x01(\fR\x06hashes\"\x93\x01\n" +
+	"\x06hashes\x18\x04 \x01(\fR\x06hashes\x12\x18\n" +
+	"\aextents\x18\x05 \x03(\x04R\aextents\"\x93\x01\n" +
 	"\rStreamRequest\x12(\n" +
 	"\x05hello\x18\x01 \x01(\v2\x10.tether.v1.HelloH\x00R\x05hello\x12#\n" +
 	"\x02op\x18\x02 \x01(\v2\x11.tether.v1.FileOpH\x00R\x02op\x12+\n" +
