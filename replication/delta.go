@@ -224,11 +224,15 @@ func checkDelta(p string, d *tetherpb.Delta, size int64, exts []extent) (*deltaO
 		blockSize: bs, blocks: blocks}, nil
 }
 
-// chunkData returns a chunk's data, decompressed (bounded) when it is
-// compressed.
+// chunkData returns a chunk's data, decompressed when it is compressed:
+// the frame must state its size, at most maxChunkData, and decode to it.
 func (b *batch) chunkData(op *tetherpb.FileOp) ([]byte, error) {
 	if !op.GetZstd() {
 		return op.GetData(), nil
+	}
+	var h zstd.Header
+	if err := h.Decode(op.GetData()); err != nil || !h.HasFCS || h.FrameContentSize > maxChunkData {
+		return nil, fmt.Errorf("%w: compressed chunk of %q does not state a size of at most %d bytes", errBadBatch, op.GetPath(), maxChunkData)
 	}
 	if b.dec == nil {
 		d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(maxChunkData),
@@ -238,7 +242,10 @@ func (b *batch) chunkData(op *tetherpb.FileOp) ([]byte, error) {
 		}
 		b.dec = d
 	}
-	out, err := b.dec.DecodeAll(op.GetData(), make([]byte, 0, maxChunkData))
+	out, err := b.dec.DecodeAll(op.GetData(), make([]byte, 0, h.FrameContentSize))
+	if err == nil && uint64(len(out)) != h.FrameContentSize {
+		err = fmt.Errorf("decoded %d bytes, not the %d it states", len(out), h.FrameContentSize)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: compressed chunk of %q: %v", errBadBatch, op.GetPath(), err)
 	}
