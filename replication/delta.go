@@ -410,17 +410,20 @@ func checkBase(root *os.Root, p string, d *deltaOp) error {
 	return nil
 }
 
-// hashFile returns the hash of every block of bs bytes of f.
+// hashFile returns the hash of every block of bs bytes of f, reading
+// whole blocks of about 1 MiB at a time.
 func hashFile(f *os.File, size, bs int64) ([]byte, error) {
 	out := make([]byte, 0, blockCount(size, bs)*hashLen)
-	buf := make([]byte, bs)
-	for off := int64(0); off < size; off += bs {
-		blk := buf[:min(bs, size-off)]
-		if _, err := f.ReadAt(blk, off); err != nil {
+	buf := make([]byte, max(bs, chunkSize/bs*bs))
+	for off := int64(0); off < size; off += int64(len(buf)) {
+		rd := buf[:min(int64(len(buf)), size-off)]
+		if _, err := f.ReadAt(rd, off); err != nil {
 			return nil, err
 		}
-		h := blake3.Sum256(blk)
-		out = append(out, h[:]...)
+		for b := int64(0); b < int64(len(rd)); b += bs {
+			h := blake3.Sum256(rd[b:min(b+bs, int64(len(rd)))])
+			out = append(out, h[:]...)
+		}
 	}
 	return out, nil
 }
