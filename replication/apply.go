@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
 
 	"github.com/tether-io/tether/proto/tetherpb"
@@ -34,6 +35,7 @@ type applyOp struct {
 	staged   string   // FILE: where its contents wait in the stage directory
 	size     int64    // FILE: size
 	extents  []extent // FILE: data extents (the rest are holes)
+	delta    *deltaOp // FILE: patches the file in place instead of replacing it
 }
 
 // incoming is a file whose chunks are still arriving.
@@ -57,6 +59,7 @@ type batch struct {
 	fileDirs map[string]struct{}
 	open     *incoming
 	nfiles   int
+	dec      *zstd.Decoder // decompresses chunks (made on first use)
 	// journaled is set once a journal refers to the staged files: they are
 	// the journal's to remove then.
 	journaled bool
@@ -217,12 +220,16 @@ func (b *batch) addFileChunk(op *tetherpb.FileOp) error {
 			errBadBatch, op.GetPath(), op.GetOffset(), b.open.path, b.open.end)
 	}
 	in := b.open
-	off, n := op.GetOffset(), uint64(len(op.GetData()))
+	data, err := b.chunkData(op)
+	if err != nil {
+		return err
+	}
+	off, n := op.GetOffset(), uint64(len(data))
 	if off > maxFileSize || off+n > maxFileSize || op.GetSize() > maxFileSize {
 		return fmt.Errorf("%w: file %q would be larger than %d bytes", errBadBatch, in.path, uint64(maxFileSize))
 	}
 	if n > 0 {
-		if _, err := in.f.WriteAt(op.GetData(), int64(off)); err != nil {
+		if _, err := in.f.WriteAt(data, int64(off)); err != nil {
 			return fmt.Errorf("stage file contents: %w", err)
 		}
 		if k := len(in.extents); k > 0 && in.extents[k-1].off+in.extents[k-1].n == int64(off) {
@@ -237,7 +244,7 @@ func (b *batch) addFileChunk(op *tetherpb.FileOp) error {
 	}
 	b.open = nil
 	size := max(op.GetSize(), in.end)
-	err := in.f.Truncate(int64(size))
+	err = in.f.Truncate(int64(size))
 	if cerr := in.f.Close(); err == nil {
 		err = cerr
 	}
@@ -248,11 +255,17 @@ func (b *batch) addFileChunk(op *tetherpb.FileOp) error {
 	if err != nil {
 		return err
 	}
+	var d *deltaOp
+	if op.GetDelta() != nil {
+		if d, err = checkDelta(in.path, op.GetDelta(), int64(size), in.extents); err != nil {
+			return err
+		}
+	}
 	b.replaced(in.path, false)
 	b.nondir[in.path] = struct{}{}
 	b.addFile(in.path)
 	a := metaOf(tetherpb.FileOp_KIND_FILE, in.path, op)
-	a.staged, a.size, a.extents, a.xattrs = in.staged, int64(size), in.extents, xs
+	a.staged, a.size, a.extents, a.xattrs, a.delta = in.staged, int64(size), in.extents, xs, d
 	b.ops = append(b.ops, a)
 	return nil
 }
@@ -399,6 +412,9 @@ func (a *applier) apply(op applyOp) error {
 	case tetherpb.FileOp_KIND_MKDIR:
 		return a.ensureDir(op.path)
 	case tetherpb.FileOp_KIND_FILE:
+		if op.delta != nil {
+			return a.patchFile(op)
+		}
 		return a.placeFile(op)
 	case tetherpb.FileOp_KIND_SYMLINK:
 		return a.placeSymlink(op)

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -26,13 +27,15 @@ import (
 // Benchmarks of the replication engine on this machine: one primary and one
 // replica in this process, over real gRPC on loopback, real fsnotify and
 // real disks. Run them with `make bench`; sizes scale with
-// TETHER_BENCH_FILES (default 20000) and TETHER_BENCH_LARGE_MIB (default 1024).
+// TETHER_BENCH_FILES (default 20000) and TETHER_BENCH_LARGE_MIB (default 1024,
+// also the file of BenchmarkDeltaLargeFile).
 
 type benchPair struct {
 	b       *testing.B
 	primary Paths
 	replica Paths
 	acks    chan Ack
+	wire    atomic.Int64 // bytes of the messages the primary sent
 }
 
 func newBenchPair(b *testing.B) *benchPair {
@@ -67,7 +70,8 @@ func (bp *benchPair) startLimited(lim Limiter) {
 	srv.Register(gs)
 	done := make(chan struct{})
 	go func() { defer close(done); _ = gs.Serve(lis) }()
-	cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	cc, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithStreamInterceptor(countStream(&bp.wire)))
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -284,4 +288,64 @@ func BenchmarkSmallWriteLag(b *testing.B) {
 	slices.Sort(lat)
 	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
 	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
+}
+
+// BenchmarkDeltaLargeFile: with the replica holding a large file (default
+// 1 GiB of random data), 1 MiB of it is rewritten at an unaligned offset
+// until the change is durable on the replica; reports the time and the
+// bytes the primary sent per change, and their ratio to the bytes changed.
+func BenchmarkDeltaLargeFile(b *testing.B) {
+	mib := envInt("TETHER_BENCH_LARGE_MIB", 1024)
+	bp := newBenchPair(b)
+	path := filepath.Join(bp.primary.Data, "large")
+	f, err := os.Create(path)
+	if err != nil {
+		b.Fatal(err)
+	}
+	chunk := make([]byte, 1<<20)
+	for m := 0; m < mib; m++ {
+		_, _ = rand.Read(chunk)
+		if _, err := f.Write(chunk); err != nil {
+			b.Fatal(err)
+		}
+	}
+	bp.start()
+	bp.waitAck(10 * time.Minute)
+	var took time.Duration
+	var wire int64
+	n := 0
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		for len(bp.acks) > 0 {
+			<-bp.acks
+		}
+		off := int64(i%max(mib-1, 1))<<20 + 4097*int64(i%13+1)
+		_, _ = rand.Read(chunk)
+		bp.wire.Store(0)
+		t0 := time.Now()
+		if _, err := f.WriteAt(chunk, off); err != nil {
+			b.Fatal(err)
+		}
+		got := make([]byte, len(chunk))
+		for {
+			bp.waitAck(10 * time.Minute)
+			r, err := os.Open(filepath.Join(bp.replica.Data, "large"))
+			if err != nil {
+				b.Fatal(err)
+			}
+			_, err = r.ReadAt(got, off)
+			_ = r.Close()
+			if err == nil && bytes.Equal(got, chunk) {
+				break
+			}
+		}
+		took += time.Since(t0)
+		wire += bp.wire.Load()
+		n++
+	}
+	b.StopTimer()
+	_ = f.Close()
+	b.ReportMetric(float64(took.Milliseconds())/float64(n), "ms/change")
+	b.ReportMetric(float64(wire)/float64(n)/(1<<20), "wire-MiB/change")
+	b.ReportMetric(float64(wire)/float64(n)/float64(len(chunk)), "wire/changed")
 }

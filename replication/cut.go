@@ -83,8 +83,16 @@ func (p *Primary) takeCut(ctx context.Context) (*cutBatch, error) {
 	if err != nil {
 		return nil, err
 	}
+	sp.enc = p.enc
 	c := &cutRound{p: p, sp: sp}
 	b, err := c.run(ctx)
+	if err == nil {
+		// The next cut's deltas build on this one.
+		var u *indexUpdate
+		if u, err = sp.indexUpdate(c.pl, c.full); err == nil {
+			err = p.idx.apply(u)
+		}
+	}
 	if err != nil {
 		sp.close()
 		return nil, err
@@ -124,7 +132,7 @@ func (c *cutRound) take() error {
 		c.p.cuttingFull.Store(true)
 		c.pl, err = fullPlan(c.p.root)
 	case c.pl == nil:
-		c.pl, err = dirtyPlan(c.p.root, t.dirty.paths)
+		c.pl, err = dirtyPlan(c.p.root, t.dirty.paths, c.p.idx)
 	default:
 		err = c.pl.update(c.p.root, t.dirty.paths)
 	}

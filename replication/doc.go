@@ -39,9 +39,23 @@
 // numeric owner and group, mode, extended attributes and mtime to the
 // nanosecond; the further names of a hard-linked file travel as HARDLINK
 // ops naming the first, and fifos are recreated. Devices and sockets are
-// skipped with a warning. A rename travels as a delete of the old path and
-// a re-send of the new one, and a primary that starts (or a replica whose
-// position it does not know) sends the whole tree.
+// skipped with a warning. Chunks are zstd-compressed when that pays. A
+// primary that starts (or a replica whose position it does not know) sends
+// the whole tree.
+//
+// The primary keeps a block index of the volume (bbolt in its state
+// directory: per path the stat and, for files, the BLAKE3 hash of each
+// 64 KiB block as last sent), filled while the cut reads the files. An
+// incremental cut sends a single-linked file as the blocks that changed
+// since the previous cut, naming its base (size, mtime, digest of the block
+// hashes); the replica checks the base before journaling the batch and
+// refuses it otherwise (the primary then sends the whole tree), and patches
+// the file in place inside the journal. A rename the index can prove (the
+// old path is gone, the new one holds its inode) travels as one RENAME,
+// also for a directory: of its subtree only what changed is sent. Before
+// sending a full cut to a replica, the sender asks its BlockSums (the
+// block hashes of the files it holds) and sends each such file as a delta
+// against the replica's copy.
 //
 // Manifest and DiffManifests compare two trees entry by entry; tests and
 // demos use them to check that a replica equals its primary.

@@ -228,15 +228,28 @@ func TestRenameOps(t *testing.T) {
 	if _, err := r.batch(1, mkdir("d"), mkdir("d/e"), fileOp("d/e/f", "f"), fileOp("g", "g"), mkdir("full"), fileOp("full/x", "x")); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.batch(2, rename("d", "moved/deeper/d"), rename("g", "moved/g2"), rename("moved/g2", "full"), rename("missing", "nowhere")); err != nil {
+	if _, err := r.batch(2, rename("d", "moved/deeper/d"), rename("g", "moved/g2"), rename("moved/g2", "full")); err != nil {
 		t.Fatal(err)
 	}
 	m, err := Manifest(data)
 	must(t, err)
-	if got, want := keys(m), []string{".", "full", "moved", "moved/deeper", "moved/deeper/d", "moved/deeper/d/e", "moved/deeper/d/e/f"}; !slices.Equal(got, want) {
+	want := []string{".", "full", "moved", "moved/deeper", "moved/deeper/d", "moved/deeper/d/e", "moved/deeper/d/e/f"}
+	if got := keys(m); !slices.Equal(got, want) {
 		t.Fatalf("replica after renames = %q, want %q", got, want)
 	}
 	if m["full"].Type != "file" || m["full"].Size != 1 {
 		t.Fatalf("full = %v, want the renamed file g", m["full"])
+	}
+	// A rename of something the replica does not have says it is not at
+	// the cut the batch builds on: the batch is refused (DataLoss, so the
+	// primary sends the whole tree) and changes nothing.
+	_, err = r.batch(3, mkdir("new"), rename("missing", "nowhere"))
+	if status.Code(err) != codes.DataLoss {
+		t.Fatalf("batch renaming a missing path answered %v, want DataLoss", err)
+	}
+	m, err = Manifest(data)
+	must(t, err)
+	if got := keys(m); !slices.Equal(got, want) {
+		t.Fatalf("replica after a refused batch = %q, want %q", got, want)
 	}
 }

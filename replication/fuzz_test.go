@@ -1,9 +1,12 @@
 package replication
 
 import (
+	"bytes"
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/klauspost/compress/zstd"
 
 	"github.com/tether-io/tether/internal/testutil"
 	"github.com/tether-io/tether/proto/tetherpb"
@@ -31,6 +34,16 @@ func FuzzApplyBatch(f *testing.F) {
 	f.Add(seed(second...))
 	f.Add(seed(symlinkOp("d", ".."), fileOp("d/x", "escape")))
 	f.Add(seed(&tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_HARDLINK, Path: []byte("l"), HardlinkTo: []byte("../x")}))
+	// A compressed chunk, and a delta patching a file the replica lacks.
+	enc, err := zstd.NewWriter(nil)
+	if err != nil {
+		f.Fatal(err)
+	}
+	z := enc.EncodeAll(bytes.Repeat([]byte("zstd "), 1000), nil)
+	f.Add(seed(&tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte("z"), Data: z, Zstd: true, Size: 5000}))
+	f.Add(seed(&tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte("d"), Data: []byte("patch"), Offset: 1 << 16, More: true},
+		&tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte("d"), Size: 1<<16 + 5, Delta: &tetherpb.Delta{
+			BaseSize: 1 << 16, BlockSize: 1 << 16, BaseDigest: make([]byte, hashLen), Blocks: []uint64{1}}}))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		base := t.TempDir()
 		paths := Paths{Data: filepath.Join(base, "v", "data"), State: filepath.Join(base, "v", "state")}

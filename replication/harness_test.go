@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -38,6 +39,7 @@ type testCluster struct {
 	replicas map[string]*replicaNode
 	conns    map[string]*grpc.ClientConn
 	acks     map[string]Ack
+	wire     atomic.Int64 // bytes of the messages primaries sent (see countStream)
 }
 
 func newTestCluster(t *testing.T) *testCluster {
@@ -131,7 +133,8 @@ func (c *testCluster) dial(_ context.Context, node string) (tetherpb.Replication
 	cc, ok := c.conns[r.addr]
 	if !ok {
 		var err error
-		cc, err = grpc.NewClient(r.addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		cc, err = grpc.NewClient(r.addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithStreamInterceptor(countStream(&c.wire)), grpc.WithUnaryInterceptor(countUnary(&c.wire)))
 		if err != nil {
 			return nil, err
 		}

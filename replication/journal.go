@@ -62,6 +62,10 @@ type journalOp struct {
 	Staged           string
 	Size             int64
 	Extents          []int64 // offset, length pairs
+	// A delta (DeltaBlockSize > 0) patches the file in place: the blocks
+	// listed are replaced by the staged data.
+	DeltaBlockSize int64
+	DeltaBlocks    []uint64
 }
 
 func toJournal(op applyOp) journalOp {
@@ -76,6 +80,9 @@ func toJournal(op applyOp) journalOp {
 	}
 	for _, e := range op.extents {
 		j.Extents = append(j.Extents, e.off, e.n)
+	}
+	if op.delta != nil {
+		j.DeltaBlockSize, j.DeltaBlocks = op.delta.blockSize, op.delta.blocks
 	}
 	return j
 }
@@ -95,6 +102,9 @@ func fromJournal(j journalOp, stage string) (applyOp, error) {
 	for i := 0; i < len(j.Extents); i += 2 {
 		op.extents = append(op.extents, extent{j.Extents[i], j.Extents[i+1]})
 	}
+	if j.DeltaBlockSize > 0 {
+		op.delta = &deltaOp{blockSize: j.DeltaBlockSize, blocks: j.DeltaBlocks}
+	}
 	return op, nil
 }
 
@@ -113,6 +123,9 @@ func (j journal) stage() string { return filepath.Join(j.paths.State, stageDir) 
 // committed) or lets recover finish the new one (journal committed).
 func (j journal) commit(b *batch, pos position, full bool) error {
 	if err := j.fail.at("staged"); err != nil {
+		return err
+	}
+	if err := verifyBases(j.paths.Data, b.ops, full); err != nil {
 		return err
 	}
 	rec := journalRecord{Epoch: pos.Epoch, Seq: pos.Seq, CutNano: cutNano(pos.Cut), Full: full}

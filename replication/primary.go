@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/klauspost/compress/zstd"
+
 	"github.com/tether-io/tether/proto/tetherpb"
 )
 
@@ -136,6 +138,8 @@ type Primary struct {
 	cancel   context.CancelFunc
 	root     *os.Root
 	w        *watcher
+	idx      *index        // the block index of the last cut
+	enc      *zstd.Encoder // compresses file chunks in cuts
 	wg       sync.WaitGroup
 
 	// watchLimits returns the inotify watch limit and the watches in use
@@ -238,11 +242,24 @@ func (p *Primary) Start(ctx context.Context) error {
 			w.close()
 		}
 	}
+	var idx *index
+	if err == nil {
+		if idx, err = openIndex(p.cfg.Paths.State); err != nil {
+			w.close()
+		}
+	}
 	if err != nil {
 		_ = root.Close()
 		return fmt.Errorf("replication primary for volume %s: %w", p.cfg.Volume, err)
 	}
-	p.root, p.w, p.started = root, w, true
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+	if err != nil {
+		idx.close()
+		w.close()
+		_ = root.Close()
+		return fmt.Errorf("replication primary for volume %s: create zstd encoder: %w", p.cfg.Volume, err)
+	}
+	p.root, p.w, p.idx, p.enc, p.started = root, w, idx, enc, true
 	p.ctx, p.cancel = context.WithCancel(ctx)
 	p.ch.requireFull() // the first cut carries the whole tree
 	p.wg.Add(2)
@@ -355,6 +372,8 @@ func (p *Primary) Stop() {
 	}
 	p.wg.Wait()
 	p.w.close()
+	p.idx.close()
+	_ = p.enc.Close()
 	_ = p.root.Close()
 	p.bmu.Lock()
 	for _, b := range p.batches {

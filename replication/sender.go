@@ -39,7 +39,9 @@ type sender struct {
 	connected bool
 	lastSeen  time.Time // when it was last connected (or created)
 	err       string
-	fullSent  int // full batches sent (tests)
+	fullSent  int  // full batches sent (tests)
+	refused   bool // the replica refused a batch: it needs the whole tree, every file whole
+	refusals  int  // batches the replica refused (tests)
 }
 
 func newSender(p *Primary, node string, cancel context.CancelFunc) *sender {
@@ -99,6 +101,17 @@ func (s *sender) run(ctx context.Context) {
 			delay = retryMin
 		}
 		wait := delay
+		if c := status.Code(err); c == codes.DataLoss || c == codes.InvalidArgument {
+			// DataLoss: its copy is not the cut the batch builds on.
+			// InvalidArgument: it refused the batch. Either way the next
+			// batch is the whole tree, every file whole (no deltas, no
+			// renames: nothing that depends on what the replica holds).
+			s.log.Warn("the replica refused a batch; sending it the whole tree", "err", err)
+			s.mu.Lock()
+			s.refused = true
+			s.refusals++
+			s.mu.Unlock()
+		}
 		if status.Code(err) == codes.FailedPrecondition {
 			wait = retryStale
 			s.log.Warn("replica refused this primary; retrying slowly", "err", err)
@@ -138,7 +151,8 @@ func (s *sender) connectedAt(a *tetherpb.StreamAck) {
 	if a.GetEpoch() == epoch {
 		s.acked = Ack{Epoch: epoch, Seq: a.GetSeq(), Cut: cutTime(a.GetCutUnixNano())}
 	}
-	if next == 0 {
+	if next == 0 || s.refused {
+		next = 0
 		s.needFullLocked()
 	} else {
 		s.next = next
@@ -179,7 +193,7 @@ func (s *sender) needFullLocked() {
 func (s *sender) ackedBatch(a *tetherpb.StreamAck) Ack {
 	ack := Ack{Epoch: a.GetEpoch(), Seq: a.GetSeq(), Cut: cutTime(a.GetCutUnixNano())}
 	s.mu.Lock()
-	s.acked, s.next, s.fullSince = ack, ack.Seq+1, time.Time{}
+	s.acked, s.next, s.fullSince, s.refused = ack, ack.Seq+1, time.Time{}, false
 	s.mu.Unlock()
 	s.p.acked()
 	return ack
@@ -208,7 +222,7 @@ func (s *sender) session(ctx context.Context) (progressed bool, err error) {
 		defer wg.Done()
 		in.run(sctx, stream)
 	}()
-	return true, s.stream(ctx, stream, in)
+	return true, s.stream(ctx, client, stream, in)
 }
 
 // open opens the stream, says Hello and records the replica's answer.
@@ -285,8 +299,8 @@ func (s *sender) nextBatch(ctx context.Context, in *ackReader) (b *cutBatch, ful
 
 // stream sends cuts as they are taken, one at a time, each awaiting its
 // ack.
-func (s *sender) stream(ctx context.Context, stream tetherpb.Replication_StreamClient, in *ackReader) error {
-	send := throttled(ctx, s.p.cfg.Limiter, stream.Send)
+func (s *sender) stream(ctx context.Context, client tetherpb.ReplicationClient, stream tetherpb.Replication_StreamClient, in *ackReader) error {
+	throttledSend := throttled(ctx, s.p.cfg.Limiter, stream.Send)
 	for {
 		b, full, err := s.nextBatch(ctx, in)
 		if err != nil {
@@ -297,7 +311,22 @@ func (s *sender) stream(ctx context.Context, stream tetherpb.Replication_StreamC
 			s.fullSent++
 			s.mu.Unlock()
 		}
-		if err := b.send(send, full); err != nil && !errors.Is(err, io.EOF) {
+		s.mu.Lock()
+		refused := s.refused
+		s.mu.Unlock()
+		send, filter := throttledSend, (*sumsFilter)(nil)
+		if b.full && (full || b.delta == nil) && !refused {
+			// The replica may hold files already: send what it lacks.
+			if sums := s.blockSums(ctx, client, b); len(sums) > 0 {
+				filter = &sumsFilter{next: send, sums: sums, sp: b.sp}
+				send = filter.send
+			}
+		}
+		err = b.send(send, full)
+		if filter != nil {
+			filter.close()
+		}
+		if err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("send batch %d to %s: %w", b.seq, s.node, err)
 		} // on io.EOF the replica ended the stream; its status says why
 		s.log.Debug("batch sent", "seq", b.seq, "full", b.full, "items", len(b.items))

@@ -444,8 +444,13 @@ func (s *Server) recoverJournal(v *replicaVolume, paths Paths, log *slog.Logger)
 }
 
 // batchStatus maps a batch error to a gRPC status: refusals of what the peer
-// sent are InvalidArgument, local failures Internal.
+// sent are InvalidArgument, a copy that is not the base the batch builds on
+// DataLoss (the primary then sends the whole tree), local failures
+// Internal.
 func batchStatus(err error) error {
+	if errors.Is(err, errBaseMismatch) {
+		return status.Error(codes.DataLoss, err.Error())
+	}
 	if errors.Is(err, errBadPath) || errors.Is(err, errBadBatch) {
 		return status.Error(codes.InvalidArgument, err.Error())
 	}

@@ -3,12 +3,14 @@ package replication
 import (
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"slices"
 	"strings"
 	"syscall"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
 
 	"github.com/tether-io/tether/proto/tetherpb"
 )
@@ -25,11 +27,17 @@ type plan struct {
 	// fresh holds the entries added or re-planned since the last read: only
 	// they are (re-)read into the cut's spool.
 	fresh map[string]struct{}
+	// idx, on an incremental cut, is the index of the previous cut: files
+	// go as deltas against it and renames are told from deletes.
+	idx         *index
+	renames     []renameOp      // sent first, in this order
+	touched     map[string]bool // every dirty path the plan took
+	reconciling map[string]bool // renamed directories whose subtree is to be compared with the index
 }
 
 func newPlan() *plan {
 	return &plan{deletes: map[string]struct{}{}, dirs: map[string]fs.FileInfo{}, others: map[string]fs.FileInfo{},
-		fresh: map[string]struct{}{}}
+		fresh: map[string]struct{}{}, touched: map[string]bool{}, reconciling: map[string]bool{}}
 }
 
 // put plans entry rel of kind m (p.dirs or p.others) for reading.
@@ -82,9 +90,12 @@ func fullPlan(root *os.Root) (*plan, error) {
 
 // dirtyPlan reads the current state of the dirty paths: a path that no
 // longer exists (or no longer lies under real directories) becomes a
-// DELETE; a directory to be sent with its subtree is replaced whole.
-func dirtyPlan(root *os.Root, dirty map[string]bool) (*plan, error) {
+// DELETE; a directory to be sent with its subtree is replaced whole. With
+// the index of the previous cut (idx, may be nil), renames become RENAMEs
+// and files deltas.
+func dirtyPlan(root *os.Root, dirty map[string]bool, idx *index) (*plan, error) {
 	p := newPlan()
+	p.idx = idx
 	return p, p.update(root, dirty)
 }
 
@@ -92,6 +103,7 @@ func dirtyPlan(root *os.Root, dirty map[string]bool) (*plan, error) {
 // a cut does for the paths that changed while the previous round was read.
 func (p *plan) update(root *os.Root, dirty map[string]bool) error {
 	for rel, subtree := range dirty {
+		p.touched[rel] = true
 		fi, ok, err := lstatReal(root, rel)
 		if err != nil {
 			return err
@@ -116,6 +128,9 @@ func (p *plan) update(root *os.Root, dirty map[string]bool) error {
 		default:
 			p.put(p.others, rel, fi)
 		}
+	}
+	if err := p.detectRenames(root); err != nil {
+		return err
 	}
 	if err := p.addParents(root); err != nil {
 		return err
@@ -368,70 +383,67 @@ func sendSymlink(root *os.Root, send sendFunc, rel string, fi fs.FileInfo) error
 		LinkTarget: []byte(target), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid})
 }
 
-// sendFile streams a regular file: its data extents in chunks, then a last
-// op with its size and metadata. The file is opened and checked to be the
-// one planned (not a symlink swapped in since); its metadata comes from the
-// open file. sent is false when the file was replaced or removed since it
-// was planned (its event brings it again).
-func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo, warn *onceLogger) (key inodeKey, nlink uint64, sent bool, err error) {
+// fileOpts says how a file is read into a cut: base is the index entry of
+// the version the replicas hold (nil: send it whole), enc compresses
+// chunks (nil: never).
+type fileOpts struct {
+	base *indexEntry
+	enc  *zstd.Encoder
+}
+
+// sendFile streams a regular file: the data extents of its blocks that
+// differ from the base (all of them without one) in chunks, then a last op
+// with its size, metadata and, for a delta, the blocks replaced. The file
+// is opened and checked to be the one planned (not a symlink swapped in
+// since); its metadata comes from the open file, and it is read once,
+// hashing every block for the index (entry; nil when the file shrank while
+// read). sent is false when the file was replaced or removed since it was
+// planned (its event brings it again).
+func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo, warn *onceLogger, o fileOpts) (key inodeKey, nlink uint64, entry *indexEntry, sent bool, err error) {
 	f, err := root.OpenFile(rel, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
 	if isGone(err) || errors.Is(err, syscall.ELOOP) {
-		return key, 0, false, nil
+		return key, 0, nil, false, nil
 	}
 	if err != nil {
-		return key, 0, false, fmt.Errorf("open %q: %w", rel, err)
+		return key, 0, nil, false, fmt.Errorf("open %q: %w", rel, err)
 	}
 	defer f.Close()
+	readAt := time.Now()
 	fi, err := f.Stat()
 	if err != nil {
-		return key, 0, false, fmt.Errorf("stat %q: %w", rel, err)
+		return key, 0, nil, false, fmt.Errorf("stat %q: %w", rel, err)
 	}
 	if !fi.Mode().IsRegular() || !os.SameFile(fi, planned) {
-		return key, 0, false, nil
+		return key, 0, nil, false, nil
 	}
 	key, nlink = inodeOf(fi)
 	xs, err := xattrsOrWarn(f, rel, warn)
 	if err != nil {
-		return key, 0, false, err
+		return key, 0, nil, false, err
 	}
 	size := fi.Size()
 	exts, err := dataExtents(f, size)
 	if err != nil {
-		return key, 0, false, fmt.Errorf("read %q: %w", rel, err)
+		return key, 0, nil, false, fmt.Errorf("read %q: %w", rel, err)
 	}
-	end, err := sendExtents(f, send, rel, exts)
+	entry = indexEntryOf(fi, readAt)
+	base := deltaBase(o.base, entry)
+	ch := &chunker{send: send, rel: rel, enc: o.enc}
+	r, err := readBlocks(f, size, exts, base, ch)
 	if err != nil {
-		return key, 0, false, err
+		return key, 0, nil, false, fmt.Errorf("read %q: %w", rel, err)
 	}
 	uid, gid := ownerOf(fi)
-	err = sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte(rel), Offset: uint64(end),
-		Size: uint64(size), Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid, Xattrs: xs})
-	return key, nlink, err == nil, err
-}
-
-// sendExtents sends the data extents of f in chunks and returns the end of
-// the data sent (less than planned when the file shrank meanwhile).
-func sendExtents(f *os.File, send sendFunc, rel string, exts []extent) (int64, error) {
-	var end int64
-	for _, e := range exts {
-		for off := e.off; off < e.off+e.n; {
-			buf := make([]byte, min(chunkSize, e.off+e.n-off))
-			n, err := f.ReadAt(buf, off)
-			if err != nil && !errors.Is(err, io.EOF) {
-				return 0, fmt.Errorf("read %q: %w", rel, err)
-			}
-			if n > 0 {
-				if err := sendOp(send, &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte(rel),
-					Data: buf[:n], Offset: uint64(off), More: true}); err != nil {
-					return 0, err
-				}
-				end = off + int64(n)
-			}
-			if n < len(buf) {
-				return end, nil // the file shrank; its event brings it again
-			}
-			off += int64(n)
-		}
+	op := &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte(rel), Offset: uint64(ch.end),
+		Size: uint64(size), Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid, Xattrs: xs}
+	if base != nil {
+		op.Delta = &tetherpb.Delta{BaseSize: uint64(base.size), BaseMtimeUnixNano: base.mtime, BaseDigest: digestOf(base.hashes),
+			BlockSize: blockSize, Blocks: r.changed}
 	}
-	return end, nil
+	entry.hashes, entry.exts = r.hashes, exts
+	if r.short {
+		entry = nil
+	}
+	err = sendOp(send, op)
+	return key, nlink, entry, err == nil, err
 }

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/klauspost/compress/zstd"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/tether-io/tether/proto/tetherpb"
@@ -24,6 +25,12 @@ type spool struct {
 	end   int64
 	small map[string][]*tetherpb.FileOp // directories, symlinks, fifos
 	files map[string]fileRead
+	// entries are the index entries of what was read (nil: a file read
+	// incompletely, which the index forgets). A file's block hashes are
+	// kept in the spool file (hashAt), not in memory.
+	entries map[string]*indexEntry
+	hashAt  map[string]extent
+	enc     *zstd.Encoder // compresses file chunks; nil: none
 }
 
 // fileRead locates a file's encoded ops in the spool file.
@@ -42,10 +49,51 @@ func newSpool(dir string) (*spool, error) {
 		return nil, fmt.Errorf("create spool: %w", err)
 	}
 	_ = os.Remove(f.Name()) // lives as long as the open file
-	return &spool{f: f, small: map[string][]*tetherpb.FileOp{}, files: map[string]fileRead{}}, nil
+	return &spool{f: f, small: map[string][]*tetherpb.FileOp{}, files: map[string]fileRead{},
+		entries: map[string]*indexEntry{}, hashAt: map[string]extent{}}, nil
 }
 
 func (s *spool) close() { _ = s.f.Close() }
+
+// indexUpdate is what the cut of plan p changes in the index.
+func (s *spool) indexUpdate(p *plan, reset bool) (*indexUpdate, error) {
+	u := &indexUpdate{reset: reset, renames: p.renames, puts: map[string]*indexEntry{}}
+	for rel := range p.deletes {
+		u.deletes = append(u.deletes, rel)
+	}
+	for _, m := range []map[string]fs.FileInfo{p.dirs, p.others} {
+		for rel := range m {
+			e, ok := s.entries[rel]
+			if !ok {
+				continue
+			}
+			if e != nil && e.kind == kindFile {
+				h, err := s.hashesOf(rel)
+				if err != nil {
+					return nil, err
+				}
+				c := *e
+				c.hashes = h
+				e = &c
+			}
+			u.puts[rel] = e
+		}
+	}
+	return u, nil
+}
+
+// hashesOf reads the block hashes of file rel from the spool file.
+func (s *spool) hashesOf(rel string) ([]byte, error) {
+	at, ok := s.hashAt[rel]
+	if !ok {
+		return nil, nil
+	}
+	h := make([]byte, at.n)
+	if _, err := s.f.ReadAt(h, at.off); err != nil {
+		return nil, fmt.Errorf("read spool: %w", err)
+	}
+	return h, nil
+}
 
 // write appends one op to the spool file, length-prefixed.
 func (s *spool) write(m *tetherpb.StreamRequest) error {
@@ -67,9 +115,14 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 	for rel := range p.fresh {
 		delete(s.small, rel)
 		delete(s.files, rel)
+		delete(s.entries, rel)
+		delete(s.hashAt, rel)
 		if fi, ok := p.dirs[rel]; ok {
 			if err := sendDir(root, s.collect(rel), rel, fi, warn); err != nil {
 				return err
+			}
+			if len(s.small[rel]) > 0 {
+				s.entries[rel] = indexEntryOf(fi, time.Unix(0, 0))
 			}
 			continue
 		}
@@ -78,6 +131,9 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 			continue
 		}
 		var err error
+		if fi.Mode().Type() != 0 {
+			s.entries[rel] = indexEntryOf(fi, time.Unix(0, 0)) // for renames only: never taken as unchanged
+		}
 		switch fi.Mode().Type() {
 		case fs.ModeSymlink:
 			err = sendSymlink(root, s.collect(rel), rel, fi)
@@ -87,9 +143,17 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 				Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid}}
 		default:
 			start := s.end
-			key, nlink, sent, ferr := sendFile(root, s.write, rel, fi, warn)
+			var base *indexEntry
+			if base, err = p.baseFor(rel); err != nil {
+				return err
+			}
+			key, nlink, entry, sent, ferr := sendFile(root, s.write, rel, fi, warn, fileOpts{base: base, enc: s.enc})
 			if sent {
 				s.files[rel] = fileRead{off: start, n: s.end - start, key: key, nlink: nlink}
+				s.entries[rel] = entry
+				if entry != nil && ferr == nil {
+					ferr = s.putHashes(rel, entry)
+				}
 			}
 			err = ferr
 		}
@@ -98,6 +162,17 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 		}
 	}
 	clear(p.fresh)
+	return nil
+}
+
+// putHashes moves a file's block hashes from its entry to the spool file.
+func (s *spool) putHashes(rel string, e *indexEntry) error {
+	if _, err := s.f.WriteAt(e.hashes, s.end); err != nil {
+		return fmt.Errorf("write spool: %w", err)
+	}
+	s.hashAt[rel] = extent{s.end, int64(len(e.hashes))}
+	s.end += int64(len(e.hashes))
+	e.hashes = nil
 	return nil
 }
 
@@ -115,11 +190,14 @@ type item struct {
 	off, n int64
 }
 
-// items orders the batch: deletes, then directories shallow to deep, then
+// items orders the batch: renames (in the order found), deletes, then directories shallow to deep, then
 // files, symlinks and fifos. Of the names of a hard-linked file, the first
 // carries the contents and the others become HARDLINK ops.
 func (s *spool) items(p *plan) []item {
 	out := []item{} // never nil: an empty delta view is still one
+	for _, r := range p.renames {
+		out = append(out, item{op: &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_RENAME, Path: []byte(r.from), NewPath: []byte(r.to)}})
+	}
 	dels := make([]string, 0, len(p.deletes))
 	for rel := range p.deletes {
 		dels = append(dels, rel)

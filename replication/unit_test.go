@@ -146,7 +146,7 @@ func TestDirtyPlan(t *testing.T) {
 
 	p, err := dirtyPlan(root, map[string]bool{
 		"new": true, "file": false, "gone": false, "link/x": false, "link": false, "fifo": false, "file/under": false,
-	})
+	}, nil)
 	must(t, err)
 	// Deletes below a path now planned as a file or symlink are redundant
 	// (the replica replaces whatever is there) and may be dropped.

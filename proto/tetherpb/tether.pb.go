@@ -42,7 +42,8 @@ const (
 	FileOp_KIND_SYMLINK FileOp_Kind = 3
 	// DELETE removes a file, symlink or directory tree.
 	FileOp_KIND_DELETE FileOp_Kind = 4
-	// RENAME moves path to new_path.
+	// RENAME moves path to new_path (a file or a whole directory tree). A
+	// primary sends a batch's renames first, in the order they happened.
 	FileOp_KIND_RENAME FileOp_Kind = 5
 	// FIFO creates a named pipe with mode, owner and mtime.
 	FileOp_KIND_FIFO FileOp_Kind = 6
@@ -99,7 +100,209 @@ func (x FileOp_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FileOp_Kind.Descriptor instead.
 func (FileOp_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{2, 0}
+	return file_tether_proto_rawDescGZIP(), []int{5, 0}
+}
+
+type BlockSumsRequest struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Volume string                 `protobuf:"bytes,1,opt,name=volume,proto3" json:"volume,omitempty"`
+	Epoch  uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// At most 4096 paths.
+	Paths         [][]byte `protobuf:"bytes,3,rep,name=paths,proto3" json:"paths,omitempty"`
+	BlockSize     uint32   `protobuf:"varint,4,opt,name=block_size,json=blockSize,proto3" json:"block_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BlockSumsRequest) Reset() {
+	*x = BlockSumsRequest{}
+	mi := &file_tether_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BlockSumsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BlockSumsRequest) ProtoMessage() {}
+
+func (x *BlockSumsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BlockSumsRequest.ProtoReflect.Descriptor instead.
+func (*BlockSumsRequest) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *BlockSumsRequest) GetVolume() string {
+	if x != nil {
+		return x.Volume
+	}
+	return ""
+}
+
+func (x *BlockSumsRequest) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *BlockSumsRequest) GetPaths() [][]byte {
+	if x != nil {
+		return x.Paths
+	}
+	return nil
+}
+
+func (x *BlockSumsRequest) GetBlockSize() uint32 {
+	if x != nil {
+		return x.BlockSize
+	}
+	return 0
+}
+
+type BlockSumsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// How many of the paths asked (a prefix) the response answers; the
+	// primary asks again for the rest.
+	Answered      uint32      `protobuf:"varint,1,opt,name=answered,proto3" json:"answered,omitempty"`
+	Files         []*FileSums `protobuf:"bytes,2,rep,name=files,proto3" json:"files,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BlockSumsResponse) Reset() {
+	*x = BlockSumsResponse{}
+	mi := &file_tether_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BlockSumsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BlockSumsResponse) ProtoMessage() {}
+
+func (x *BlockSumsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BlockSumsResponse.ProtoReflect.Descriptor instead.
+func (*BlockSumsResponse) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *BlockSumsResponse) GetAnswered() uint32 {
+	if x != nil {
+		return x.Answered
+	}
+	return 0
+}
+
+func (x *BlockSumsResponse) GetFiles() []*FileSums {
+	if x != nil {
+		return x.Files
+	}
+	return nil
+}
+
+type FileSums struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Path          []byte                 `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	Size          uint64                 `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	MtimeUnixNano int64                  `protobuf:"varint,3,opt,name=mtime_unix_nano,json=mtimeUnixNano,proto3" json:"mtime_unix_nano,omitempty"`
+	// BLAKE3-256 of each block (32 bytes each).
+	Hashes []byte `protobuf:"bytes,4,opt,name=hashes,proto3" json:"hashes,omitempty"`
+	// The file's data extents, as offset and length pairs (the rest are
+	// holes): a block whose holes differ is sent even when its contents match.
+	Extents       []uint64 `protobuf:"varint,5,rep,packed,name=extents,proto3" json:"extents,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FileSums) Reset() {
+	*x = FileSums{}
+	mi := &file_tether_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FileSums) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FileSums) ProtoMessage() {}
+
+func (x *FileSums) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FileSums.ProtoReflect.Descriptor instead.
+func (*FileSums) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *FileSums) GetPath() []byte {
+	if x != nil {
+		return x.Path
+	}
+	return nil
+}
+
+func (x *FileSums) GetSize() uint64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *FileSums) GetMtimeUnixNano() int64 {
+	if x != nil {
+		return x.MtimeUnixNano
+	}
+	return 0
+}
+
+func (x *FileSums) GetHashes() []byte {
+	if x != nil {
+		return x.Hashes
+	}
+	return nil
+}
+
+func (x *FileSums) GetExtents() []uint64 {
+	if x != nil {
+		return x.Extents
+	}
+	return nil
 }
 
 type StreamRequest struct {
@@ -116,7 +319,7 @@ type StreamRequest struct {
 
 func (x *StreamRequest) Reset() {
 	*x = StreamRequest{}
-	mi := &file_tether_proto_msgTypes[0]
+	mi := &file_tether_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -128,7 +331,7 @@ func (x *StreamRequest) String() string {
 func (*StreamRequest) ProtoMessage() {}
 
 func (x *StreamRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[0]
+	mi := &file_tether_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -141,7 +344,7 @@ func (x *StreamRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamRequest.ProtoReflect.Descriptor instead.
 func (*StreamRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{0}
+	return file_tether_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *StreamRequest) GetKind() isStreamRequest_Kind {
@@ -213,7 +416,7 @@ type Hello struct {
 
 func (x *Hello) Reset() {
 	*x = Hello{}
-	mi := &file_tether_proto_msgTypes[1]
+	mi := &file_tether_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -225,7 +428,7 @@ func (x *Hello) String() string {
 func (*Hello) ProtoMessage() {}
 
 func (x *Hello) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[1]
+	mi := &file_tether_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -238,7 +441,7 @@ func (x *Hello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Hello.ProtoReflect.Descriptor instead.
 func (*Hello) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{1}
+	return file_tether_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Hello) GetVolume() string {
@@ -288,14 +491,21 @@ type FileOp struct {
 	// of the data is taken as that end.
 	Size uint64 `protobuf:"varint,13,opt,name=size,proto3" json:"size,omitempty"`
 	// HARDLINK: the path this one becomes another name of.
-	HardlinkTo    []byte `protobuf:"bytes,14,opt,name=hardlink_to,json=hardlinkTo,proto3" json:"hardlink_to,omitempty"`
+	HardlinkTo []byte `protobuf:"bytes,14,opt,name=hardlink_to,json=hardlinkTo,proto3" json:"hardlink_to,omitempty"`
+	// FILE, on the last op: the chunks patch the file the replica already
+	// holds (the version the previous cut carried) instead of replacing it.
+	// Only an incremental batch carries deltas.
+	Delta *Delta `protobuf:"bytes,15,opt,name=delta,proto3" json:"delta,omitempty"`
+	// FILE chunks: data is compressed with zstd (one frame, at most 4 MiB
+	// once decompressed).
+	Zstd          bool `protobuf:"varint,16,opt,name=zstd,proto3" json:"zstd,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *FileOp) Reset() {
 	*x = FileOp{}
-	mi := &file_tether_proto_msgTypes[2]
+	mi := &file_tether_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -307,7 +517,7 @@ func (x *FileOp) String() string {
 func (*FileOp) ProtoMessage() {}
 
 func (x *FileOp) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[2]
+	mi := &file_tether_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -320,7 +530,7 @@ func (x *FileOp) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileOp.ProtoReflect.Descriptor instead.
 func (*FileOp) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{2}
+	return file_tether_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *FileOp) GetKind() FileOp_Kind {
@@ -421,6 +631,105 @@ func (x *FileOp) GetHardlinkTo() []byte {
 	return nil
 }
 
+func (x *FileOp) GetDelta() *Delta {
+	if x != nil {
+		return x.Delta
+	}
+	return nil
+}
+
+func (x *FileOp) GetZstd() bool {
+	if x != nil {
+		return x.Zstd
+	}
+	return false
+}
+
+// Delta says which blocks of a file changed since the previous cut, and
+// which base it applies to. The replica checks its copy is that base (size,
+// mtime and the digest of its block hashes) before it journals the batch,
+// and refuses the batch otherwise (the primary then sends the whole tree).
+type Delta struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The base: size, mtime and BLAKE3 of the concatenated BLAKE3 hashes of
+	// its blocks of block_size bytes (the last one shorter).
+	BaseSize          uint64 `protobuf:"varint,1,opt,name=base_size,json=baseSize,proto3" json:"base_size,omitempty"`
+	BaseMtimeUnixNano int64  `protobuf:"varint,2,opt,name=base_mtime_unix_nano,json=baseMtimeUnixNano,proto3" json:"base_mtime_unix_nano,omitempty"`
+	BaseDigest        []byte `protobuf:"bytes,3,opt,name=base_digest,json=baseDigest,proto3" json:"base_digest,omitempty"`
+	BlockSize         uint32 `protobuf:"varint,4,opt,name=block_size,json=blockSize,proto3" json:"block_size,omitempty"`
+	// The blocks (by index) whose contents the batch replaces: each one is
+	// set to the chunks' data that falls in it, zeros elsewhere, then the
+	// file is cut to the op's size. Ascending.
+	Blocks        []uint64 `protobuf:"varint,5,rep,packed,name=blocks,proto3" json:"blocks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Delta) Reset() {
+	*x = Delta{}
+	mi := &file_tether_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Delta) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Delta) ProtoMessage() {}
+
+func (x *Delta) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Delta.ProtoReflect.Descriptor instead.
+func (*Delta) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *Delta) GetBaseSize() uint64 {
+	if x != nil {
+		return x.BaseSize
+	}
+	return 0
+}
+
+func (x *Delta) GetBaseMtimeUnixNano() int64 {
+	if x != nil {
+		return x.BaseMtimeUnixNano
+	}
+	return 0
+}
+
+func (x *Delta) GetBaseDigest() []byte {
+	if x != nil {
+		return x.BaseDigest
+	}
+	return nil
+}
+
+func (x *Delta) GetBlockSize() uint32 {
+	if x != nil {
+		return x.BlockSize
+	}
+	return 0
+}
+
+func (x *Delta) GetBlocks() []uint64 {
+	if x != nil {
+		return x.Blocks
+	}
+	return nil
+}
+
 type Xattr struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Name          []byte                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -431,7 +740,7 @@ type Xattr struct {
 
 func (x *Xattr) Reset() {
 	*x = Xattr{}
-	mi := &file_tether_proto_msgTypes[3]
+	mi := &file_tether_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -443,7 +752,7 @@ func (x *Xattr) String() string {
 func (*Xattr) ProtoMessage() {}
 
 func (x *Xattr) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[3]
+	mi := &file_tether_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -456,7 +765,7 @@ func (x *Xattr) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Xattr.ProtoReflect.Descriptor instead.
 func (*Xattr) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{3}
+	return file_tether_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Xattr) GetName() []byte {
@@ -492,7 +801,7 @@ type Commit struct {
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_tether_proto_msgTypes[4]
+	mi := &file_tether_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -504,7 +813,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[4]
+	mi := &file_tether_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -517,7 +826,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{4}
+	return file_tether_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Commit) GetSeq() uint64 {
@@ -560,7 +869,7 @@ type StreamAck struct {
 
 func (x *StreamAck) Reset() {
 	*x = StreamAck{}
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -572,7 +881,7 @@ func (x *StreamAck) String() string {
 func (*StreamAck) ProtoMessage() {}
 
 func (x *StreamAck) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -585,7 +894,7 @@ func (x *StreamAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamAck.ProtoReflect.Descriptor instead.
 func (*StreamAck) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{5}
+	return file_tether_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *StreamAck) GetEpoch() uint64 {
@@ -618,7 +927,7 @@ type RenewLeaseRequest struct {
 
 func (x *RenewLeaseRequest) Reset() {
 	*x = RenewLeaseRequest{}
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -630,7 +939,7 @@ func (x *RenewLeaseRequest) String() string {
 func (*RenewLeaseRequest) ProtoMessage() {}
 
 func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -643,7 +952,7 @@ func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RenewLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{6}
+	return file_tether_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RenewLeaseRequest) GetNode() string {
@@ -664,7 +973,7 @@ type RenewLeaseResponse struct {
 
 func (x *RenewLeaseResponse) Reset() {
 	*x = RenewLeaseResponse{}
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -676,7 +985,7 @@ func (x *RenewLeaseResponse) String() string {
 func (*RenewLeaseResponse) ProtoMessage() {}
 
 func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -689,7 +998,7 @@ func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{7}
+	return file_tether_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RenewLeaseResponse) GetIndex() uint64 {
@@ -708,7 +1017,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -720,7 +1029,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -733,7 +1042,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{8}
+	return file_tether_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ApplyRequest) GetCommand() []byte {
@@ -755,7 +1064,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -767,7 +1076,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -780,7 +1089,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{9}
+	return file_tether_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ApplyResponse) GetIndex() uint64 {
@@ -806,7 +1115,7 @@ type PrimaryStatusRequest struct {
 
 func (x *PrimaryStatusRequest) Reset() {
 	*x = PrimaryStatusRequest{}
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -818,7 +1127,7 @@ func (x *PrimaryStatusRequest) String() string {
 func (*PrimaryStatusRequest) ProtoMessage() {}
 
 func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -831,7 +1140,7 @@ func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusRequest.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{10}
+	return file_tether_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *PrimaryStatusRequest) GetVolume() string {
@@ -859,7 +1168,7 @@ type PrimaryStatusResponse struct {
 
 func (x *PrimaryStatusResponse) Reset() {
 	*x = PrimaryStatusResponse{}
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -871,7 +1180,7 @@ func (x *PrimaryStatusResponse) String() string {
 func (*PrimaryStatusResponse) ProtoMessage() {}
 
 func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -884,7 +1193,7 @@ func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusResponse.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{11}
+	return file_tether_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *PrimaryStatusResponse) GetReplicas() []*ReplicaStatus {
@@ -956,7 +1265,7 @@ type ReplicaStatus struct {
 
 func (x *ReplicaStatus) Reset() {
 	*x = ReplicaStatus{}
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -968,7 +1277,7 @@ func (x *ReplicaStatus) String() string {
 func (*ReplicaStatus) ProtoMessage() {}
 
 func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -981,7 +1290,7 @@ func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaStatus.ProtoReflect.Descriptor instead.
 func (*ReplicaStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{12}
+	return file_tether_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ReplicaStatus) GetNode() string {
@@ -1057,7 +1366,7 @@ type VolumeUpdateRequest struct {
 
 func (x *VolumeUpdateRequest) Reset() {
 	*x = VolumeUpdateRequest{}
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1069,7 +1378,7 @@ func (x *VolumeUpdateRequest) String() string {
 func (*VolumeUpdateRequest) ProtoMessage() {}
 
 func (x *VolumeUpdateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1082,7 +1391,7 @@ func (x *VolumeUpdateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUpdateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeUpdateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{13}
+	return file_tether_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *VolumeUpdateRequest) GetName() string {
@@ -1136,7 +1445,7 @@ type VolumeUpdateResponse struct {
 
 func (x *VolumeUpdateResponse) Reset() {
 	*x = VolumeUpdateResponse{}
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1148,7 +1457,7 @@ func (x *VolumeUpdateResponse) String() string {
 func (*VolumeUpdateResponse) ProtoMessage() {}
 
 func (x *VolumeUpdateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1161,7 +1470,7 @@ func (x *VolumeUpdateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUpdateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeUpdateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{14}
+	return file_tether_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *VolumeUpdateResponse) GetVolume() *Volume {
@@ -1184,7 +1493,7 @@ type VolumePromoteRequest struct {
 
 func (x *VolumePromoteRequest) Reset() {
 	*x = VolumePromoteRequest{}
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1196,7 +1505,7 @@ func (x *VolumePromoteRequest) String() string {
 func (*VolumePromoteRequest) ProtoMessage() {}
 
 func (x *VolumePromoteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1209,7 +1518,7 @@ func (x *VolumePromoteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePromoteRequest.ProtoReflect.Descriptor instead.
 func (*VolumePromoteRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{15}
+	return file_tether_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *VolumePromoteRequest) GetName() string {
@@ -1245,7 +1554,7 @@ type VolumePromoteResponse struct {
 
 func (x *VolumePromoteResponse) Reset() {
 	*x = VolumePromoteResponse{}
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1257,7 +1566,7 @@ func (x *VolumePromoteResponse) String() string {
 func (*VolumePromoteResponse) ProtoMessage() {}
 
 func (x *VolumePromoteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1270,7 +1579,7 @@ func (x *VolumePromoteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePromoteResponse.ProtoReflect.Descriptor instead.
 func (*VolumePromoteResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{16}
+	return file_tether_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *VolumePromoteResponse) GetVolume() *Volume {
@@ -1299,7 +1608,7 @@ type VolumeMoveRequest struct {
 
 func (x *VolumeMoveRequest) Reset() {
 	*x = VolumeMoveRequest{}
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1311,7 +1620,7 @@ func (x *VolumeMoveRequest) String() string {
 func (*VolumeMoveRequest) ProtoMessage() {}
 
 func (x *VolumeMoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1324,7 +1633,7 @@ func (x *VolumeMoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeMoveRequest.ProtoReflect.Descriptor instead.
 func (*VolumeMoveRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{17}
+	return file_tether_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *VolumeMoveRequest) GetName() string {
@@ -1358,7 +1667,7 @@ type VolumeMoveResponse struct {
 
 func (x *VolumeMoveResponse) Reset() {
 	*x = VolumeMoveResponse{}
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1370,7 +1679,7 @@ func (x *VolumeMoveResponse) String() string {
 func (*VolumeMoveResponse) ProtoMessage() {}
 
 func (x *VolumeMoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1383,7 +1692,7 @@ func (x *VolumeMoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeMoveResponse.ProtoReflect.Descriptor instead.
 func (*VolumeMoveResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{18}
+	return file_tether_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *VolumeMoveResponse) GetVolume() *Volume {
@@ -1408,7 +1717,7 @@ type MembersRequest struct {
 
 func (x *MembersRequest) Reset() {
 	*x = MembersRequest{}
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1420,7 +1729,7 @@ func (x *MembersRequest) String() string {
 func (*MembersRequest) ProtoMessage() {}
 
 func (x *MembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1433,7 +1742,7 @@ func (x *MembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersRequest.ProtoReflect.Descriptor instead.
 func (*MembersRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{19}
+	return file_tether_proto_rawDescGZIP(), []int{23}
 }
 
 type Member struct {
@@ -1453,7 +1762,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1465,7 +1774,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1478,7 +1787,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{20}
+	return file_tether_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *Member) GetName() string {
@@ -1539,7 +1848,7 @@ type MembersResponse struct {
 
 func (x *MembersResponse) Reset() {
 	*x = MembersResponse{}
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1551,7 +1860,7 @@ func (x *MembersResponse) String() string {
 func (*MembersResponse) ProtoMessage() {}
 
 func (x *MembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1564,7 +1873,7 @@ func (x *MembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersResponse.ProtoReflect.Descriptor instead.
 func (*MembersResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{21}
+	return file_tether_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *MembersResponse) GetMembers() []*Member {
@@ -1582,7 +1891,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1594,7 +1903,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1607,7 +1916,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{22}
+	return file_tether_proto_rawDescGZIP(), []int{26}
 }
 
 type StatusResponse struct {
@@ -1641,7 +1950,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1653,7 +1962,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1666,7 +1975,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{23}
+	return file_tether_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *StatusResponse) GetNode() string {
@@ -1784,7 +2093,7 @@ type ContainerProblem struct {
 
 func (x *ContainerProblem) Reset() {
 	*x = ContainerProblem{}
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1796,7 +2105,7 @@ func (x *ContainerProblem) String() string {
 func (*ContainerProblem) ProtoMessage() {}
 
 func (x *ContainerProblem) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1809,7 +2118,7 @@ func (x *ContainerProblem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerProblem.ProtoReflect.Descriptor instead.
 func (*ContainerProblem) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{24}
+	return file_tether_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ContainerProblem) GetContainer() string {
@@ -1839,7 +2148,7 @@ type Quarantine struct {
 
 func (x *Quarantine) Reset() {
 	*x = Quarantine{}
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1851,7 +2160,7 @@ func (x *Quarantine) String() string {
 func (*Quarantine) ProtoMessage() {}
 
 func (x *Quarantine) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1864,7 +2173,7 @@ func (x *Quarantine) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quarantine.ProtoReflect.Descriptor instead.
 func (*Quarantine) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{25}
+	return file_tether_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *Quarantine) GetVolume() string {
@@ -1914,7 +2223,7 @@ type FencedVolume struct {
 
 func (x *FencedVolume) Reset() {
 	*x = FencedVolume{}
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1926,7 +2235,7 @@ func (x *FencedVolume) String() string {
 func (*FencedVolume) ProtoMessage() {}
 
 func (x *FencedVolume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1939,7 +2248,7 @@ func (x *FencedVolume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FencedVolume.ProtoReflect.Descriptor instead.
 func (*FencedVolume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{26}
+	return file_tether_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *FencedVolume) GetName() string {
@@ -1982,7 +2291,7 @@ type Security struct {
 
 func (x *Security) Reset() {
 	*x = Security{}
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1994,7 +2303,7 @@ func (x *Security) String() string {
 func (*Security) ProtoMessage() {}
 
 func (x *Security) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2007,7 +2316,7 @@ func (x *Security) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Security.ProtoReflect.Descriptor instead.
 func (*Security) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{27}
+	return file_tether_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *Security) GetTls() bool {
@@ -2049,7 +2358,7 @@ type VolumeCreateRequest struct {
 
 func (x *VolumeCreateRequest) Reset() {
 	*x = VolumeCreateRequest{}
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2061,7 +2370,7 @@ func (x *VolumeCreateRequest) String() string {
 func (*VolumeCreateRequest) ProtoMessage() {}
 
 func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2074,7 +2383,7 @@ func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeCreateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{28}
+	return file_tether_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *VolumeCreateRequest) GetName() string {
@@ -2121,7 +2430,7 @@ type VolumeCreateResponse struct {
 
 func (x *VolumeCreateResponse) Reset() {
 	*x = VolumeCreateResponse{}
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2133,7 +2442,7 @@ func (x *VolumeCreateResponse) String() string {
 func (*VolumeCreateResponse) ProtoMessage() {}
 
 func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2146,7 +2455,7 @@ func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeCreateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{29}
+	return file_tether_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *VolumeCreateResponse) GetVolume() *Volume {
@@ -2164,7 +2473,7 @@ type VolumeListRequest struct {
 
 func (x *VolumeListRequest) Reset() {
 	*x = VolumeListRequest{}
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2176,7 +2485,7 @@ func (x *VolumeListRequest) String() string {
 func (*VolumeListRequest) ProtoMessage() {}
 
 func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2189,7 +2498,7 @@ func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListRequest.ProtoReflect.Descriptor instead.
 func (*VolumeListRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{30}
+	return file_tether_proto_rawDescGZIP(), []int{34}
 }
 
 type VolumeListResponse struct {
@@ -2201,7 +2510,7 @@ type VolumeListResponse struct {
 
 func (x *VolumeListResponse) Reset() {
 	*x = VolumeListResponse{}
-	mi := &file_tether_proto_msgTypes[31]
+	mi := &file_tether_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2213,7 +2522,7 @@ func (x *VolumeListResponse) String() string {
 func (*VolumeListResponse) ProtoMessage() {}
 
 func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[31]
+	mi := &file_tether_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2226,7 +2535,7 @@ func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListResponse.ProtoReflect.Descriptor instead.
 func (*VolumeListResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{31}
+	return file_tether_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *VolumeListResponse) GetVolumes() []*Volume {
@@ -2245,7 +2554,7 @@ type VolumeInspectRequest struct {
 
 func (x *VolumeInspectRequest) Reset() {
 	*x = VolumeInspectRequest{}
-	mi := &file_tether_proto_msgTypes[32]
+	mi := &file_tether_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2257,7 +2566,7 @@ func (x *VolumeInspectRequest) String() string {
 func (*VolumeInspectRequest) ProtoMessage() {}
 
 func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[32]
+	mi := &file_tether_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2270,7 +2579,7 @@ func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectRequest.ProtoReflect.Descriptor instead.
 func (*VolumeInspectRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{32}
+	return file_tether_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *VolumeInspectRequest) GetName() string {
@@ -2290,7 +2599,7 @@ type VolumeInspectResponse struct {
 
 func (x *VolumeInspectResponse) Reset() {
 	*x = VolumeInspectResponse{}
-	mi := &file_tether_proto_msgTypes[33]
+	mi := &file_tether_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2302,7 +2611,7 @@ func (x *VolumeInspectResponse) String() string {
 func (*VolumeInspectResponse) ProtoMessage() {}
 
 func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[33]
+	mi := &file_tether_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2315,7 +2624,7 @@ func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectResponse.ProtoReflect.Descriptor instead.
 func (*VolumeInspectResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{33}
+	return file_tether_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *VolumeInspectResponse) GetVolume() *Volume {
@@ -2366,7 +2675,7 @@ type Volume struct {
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_tether_proto_msgTypes[34]
+	mi := &file_tether_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2378,7 +2687,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[34]
+	mi := &file_tether_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2391,7 +2700,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{34}
+	return file_tether_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *Volume) GetName() string {
@@ -2518,7 +2827,7 @@ type RecordedContainer struct {
 
 func (x *RecordedContainer) Reset() {
 	*x = RecordedContainer{}
-	mi := &file_tether_proto_msgTypes[35]
+	mi := &file_tether_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2530,7 +2839,7 @@ func (x *RecordedContainer) String() string {
 func (*RecordedContainer) ProtoMessage() {}
 
 func (x *RecordedContainer) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[35]
+	mi := &file_tether_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2543,7 +2852,7 @@ func (x *RecordedContainer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecordedContainer.ProtoReflect.Descriptor instead.
 func (*RecordedContainer) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{35}
+	return file_tether_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *RecordedContainer) GetName() string {
@@ -2579,7 +2888,7 @@ type ReplicaProgress struct {
 
 func (x *ReplicaProgress) Reset() {
 	*x = ReplicaProgress{}
-	mi := &file_tether_proto_msgTypes[36]
+	mi := &file_tether_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2591,7 +2900,7 @@ func (x *ReplicaProgress) String() string {
 func (*ReplicaProgress) ProtoMessage() {}
 
 func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[36]
+	mi := &file_tether_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2604,7 +2913,7 @@ func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaProgress.ProtoReflect.Descriptor instead.
 func (*ReplicaProgress) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{36}
+	return file_tether_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *ReplicaProgress) GetNode() string {
@@ -2656,7 +2965,7 @@ type VolumeStatus struct {
 
 func (x *VolumeStatus) Reset() {
 	*x = VolumeStatus{}
-	mi := &file_tether_proto_msgTypes[37]
+	mi := &file_tether_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2668,7 +2977,7 @@ func (x *VolumeStatus) String() string {
 func (*VolumeStatus) ProtoMessage() {}
 
 func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[37]
+	mi := &file_tether_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2681,7 +2990,7 @@ func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
 func (*VolumeStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{37}
+	return file_tether_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *VolumeStatus) GetName() string {
@@ -2749,7 +3058,7 @@ type VolumeRemoveRequest struct {
 
 func (x *VolumeRemoveRequest) Reset() {
 	*x = VolumeRemoveRequest{}
-	mi := &file_tether_proto_msgTypes[38]
+	mi := &file_tether_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2761,7 +3070,7 @@ func (x *VolumeRemoveRequest) String() string {
 func (*VolumeRemoveRequest) ProtoMessage() {}
 
 func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[38]
+	mi := &file_tether_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2774,7 +3083,7 @@ func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveRequest.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{38}
+	return file_tether_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *VolumeRemoveRequest) GetName() string {
@@ -2793,7 +3102,7 @@ type VolumeRemoveResponse struct {
 
 func (x *VolumeRemoveResponse) Reset() {
 	*x = VolumeRemoveResponse{}
-	mi := &file_tether_proto_msgTypes[39]
+	mi := &file_tether_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2805,7 +3114,7 @@ func (x *VolumeRemoveResponse) String() string {
 func (*VolumeRemoveResponse) ProtoMessage() {}
 
 func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[39]
+	mi := &file_tether_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2818,7 +3127,7 @@ func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveResponse.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{39}
+	return file_tether_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *VolumeRemoveResponse) GetVolume() *Volume {
@@ -2837,7 +3146,7 @@ type VolumeUndeleteRequest struct {
 
 func (x *VolumeUndeleteRequest) Reset() {
 	*x = VolumeUndeleteRequest{}
-	mi := &file_tether_proto_msgTypes[40]
+	mi := &file_tether_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2849,7 +3158,7 @@ func (x *VolumeUndeleteRequest) String() string {
 func (*VolumeUndeleteRequest) ProtoMessage() {}
 
 func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[40]
+	mi := &file_tether_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2862,7 +3171,7 @@ func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteRequest.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{40}
+	return file_tether_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *VolumeUndeleteRequest) GetName() string {
@@ -2881,7 +3190,7 @@ type VolumeUndeleteResponse struct {
 
 func (x *VolumeUndeleteResponse) Reset() {
 	*x = VolumeUndeleteResponse{}
-	mi := &file_tether_proto_msgTypes[41]
+	mi := &file_tether_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2893,7 +3202,7 @@ func (x *VolumeUndeleteResponse) String() string {
 func (*VolumeUndeleteResponse) ProtoMessage() {}
 
 func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[41]
+	mi := &file_tether_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2906,7 +3215,7 @@ func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteResponse.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{41}
+	return file_tether_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *VolumeUndeleteResponse) GetVolume() *Volume {
@@ -2925,7 +3234,7 @@ type VolumePurgeRequest struct {
 
 func (x *VolumePurgeRequest) Reset() {
 	*x = VolumePurgeRequest{}
-	mi := &file_tether_proto_msgTypes[42]
+	mi := &file_tether_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2937,7 +3246,7 @@ func (x *VolumePurgeRequest) String() string {
 func (*VolumePurgeRequest) ProtoMessage() {}
 
 func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[42]
+	mi := &file_tether_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2950,7 +3259,7 @@ func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeRequest.ProtoReflect.Descriptor instead.
 func (*VolumePurgeRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{42}
+	return file_tether_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *VolumePurgeRequest) GetName() string {
@@ -2968,7 +3277,7 @@ type VolumePurgeResponse struct {
 
 func (x *VolumePurgeResponse) Reset() {
 	*x = VolumePurgeResponse{}
-	mi := &file_tether_proto_msgTypes[43]
+	mi := &file_tether_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2980,7 +3289,7 @@ func (x *VolumePurgeResponse) String() string {
 func (*VolumePurgeResponse) ProtoMessage() {}
 
 func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[43]
+	mi := &file_tether_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2993,14 +3302,29 @@ func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeResponse.ProtoReflect.Descriptor instead.
 func (*VolumePurgeResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{43}
+	return file_tether_proto_rawDescGZIP(), []int{47}
 }
 
 var File_tether_proto protoreflect.FileDescriptor
 
 const file_tether_proto_rawDesc = "" +
 	"\n" +
-	"\ftether.proto\x12\ttether.v1\"\x93\x01\n" +
+	"\ftether.proto\x12\ttether.v1\"u\n" +
+	"\x10BlockSumsRequest\x12\x16\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x14\n" +
+	"\x05paths\x18\x03 \x03(\fR\x05paths\x12\x1d\n" +
+	"\n" +
+	"block_size\x18\x04 \x01(\rR\tblockSize\"Z\n" +
+	"\x11BlockSumsResponse\x12\x1a\n" +
+	"\banswered\x18\x01 \x01(\rR\banswered\x12)\n" +
+	"\x05files\x18\x02 \x03(\v2\x13.tether.v1.FileSumsR\x05files\"\x8c\x01\n" +
+	"\bFileSums\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\fR\x04path\x12\x12\n" +
+	"\x04size\x18\x02 \x01(\x04R\x04size\x12&\n" +
+	"\x0fmtime_unix_nano\x18\x03 \x01(\x03R\rmtimeUnixNano\x12\x16\n" +
+	"\x06hashes\x18\x04 \x01(\fR\x06hashes\x12\x18\n" +
+	"\aextents\x18\x05 \x03(\x04R\aextents\"\x93\x01\n" +
 	"\rStreamRequest\x12(\n" +
 	"\x05hello\x18\x01 \x01(\v2\x10.tether.v1.HelloH\x00R\x05hello\x12#\n" +
 	"\x02op\x18\x02 \x01(\v2\x11.tether.v1.FileOpH\x00R\x02op\x12+\n" +
@@ -3009,7 +3333,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x05Hello\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12!\n" +
-	"\fprimary_node\x18\x03 \x01(\tR\vprimaryNode\"\x97\x04\n" +
+	"\fprimary_node\x18\x03 \x01(\tR\vprimaryNode\"\xd3\x04\n" +
 	"\x06FileOp\x12*\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x16.tether.v1.FileOp.KindR\x04kind\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\fR\x04path\x12\x19\n" +
@@ -3027,7 +3351,9 @@ const file_tether_proto_rawDesc = "" +
 	"\x06xattrs\x18\f \x03(\v2\x10.tether.v1.XattrR\x06xattrs\x12\x12\n" +
 	"\x04size\x18\r \x01(\x04R\x04size\x12\x1f\n" +
 	"\vhardlink_to\x18\x0e \x01(\fR\n" +
-	"hardlinkTo\"\x91\x01\n" +
+	"hardlinkTo\x12&\n" +
+	"\x05delta\x18\x0f \x01(\v2\x10.tether.v1.DeltaR\x05delta\x12\x12\n" +
+	"\x04zstd\x18\x10 \x01(\bR\x04zstd\"\x91\x01\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n" +
 	"\n" +
@@ -3037,7 +3363,15 @@ const file_tether_proto_rawDesc = "" +
 	"\vKIND_DELETE\x10\x04\x12\x0f\n" +
 	"\vKIND_RENAME\x10\x05\x12\r\n" +
 	"\tKIND_FIFO\x10\x06\x12\x11\n" +
-	"\rKIND_HARDLINK\x10\a\"1\n" +
+	"\rKIND_HARDLINK\x10\a\"\xad\x01\n" +
+	"\x05Delta\x12\x1b\n" +
+	"\tbase_size\x18\x01 \x01(\x04R\bbaseSize\x12/\n" +
+	"\x14base_mtime_unix_nano\x18\x02 \x01(\x03R\x11baseMtimeUnixNano\x12\x1f\n" +
+	"\vbase_digest\x18\x03 \x01(\fR\n" +
+	"baseDigest\x12\x1d\n" +
+	"\n" +
+	"block_size\x18\x04 \x01(\rR\tblockSize\x12\x16\n" +
+	"\x06blocks\x18\x05 \x03(\x04R\x06blocks\"1\n" +
 	"\x05Xattr\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\fR\x04name\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\fR\x05value\"\x84\x01\n" +
@@ -3240,9 +3574,10 @@ const file_tether_proto_rawDesc = "" +
 	"\x06volume\x18\x01 \x01(\v2\x11.tether.v1.VolumeR\x06volume\"(\n" +
 	"\x12VolumePurgeRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x15\n" +
-	"\x13VolumePurgeResponse2K\n" +
+	"\x13VolumePurgeResponse2\x93\x01\n" +
 	"\vReplication\x12<\n" +
-	"\x06Stream\x12\x18.tether.v1.StreamRequest\x1a\x14.tether.v1.StreamAck(\x010\x012\xf4\x02\n" +
+	"\x06Stream\x12\x18.tether.v1.StreamRequest\x1a\x14.tether.v1.StreamAck(\x010\x01\x12F\n" +
+	"\tBlockSums\x12\x1b.tether.v1.BlockSumsRequest\x1a\x1c.tether.v1.BlockSumsResponse2\xf4\x02\n" +
 	"\x04Peer\x12:\n" +
 	"\x05Apply\x12\x17.tether.v1.ApplyRequest\x1a\x18.tether.v1.ApplyResponse\x12R\n" +
 	"\rPrimaryStatus\x12\x1f.tether.v1.PrimaryStatusRequest\x1a .tether.v1.PrimaryStatusResponse\x12I\n" +
@@ -3278,126 +3613,134 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 48)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 52)
 var file_tether_proto_goTypes = []any{
 	(FileOp_Kind)(0),               // 0: tether.v1.FileOp.Kind
-	(*StreamRequest)(nil),          // 1: tether.v1.StreamRequest
-	(*Hello)(nil),                  // 2: tether.v1.Hello
-	(*FileOp)(nil),                 // 3: tether.v1.FileOp
-	(*Xattr)(nil),                  // 4: tether.v1.Xattr
-	(*Commit)(nil),                 // 5: tether.v1.Commit
-	(*StreamAck)(nil),              // 6: tether.v1.StreamAck
-	(*RenewLeaseRequest)(nil),      // 7: tether.v1.RenewLeaseRequest
-	(*RenewLeaseResponse)(nil),     // 8: tether.v1.RenewLeaseResponse
-	(*ApplyRequest)(nil),           // 9: tether.v1.ApplyRequest
-	(*ApplyResponse)(nil),          // 10: tether.v1.ApplyResponse
-	(*PrimaryStatusRequest)(nil),   // 11: tether.v1.PrimaryStatusRequest
-	(*PrimaryStatusResponse)(nil),  // 12: tether.v1.PrimaryStatusResponse
-	(*ReplicaStatus)(nil),          // 13: tether.v1.ReplicaStatus
-	(*VolumeUpdateRequest)(nil),    // 14: tether.v1.VolumeUpdateRequest
-	(*VolumeUpdateResponse)(nil),   // 15: tether.v1.VolumeUpdateResponse
-	(*VolumePromoteRequest)(nil),   // 16: tether.v1.VolumePromoteRequest
-	(*VolumePromoteResponse)(nil),  // 17: tether.v1.VolumePromoteResponse
-	(*VolumeMoveRequest)(nil),      // 18: tether.v1.VolumeMoveRequest
-	(*VolumeMoveResponse)(nil),     // 19: tether.v1.VolumeMoveResponse
-	(*MembersRequest)(nil),         // 20: tether.v1.MembersRequest
-	(*Member)(nil),                 // 21: tether.v1.Member
-	(*MembersResponse)(nil),        // 22: tether.v1.MembersResponse
-	(*StatusRequest)(nil),          // 23: tether.v1.StatusRequest
-	(*StatusResponse)(nil),         // 24: tether.v1.StatusResponse
-	(*ContainerProblem)(nil),       // 25: tether.v1.ContainerProblem
-	(*Quarantine)(nil),             // 26: tether.v1.Quarantine
-	(*FencedVolume)(nil),           // 27: tether.v1.FencedVolume
-	(*Security)(nil),               // 28: tether.v1.Security
-	(*VolumeCreateRequest)(nil),    // 29: tether.v1.VolumeCreateRequest
-	(*VolumeCreateResponse)(nil),   // 30: tether.v1.VolumeCreateResponse
-	(*VolumeListRequest)(nil),      // 31: tether.v1.VolumeListRequest
-	(*VolumeListResponse)(nil),     // 32: tether.v1.VolumeListResponse
-	(*VolumeInspectRequest)(nil),   // 33: tether.v1.VolumeInspectRequest
-	(*VolumeInspectResponse)(nil),  // 34: tether.v1.VolumeInspectResponse
-	(*Volume)(nil),                 // 35: tether.v1.Volume
-	(*RecordedContainer)(nil),      // 36: tether.v1.RecordedContainer
-	(*ReplicaProgress)(nil),        // 37: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),           // 38: tether.v1.VolumeStatus
-	(*VolumeRemoveRequest)(nil),    // 39: tether.v1.VolumeRemoveRequest
-	(*VolumeRemoveResponse)(nil),   // 40: tether.v1.VolumeRemoveResponse
-	(*VolumeUndeleteRequest)(nil),  // 41: tether.v1.VolumeUndeleteRequest
-	(*VolumeUndeleteResponse)(nil), // 42: tether.v1.VolumeUndeleteResponse
-	(*VolumePurgeRequest)(nil),     // 43: tether.v1.VolumePurgeRequest
-	(*VolumePurgeResponse)(nil),    // 44: tether.v1.VolumePurgeResponse
-	nil,                            // 45: tether.v1.VolumeUpdateRequest.PlacementEntry
-	nil,                            // 46: tether.v1.Member.LabelsEntry
-	nil,                            // 47: tether.v1.VolumeCreateRequest.PlacementEntry
-	nil,                            // 48: tether.v1.Volume.PlacementEntry
+	(*BlockSumsRequest)(nil),       // 1: tether.v1.BlockSumsRequest
+	(*BlockSumsResponse)(nil),      // 2: tether.v1.BlockSumsResponse
+	(*FileSums)(nil),               // 3: tether.v1.FileSums
+	(*StreamRequest)(nil),          // 4: tether.v1.StreamRequest
+	(*Hello)(nil),                  // 5: tether.v1.Hello
+	(*FileOp)(nil),                 // 6: tether.v1.FileOp
+	(*Delta)(nil),                  // 7: tether.v1.Delta
+	(*Xattr)(nil),                  // 8: tether.v1.Xattr
+	(*Commit)(nil),                 // 9: tether.v1.Commit
+	(*StreamAck)(nil),              // 10: tether.v1.StreamAck
+	(*RenewLeaseRequest)(nil),      // 11: tether.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),     // 12: tether.v1.RenewLeaseResponse
+	(*ApplyRequest)(nil),           // 13: tether.v1.ApplyRequest
+	(*ApplyResponse)(nil),          // 14: tether.v1.ApplyResponse
+	(*PrimaryStatusRequest)(nil),   // 15: tether.v1.PrimaryStatusRequest
+	(*PrimaryStatusResponse)(nil),  // 16: tether.v1.PrimaryStatusResponse
+	(*ReplicaStatus)(nil),          // 17: tether.v1.ReplicaStatus
+	(*VolumeUpdateRequest)(nil),    // 18: tether.v1.VolumeUpdateRequest
+	(*VolumeUpdateResponse)(nil),   // 19: tether.v1.VolumeUpdateResponse
+	(*VolumePromoteRequest)(nil),   // 20: tether.v1.VolumePromoteRequest
+	(*VolumePromoteResponse)(nil),  // 21: tether.v1.VolumePromoteResponse
+	(*VolumeMoveRequest)(nil),      // 22: tether.v1.VolumeMoveRequest
+	(*VolumeMoveResponse)(nil),     // 23: tether.v1.VolumeMoveResponse
+	(*MembersRequest)(nil),         // 24: tether.v1.MembersRequest
+	(*Member)(nil),                 // 25: tether.v1.Member
+	(*MembersResponse)(nil),        // 26: tether.v1.MembersResponse
+	(*StatusRequest)(nil),          // 27: tether.v1.StatusRequest
+	(*StatusResponse)(nil),         // 28: tether.v1.StatusResponse
+	(*ContainerProblem)(nil),       // 29: tether.v1.ContainerProblem
+	(*Quarantine)(nil),             // 30: tether.v1.Quarantine
+	(*FencedVolume)(nil),           // 31: tether.v1.FencedVolume
+	(*Security)(nil),               // 32: tether.v1.Security
+	(*VolumeCreateRequest)(nil),    // 33: tether.v1.VolumeCreateRequest
+	(*VolumeCreateResponse)(nil),   // 34: tether.v1.VolumeCreateResponse
+	(*VolumeListRequest)(nil),      // 35: tether.v1.VolumeListRequest
+	(*VolumeListResponse)(nil),     // 36: tether.v1.VolumeListResponse
+	(*VolumeInspectRequest)(nil),   // 37: tether.v1.VolumeInspectRequest
+	(*VolumeInspectResponse)(nil),  // 38: tether.v1.VolumeInspectResponse
+	(*Volume)(nil),                 // 39: tether.v1.Volume
+	(*RecordedContainer)(nil),      // 40: tether.v1.RecordedContainer
+	(*ReplicaProgress)(nil),        // 41: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),           // 42: tether.v1.VolumeStatus
+	(*VolumeRemoveRequest)(nil),    // 43: tether.v1.VolumeRemoveRequest
+	(*VolumeRemoveResponse)(nil),   // 44: tether.v1.VolumeRemoveResponse
+	(*VolumeUndeleteRequest)(nil),  // 45: tether.v1.VolumeUndeleteRequest
+	(*VolumeUndeleteResponse)(nil), // 46: tether.v1.VolumeUndeleteResponse
+	(*VolumePurgeRequest)(nil),     // 47: tether.v1.VolumePurgeRequest
+	(*VolumePurgeResponse)(nil),    // 48: tether.v1.VolumePurgeResponse
+	nil,                            // 49: tether.v1.VolumeUpdateRequest.PlacementEntry
+	nil,                            // 50: tether.v1.Member.LabelsEntry
+	nil,                            // 51: tether.v1.VolumeCreateRequest.PlacementEntry
+	nil,                            // 52: tether.v1.Volume.PlacementEntry
 }
 var file_tether_proto_depIdxs = []int32{
-	2,  // 0: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
-	3,  // 1: tether.v1.StreamRequest.op:type_name -> tether.v1.FileOp
-	5,  // 2: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
-	0,  // 3: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
-	4,  // 4: tether.v1.FileOp.xattrs:type_name -> tether.v1.Xattr
-	13, // 5: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
-	45, // 6: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
-	35, // 7: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
-	35, // 8: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
-	35, // 9: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
-	46, // 10: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
-	21, // 11: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
-	38, // 12: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
-	27, // 13: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
-	26, // 14: tether.v1.StatusResponse.quarantined:type_name -> tether.v1.Quarantine
-	28, // 15: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
-	25, // 16: tether.v1.StatusResponse.container_problems:type_name -> tether.v1.ContainerProblem
-	47, // 17: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
-	35, // 18: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
-	35, // 19: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
-	35, // 20: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
-	38, // 21: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
-	37, // 22: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	48, // 23: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
-	36, // 24: tether.v1.Volume.containers:type_name -> tether.v1.RecordedContainer
-	13, // 25: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	35, // 26: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
-	35, // 27: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
-	1,  // 28: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	9,  // 29: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	11, // 30: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	7,  // 31: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
-	16, // 32: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
-	18, // 33: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
-	20, // 34: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	23, // 35: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	29, // 36: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	31, // 37: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	33, // 38: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	39, // 39: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
-	41, // 40: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
-	43, // 41: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
-	16, // 42: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
-	18, // 43: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
-	14, // 44: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
-	6,  // 45: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	10, // 46: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	12, // 47: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	8,  // 48: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
-	17, // 49: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
-	19, // 50: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
-	22, // 51: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	24, // 52: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	30, // 53: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	32, // 54: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	34, // 55: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	40, // 56: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
-	42, // 57: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
-	44, // 58: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
-	17, // 59: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
-	19, // 60: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
-	15, // 61: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
-	45, // [45:62] is the sub-list for method output_type
-	28, // [28:45] is the sub-list for method input_type
-	28, // [28:28] is the sub-list for extension type_name
-	28, // [28:28] is the sub-list for extension extendee
-	0,  // [0:28] is the sub-list for field type_name
+	3,  // 0: tether.v1.BlockSumsResponse.files:type_name -> tether.v1.FileSums
+	5,  // 1: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
+	6,  // 2: tether.v1.StreamRequest.op:type_name -> tether.v1.FileOp
+	9,  // 3: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
+	0,  // 4: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
+	8,  // 5: tether.v1.FileOp.xattrs:type_name -> tether.v1.Xattr
+	7,  // 6: tether.v1.FileOp.delta:type_name -> tether.v1.Delta
+	17, // 7: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
+	49, // 8: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
+	39, // 9: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
+	39, // 10: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
+	39, // 11: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
+	50, // 12: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
+	25, // 13: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
+	42, // 14: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
+	31, // 15: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
+	30, // 16: tether.v1.StatusResponse.quarantined:type_name -> tether.v1.Quarantine
+	32, // 17: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
+	29, // 18: tether.v1.StatusResponse.container_problems:type_name -> tether.v1.ContainerProblem
+	51, // 19: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
+	39, // 20: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
+	39, // 21: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
+	39, // 22: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
+	42, // 23: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
+	41, // 24: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
+	52, // 25: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
+	40, // 26: tether.v1.Volume.containers:type_name -> tether.v1.RecordedContainer
+	17, // 27: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
+	39, // 28: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
+	39, // 29: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
+	4,  // 30: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	1,  // 31: tether.v1.Replication.BlockSums:input_type -> tether.v1.BlockSumsRequest
+	13, // 32: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	15, // 33: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	11, // 34: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
+	20, // 35: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
+	22, // 36: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
+	24, // 37: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	27, // 38: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	33, // 39: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	35, // 40: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	37, // 41: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	43, // 42: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
+	45, // 43: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
+	47, // 44: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
+	20, // 45: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
+	22, // 46: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
+	18, // 47: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
+	10, // 48: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	2,  // 49: tether.v1.Replication.BlockSums:output_type -> tether.v1.BlockSumsResponse
+	14, // 50: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	16, // 51: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	12, // 52: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
+	21, // 53: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
+	23, // 54: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
+	26, // 55: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	28, // 56: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	34, // 57: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	36, // 58: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	38, // 59: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	44, // 60: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
+	46, // 61: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
+	48, // 62: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
+	21, // 63: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
+	23, // 64: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
+	19, // 65: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
+	48, // [48:66] is the sub-list for method output_type
+	30, // [30:48] is the sub-list for method input_type
+	30, // [30:30] is the sub-list for extension type_name
+	30, // [30:30] is the sub-list for extension extendee
+	0,  // [0:30] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -3405,19 +3748,19 @@ func file_tether_proto_init() {
 	if File_tether_proto != nil {
 		return
 	}
-	file_tether_proto_msgTypes[0].OneofWrappers = []any{
+	file_tether_proto_msgTypes[3].OneofWrappers = []any{
 		(*StreamRequest_Hello)(nil),
 		(*StreamRequest_Op)(nil),
 		(*StreamRequest_Commit)(nil),
 	}
-	file_tether_proto_msgTypes[13].OneofWrappers = []any{}
+	file_tether_proto_msgTypes[17].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   48,
+			NumMessages:   52,
 			NumExtensions: 0,
 			NumServices:   3,
 		},

@@ -28,7 +28,8 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Replication_Stream_FullMethodName = "/tether.v1.Replication/Stream"
+	Replication_Stream_FullMethodName    = "/tether.v1.Replication/Stream"
+	Replication_BlockSums_FullMethodName = "/tether.v1.Replication/BlockSums"
 )
 
 // ReplicationClient is the client API for Replication service.
@@ -42,6 +43,12 @@ type ReplicationClient interface {
 	// operations of a batch followed by its Commit; the replica acknowledges
 	// each Commit once the batch is durable on its disk.
 	Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamRequest, StreamAck], error)
+	// BlockSums tells which blocks the replica already holds: for each path
+	// asked, the size, mtime and block hashes of the single-linked regular
+	// file there (none when there is no such file). The primary of the
+	// replica's active stream (same epoch) asks it before sending a full cut,
+	// so that files the replica holds cross as deltas against its copies.
+	BlockSums(ctx context.Context, in *BlockSumsRequest, opts ...grpc.CallOption) (*BlockSumsResponse, error)
 }
 
 type replicationClient struct {
@@ -65,6 +72,16 @@ func (c *replicationClient) Stream(ctx context.Context, opts ...grpc.CallOption)
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Replication_StreamClient = grpc.BidiStreamingClient[StreamRequest, StreamAck]
 
+func (c *replicationClient) BlockSums(ctx context.Context, in *BlockSumsRequest, opts ...grpc.CallOption) (*BlockSumsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(BlockSumsResponse)
+	err := c.cc.Invoke(ctx, Replication_BlockSums_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ReplicationServer is the server API for Replication service.
 // All implementations must embed UnimplementedReplicationServer
 // for forward compatibility.
@@ -76,6 +93,12 @@ type ReplicationServer interface {
 	// operations of a batch followed by its Commit; the replica acknowledges
 	// each Commit once the batch is durable on its disk.
 	Stream(grpc.BidiStreamingServer[StreamRequest, StreamAck]) error
+	// BlockSums tells which blocks the replica already holds: for each path
+	// asked, the size, mtime and block hashes of the single-linked regular
+	// file there (none when there is no such file). The primary of the
+	// replica's active stream (same epoch) asks it before sending a full cut,
+	// so that files the replica holds cross as deltas against its copies.
+	BlockSums(context.Context, *BlockSumsRequest) (*BlockSumsResponse, error)
 	mustEmbedUnimplementedReplicationServer()
 }
 
@@ -88,6 +111,9 @@ type UnimplementedReplicationServer struct{}
 
 func (UnimplementedReplicationServer) Stream(grpc.BidiStreamingServer[StreamRequest, StreamAck]) error {
 	return status.Errorf(codes.Unimplemented, "method Stream not implemented")
+}
+func (UnimplementedReplicationServer) BlockSums(context.Context, *BlockSumsRequest) (*BlockSumsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method BlockSums not implemented")
 }
 func (UnimplementedReplicationServer) mustEmbedUnimplementedReplicationServer() {}
 func (UnimplementedReplicationServer) testEmbeddedByValue()                     {}
@@ -117,13 +143,36 @@ func _Replication_Stream_Handler(srv interface{}, stream grpc.ServerStream) erro
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Replication_StreamServer = grpc.BidiStreamingServer[StreamRequest, StreamAck]
 
+func _Replication_BlockSums_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(BlockSumsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ReplicationServer).BlockSums(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Replication_BlockSums_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ReplicationServer).BlockSums(ctx, req.(*BlockSumsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Replication_ServiceDesc is the grpc.ServiceDesc for Replication service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
 var Replication_ServiceDesc = grpc.ServiceDesc{
 	ServiceName: "tether.v1.Replication",
 	HandlerType: (*ReplicationServer)(nil),
-	Methods:     []grpc.MethodDesc{},
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "BlockSums",
+			Handler:    _Replication_BlockSums_Handler,
+		},
+	},
 	Streams: []grpc.StreamDesc{
 		{
 			StreamName:    "Stream",
