@@ -142,14 +142,14 @@ func lastLog(t *testing.T, stack string) string {
 // waitNoContainers waits (bounded) until no container of stack is left:
 // Swarm removes a removed service's containers asynchronously.
 func waitNoContainers(t *testing.T, stack string) {
-	deadline := time.Now().Add(60 * time.Second)
-	for time.Now().Before(deadline) {
+	// Cleanup: what is left after the bound is removed by force, so this
+	// polls (testutil.Every) instead of failing the test.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	testutil.Every(ctx, 500*time.Millisecond, func(int) bool {
 		out, err := docker(t, "ps", "-aq", "--filter", "label=com.docker.stack.namespace="+stack)
-		if err == nil && out == "" {
-			return
-		}
-		time.Sleep(500 * time.Millisecond)
-	}
+		return err != nil || out != ""
+	})
 	if out, _ := docker(t, "ps", "-aq", "--filter", "label=com.docker.stack.namespace="+stack); out != "" {
 		docker(t, append([]string{"rm", "-f"}, strings.Fields(out)...)...)
 	}

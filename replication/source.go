@@ -231,35 +231,16 @@ func lstatReal(root *os.Root, rel string) (fs.FileInfo, bool, error) {
 
 // collect adds everything below dir.
 func (p *plan) collect(root *os.Root, dir string) error {
-	entries, err := readDirRoot(root, dir)
-	if isGone(err) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("read directory %q: %w", dir, err)
-	}
-	for _, e := range entries {
-		rel := joinRel(dir, e.Name())
-		fi, err := e.Info()
-		if isGone(err) {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("read %q: %w", rel, err)
-		}
+	return walkTree(root, dir, func(rel string, fi fs.FileInfo) {
 		switch {
 		case !replicated(fi):
 			p.skipped = append(p.skipped, rel)
 		case fi.IsDir():
 			p.put(p.dirs, rel, fi)
-			if err := p.collect(root, rel); err != nil {
-				return err
-			}
 		default:
 			p.put(p.others, rel, fi)
 		}
-	}
-	return nil
+	})
 }
 
 // addParents adds the parent directory of every entry, so that the
