@@ -301,12 +301,7 @@ func TestDeltaJournalCrashAtEveryStep(t *testing.T) {
 		paths := replicaDirs(t)
 		j := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t))}
 		must(t, commitOps(t, j, 1, true, first))
-		j.fail = func(s string) error {
-			if s == step {
-				return errCrash
-			}
-			return nil
-		}
+		j.fail = crashAt(step)
 		if err := commitOps(t, j, 2, false, second); !errors.Is(err, errCrash) {
 			t.Fatalf("step %s: commit returned %v, want the injected crash", step, err)
 		}

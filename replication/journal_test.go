@@ -16,6 +16,16 @@ import (
 
 var errCrash = errors.New("injected crash")
 
+// crashAt is a failpoint that crashes (errCrash) at step.
+func crashAt(step string) failpoint {
+	return func(s string) error {
+		if s == step {
+			return errCrash
+		}
+		return nil
+	}
+}
+
 func mkdirOp(p string, mode uint32, mtime int64) *tetherpb.FileOp {
 	return &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_MKDIR, Path: []byte(p), Mode: mode, MtimeUnixNano: mtime}
 }
@@ -91,12 +101,7 @@ func TestJournalCrashAtEveryStep(t *testing.T) {
 			paths := replicaDirs(t)
 			j := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t))}
 			must(t, commitOps(t, j, 1, true, first))
-			j.fail = func(s string) error {
-				if s == step {
-					return errCrash
-				}
-				return nil
-			}
+			j.fail = crashAt(step)
 			if err := commitOps(t, j, 2, full, ops2); !errors.Is(err, errCrash) {
 				t.Fatalf("full=%v step %s: commit returned %v, want the injected crash", full, step, err)
 			}

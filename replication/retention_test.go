@@ -96,7 +96,7 @@ func TestReplicaResumesAfterManyCuts(t *testing.T) {
 	}
 	c.startReplica("r1")
 	c.waitSynced("r1")
-	if n := fullSent(p, "r1"); n != 1 {
+	if n := fullSentTo(p, "r1"); n != 1 {
 		t.Fatalf("%d full batches sent, want only the initial one (the replica should resume after 80 cuts)", n)
 	}
 }
@@ -127,21 +127,12 @@ func TestRetentionBudgetForcesFullResync(t *testing.T) {
 	}
 	c.startReplica("r1")
 	c.waitSynced("r1")
-	if n := fullSent(p, "r1"); n != 2 {
+	if n := fullSentTo(p, "r1"); n != 2 {
 		t.Fatalf("%d full batches sent, want 2 (the initial sync and the resync)", n)
 	}
 }
 
 // fullSent returns how many full batches the primary sent to node.
-func fullSent(p *Primary, node string) int {
-	p.mu.Lock()
-	s := p.senders[node]
-	p.mu.Unlock()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.fullSent
-}
-
 // TestLagBytes checks the backlog a primary reports per replica: while the
 // replica is down its lag bytes and pending cuts grow with each cut, and
 // they return to 0 once it has caught up.
