@@ -164,9 +164,13 @@ type Cluster struct {
 	transport  *raft.NetworkTransport
 	store      *raftboltdb.BoltStore
 	gossipAddr string
-	// startIndex is the last Raft index on disk when Start ran.
-	startIndex uint64
-	joinErr    atomic.Value // string: why the last join failed
+	// startIndex is the last Raft index on disk when Start ran, and
+	// startCommand the last catalog command at or before it (0: none in
+	// the log): Raft counts an entry applied once it handed it to the FSM,
+	// so the catalog is current only once the FSM itself reached it.
+	startIndex   uint64
+	startCommand uint64
+	joinErr      atomic.Value // string: why the last join failed
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -236,6 +240,26 @@ func notify(ch chan struct{}) {
 	}
 }
 
+// lastCommandIndex returns the index of the last catalog command in the
+// Raft log at or before last (0 if the log holds none, or none among the
+// last few thousand entries: the snapshot then holds the catalog).
+func (c *Cluster) lastCommandIndex(last uint64) uint64 {
+	first, err := c.store.FirstIndex()
+	if err != nil || first == 0 {
+		return 0
+	}
+	for i, n := last, 0; i >= first && n < 4096; i, n = i-1, n+1 {
+		var l raft.Log
+		if err := c.store.GetLog(i, &l); err != nil {
+			return 0
+		}
+		if l.Type == raft.LogCommand {
+			return i
+		}
+	}
+	return 0
+}
+
 // Start creates the Raft node and the memberlist, and starts joining,
 // bootstrapping and the leadership monitor in the background. They run
 // until Shutdown (ctx only bounds the background join retries).
@@ -250,6 +274,7 @@ func (c *Cluster) Start(ctx context.Context) error {
 		return err
 	}
 	c.startIndex = c.raft.LastIndex()
+	c.startCommand = c.lastCommandIndex(c.startIndex)
 	if err := c.setupMemberlist(hasState); err != nil {
 		c.stopRaft()
 		return err

@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"strings"
 	"testing"
+
+	"github.com/hashicorp/raft"
 )
 
 func appSpec(name, node, volume string) ContainerSpec {
@@ -129,4 +131,18 @@ func snapshotRoundTrip(t *testing.T, f *fsm) *fsm {
 		t.Fatal(err)
 	}
 	return restored
+}
+
+// TestSkippedCommandCountsAsApplied: a command a node does not know but may
+// ignore is applied as a no-op: the catalog's applied index passes it, so
+// nothing that waits for it (a write's caller, CatalogCurrent after a
+// restart) waits for ever.
+func TestSkippedCommandCountsAsApplied(t *testing.T) {
+	f := newFSM(slog.New(slog.DiscardHandler), nil)
+	if got := f.Apply(&raft.Log{Index: 7, Type: raft.LogCommand, Data: []byte{99 | IgnoreUnknownFlag, 1, '{', '}'}}); got != nil {
+		t.Fatalf("Apply of an ignorable unknown command = %v", got)
+	}
+	if i := f.appliedIndex(); i != 7 {
+		t.Fatalf("applied index %d after the skipped command at 7", i)
+	}
 }

@@ -11,7 +11,7 @@ import (
 // entries after its last snapshot only once a leader confirms them; until
 // then a volume missing from its catalog may well exist.
 func (c *Cluster) CatalogCurrent() bool {
-	return c.ready.Load() && c.raft.AppliedIndex() >= c.startIndex
+	return c.ready.Load() && c.raft.AppliedIndex() >= c.startIndex && c.fsm.appliedIndex() >= c.startCommand
 }
 
 // WaitCatalogCurrent waits until CatalogCurrent or ctx ends.

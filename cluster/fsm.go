@@ -56,6 +56,9 @@ func (f *fsm) Apply(l *raft.Log) any {
 	if err != nil {
 		if errors.Is(err, ErrUnknownCommand) && len(l.Data) > 0 && l.Data[0]&IgnoreUnknownFlag != 0 {
 			f.logger.Warn("skipping catalog command this node does not know", "index", l.Index, "error", err)
+			f.mu.Lock()
+			f.lastIndex = max(f.lastIndex, l.Index) // applied, as a no-op: waits on it end
+			f.mu.Unlock()
 			return nil
 		}
 		panic(fmt.Sprintf("cluster: raft log entry %d cannot be applied: %v", l.Index, err))
