@@ -21,7 +21,7 @@ import (
 )
 
 // testCluster is three real agents in this process on loopback: real
-// memberlist, Raft over TCP, gRPC and fsnotify.
+// memberlist, Raft over TCP, gRPC and inotify.
 type testCluster struct {
 	t      *testing.T
 	agents []*Agent

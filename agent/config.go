@@ -77,6 +77,15 @@ type Config struct {
 	// ReplicationRate bounds the bytes per second this node sends to
 	// replicas, all volumes together; 0 means no limit.
 	ReplicationRate int64
+	// ResumeWindow and ResumeBytes bound the cuts a primary keeps for a
+	// disconnected replica so that it resumes where it stopped (past them
+	// it gets the whole tree when it returns); 0: 10 minutes, 1 GiB.
+	ResumeWindow time.Duration
+	ResumeBytes  int64
+	// RescanInterval is the period of the full rescan of each volume this
+	// node is primary of (it catches writes through mmap and whatever
+	// inotify missed); 0: 30 s.
+	RescanInterval time.Duration
 }
 
 var nodeNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$`)
@@ -118,6 +127,15 @@ func (c *Config) Validate() error {
 	}
 	if c.ReplicationRate < 0 {
 		return fmt.Errorf("--replication-rate %d: must be 0 (no limit) or more", c.ReplicationRate)
+	}
+	if c.ResumeWindow < 0 {
+		return fmt.Errorf("--resume-window %s: must be 0 (the default, 10m) or more", c.ResumeWindow)
+	}
+	if c.ResumeBytes < 0 {
+		return fmt.Errorf("--resume-bytes %d: must be 0 (the default, 1GiB) or more", c.ResumeBytes)
+	}
+	if c.RescanInterval != 0 && c.RescanInterval < time.Second {
+		return fmt.Errorf("--rescan-interval %s: must be at least 1s (each rescan walks the whole volume), or 0 for the default 30s", c.RescanInterval)
 	}
 	if c.BootstrapExpect < 0 {
 		return fmt.Errorf("--bootstrap-expect %d: must be 0 or more", c.BootstrapExpect)

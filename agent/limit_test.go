@@ -2,6 +2,10 @@ package agent
 
 import (
 	"testing"
+	"time"
+
+	"github.com/tether-io/tether/cluster"
+	"github.com/tether-io/tether/replication"
 
 	"golang.org/x/time/rate"
 )
@@ -24,5 +28,30 @@ func TestReplicationLimiter(t *testing.T) {
 	cfg.ReplicationRate = -1
 	if err := cfg.Validate(); err == nil {
 		t.Fatal("a negative replication rate was accepted")
+	}
+}
+
+// TestResumeAndRescanSettings: the agent's resume and rescan settings are
+// validated and reach the replication of every volume it serves.
+func TestResumeAndRescanSettings(t *testing.T) {
+	for name, mut := range map[string]func(*Config){
+		"negative resume window": func(c *Config) { c.ResumeWindow = -time.Second },
+		"negative resume bytes":  func(c *Config) { c.ResumeBytes = -1 },
+		"rescan under a second":  func(c *Config) { c.RescanInterval = 100 * time.Millisecond },
+	} {
+		cfg := Config{NodeName: "n1", DataDir: t.TempDir()}
+		mut(&cfg)
+		if err := cfg.Validate(); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	cfg := Config{NodeName: "n1", DataDir: t.TempDir(), ResumeWindow: time.Hour, ResumeBytes: 5 << 30, RescanInterval: time.Minute}
+	if err := cfg.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	a := &Agent{cfg: cfg}
+	pc := a.primaryConfig(cluster.Volume{Name: "v", Epoch: 2}, replication.Paths{}, nil)
+	if pc.RetainAge != time.Hour || pc.RetainBytes != 5<<30 || pc.RescanInterval != time.Minute || pc.Epoch != 2 {
+		t.Fatalf("primary config: retain %s / %d bytes, rescan %s, epoch %d", pc.RetainAge, pc.RetainBytes, pc.RescanInterval, pc.Epoch)
 	}
 }

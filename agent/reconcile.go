@@ -119,20 +119,7 @@ func (a *Agent) startPrimary(ctx context.Context, v cluster.Volume) error {
 	if err != nil {
 		a.log.Warn("volume asks for freezing but cannot be frozen here; cuts that need it ship file-consistent only", "volume", v.Name, "err", err)
 	}
-	p, err := replication.NewPrimary(replication.PrimaryConfig{
-		Volume:   v.Name,
-		Node:     a.cfg.NodeName,
-		Epoch:    v.Epoch,
-		Paths:    paths,
-		Replicas: v.ReplicaNodes,
-		Dial:     a.dialReplication,
-		OnAck: func(node string, ack replication.Ack) {
-			a.prog.record(v.Name, node, ack)
-		},
-		Logger:  a.log,
-		Freezer: freezer,
-		Limiter: a.limiter,
-	})
+	p, err := replication.NewPrimary(a.primaryConfig(v, paths, freezer))
 	if err != nil {
 		return err
 	}
@@ -142,6 +129,28 @@ func (a *Agent) startPrimary(ctx context.Context, v cluster.Volume) error {
 	a.primaries[v.Name] = &runningPrimary{epoch: v.Epoch, p: p}
 	a.log.Info("serving volume as primary", "volume", v.Name, "epoch", v.Epoch, "replicas", v.ReplicaNodes)
 	return nil
+}
+
+// primaryConfig is the replication configuration of volume v served as
+// primary here.
+func (a *Agent) primaryConfig(v cluster.Volume, paths replication.Paths, freezer replication.Freezer) replication.PrimaryConfig {
+	return replication.PrimaryConfig{
+		Volume:   v.Name,
+		Node:     a.cfg.NodeName,
+		Epoch:    v.Epoch,
+		Paths:    paths,
+		Replicas: v.ReplicaNodes,
+		Dial:     a.dialReplication,
+		OnAck: func(node string, ack replication.Ack) {
+			a.prog.record(v.Name, node, ack)
+		},
+		Logger:         a.log,
+		Freezer:        freezer,
+		Limiter:        a.limiter,
+		RetainAge:      a.cfg.ResumeWindow,
+		RetainBytes:    a.cfg.ResumeBytes,
+		RescanInterval: a.cfg.RescanInterval,
+	}
 }
 
 // primaryStatus is the live replication state of a volume this node is

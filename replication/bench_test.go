@@ -25,7 +25,7 @@ import (
 )
 
 // Benchmarks of the replication engine on this machine: one primary and one
-// replica in this process, over real gRPC on loopback, real fsnotify and
+// replica in this process, over real gRPC on loopback, real inotify and
 // real disks. Run them with `make bench`; sizes scale with
 // TETHER_BENCH_FILES (default 20000) and TETHER_BENCH_LARGE_MIB (default 1024,
 // also the file of BenchmarkDeltaLargeFile).

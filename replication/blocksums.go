@@ -50,11 +50,21 @@ func (s *Server) BlockSums(ctx context.Context, req *tetherpb.BlockSumsRequest) 
 		return nil, status.Errorf(codes.NotFound, "volume %q: %v", req.GetVolume(), err)
 	}
 	v := s.volume(req.GetVolume())
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.active == nil || v.active.epoch != req.GetEpoch() {
-		return nil, status.Errorf(codes.FailedPrecondition, "block sums of volume %s: no replication stream of epoch %d is active",
-			req.GetVolume(), req.GetEpoch())
+	// The checks hold the volume's lock; the hashing does not (it can read
+	// gigabytes, and a Fence must not wait for it): the stream asked for
+	// must still be the active one when the answer is given.
+	active := func() (*inbound, error) {
+		v.mu.Lock()
+		defer v.mu.Unlock()
+		if v.active == nil || v.active.epoch != req.GetEpoch() {
+			return nil, status.Errorf(codes.FailedPrecondition, "block sums of volume %s: no replication stream of epoch %d is active",
+				req.GetVolume(), req.GetEpoch())
+		}
+		return v.active, nil
+	}
+	act, err := active()
+	if err != nil {
+		return nil, err
 	}
 	resp := &tetherpb.BlockSumsResponse{}
 	if was, err := readPrimaryEpoch(paths.State); err != nil || (was != 0 && was < req.GetEpoch()) {
@@ -63,15 +73,33 @@ func (s *Server) BlockSums(ctx context.Context, req *tetherpb.BlockSumsRequest) 
 		resp.Answered = uint32(len(rels))
 		return resp, nil
 	}
+	if err := s.hashFiles(ctx, paths, rels, bs, resp); err != nil {
+		return nil, err
+	}
+	if now, err := active(); err != nil {
+		return nil, err
+	} else if now != act {
+		return nil, status.Errorf(codes.FailedPrecondition,
+			"block sums of volume %s: the stream of epoch %d was replaced while the replica hashed its files", req.GetVolume(), req.GetEpoch())
+	}
+	return resp, nil
+}
+
+// hashFiles adds to resp the block sums of the files at rels, as many as
+// fit in one response.
+func (s *Server) hashFiles(ctx context.Context, paths Paths, rels []string, bs int64, resp *tetherpb.BlockSumsResponse) error {
 	root, err := os.OpenRoot(paths.Data)
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "open volume data directory: %v", err)
+		return status.Errorf(codes.Internal, "open volume data directory: %v", err)
 	}
 	defer root.Close()
 	budget := maxSumsBytes
 	for _, p := range rels {
 		if ctx.Err() != nil {
-			return nil, status.FromContextError(ctx.Err()).Err()
+			return status.FromContextError(ctx.Err()).Err()
+		}
+		if s.sumsHook != nil {
+			s.sumsHook(p)
 		}
 		need := sumsSize(root, p, bs)
 		if need > budget && resp.Answered > 0 {
@@ -80,7 +108,7 @@ func (s *Server) BlockSums(ctx context.Context, req *tetherpb.BlockSumsRequest) 
 		if need > 0 && need <= budget { // larger files are sent whole
 			sums, err := fileSums(root, p, bs)
 			if err != nil {
-				return nil, status.Errorf(codes.Internal, "block sums of %q: %v", p, err)
+				return status.Errorf(codes.Internal, "block sums of %q: %v", p, err)
 			}
 			if sums != nil {
 				resp.Files = append(resp.Files, sums)
@@ -89,7 +117,7 @@ func (s *Server) BlockSums(ctx context.Context, req *tetherpb.BlockSumsRequest) 
 		}
 		resp.Answered++
 	}
-	return resp, nil
+	return nil
 }
 
 // sumsSize returns the size of the hashes of the regular file at p (0 when

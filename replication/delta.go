@@ -455,7 +455,10 @@ func (a *applier) patchFile(op applyOp) error {
 	bs := op.delta.blockSize
 	for _, b := range op.delta.blocks {
 		if s := int64(b) * bs; s < op.size {
-			if err := zeroRange(f, s, min(bs, op.size-s)); err != nil {
+			// The last block is punched whole, past the end: a hole punched
+			// only up to an end inside a page leaves that page allocated
+			// (zeroed), where the primary may hold a hole.
+			if err := zeroRange(f, s, min(bs, op.size-s), bs); err != nil {
 				return err
 			}
 		}
@@ -471,9 +474,11 @@ func (a *applier) patchFile(op applyOp) error {
 	return a.root.Chtimes(op.path, op.mtime, op.mtime)
 }
 
-// zeroRange makes [off, off+n) of f zeros, as a hole where it can.
-func zeroRange(f *os.File, off, n int64) error {
-	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+// zeroRange makes [off, off+n) of f zeros, as a hole where it can: it
+// punches [off, off+punch) (punch ≥ n may reach past the end of the file,
+// whose size stays).
+func zeroRange(f *os.File, off, n, punch int64) error {
+	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, max(n, punch))
 	if err == nil {
 		return nil
 	}

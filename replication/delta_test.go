@@ -591,18 +591,13 @@ func TestChurnNeverRefused(t *testing.T) {
 	for seed := range uint64(3) {
 		c := newTestCluster(t)
 		c.startReplica("r1")
-		// Rescans catch what inotify misses under such churn (on main too,
-		// a renamed directory's changes can go unseen until one).
+		// Frequent rescans, as a safety net that the test exercises too.
 		p := c.startPrimaryWith(func(cfg *PrimaryConfig) { cfg.RescanInterval = 300 * time.Millisecond }, 1, "r1")
 		c.waitSynced("r1")
 		rng := mrand.New(mrand.NewPCG(seed, 7))
 		for round := range 3 {
 			churnTree(c, rng, false)
 			// Caught up: no change pending, the last cut acknowledged.
-			// (Whether the replica then equals the primary is not checked
-			// here: under such churn a delete can go unseen on main too,
-			// see the report of the deltas branch; the other tests check
-			// equality.)
 			p.mu.Lock()
 			s := p.senders["r1"]
 			p.mu.Unlock()
@@ -615,17 +610,10 @@ func TestChurnNeverRefused(t *testing.T) {
 			s.mu.Lock()
 			n := s.refusals
 			s.mu.Unlock()
-			// Known bug (2026-12-07): a cut that needed several read rounds
-			// (it ships file-consistent only) can order a RENAME after an op
-			// that replaced its source; the replica refuses the batch
-			// ("builds on a path an earlier op of the batch replaced") and
-			// gets the whole tree: safe, but a full resync. Consistent cuts
-			// must never be refused.
-			if n != 0 && p.fileOnlyCuts.Load() == 0 {
-				t.Fatalf("seed %d round %d: the replica refused %d batches, all cuts consistent", seed, round, n)
-			} else if n != 0 {
-				t.Logf("seed %d round %d: the replica refused %d batches after %d file-consistent-only cuts (known bug)", seed, round, n, p.fileOnlyCuts.Load())
+			if n != 0 {
+				t.Fatalf("seed %d round %d: the replica refused %d batches (%d cuts file-consistent only)", seed, round, n, p.fileOnlyCuts.Load())
 			}
+			testutil.EventuallyErr(t, 15*time.Second, func() error { return c.diff("r1") })
 		}
 	}
 }
@@ -664,15 +652,11 @@ func churnTree(c *testCluster, rng *mrand.Rand, dirs bool) {
 
 // TestChurnWithDirectoryRenamesConverges is TestChurnNeverRefused with
 // directories renamed too, and checks that the replica ends equal to the
-// primary. It fails today (2026-12-07), so it runs only with
-// TETHER_PROBE=1: a directory created below renamed directories can stay
-// missing on the replica although rescans run (e.g. seed 2, round 2:
-// "c/p" only on the primary), and a region of zeros the primary holds as
-// data can be a hole on the replica (same contents, other extents).
+// primary. It found a directory renamed over another one left unwatched
+// (fsnotify keeps watches by path), a rename found in a later round of a
+// cut naming its source where an earlier rename had moved it from, and a
+// hole punched up to an end inside a page leaving that page allocated.
 func TestChurnWithDirectoryRenamesConverges(t *testing.T) {
-	if os.Getenv("TETHER_PROBE") != "1" {
-		t.Skip("a known divergence under directory-rename churn (see the comment); set TETHER_PROBE=1 to run it")
-	}
 	for seed := range uint64(3) {
 		c := newTestCluster(t)
 		c.startReplica("r1")
@@ -743,5 +727,49 @@ func TestIndexUnreadableIsRecreated(t *testing.T) {
 	must(t, err)
 	if e == nil || e.size != 1 || len(e.hashes) != hashLen {
 		t.Fatalf("entry = %+v", e)
+	}
+}
+
+// TestFenceDoesNotWaitForBlockSums fences a replica while it hashes its
+// files for BlockSums (held at the first path): the fence completes at
+// once, and the sums, asked for by the stream the fence cut off, are
+// refused.
+func TestFenceDoesNotWaitForBlockSums(t *testing.T) {
+	c := newTestCluster(t)
+	r := c.startReplica("r1")
+	data := c.replicaPaths("r1").Data
+	must(t, os.MkdirAll(data, 0o755))
+	must(t, os.WriteFile(filepath.Join(data, "f"), randomBytes(100<<10), 0o644))
+	_, err := openRaw(t, c, "r1", 2)
+	must(t, err)
+	hashing, release := make(chan struct{}), make(chan struct{})
+	r.srv.sumsHook = func(string) {
+		close(hashing)
+		<-release
+	}
+	type result struct {
+		resp *tetherpb.BlockSumsResponse
+		err  error
+	}
+	got := make(chan result, 1)
+	go func() {
+		resp, err := r.srv.BlockSums(context.Background(), &tetherpb.BlockSumsRequest{Volume: testVolume, Epoch: 2,
+			BlockSize: blockSize, Paths: [][]byte{[]byte("f")}})
+		got <- result{resp, err}
+	}()
+	<-hashing
+	fenced := make(chan error, 1)
+	go func() { fenced <- r.srv.Fence(testVolume, 3) }()
+	select {
+	case err := <-fenced:
+		must(t, err)
+	case <-time.After(10 * time.Second):
+		close(release)
+		t.Fatal("Fence waits for BlockSums to finish hashing")
+	}
+	close(release)
+	res := <-got
+	if status.Code(res.err) != codes.FailedPrecondition {
+		t.Fatalf("sums for a stream fenced meanwhile: %v, %v; want FailedPrecondition", res.resp, res.err)
 	}
 }

@@ -2,7 +2,9 @@
 // replicas.
 //
 // On the primary, a Primary watches the volume's data directory recursively
-// with fsnotify and collects the paths that changed. A cutter turns them
+// with inotify (watches kept by descriptor, so renamed directories keep
+// their names right) and collects the paths that changed; periodic rescans
+// mark what differs from the block index. A cutter turns them
 // into cuts: it reads the changed paths into a spool, then creates a fresh
 // sentinel file in a barrier directory watched by the same inotify instance
 // and waits for its event; the cut is consistent when no event of the

@@ -11,7 +11,7 @@ import (
 )
 
 // TestEndToEnd replicates a sequence of changes to two replicas through a
-// real gRPC server and the real fsnotify watcher, comparing the trees after
+// real gRPC server and the real inotify watcher, comparing the trees after
 // each step.
 func TestEndToEnd(t *testing.T) {
 	c := newTestCluster(t)

@@ -100,26 +100,9 @@ func (e *indexEntry) encode() []byte {
 var errBadEntry = errors.New("corrupt index entry")
 
 func decodeEntry(b []byte) (*indexEntry, error) {
-	if len(b) < 1 {
-		return nil, errBadEntry
-	}
-	e := &indexEntry{kind: b[0]}
-	b = b[1:]
-	var us [6]uint64
-	for i := range us {
-		u, n := binary.Uvarint(b)
-		if n <= 0 {
-			return nil, errBadEntry
-		}
-		us[i], b = u, b[n:]
-	}
-	var vs [4]int64
-	for i := range vs {
-		v, n := binary.Varint(b)
-		if n <= 0 {
-			return nil, errBadEntry
-		}
-		vs[i], b = v, b[n:]
+	e, b, err := decodeStat(b)
+	if err != nil {
+		return nil, err
 	}
 	n, k := binary.Uvarint(b)
 	if k <= 0 || n > uint64(len(b)) {
@@ -140,10 +123,37 @@ func decodeEntry(b []byte) (*indexEntry, error) {
 	if len(b)%hashLen != 0 {
 		return nil, errBadEntry
 	}
-	e.ino, e.dev, e.nlink, e.mode, e.uid, e.gid = us[0], us[1], us[2], uint32(us[3]), uint32(us[4]), uint32(us[5])
-	e.size, e.mtime, e.ctime, e.readNano = vs[0], vs[1], vs[2], vs[3]
 	e.hashes = bytes.Clone(b)
 	return e, nil
+}
+
+// decodeStat decodes the stat part of an encoded entry (no extents or
+// hashes) and returns the rest.
+func decodeStat(b []byte) (*indexEntry, []byte, error) {
+	if len(b) < 1 {
+		return nil, nil, errBadEntry
+	}
+	e := &indexEntry{kind: b[0]}
+	b = b[1:]
+	var us [6]uint64
+	for i := range us {
+		u, n := binary.Uvarint(b)
+		if n <= 0 {
+			return nil, nil, errBadEntry
+		}
+		us[i], b = u, b[n:]
+	}
+	var vs [4]int64
+	for i := range vs {
+		v, n := binary.Varint(b)
+		if n <= 0 {
+			return nil, nil, errBadEntry
+		}
+		vs[i], b = v, b[n:]
+	}
+	e.ino, e.dev, e.nlink, e.mode, e.uid, e.gid = us[0], us[1], us[2], uint32(us[3]), uint32(us[4]), uint32(us[5])
+	e.size, e.mtime, e.ctime, e.readNano = vs[0], vs[1], vs[2], vs[3]
+	return e, b, nil
 }
 
 // index is a primary's per-volume block index (bbolt, keyed by path). It
@@ -214,6 +224,53 @@ func (x *index) under(dir string, fn func(rel string, e *indexEntry)) error {
 		})
 	})
 }
+
+// differences calls mark for every path on which the index and a scan of
+// the tree (snap) disagree: a path only one of them has, another inode,
+// size, mtime or ctime, or a file whose entry was read so soon after its
+// last change that a later change may not show in its times (it is read
+// again once). Devices and sockets, which are not replicated, are not
+// compared.
+func (x *index) differences(snap map[string]statKey, mark func(rel string)) error {
+	seen := make(map[string]bool, len(snap))
+	err := x.db.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket(entriesBucket)
+		if b == nil {
+			return nil
+		}
+		return b.ForEach(func(k, v []byte) error {
+			e, _, err := decodeStat(v)
+			if err != nil {
+				return fmt.Errorf("entry %q: %w", k, err)
+			}
+			rel := string(k)
+			seen[rel] = true
+			cur, ok := snap[rel]
+			if !ok || cur.ino != e.ino || cur.size != e.size || cur.mtime != e.mtime || cur.ctim != e.ctime ||
+				cur.mode&syscall.S_IFMT != kindBits[e.kind] ||
+				(e.kind == kindFile && e.ctime >= e.readNano-int64(racyWindow)) {
+				mark(rel)
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		return fmt.Errorf("read the block index: %w", err)
+	}
+	for rel, k := range snap {
+		switch k.mode & syscall.S_IFMT {
+		case syscall.S_IFCHR, syscall.S_IFBLK, syscall.S_IFSOCK:
+			continue
+		}
+		if !seen[rel] {
+			mark(rel)
+		}
+	}
+	return nil
+}
+
+// kindBits are the stat(2) type bits of each kind of entry.
+var kindBits = map[byte]uint32{kindFile: syscall.S_IFREG, kindDir: syscall.S_IFDIR, kindSymlink: syscall.S_IFLNK, kindFIFO: syscall.S_IFIFO}
 
 // scanUnder calls fn for the keys strictly below dir ("." holds every key).
 func scanUnder(b *bolt.Bucket, dir string, fn func(k, v []byte) error) error {

@@ -259,6 +259,7 @@ func (p *Primary) Start(ctx context.Context) error {
 		_ = root.Close()
 		return fmt.Errorf("replication primary for volume %s: create zstd encoder: %w", p.cfg.Volume, err)
 	}
+	w.idx = idx
 	p.root, p.w, p.idx, p.enc, p.started = root, w, idx, enc, true
 	p.ctx, p.cancel = context.WithCancel(ctx)
 	p.ch.requireFull() // the first cut carries the whole tree

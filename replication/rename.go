@@ -9,12 +9,48 @@ import (
 	"time"
 )
 
-// renameOp is a rename a cut carries: from (a path of the previous cut,
-// gone now) became to (new since), the same inode.
+// renameOp is a rename a cut carries: src (a path of the previous cut,
+// gone now) became to (new since), the same inode. The renames of a cut
+// apply one after the other, so from is where src is once the renames
+// before this one moved it (a file found below a directory an earlier
+// rename moved; see sequence): the replica, and the index, apply each
+// rename to the tree the previous ones left.
 type renameOp struct {
-	from, to string
-	ino      uint64
-	dir      bool
+	src, from, to string
+	ino           uint64
+	dir           bool
+}
+
+// forward returns where path rel of the tree before renames[:n] is once
+// they are applied; ok is false when one of them replaced it (a rename
+// onto rel or an ancestor of it).
+func forward(renames []renameOp, rel string) (string, bool) {
+	for _, r := range renames {
+		switch {
+		case isUnder(rel, r.from):
+			rel = r.to + rel[len(r.from):]
+		case isUnder(rel, r.to):
+			return "", false
+		}
+	}
+	return rel, true
+}
+
+// sequence sets each rename's from: its src moved by the renames before
+// it. A rename whose src an earlier one replaced cannot be applied and is
+// dropped (returned, for the caller to delete and re-send).
+func sequence(renames []renameOp) (kept, dropped []renameOp) {
+	kept = renames[:0:0]
+	for _, r := range renames {
+		from, ok := forward(kept, r.src)
+		if !ok {
+			dropped = append(dropped, r)
+			continue
+		}
+		r.from = from
+		kept = append(kept, r)
+	}
+	return kept, dropped
 }
 
 // planned returns the plan's entry at rel.
@@ -27,15 +63,20 @@ func (p *plan) planned(rel string) (fs.FileInfo, bool) {
 }
 
 // origin returns the path rel had at the previous cut, following the
-// cut's renames back.
-func (p *plan) origin(rel string) string {
+// cut's renames back; ok is false when nothing at rel comes from the
+// previous cut through them (a rename moved away what was there: rel is
+// new).
+func (p *plan) origin(rel string) (string, bool) {
 	for i := len(p.renames) - 1; i >= 0; i-- {
 		r := p.renames[i]
-		if isUnder(rel, r.to) {
+		switch {
+		case isUnder(rel, r.to):
 			rel = r.from + rel[len(r.to):]
+		case isUnder(rel, r.from):
+			return "", false
 		}
 	}
-	return rel
+	return rel, true
 }
 
 // replacedBelow reports whether the batch deletes rel or an ancestor of
@@ -59,7 +100,11 @@ func (p *plan) baseFor(rel string) (*indexEntry, error) {
 	if p.idx == nil || p.replacedBelow(rel) {
 		return nil, nil
 	}
-	return p.idx.get(p.origin(rel))
+	o, ok := p.origin(rel)
+	if !ok {
+		return nil, nil
+	}
+	return p.idx.get(o)
 }
 
 // inoOf returns the inode number of fi.
@@ -82,18 +127,26 @@ func (p *plan) detectRenames(root *os.Root) error {
 	if p.idx == nil {
 		return nil
 	}
+	var stale []renameOp
 	kept := p.renames[:0]
 	for _, r := range p.renames {
 		if fi, ok := p.planned(r.to); ok && inoOf(fi) == r.ino && fi.IsDir() == r.dir {
 			kept = append(kept, r)
 		} else {
-			p.del(r.from) // the target changed again: back to delete + send
+			stale = append(stale, r) // the target changed again: back to delete + send
 		}
 	}
 	p.renames = kept
+	if err := p.resequence(root, stale); err != nil {
+		return err
+	}
 	srcs, err := p.renameSources(root)
 	if err != nil || len(srcs) == 0 {
 		return err
+	}
+	done := map[string]bool{} // sources and targets of the cut's renames so far
+	for _, r := range p.renames {
+		done[r.src], done[r.to] = true, true
 	}
 	cands := make([]string, 0, len(p.fresh))
 	for rel := range p.fresh {
@@ -111,8 +164,12 @@ func (p *plan) detectRenames(root *os.Root) error {
 			continue // below a directory the batch deletes first
 		}
 		src, ok := srcs[inoOf(fi)]
-		if !ok || src.kind != indexEntryOf(fi, time.Unix(0, 0)).kind || isUnder(rel, src.path) || isUnder(src.path, rel) {
+		if !ok || done[rel] || done[src.path] || src.kind != indexEntryOf(fi, time.Unix(0, 0)).kind || isUnder(rel, src.path) || isUnder(src.path, rel) {
 			continue
+		}
+		from, ok := forward(p.renames, src.path)
+		if !ok || isUnder(rel, from) || isUnder(from, rel) {
+			continue // an earlier rename of the cut replaced it, or it would move into itself
 		}
 		if fi.IsDir() {
 			if _, whole := p.deletes[rel]; !whole {
@@ -130,7 +187,8 @@ func (p *plan) detectRenames(root *os.Root) error {
 		}
 		delete(srcs, inoOf(fi))
 		delete(p.deletes, src.path)
-		p.renames = append(p.renames, renameOp{from: src.path, to: rel, ino: inoOf(fi), dir: fi.IsDir()})
+		p.renames = append(p.renames, renameOp{src: src.path, from: from, to: rel, ino: inoOf(fi), dir: fi.IsDir()})
+		done[src.path], done[rel] = true, true
 		if fi.IsDir() {
 			p.reconciling[rel] = true
 			delete(p.deletes, rel) // what lies below it may be a rename target too
@@ -140,6 +198,31 @@ func (p *plan) detectRenames(root *os.Root) error {
 		if r.dir && p.reconciling[r.to] {
 			delete(p.reconciling, r.to)
 			if err := p.reconcile(r); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// resequence drops the stale renames (their target changed again) and
+// sets the froms of the rest anew; what a dropped rename would have moved
+// travels as delete and re-send.
+func (p *plan) resequence(root *os.Root, stale []renameOp) error {
+	if len(stale) == 0 {
+		return nil
+	}
+	kept, dropped := sequence(p.renames)
+	p.renames = kept
+	for _, r := range append(stale, dropped...) {
+		if at, ok := forward(p.renames, r.src); ok {
+			p.del(at)
+		}
+		if _, ok := p.dirs[r.to]; ok && r.dir {
+			// Its subtree may have been narrowed to what changed (reconcile):
+			// send it whole.
+			p.del(r.to)
+			if err := p.collect(root, r.to); err != nil {
 				return err
 			}
 		}
@@ -192,7 +275,7 @@ func (p *plan) renameSources(root *os.Root) (map[uint64]renameSource, error) {
 func (p *plan) reconcile(r renameOp) error {
 	return p.idx.under(r.from, func(old string, e *indexEntry) {
 		t := r.to + old[len(r.from):]
-		if p.origin(t) != old {
+		if o, ok := p.origin(t); !ok || o != old {
 			return // another rename of the cut put something else there
 		}
 		fi, ok := p.planned(t)

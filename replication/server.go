@@ -49,6 +49,8 @@ type Server struct {
 	wg      sync.WaitGroup
 
 	fail failpoint // tests only (setFailpoint): stops a commit at a step, as a crash would
+	// sumsHook, in tests only, is called before BlockSums hashes each path.
+	sumsHook func(rel string)
 }
 
 // setFailpoint installs a failpoint (tests only).

@@ -14,11 +14,9 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
-
-	"github.com/fsnotify/fsnotify"
 )
 
-// watcher turns fsnotify events on a volume's data directory into dirty
+// watcher turns inotify events on a volume's data directory into dirty
 // paths, watching every directory (including ones created later), and
 // rescans the tree periodically and after an event overflow to catch what
 // inotify missed.
@@ -26,16 +24,20 @@ type watcher struct {
 	dataDir    string
 	barrierDir string // outside the volume: where cut barriers create sentinels
 	root       *os.Root
-	fsw        *fsnotify.Watcher
-	add        func(path string) error // fsw.Add (tests wrap it)
-	rm         func(path string) error // fsw.Remove (tests replace it)
+	in         *inotify
+	add        func(path string) error // in.add (tests wrap it)
+	rm         func(path string) error // in.remove
 	log        *slog.Logger
 	rescan     time.Duration
 	ch         *changes
 
-	dirs map[string]struct{} // watched directories
-	snap map[string]statKey  // the tree as the last scan saw it
-	errs []error             // inotify errors read while removing a watch
+	// idx, once set, is the index of the last cut: a rescan also marks
+	// what differs from it, so that what an event missed (and the previous
+	// scan saw already) still reaches the replicas.
+	idx *index
+
+	dirs map[string]uint64  // watched directories, with the inode watched
+	snap map[string]statKey // the tree as the last scan saw it
 
 	// limited holds the error of the last watch refused for the inotify
 	// watch limit (nil when every directory is watched); the watcher then
@@ -66,15 +68,15 @@ func keyOf(fi fs.FileInfo) statKey {
 }
 
 func newWatcher(dataDir, barrierDir string, root *os.Root, log *slog.Logger, rescan time.Duration, ch *changes) (*watcher, error) {
-	fsw, err := fsnotify.NewWatcher()
+	in, err := newInotify()
 	if err != nil {
 		if errors.Is(err, syscall.EMFILE) {
 			return nil, fmt.Errorf("create inotify instance: %w (too many inotify instances: raise the limit, e.g. sysctl -w fs.inotify.max_user_instances=1024)", err)
 		}
 		return nil, fmt.Errorf("create inotify instance: %w", err)
 	}
-	return &watcher{dataDir: dataDir, barrierDir: barrierDir, root: root, fsw: fsw, add: fsw.Add, rm: fsw.Remove, log: log, rescan: rescan,
-		ch: ch, dirs: map[string]struct{}{}}, nil
+	return &watcher{dataDir: dataDir, barrierDir: barrierDir, root: root, in: in, add: in.add, rm: in.remove, log: log, rescan: rescan,
+		ch: ch, dirs: map[string]uint64{}}, nil
 }
 
 // setup watches the whole tree and records its state; it fails when the
@@ -86,7 +88,7 @@ func (w *watcher) setup() error {
 	// The same inotify instance watches the barrier directory: it delivers
 	// events in order, so a sentinel's event comes after every event of a
 	// write that completed before the sentinel was created.
-	if err := w.fsw.Add(w.barrierDir); err != nil {
+	if err := w.in.add(w.barrierDir); err != nil {
 		return fmt.Errorf("watch the barrier directory: %w", err)
 	}
 	snap, err := w.scan(true)
@@ -98,7 +100,7 @@ func (w *watcher) setup() error {
 }
 
 func (w *watcher) close() {
-	_ = w.fsw.Close()
+	w.in.close()
 }
 
 // run handles events until ctx ends.
@@ -109,28 +111,17 @@ func (w *watcher) run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case ev, ok := <-w.fsw.Events:
-			if !ok {
-				return
-			}
+		case ev := <-w.in.events:
 			limited := w.limited.Load() != nil
 			w.handle(ev)
 			if !limited && w.limited.Load() != nil {
 				rescanT.Reset(w.nextRescan())
 			}
-		case err, ok := <-w.fsw.Errors:
-			if !ok {
-				return
-			}
+		case err := <-w.in.errs:
 			w.failed(err)
 		case <-rescanT.C:
 			w.rescanNow()
 			rescanT.Reset(w.nextRescan())
-		}
-		for len(w.errs) > 0 { // read while removing watches
-			err := w.errs[0]
-			w.errs = w.errs[1:]
-			w.failed(err)
 		}
 	}
 }
@@ -139,7 +130,7 @@ func (w *watcher) run(ctx context.Context) {
 // possibly for changes a rescan cannot tell from its last scan, so the
 // whole tree is resent.
 func (w *watcher) failed(err error) {
-	if errors.Is(err, fsnotify.ErrEventOverflow) {
+	if errors.Is(err, errEventOverflow) {
 		w.log.Warn("inotify event queue overflowed; resending the whole volume", "err", err)
 	} else {
 		w.log.Error("inotify error; resending the whole volume", "err", err)
@@ -148,28 +139,10 @@ func (w *watcher) failed(err error) {
 	w.ch.requireFull()
 }
 
-// remove drops the inotify watch of path. fsnotify may hold the lock Remove
-// needs while it waits to deliver an error (a watched directory moved), and
-// this goroutine is the one that reads errors: they are read here, kept in
-// w.errs, until Remove returns.
+// remove drops the inotify watch of path.
 func (w *watcher) remove(path string) {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_ = w.rm(path) // may be gone already
-	}()
-	errs := w.fsw.Errors
-	for {
-		select {
-		case <-done:
-			return
-		case err, ok := <-errs:
-			if !ok {
-				errs = nil
-				continue
-			}
-			w.errs = append(w.errs, err)
-		}
+	if err := w.rm(path); err != nil {
+		w.log.Warn("removing a watch failed", "err", err)
 	}
 }
 
@@ -197,26 +170,26 @@ func (w *watcher) rel(name string) (string, bool) {
 }
 
 // handle records what one event changed.
-func (w *watcher) handle(ev fsnotify.Event) {
-	if dir, name := filepath.Split(ev.Name); filepath.Clean(dir) == w.barrierDir {
-		if ev.Has(fsnotify.Create) {
+func (w *watcher) handle(ev fsEvent) {
+	if dir, name := filepath.Split(ev.name); filepath.Clean(dir) == w.barrierDir {
+		if ev.has(opCreate) {
 			w.ch.barrierSeen(name)
 		}
 		return
 	}
-	rel, ok := w.rel(ev.Name)
+	rel, ok := w.rel(ev.name)
 	if !ok {
 		return
 	}
 	now := time.Now()
-	if ev.Has(fsnotify.Rename) || ev.Has(fsnotify.Remove) {
+	if ev.has(opRename | opRemove) {
 		// A moved directory keeps its inotify watches, which would report
 		// events under its old name: drop them; the new name is watched anew
 		// when its Create arrives.
 		w.unwatch(rel)
 	}
 	subtree := false
-	if ev.Has(fsnotify.Create) && rel != rootPath {
+	if ev.has(opCreate) && rel != rootPath {
 		if fi, err := w.root.Lstat(rel); err == nil && fi.IsDir() {
 			subtree = true
 			if err := w.watchTree(rel); errors.Is(err, syscall.ENOSPC) {
@@ -234,7 +207,14 @@ func (w *watcher) handle(ev fsnotify.Event) {
 
 // watch adds an inotify watch on directory rel.
 func (w *watcher) watch(rel string) error {
-	if _, ok := w.dirs[rel]; ok {
+	fi, err := w.root.Lstat(rel)
+	if err != nil {
+		return fmt.Errorf("watch directory %q: %w", rel, err)
+	}
+	// The inode counts: a directory moved away and another made (or moved)
+	// in its place needs a watch of its own.
+	ino := inoOf(fi)
+	if have, ok := w.dirs[rel]; ok && have == ino {
 		return nil
 	}
 	if err := w.add(filepath.Join(w.dataDir, rel)); err != nil {
@@ -243,7 +223,7 @@ func (w *watcher) watch(rel string) error {
 		}
 		return fmt.Errorf("watch directory %q: %w", rel, err)
 	}
-	w.dirs[rel] = struct{}{}
+	w.dirs[rel] = ino
 	return nil
 }
 
@@ -457,19 +437,26 @@ func (w *watcher) rescanNow() {
 		return
 	}
 	now := time.Now()
+	mark := func(rel string) {
+		w.ch.add(rel, false, now)
+		if rel != rootPath {
+			w.ch.add(parentOf(rel), false, now)
+		}
+	}
 	for rel, k := range snap {
 		if old, ok := w.snap[rel]; !ok || old != k {
-			w.ch.add(rel, false, now)
-			if rel != rootPath {
-				w.ch.add(parentOf(rel), false, now)
-			}
+			mark(rel)
 		}
 	}
 	for rel := range w.snap {
 		if _, ok := snap[rel]; !ok {
-			w.ch.add(rel, false, now)
-			w.ch.add(parentOf(rel), false, now)
+			mark(rel)
 		}
 	}
 	w.snap = snap
+	if w.idx != nil {
+		if err := w.idx.differences(snap, mark); err != nil {
+			w.log.Error("rescan of the volume could not compare it with its block index", "err", err)
+		}
+	}
 }

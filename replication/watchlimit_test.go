@@ -2,7 +2,6 @@ package replication
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -99,37 +98,4 @@ func TestWatchLimitFallsBackToRescans(t *testing.T) {
 	})
 	c.write("unwatched/late", "found by a rescan")
 	c.waitSynced("r1")
-}
-
-// TestRemoveReadsErrors plays fsnotify holding the lock Remove needs until
-// the error it is delivering is read: removing a watch must read it (and
-// keep it for the watcher), not wait forever.
-func TestRemoveReadsErrors(t *testing.T) {
-	dir := t.TempDir()
-	root, err := os.OpenRoot(dir)
-	must(t, err)
-	defer root.Close()
-	w, err := newWatcher(dir, filepath.Join(t.TempDir(), "barrier"), root, testutil.Logger(t), time.Hour, newChanges())
-	must(t, err)
-	defer w.close()
-	errs := make(chan error) // unbuffered, as fsnotify's
-	w.fsw.Errors = errs
-	lost := errors.New("watch of a moved directory could not be removed")
-	w.rm = func(string) error {
-		errs <- lost // blocks until the watcher reads it
-		return nil
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		w.remove(filepath.Join(dir, "moved"))
-	}()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		t.Fatal("removing a watch waits for an error nobody reads")
-	}
-	if len(w.errs) != 1 || !errors.Is(w.errs[0], lost) {
-		t.Fatalf("errors kept while removing: %v, want the one delivered", w.errs)
-	}
 }

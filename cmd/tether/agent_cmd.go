@@ -16,7 +16,7 @@ import (
 
 func newAgentCmd(g *globals) *cobra.Command {
 	cfg := agent.Config{}
-	var logLevel, logFormat, replRate string
+	var logLevel, logFormat, replRate, resumeBytes string
 	var drv *driverFlags
 	var sec securityFlags
 	cmd := &cobra.Command{
@@ -41,6 +41,9 @@ Without --tls-* and a gossip key the agent refuses to start unless --insecure-de
 			}
 			if cfg.ReplicationRate, err = parseByteRate(replRate); err != nil {
 				return fmt.Errorf("--replication-rate: %w", err)
+			}
+			if cfg.ResumeBytes, err = parseBytes(resumeBytes); err != nil {
+				return fmt.Errorf("--resume-bytes: %w", err)
 			}
 			cfg.DataDir = g.dataDir
 			cfg.Logger = logger
@@ -80,6 +83,9 @@ Without --tls-* and a gossip key the agent refuses to start unless --insecure-de
 	f.DurationVar(&cfg.Timing.DeadServerGrace, "dead-server-after", 5*time.Minute, "remove a server dead for this long from Raft (when quorum allows)")
 	f.StringToStringVar(&cfg.Labels, "label", nil, "a label of this node for placement constraints, KEY=VALUE (repeatable)")
 	f.StringVar(&replRate, "replication-rate", "0", "limit the bytes per second this node sends to replicas, all volumes together, e.g. 50MiB or 100MB (0: no limit)")
+	f.DurationVar(&cfg.ResumeWindow, "resume-window", 10*time.Minute, "keep the changes a disconnected replica misses this long, so that it resumes instead of resyncing the whole volume")
+	f.StringVar(&resumeBytes, "resume-bytes", "1GiB", "keep at most this much of the changes disconnected replicas miss, per volume (past it they resync the whole volume)")
+	f.DurationVar(&cfg.RescanInterval, "rescan-interval", 30*time.Second, "rescan each volume this node is primary of this often (catches writes through mmap and anything inotify missed)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	drv = addDriverFlags(f)
@@ -114,7 +120,16 @@ var byteUnits = []struct {
 // parseByteRate parses a byte count per second such as 50MiB, 100MB, 1.5GB
 // or 1048576 (an optional "/s" is allowed); 0 means no limit.
 func parseByteRate(s string) (int64, error) {
-	num := strings.TrimSuffix(strings.TrimSpace(s), "/s")
+	n, err := parseBytes(strings.TrimSuffix(strings.TrimSpace(s), "/s"))
+	if err != nil {
+		return 0, fmt.Errorf("%q is not a byte rate: give e.g. 50MiB, 100MB or 0 for no limit", s)
+	}
+	return n, nil
+}
+
+// parseBytes parses a size such as 512MiB, 2GB or 1048576.
+func parseBytes(s string) (int64, error) {
+	num := strings.TrimSpace(s)
 	mult := int64(1)
 	for _, u := range byteUnits {
 		if rest, ok := strings.CutSuffix(num, u.suffix); ok {
@@ -124,7 +139,7 @@ func parseByteRate(s string) (int64, error) {
 	}
 	v, err := strconv.ParseFloat(num, 64)
 	if err != nil || v < 0 || math.IsInf(v, 0) || math.IsNaN(v) || v*float64(mult) > math.MaxInt64/2 {
-		return 0, fmt.Errorf("%q is not a byte rate: give e.g. 50MiB, 100MB or 0 for no limit", s)
+		return 0, fmt.Errorf("%q is not a size: give e.g. 512MiB or 2GiB", s)
 	}
 	return int64(v * float64(mult)), nil
 }

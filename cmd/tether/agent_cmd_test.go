@@ -42,6 +42,19 @@ func TestParseByteRate(t *testing.T) {
 	}
 }
 
+func TestParseBytes(t *testing.T) {
+	for in, want := range map[string]int64{"1GiB": 1 << 30, "512MiB": 512 << 20, "0": 0, "2 GB": 2e9} {
+		if got, err := parseBytes(in); err != nil || got != want {
+			t.Errorf("parseBytes(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"1GiB/s", "-1", "lots", ""} {
+		if got, err := parseBytes(in); err == nil {
+			t.Errorf("parseBytes(%q) = %d, want an error", in, got)
+		}
+	}
+}
+
 func TestPrintReplicaTable(t *testing.T) {
 	var out bytes.Buffer
 	st := &tetherpb.VolumeStatus{WatchLimit: "inotify watch limit reached", Replicas: []*tetherpb.ReplicaStatus{{

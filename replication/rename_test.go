@@ -1,0 +1,210 @@
+package replication
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"syscall"
+	"time"
+	"testing"
+
+	"github.com/tether-io/tether/internal/testutil"
+	"github.com/tether-io/tether/proto/tetherpb"
+)
+
+func TestForward(t *testing.T) {
+	renames := []renameOp{{from: "a", to: "e"}, {from: "e/b", to: "f"}, {from: "x", to: "e/c"}}
+	cases := []struct {
+		n       int // renames applied
+		rel     string
+		want    string
+		present bool
+	}{
+		{0, "a/b", "a/b", true},
+		{1, "a/b", "e/b", true},
+		{2, "a/b", "f", true},
+		{2, "a/b/deep", "f/deep", true},
+		{3, "a/c", "", false}, // x was renamed onto e/c, where a/c was
+		{3, "x/y", "e/c/y", true},
+		{3, "ab", "ab", true}, // a prefix of the name is not a parent
+		{3, "e", "", false},   // the first rename replaced whatever was at e
+	}
+	for _, c := range cases {
+		got, ok := forward(renames[:c.n], c.rel)
+		if got != c.want || ok != c.present {
+			t.Errorf("forward(%d renames, %q) = %q, %v; want %q, %v", c.n, c.rel, got, ok, c.want, c.present)
+		}
+	}
+}
+
+func TestSequence(t *testing.T) {
+	cases := []struct {
+		name    string
+		in      []renameOp
+		froms   []string
+		dropped []string
+	}{
+		{"independent", []renameOp{{src: "a", to: "b"}, {src: "c", to: "d"}}, []string{"a", "c"}, nil},
+		{"below a directory moved before", []renameOp{{src: "a", to: "e"}, {src: "a/b", to: "f"}, {src: "a/b/c", to: "g"}},
+			[]string{"a", "e/b", "f/c"}, nil},
+		{"a directory moved after what left it", []renameOp{{src: "a/b", to: "f"}, {src: "a", to: "e"}}, []string{"a/b", "a"}, nil},
+		{"replaced by an earlier rename", []renameOp{{src: "a", to: "e"}, {src: "x", to: "e/b"}, {src: "a/b", to: "f"}},
+			[]string{"a", "x"}, []string{"a/b"}},
+	}
+	for _, c := range cases {
+		kept, dropped := sequence(slices.Clone(c.in))
+		var froms, drops []string
+		for _, r := range kept {
+			froms = append(froms, r.from)
+		}
+		for _, r := range dropped {
+			drops = append(drops, r.src)
+		}
+		if !slices.Equal(froms, c.froms) || !slices.Equal(drops, c.dropped) {
+			t.Errorf("%s: froms %q dropped %q; want %q and %q", c.name, froms, drops, c.froms, c.dropped)
+		}
+	}
+}
+
+// TestRenameFoundInALaterRound takes a cut in two rounds: the first finds
+// directory a renamed to e, the second (a rescan having marked a/b gone and
+// f new) finds the file that was a/b at f. The second rename must name its
+// source where the first one put it (e/b), or the replica refuses the batch
+// ("builds on a path an earlier op of the batch replaced"); the replica's
+// check accepts it and the index ends with the tree's paths.
+func TestRenameFoundInALaterRound(t *testing.T) {
+	dir, state := t.TempDir(), t.TempDir()
+	must(t, os.MkdirAll(filepath.Join(dir, "a"), 0o755))
+	for _, f := range []string{"a/b", "a/c"} {
+		must(t, os.WriteFile(filepath.Join(dir, f), []byte(f), 0o644))
+	}
+	replica := t.TempDir()
+	must(t, os.MkdirAll(filepath.Join(replica, "a"), 0o755))
+	for _, f := range []string{"a/b", "a/c"} {
+		must(t, os.WriteFile(filepath.Join(replica, f), []byte(f), 0o644))
+	}
+	root, err := os.OpenRoot(dir)
+	must(t, err)
+	defer root.Close()
+	idx, err := openIndex(state)
+	must(t, err)
+	defer idx.close()
+	warn := newOnceLogger(testutil.Logger(t))
+	cut := func(p *plan, reset bool) {
+		t.Helper()
+		sp, err := newSpool(filepath.Join(state, "spool"))
+		must(t, err)
+		defer sp.close()
+		must(t, sp.read(root, p, warn))
+		u, err := sp.indexUpdate(p, reset)
+		must(t, err)
+		must(t, idx.apply(u))
+	}
+	full, err := fullPlan(root)
+	must(t, err)
+	cut(full, true)
+
+	must(t, os.Rename(filepath.Join(dir, "a"), filepath.Join(dir, "e")))
+	p, err := dirtyPlan(root, map[string]bool{".": false, "a": false, "e": true}, idx)
+	must(t, err)
+	must(t, os.Rename(filepath.Join(dir, "e/b"), filepath.Join(dir, "f")))
+	must(t, p.update(root, map[string]bool{".": false, "a/b": false, "e": false, "e/b": false, "f": false}))
+
+	var got []string
+	var ops []applyOp
+	for _, r := range p.renames {
+		got = append(got, r.from+">"+r.to)
+		ops = append(ops, applyOp{kind: tetherpb.FileOp_KIND_RENAME, path: r.from, to: r.to})
+	}
+	if want := []string{"a>e", "e/b>f"}; !slices.Equal(got, want) {
+		t.Fatalf("renames = %q, want %q", got, want)
+	}
+	if err := verifyBases(replica, ops, false); err != nil {
+		t.Fatalf("the replica refuses the renames: %v", err)
+	}
+	cut(p, false)
+	var paths []string
+	must(t, idx.under(rootPath, func(rel string, _ *indexEntry) { paths = append(paths, rel) }))
+	if want := []string{"e", "e/c", "f"}; !slices.Equal(paths, want) {
+		t.Fatalf("index holds %q, want %q", paths, want)
+	}
+}
+
+// TestWatchFollowsReplacedDirectories renames a directory over an empty one
+// and makes a new directory where a moved one was, then writes inside
+// both: the writes reach the replica by their events alone (no rescan
+// runs), so each directory that took another's place is watched as the
+// inode it is now.
+func TestWatchFollowsReplacedDirectories(t *testing.T) {
+	c := newTestCluster(t)
+	c.startReplica("r1")
+	for _, d := range []string{"src", "dst", "moved"} {
+		must(t, os.MkdirAll(c.path(d), 0o755))
+	}
+	c.write("src/f", "f")
+	c.write("moved/g", "g")
+	c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+
+	must(t, syscall.Rename(c.path("src"), c.path("dst"))) // over the empty dst (os.Rename refuses)
+	must(t, os.Rename(c.path("moved"), c.path("away")))
+	must(t, os.Mkdir(c.path("moved"), 0o755))
+	c.waitSynced("r1")
+	for round := range 3 {
+		c.write(fmt.Sprintf("dst/new%d", round), "written into the directory renamed over another")
+		c.write(fmt.Sprintf("moved/new%d", round), "written into the directory made where one was moved from")
+		c.write(fmt.Sprintf("away/new%d", round), "written into the moved directory")
+		c.waitSynced("r1")
+	}
+}
+
+// TestIndexDifferences: a rescan marks what differs from the index (the
+// tree as the last cut carried it), not only what changed since the
+// previous scan, so a change whose event was lost is still found.
+func TestIndexDifferences(t *testing.T) {
+	idx, err := openIndex(t.TempDir())
+	must(t, err)
+	defer idx.close()
+	const sec = int64(1e9)
+	put := map[string]*indexEntry{
+		"same":   {kind: kindFile, ino: 1, size: 5, mtime: 10 * sec, ctime: 10 * sec, readNano: 20 * sec},
+		"racy":   {kind: kindFile, ino: 2, size: 5, mtime: 10 * sec, ctime: 10 * sec, readNano: 10*sec + 1},
+		"dir":    {kind: kindDir, ino: 3, size: 4096, mtime: 10 * sec, ctime: 10 * sec},
+		"gone":   {kind: kindFile, ino: 4, size: 5, mtime: 10 * sec, ctime: 10 * sec, readNano: 20 * sec},
+		"retype": {kind: kindFile, ino: 5, size: 5, mtime: 10 * sec, ctime: 10 * sec, readNano: 20 * sec},
+	}
+	must(t, idx.apply(&indexUpdate{puts: put}))
+	snap := map[string]statKey{
+		"same":   {mode: syscall.S_IFREG | 0o644, ino: 1, size: 5, mtime: 10 * sec, ctim: 10 * sec},
+		"racy":   {mode: syscall.S_IFREG | 0o644, ino: 2, size: 5, mtime: 10 * sec, ctim: 10 * sec},
+		"dir":    {mode: syscall.S_IFDIR | 0o755, ino: 3, size: 4096, mtime: 11 * sec, ctim: 11 * sec},
+		"retype": {mode: syscall.S_IFLNK | 0o777, ino: 5, size: 5, mtime: 10 * sec, ctim: 10 * sec},
+		"new":    {mode: syscall.S_IFREG | 0o644, ino: 6, size: 1},
+		"dev":    {mode: syscall.S_IFCHR | 0o600, ino: 7},
+	}
+	var marked []string
+	must(t, idx.differences(snap, func(rel string) { marked = append(marked, rel) }))
+	slices.Sort(marked)
+	if want := []string{"dir", "gone", "new", "racy", "retype"}; !slices.Equal(marked, want) {
+		t.Fatalf("marked %q, want %q", marked, want)
+	}
+}
+
+// TestRescanComparesWithIndex makes the index forget a file the tree and
+// the previous scan both hold (as a lost event would leave it): the next
+// rescan marks it, a cut reads it again, and the index holds it again.
+func TestRescanComparesWithIndex(t *testing.T) {
+	c := newTestCluster(t)
+	c.startReplica("r1")
+	c.write("f", "contents")
+	p := c.startPrimaryWith(func(cfg *PrimaryConfig) { cfg.RescanInterval = 200 * time.Millisecond }, 1, "r1")
+	c.waitSynced("r1")
+	cuts := p.cuts.Load()
+	must(t, p.idx.apply(&indexUpdate{deletes: []string{"f"}}))
+	testutil.Eventually(t, 10*time.Second, "a rescan reads f again", func() bool {
+		e, err := p.idx.get("f")
+		return err == nil && e != nil && p.cuts.Load() > cuts
+	})
+	c.waitSynced("r1")
+}
