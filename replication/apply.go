@@ -31,11 +31,12 @@ type applyOp struct {
 	mtime    time.Time
 	uid, gid uint32
 	xattrs   []xattr
-	target   string   // SYMLINK: link target, stored verbatim and never followed
-	staged   string   // FILE: where its contents wait in the stage directory
-	size     int64    // FILE: size
-	extents  []extent // FILE: data extents (the rest are holes)
-	delta    *deltaOp // FILE: patches the file in place instead of replacing it
+	target   string      // SYMLINK: link target, stored verbatim and never followed
+	staged   string      // FILE: where its contents wait in the stage directory
+	size     int64       // FILE: size
+	extents  []extent    // FILE: data extents (the rest are holes)
+	delta    *deltaOp    // FILE: patches the file in place instead of replacing it
+	digest   *fileDigest // FILE (may be nil): the digest of the file written, for the base cache
 }
 
 // incoming is a file whose chunks are still arriving.
@@ -261,11 +262,19 @@ func (b *batch) addFileChunk(op *tetherpb.FileOp) error {
 			return err
 		}
 	}
+	var dg *fileDigest
+	if len(op.GetDigest()) > 0 || op.GetDigestBlockSize() > 0 {
+		bs := op.GetDigestBlockSize()
+		if len(op.GetDigest()) != hashLen || bs < minBlockSize || bs > maxBlockSize {
+			return fmt.Errorf("%w: file %q has a digest of %d bytes for blocks of %d bytes", errBadBatch, in.path, len(op.GetDigest()), bs)
+		}
+		dg = &fileDigest{blockSize: int64(bs), sum: op.GetDigest()}
+	}
 	b.replaced(in.path, false)
 	b.nondir[in.path] = struct{}{}
 	b.addFile(in.path)
 	a := metaOf(tetherpb.FileOp_KIND_FILE, in.path, op)
-	a.staged, a.size, a.extents, a.xattrs, a.delta = in.staged, int64(size), in.extents, xs, d
+	a.staged, a.size, a.extents, a.xattrs, a.delta, a.digest = in.staged, int64(size), in.extents, xs, d, dg
 	b.ops = append(b.ops, a)
 	return nil
 }

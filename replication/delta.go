@@ -325,7 +325,7 @@ func (r *baseResolver) path(i int, p string) (string, bool) {
 // what the batch builds on: the source of every rename, and the base of
 // every delta (size, mtime and block digest). A mismatch refuses the batch
 // (errBaseMismatch); the primary then sends the whole tree.
-func verifyBases(data string, ops []applyOp, full bool) error {
+func verifyBases(data string, ops []applyOp, full bool, cache *baseCache) error {
 	var root *os.Root
 	var res *baseResolver
 	defer func() {
@@ -368,7 +368,7 @@ func verifyBases(data string, ops []applyOp, full bool) error {
 			}
 			continue
 		}
-		if err := checkBase(root, p, op.delta); err != nil {
+		if err := checkBase(root, p, op.delta, cache); err != nil {
 			return err
 		}
 	}
@@ -381,8 +381,9 @@ func existsReal(root *os.Root, rel string) (bool, error) {
 	return ok, err
 }
 
-// checkBase checks that the file at p is a delta's base.
-func checkBase(root *os.Root, p string, d *deltaOp) error {
+// checkBase checks that the file at p is a delta's base (its digest known
+// from the cache, or read and hashed).
+func checkBase(root *os.Root, p string, d *deltaOp, cache *baseCache) error {
 	if ok, err := existsReal(root, p); err != nil || !ok {
 		return errors.Join(err, fmt.Errorf("%w: the base of the delta of %q is missing", errBaseMismatch, p))
 	}
@@ -399,6 +400,9 @@ func checkBase(root *os.Root, p string, d *deltaOp) error {
 	if e.kind != kindFile || e.nlink != 1 || e.size != d.baseSize || e.mtime != d.baseMtime {
 		return fmt.Errorf("%w: %q is not the base of its delta (size %d, mtime %d; the delta expects a single-linked file of size %d, mtime %d)",
 			errBaseMismatch, p, e.size, e.mtime, d.baseSize, d.baseMtime)
+	}
+	if cache.matches(p, fi, d.blockSize, d.digest) {
+		return nil
 	}
 	hashes, err := hashFile(f, e.size, d.blockSize)
 	if err != nil {

@@ -113,6 +113,7 @@ type journal struct {
 	paths Paths
 	warn  *onceLogger
 	fail  failpoint
+	bases *baseCache // may be nil
 }
 
 func (j journal) stage() string { return filepath.Join(j.paths.State, stageDir) }
@@ -125,7 +126,7 @@ func (j journal) commit(b *batch, pos position, full bool) error {
 	if err := j.fail.at("staged"); err != nil {
 		return err
 	}
-	if err := verifyBases(j.paths.Data, b.ops, full); err != nil {
+	if err := verifyBases(j.paths.Data, b.ops, full, j.bases); err != nil {
 		return err
 	}
 	rec := journalRecord{Epoch: pos.Epoch, Seq: pos.Seq, CutNano: cutNano(pos.Cut), Full: full}

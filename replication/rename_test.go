@@ -6,8 +6,8 @@ import (
 	"path/filepath"
 	"slices"
 	"syscall"
-	"time"
 	"testing"
+	"time"
 
 	"github.com/tether-io/tether/internal/testutil"
 	"github.com/tether-io/tether/proto/tetherpb"
@@ -120,7 +120,7 @@ func TestRenameFoundInALaterRound(t *testing.T) {
 	if want := []string{"a>e", "e/b>f"}; !slices.Equal(got, want) {
 		t.Fatalf("renames = %q, want %q", got, want)
 	}
-	if err := verifyBases(replica, ops, false); err != nil {
+	if err := verifyBases(replica, ops, false, nil); err != nil {
 		t.Fatalf("the replica refuses the renames: %v", err)
 	}
 	cut(p, false)

@@ -65,6 +65,7 @@ func (s *Server) setFailpoint(f failpoint) {
 type replicaVolume struct {
 	mu     sync.Mutex
 	active *inbound
+	bases  *baseCache
 }
 
 // inbound is one primary's stream into a replica.
@@ -120,7 +121,7 @@ func (s *Server) volume(name string) *replicaVolume {
 	defer s.mu.Unlock()
 	v, ok := s.volumes[name]
 	if !ok {
-		v = &replicaVolume{}
+		v = &replicaVolume{bases: newBaseCache()}
 		s.volumes[name] = v
 	}
 	return v
@@ -422,9 +423,13 @@ func (c *inboundSession) commit(b *batch, cm *tetherpb.Commit) error {
 		return status.Errorf(codes.Internal, "quarantine before the first batch of epoch %d: %v", c.me.epoch, err)
 	}
 	pos := position{Epoch: c.me.epoch, Seq: cm.GetSeq(), Cut: cutTime(cm.GetCutUnixNano())}
-	if err := c.s.journal(c.paths).commit(b, pos, cm.GetFull()); err != nil {
+	j := c.s.journal(c.paths)
+	j.bases = c.v.bases
+	if err := j.commit(b, pos, cm.GetFull()); err != nil {
+		c.v.bases.reset() // part of it may be applied: trust nothing
 		return batchStatus(fmt.Errorf("apply batch %d: %w", cm.GetSeq(), err))
 	}
+	c.v.bases.record(c.paths.Data, b.ops)
 	c.pos = pos
 	c.log.Debug("batch applied", "seq", pos.Seq, "full", cm.GetFull(), "ops", len(b.ops), "took", time.Since(start))
 	return nil

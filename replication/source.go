@@ -424,6 +424,8 @@ func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo, war
 	entry.hashes, entry.exts = r.hashes, exts
 	if r.short {
 		entry = nil
+	} else {
+		op.Digest, op.DigestBlockSize = digestOf(r.hashes), blockSize
 	}
 	err = sendOp(send, op)
 	return key, nlink, entry, err == nil, err

@@ -498,9 +498,15 @@ type FileOp struct {
 	Delta *Delta `protobuf:"bytes,15,opt,name=delta,proto3" json:"delta,omitempty"`
 	// FILE chunks: data is compressed with zstd (one frame, at most 4 MiB
 	// once decompressed).
-	Zstd          bool `protobuf:"varint,16,opt,name=zstd,proto3" json:"zstd,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Zstd bool `protobuf:"varint,16,opt,name=zstd,proto3" json:"zstd,omitempty"`
+	// FILE, on the last op (optional): BLAKE3 of the concatenated BLAKE3-256
+	// hashes of the file's blocks of digest_block_size bytes, as the primary
+	// read it. The replica may remember it with the stat of its copy, to
+	// check the base of a later delta without reading the file again.
+	Digest          []byte `protobuf:"bytes,17,opt,name=digest,proto3" json:"digest,omitempty"`
+	DigestBlockSize uint64 `protobuf:"varint,18,opt,name=digest_block_size,json=digestBlockSize,proto3" json:"digest_block_size,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *FileOp) Reset() {
@@ -643,6 +649,20 @@ func (x *FileOp) GetZstd() bool {
 		return x.Zstd
 	}
 	return false
+}
+
+func (x *FileOp) GetDigest() []byte {
+	if x != nil {
+		return x.Digest
+	}
+	return nil
+}
+
+func (x *FileOp) GetDigestBlockSize() uint64 {
+	if x != nil {
+		return x.DigestBlockSize
+	}
+	return 0
 }
 
 // Delta says which blocks of a file changed since the previous cut, and
@@ -3333,7 +3353,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x05Hello\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12!\n" +
-	"\fprimary_node\x18\x03 \x01(\tR\vprimaryNode\"\xd3\x04\n" +
+	"\fprimary_node\x18\x03 \x01(\tR\vprimaryNode\"\x97\x05\n" +
 	"\x06FileOp\x12*\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x16.tether.v1.FileOp.KindR\x04kind\x12\x12\n" +
 	"\x04path\x18\x02 \x01(\fR\x04path\x12\x19\n" +
@@ -3353,7 +3373,9 @@ const file_tether_proto_rawDesc = "" +
 	"\vhardlink_to\x18\x0e \x01(\fR\n" +
 	"hardlinkTo\x12&\n" +
 	"\x05delta\x18\x0f \x01(\v2\x10.tether.v1.DeltaR\x05delta\x12\x12\n" +
-	"\x04zstd\x18\x10 \x01(\bR\x04zstd\"\x91\x01\n" +
+	"\x04zstd\x18\x10 \x01(\bR\x04zstd\x12\x16\n" +
+	"\x06digest\x18\x11 \x01(\fR\x06digest\x12*\n" +
+	"\x11digest_block_size\x18\x12 \x01(\x04R\x0fdigestBlockSize\"\x91\x01\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n" +
 	"\n" +

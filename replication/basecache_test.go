@@ -1,0 +1,80 @@
+package replication
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/tether-io/tether/proto/tetherpb"
+)
+
+// TestBaseCacheTrustedOnlyWithItsStat: a cached digest stands in for
+// reading the base (a stand-in digest no hashing would give is accepted),
+// and only while the file's stat is the one recorded: once the file is
+// written the base is hashed again and the mismatch found.
+func TestBaseCacheTrustedOnlyWithItsStat(t *testing.T) {
+	dir := t.TempDir()
+	must(t, os.WriteFile(filepath.Join(dir, "f"), randomBytes(200<<10), 0o644))
+	root, err := os.OpenRoot(dir)
+	must(t, err)
+	defer root.Close()
+	fi, err := root.Lstat("f")
+	must(t, err)
+	stand := bytes.Repeat([]byte{7}, hashLen) // not the digest of f
+	d := &deltaOp{baseSize: fi.Size(), baseMtime: fi.ModTime().UnixNano(), digest: stand, blockSize: blockSize}
+	if err := checkBase(root, "f", d, nil); !errors.Is(err, errBaseMismatch) {
+		t.Fatalf("without a cache: %v, want a base mismatch", err)
+	}
+	cache := newBaseCache()
+	cache.record(dir, []applyOp{{kind: tetherpb.FileOp_KIND_FILE, path: "f", digest: &fileDigest{blockSize: blockSize, sum: stand}}})
+	if err := checkBase(root, "f", d, cache); err != nil {
+		t.Fatalf("with the digest cached: %v, want it trusted", err)
+	}
+	other := *d
+	other.blockSize = 2 * blockSize
+	if cache.matches("f", fi, other.blockSize, stand) {
+		t.Fatal("a digest over other blocks matched")
+	}
+	writeAt(t, filepath.Join(dir, "f"), 0, []byte("x"))
+	must(t, os.Chtimes(filepath.Join(dir, "f"), fi.ModTime(), fi.ModTime())) // same size and mtime, new ctime
+	if err := checkBase(root, "f", d, cache); !errors.Is(err, errBaseMismatch) {
+		t.Fatalf("after a write: %v, want the base hashed and the mismatch found", err)
+	}
+	cache.record(dir, []applyOp{{kind: tetherpb.FileOp_KIND_DELETE, path: "f"}})
+	if len(cache.m) != 0 {
+		t.Fatalf("a deleted path stays cached: %v", cache.m)
+	}
+}
+
+// TestReplicaCachesDigests: after the initial sync and after a delta, the
+// replica's cache holds the digest its copy really has.
+func TestReplicaCachesDigests(t *testing.T) {
+	c := newTestCluster(t)
+	r := c.startReplica("r1")
+	must(t, os.WriteFile(c.path("big"), randomBytes(3<<20), 0o644))
+	c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+	check := func(when string) {
+		t.Helper()
+		v := r.srv.volume(testVolume)
+		v.mu.Lock()
+		e, ok := v.bases.m["big"]
+		v.mu.Unlock()
+		f, err := os.Open(filepath.Join(c.replicaPaths("r1").Data, "big"))
+		must(t, err)
+		defer f.Close()
+		fi, err := f.Stat()
+		must(t, err)
+		h, err := hashFile(f, fi.Size(), blockSize)
+		must(t, err)
+		if !ok || !bytes.Equal(e.digest.sum, digestOf(h)) || !r.srv.volume(testVolume).bases.matches("big", fi, blockSize, digestOf(h)) {
+			t.Fatalf("%s: cache entry %+v (present %v) is not the copy's digest", when, e, ok)
+		}
+	}
+	check("after the initial sync")
+	writeAt(t, c.path("big"), 1<<20+5, randomBytes(100<<10))
+	c.waitSynced("r1")
+	check("after a delta")
+}
