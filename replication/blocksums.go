@@ -56,7 +56,11 @@ func (s *Server) BlockSums(ctx context.Context, req *tetherpb.BlockSumsRequest) 
 	active := func() (*inbound, error) {
 		v.mu.Lock()
 		defer v.mu.Unlock()
-		if v.active == nil || v.active.epoch != req.GetEpoch() {
+		newest, err := readEpoch(paths.State)
+		if err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
+		}
+		if v.active == nil || v.active.epoch != req.GetEpoch() || req.GetEpoch() < newest {
 			return nil, status.Errorf(codes.FailedPrecondition, "block sums of volume %s: no replication stream of epoch %d is active",
 				req.GetVolume(), req.GetEpoch())
 		}

@@ -490,15 +490,21 @@ func TestFullResyncSendsMissingBlocks(t *testing.T) {
 	}
 }
 
-// TestBlockSumsRefusals asks a replica for block sums without an active
-// stream of that epoch, with a path leaving the volume and with a bad block
-// size: each is refused; a symlink and a missing path get no sums.
-func TestBlockSumsRefusals(t *testing.T) {
+// replicaHoldingF starts replica r1 whose copy holds a 100 KiB file f.
+func replicaHoldingF(t *testing.T) (*testCluster, *replicaNode, string) {
 	c := newTestCluster(t)
 	r := c.startReplica("r1")
 	data := c.replicaPaths("r1").Data
 	must(t, os.MkdirAll(data, 0o755))
 	must(t, os.WriteFile(filepath.Join(data, "f"), randomBytes(100<<10), 0o644))
+	return c, r, data
+}
+
+// TestBlockSumsRefusals asks a replica for block sums without an active
+// stream of that epoch, with a path leaving the volume and with a bad block
+// size: each is refused; a symlink and a missing path get no sums.
+func TestBlockSumsRefusals(t *testing.T) {
+	c, r, data := replicaHoldingF(t)
 	must(t, os.Symlink("f", filepath.Join(data, "l")))
 	ask := func(epoch uint64, bs uint32, paths ...string) (*tetherpb.BlockSumsResponse, error) {
 		req := &tetherpb.BlockSumsRequest{Volume: testVolume, Epoch: epoch, BlockSize: bs}
@@ -735,11 +741,7 @@ func TestIndexUnreadableIsRecreated(t *testing.T) {
 // once, and the sums, asked for by the stream the fence cut off, are
 // refused.
 func TestFenceDoesNotWaitForBlockSums(t *testing.T) {
-	c := newTestCluster(t)
-	r := c.startReplica("r1")
-	data := c.replicaPaths("r1").Data
-	must(t, os.MkdirAll(data, 0o755))
-	must(t, os.WriteFile(filepath.Join(data, "f"), randomBytes(100<<10), 0o644))
+	c, r, _ := replicaHoldingF(t)
 	_, err := openRaw(t, c, "r1", 2)
 	must(t, err)
 	hashing, release := make(chan struct{}), make(chan struct{})

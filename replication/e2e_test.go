@@ -124,6 +124,17 @@ func TestEndToEnd(t *testing.T) {
 			c.write("d\xff\xfe/caf\xe9", "latin-1")
 			c.write("\x80raw", "r")
 		}},
+		{"names with spaces and newlines", func() {
+			must(t, os.Mkdir(c.path("with space"), 0o755))
+			c.write("with space/line\nbreak", "n")
+			c.write(" leading and trailing ", "s")
+		}},
+		{"a sparse file over 4 GiB", func() {
+			writeSparse(t, c.path("huge"), 5<<30+3, 1<<20, 4<<30+12345)
+		}},
+		{"a write beyond 4 GiB", func() {
+			writeAt(t, c.path("huge"), 4<<30+(1<<20), []byte("past the 32-bit offsets"))
+		}},
 		{"rename with a non-UTF-8 name and delete the rest", func() {
 			must(t, os.Rename(c.path("d\xff\xfe"), c.path("e\xff")))
 			must(t, os.Remove(c.path("\x80raw")))

@@ -56,8 +56,10 @@ func (e fsEvent) has(op fsOp) bool { return e.op&op != 0 }
 var errEventOverflow = errors.New("inotify event queue overflowed")
 
 // watchMask is what each watched directory reports: every change of an
-// entry, never following a symlink and only on a directory.
-const watchMask = unix.IN_CREATE | unix.IN_DELETE | unix.IN_MODIFY | unix.IN_ATTRIB | unix.IN_CLOSE_WRITE |
+// entry, never following a symlink and only on a directory. (Not
+// IN_CLOSE_WRITE: it would follow every write that IN_MODIFY reported, and
+// make a cut read in the meantime take another round.)
+const watchMask = unix.IN_CREATE | unix.IN_DELETE | unix.IN_MODIFY | unix.IN_ATTRIB |
 	unix.IN_MOVED_FROM | unix.IN_MOVED_TO | unix.IN_ONLYDIR | unix.IN_DONT_FOLLOW | unix.IN_EXCL_UNLINK
 
 func newInotify() (*inotify, error) {
@@ -206,7 +208,7 @@ func (n *inotify) event(wd int32, mask uint32, name string) (fsEvent, bool) {
 		ev.op = opRemove
 	case mask&unix.IN_MOVED_FROM != 0:
 		ev.op = opRename
-	case mask&(unix.IN_MODIFY|unix.IN_CLOSE_WRITE) != 0:
+	case mask&unix.IN_MODIFY != 0:
 		ev.op = opWrite
 	case mask&unix.IN_ATTRIB != 0:
 		ev.op = opChmod
