@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/zeebo/blake3"
+
 	"github.com/tether-io/tether/proto/tetherpb"
 )
 
@@ -77,4 +79,28 @@ func TestReplicaCachesDigests(t *testing.T) {
 	writeAt(t, c.path("big"), 1<<20+5, randomBytes(100<<10))
 	c.waitSynced("r1")
 	check("after a delta")
+}
+
+// TestHashFileSkipsHoles: hashing only the data extents of a sparse file
+// gives the hashes of reading it whole (holes as zeros), for whole and
+// partial blocks.
+func TestHashFileSkipsHoles(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "sparse")
+	size := int64(10*blockSize + 123)
+	writeSparse(t, path, size, 0, 3*blockSize+100, 10*blockSize)
+	f, err := os.Open(path)
+	must(t, err)
+	defer f.Close()
+	got, err := hashFile(f, size, blockSize)
+	must(t, err)
+	all, err := os.ReadFile(path)
+	must(t, err)
+	var want []byte
+	for off := int64(0); off < size; off += blockSize {
+		h := blake3.Sum256(all[off:min(off+blockSize, size)])
+		want = append(want, h[:]...)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("hashes of the data extents differ from those of the whole file")
+	}
 }

@@ -414,20 +414,34 @@ func checkBase(root *os.Root, p string, d *deltaOp, cache *baseCache) error {
 	return nil
 }
 
-// hashFile returns the hash of every block of bs bytes of f, reading
-// whole blocks of about 1 MiB at a time.
+// hashFile returns the hash of every block of bs bytes of f (size bytes),
+// reading only its data extents: a block that lies in a hole hashes as
+// zeros without being read.
 func hashFile(f *os.File, size, bs int64) ([]byte, error) {
+	exts, err := dataExtents(f, size)
+	if err != nil {
+		return nil, err
+	}
 	out := make([]byte, 0, blockCount(size, bs)*hashLen)
-	buf := make([]byte, max(bs, chunkSize/bs*bs))
-	for off := int64(0); off < size; off += int64(len(buf)) {
-		rd := buf[:min(int64(len(buf)), size-off)]
-		if _, err := f.ReadAt(rd, off); err != nil {
-			return nil, err
+	buf := make([]byte, bs)
+	zero := blake3.Sum256(buf)
+	ei := 0
+	for off := int64(0); off < size; off += bs {
+		end := min(off+bs, size)
+		ranges := clip(exts, &ei, off, end)
+		if len(ranges) == 0 && end-off == bs {
+			out = append(out, zero[:]...)
+			continue
 		}
-		for b := int64(0); b < int64(len(rd)); b += bs {
-			h := blake3.Sum256(rd[b:min(b+bs, int64(len(rd)))])
-			out = append(out, h[:]...)
+		blk := buf[:end-off]
+		clear(blk)
+		for _, rg := range ranges {
+			if _, err := f.ReadAt(blk[rg.off-off:rg.off-off+rg.n], rg.off); err != nil {
+				return nil, err
+			}
 		}
+		h := blake3.Sum256(blk)
+		out = append(out, h[:]...)
 	}
 	return out, nil
 }
