@@ -55,3 +55,26 @@ func TestInotifyNamesByDescriptor(t *testing.T) {
 		t.Fatal("a watch of a regular file was accepted")
 	}
 }
+
+// TestOverflowResendsWholeTree delivers an event-queue overflow, as the
+// kernel reports one, while changes go unseen (their events are the ones
+// lost): the primary rescans, takes a full cut, and the replica ends equal.
+func TestOverflowResendsWholeTree(t *testing.T) {
+	c := newTestCluster(t)
+	c.startReplica("r1")
+	c.write("before", "b")
+	p := c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+	full := p.fullCuts.Load()
+	// Changes whose events are dropped: the watch is removed first.
+	must(t, p.w.in.remove(c.primaryData))
+	c.write("unseen", "its event was lost")
+	must(t, os.Remove(c.path("before")))
+	p.w.in.errs <- errEventOverflow
+	c.waitSynced("r1")
+	if p.fullCuts.Load() <= full {
+		t.Fatal("an overflow did not make the next cut full")
+	}
+	c.write("after", "the root is watched again") // the overflow re-added every watch
+	c.waitSynced("r1")
+}

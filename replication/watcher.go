@@ -135,6 +135,10 @@ func (w *watcher) failed(err error) {
 	} else {
 		w.log.Error("inotify error; resending the whole volume", "err", err)
 	}
+	// Events were lost: a directory made where a removed one was can hold
+	// its inode number again. Watch every directory anew (adding a watch
+	// the inode already has changes nothing).
+	clear(w.dirs)
 	w.rescanNow()
 	w.ch.requireFull()
 }
