@@ -165,9 +165,10 @@ type Primary struct {
 	noStream      atomic.Bool
 	brokenStreams atomic.Uint64 // batches whose streamed files changed while sent
 	streamMin     int64         // smallest file a full cut streams (tests lower it)
-	// beforeStreamCheck, if set, runs before a sender's barrier after
-	// streaming a batch's large files (tests change the volume there).
-	beforeStreamCheck func()
+	// onStreamChunk, if set, runs after a sender sent a message of a
+	// streamed file of batch seq (tests change the volume or stop the
+	// replica there).
+	onStreamChunk func(seq uint64)
 
 	bmu      sync.Mutex
 	batches  []*cutBatch   // retained cuts, consecutive seqs, oldest first

@@ -33,6 +33,14 @@ type streamed struct {
 // sendFile reads lazy item it from the volume and sends it: whole, or as a
 // delta against the replica's copy when sums (its block hashes) is known.
 func (st *streamed) sendFile(p *Primary, b *cutBatch, send sendFunc, it item, sums *tetherpb.FileSums) error {
+	if hook := p.onStreamChunk; hook != nil {
+		next := send
+		send = func(m *tetherpb.StreamRequest) error {
+			err := next(m)
+			hook(b.seq)
+			return err
+		}
+	}
 	_, nlink, entry, sent, err := sendFile(p.root, send, it.rel, it.lazy, p.warn,
 		fileOpts{base: sumsBase(sums, it.lazy), enc: b.sp.enc})
 	if err != nil {
@@ -53,9 +61,6 @@ func (st *streamed) sendFile(p *Primary, b *cutBatch, send sendFunc, it item, su
 // taken meanwhile (that cut's reading is newer; a file missing from the
 // index is sent whole next time, which costs bytes, not correctness).
 func (st *streamed) check(ctx context.Context, p *Primary, b *cutBatch) error {
-	if p.beforeStreamCheck != nil {
-		p.beforeStreamCheck()
-	}
 	gen, _, err := p.barrier(ctx)
 	if err != nil {
 		return err
