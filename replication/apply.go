@@ -120,10 +120,12 @@ func (in *incoming) closeDirect() {
 const writebackChunk = 8 << 20
 
 // startWriteback starts writing back the staged data of in received since
-// the last call (all of it when final is set).
+// the last call (all of it when final is set) once the file has passed
+// writebackChunk: starting writeback of every small file of a batch alone
+// made 20,000 small writes where syncfs merges them.
 func (in *incoming) startWriteback(final bool) {
-	if in.end <= in.flushed || (!final && in.end-in.flushed < writebackChunk) {
-		return
+	if in.end <= in.flushed || (!final && in.end-in.flushed < writebackChunk) || in.end < writebackChunk {
+		return // small files: the commit's syncfs writes them back together
 	}
 	// Only a hint: syncfs at the commit makes the data durable either way.
 	_ = unix.SyncFileRange(int(in.f.Fd()), int64(in.flushed), int64(in.end-in.flushed), unix.SYNC_FILE_RANGE_WRITE)

@@ -63,9 +63,6 @@ func (c *chunker) add(off int64, data []byte) error {
 	}
 	if len(c.buf) == 0 {
 		c.off = off
-		if c.buf == nil {
-			c.buf = make([]byte, 0, max(chunkSize, len(data)))
-		}
 	}
 	c.buf = append(c.buf, data...)
 	return nil
