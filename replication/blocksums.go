@@ -178,6 +178,9 @@ func (s *sender) blockSums(ctx context.Context, client tetherpb.ReplicationClien
 			ask = append(ask, []byte(rel))
 		}
 	}
+	for rel := range b.sp.lazy {
+		ask = append(ask, []byte(rel))
+	}
 	slices.SortFunc(ask, bytes.Compare)
 	out := map[string]*tetherpb.FileSums{}
 	for len(ask) > 0 {

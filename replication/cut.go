@@ -79,11 +79,14 @@ func sleepCtx(ctx context.Context, d time.Duration) bool {
 // MaxRounds, the Freezer (if any) pauses the writers for one last round;
 // failing that, the batch is marked file-consistent only.
 func (p *Primary) takeCut(ctx context.Context) (*cutBatch, error) {
+	p.cutMu.Lock()
+	defer p.cutMu.Unlock()
 	sp, err := newSpool(filepath.Join(p.cfg.Paths.State, spoolDir))
 	if err != nil {
 		return nil, err
 	}
 	sp.enc = p.enc
+	sp.streamMin = p.streamMin
 	c := &cutRound{p: p, sp: sp}
 	b, err := c.run(ctx)
 	if err == nil {
@@ -96,6 +99,9 @@ func (p *Primary) takeCut(ctx context.Context) (*cutBatch, error) {
 	if err != nil {
 		sp.close()
 		return nil, err
+	}
+	if c.full && !sp.stream {
+		p.noStream.Store(false) // this full cut was spooled; the next may stream
 	}
 	return b, nil
 }
@@ -136,6 +142,11 @@ func (c *cutRound) take() error {
 	default:
 		err = c.pl.update(c.p.root, t.dirty.paths)
 	}
+	// A full cut streams its large files unless a stream of one just broke
+	// (the volume keeps changing: read them into the spool instead).
+	if c.sp != nil {
+		c.sp.stream = c.full && !c.p.noStream.Load()
+	}
 	return err
 }
 
@@ -172,6 +183,12 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 			return nil, err
 		}
 	}
+	if !consistent && len(c.sp.lazy) > 0 {
+		// Its senders could not check a stream against the cut.
+		if err := c.sp.readLazy(p.root, c.pl, p.warn); err != nil {
+			return nil, err
+		}
+	}
 	if !consistent {
 		at = time.Now()
 		p.fileOnlyCuts.Add(1)
@@ -187,7 +204,7 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 	}
 	p.cuts.Add(1)
 	b := &cutBatch{seq: p.nextSeq(), full: c.full, cut: at, fileOnly: !consistent, since: c.since,
-		sp: c.sp, items: c.sp.items(c.pl)}
+		sp: c.sp, items: c.sp.items(c.pl), gen: c.gen}
 	b.bytes = itemBytes(b.items)
 	if c.full {
 		p.fullCuts.Add(1)

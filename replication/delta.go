@@ -68,6 +68,9 @@ func (c *chunker) add(off int64, data []byte) error {
 	return nil
 }
 
+// flush sends the gathered data as one chunk. Its buffer is reused for the
+// next chunk once send returns: every sendFunc is done with a message then
+// (gRPC's Send has encoded it, the spool has written it).
 func (c *chunker) flush() error {
 	if len(c.buf) == 0 {
 		return nil
@@ -80,7 +83,7 @@ func (c *chunker) flush() error {
 		}
 	}
 	c.end = c.off + int64(len(c.buf))
-	c.buf = nil
+	c.buf = c.buf[:0]
 	return sendOp(c.send, op)
 }
 

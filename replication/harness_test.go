@@ -40,6 +40,8 @@ type testCluster struct {
 	conns    map[string]*grpc.ClientConn
 	acks     map[string]Ack
 	wire     atomic.Int64 // bytes of the messages primaries sent (see countStream)
+	// prep, if set, adjusts each Primary before it starts.
+	prep func(*Primary)
 }
 
 func newTestCluster(t *testing.T) *testCluster {
@@ -170,6 +172,9 @@ func (c *testCluster) startPrimaryWith(tune func(*PrimaryConfig), epoch uint64, 
 	p, err := NewPrimary(cfg)
 	if err != nil {
 		c.t.Fatal(err)
+	}
+	if c.prep != nil {
+		c.prep(p)
 	}
 	if err := p.Start(context.Background()); err != nil {
 		c.t.Fatal(err)

@@ -156,6 +156,20 @@ type Primary struct {
 	cuttingFull  atomic.Bool // a full cut is being read
 	fileOnlyCuts atomic.Uint64
 
+	// cutMu is held while a cut is taken (planned against the index, read,
+	// its changes put into the index) and while a sender puts the entries
+	// of files it streamed into the index.
+	cutMu sync.Mutex
+	// noStream makes the next full cut spool its large files: a stream of
+	// them broke because the volume changed meanwhile.
+	noStream      atomic.Bool
+	brokenStreams atomic.Uint64 // batches whose streamed files changed while sent
+	streamMin     int64         // smallest file a full cut streams (tests lower it)
+	// onStreamChunk, if set, runs after a sender sent a message of a
+	// streamed file of batch seq (tests change the volume or stop the
+	// replica there).
+	onStreamChunk func(seq uint64)
+
 	bmu      sync.Mutex
 	batches  []*cutBatch   // retained cuts, consecutive seqs, oldest first
 	firstSeq uint64        // first cut of this Primary (0 before it)
@@ -208,7 +222,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 	p := &Primary{cfg: cfg, log: log, warn: newOnceLogger(log), ch: newChanges(),
 		barrierDir: filepath.Join(filepath.Clean(cfg.Paths.State), barrierDir),
 		replicas:   slices.Clone(cfg.Replicas), senders: map[string]*sender{}, changed: make(chan struct{}),
-		watchLimits: inotifyWatches}
+		watchLimits: inotifyWatches, streamMin: defaultStreamMin}
 	// Batch numbers of a primary restarted in the same epoch must not reuse
 	// those of its previous life (a replica could take a batch it never had
 	// for one it applied): they start from the clock, in microseconds.
@@ -450,7 +464,7 @@ func (p *Primary) batchFor(next, fullAfter uint64) (*cutBatch, <-chan struct{}, 
 	defer p.bmu.Unlock()
 	if next == 0 {
 		for _, b := range p.batches {
-			if b.full && b.seq > fullAfter {
+			if b.full && b.seq > fullAfter && !b.broken.Load() {
 				return b, nil, nil
 			}
 		}
@@ -462,7 +476,10 @@ func (p *Primary) batchFor(next, fullAfter uint64) (*cutBatch, <-chan struct{}, 
 	if len(p.batches) == 0 || next < p.batches[0].seq {
 		return nil, nil, errCutGone
 	}
-	return p.batches[next-p.batches[0].seq], nil, nil
+	if b := p.batches[next-p.batches[0].seq]; !b.broken.Load() {
+		return b, nil, nil
+	}
+	return nil, nil, errCutGone // its streamed files changed: a new full cut follows
 }
 
 // resumeFrom decides where a replica reporting (epoch, seq) continues: the

@@ -315,16 +315,25 @@ func (s *sender) stream(ctx context.Context, client tetherpb.ReplicationClient, 
 		refused := s.refused
 		s.mu.Unlock()
 		send, filter := throttledSend, (*sumsFilter)(nil)
+		var sums map[string]*tetherpb.FileSums
 		if b.full && (full || b.delta == nil) && !refused {
 			// The replica may hold files already: send what it lacks.
-			if sums := s.blockSums(ctx, client, b); len(sums) > 0 {
+			if sums = s.blockSums(ctx, client, b); len(sums) > 0 {
 				filter = &sumsFilter{next: send, sums: sums, sp: b.sp}
 				send = filter.send
 			}
 		}
-		err = b.send(send, full)
+		err = b.send(ctx, s.p, send, full, sums)
 		if filter != nil {
 			filter.close()
+		}
+		if errors.Is(err, errStreamChanged) {
+			// Ending the stream drops what the replica staged; the batch
+			// is broken, so the replica gets a new (spooled) full cut.
+			s.p.noStream.Store(true)
+			s.p.brokenStreams.Add(1)
+			s.log.Info("the volume changed while a cut's large files were streamed; the replica gets a new cut", "seq", b.seq)
+			return fmt.Errorf("send batch %d to %s: %w", b.seq, s.node, err)
 		}
 		if err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("send batch %d to %s: %w", b.seq, s.node, err)

@@ -295,7 +295,10 @@ func (p *plan) dropConflicts() {
 	}
 }
 
-// sendFunc sends one message of a stream.
+// sendFunc sends one message of a stream. It is done with the message
+// when it returns: the caller may reuse the message's buffers then (gRPC's
+// Send encodes the message before it returns; a sendFunc that keeps a
+// message must copy it).
 type sendFunc func(*tetherpb.StreamRequest) error
 
 // sendDir sends a directory's metadata.

@@ -1,6 +1,7 @@
 package replication
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -31,6 +33,36 @@ type spool struct {
 	entries map[string]*indexEntry
 	hashAt  map[string]extent
 	enc     *zstd.Encoder // compresses file chunks; nil: none
+	// lazy holds the large files of a full cut that are not read into the
+	// spool: each sender reads them while it streams them (see streamed).
+	// stream says whether read may leave files lazy.
+	lazy      map[string]fs.FileInfo
+	stream    bool
+	streamMin int64 // the smallest file streamed
+}
+
+// defaultStreamMin is the smallest file a full cut streams from the volume
+// instead of spooling it.
+const defaultStreamMin = 16 << 20
+
+// streamed reports whether read leaves regular file fi lazy: in a full cut,
+// a large single-linked file.
+func (s *spool) streamed(fi fs.FileInfo) bool {
+	if !s.stream || !fi.Mode().IsRegular() || fi.Size() < s.streamMin {
+		return false
+	}
+	_, n := inodeOf(fi)
+	return n == 1
+}
+
+// readLazy reads the lazy files into the spool after all (a batch that is
+// not consistent cannot stream them: its senders could not check them).
+func (s *spool) readLazy(root *os.Root, p *plan, warn *onceLogger) error {
+	s.stream = false
+	for rel := range s.lazy {
+		p.fresh[rel] = struct{}{}
+	}
+	return s.read(root, p, warn)
 }
 
 // fileRead locates a file's encoded ops in the spool file.
@@ -50,7 +82,7 @@ func newSpool(dir string) (*spool, error) {
 	}
 	_ = os.Remove(f.Name()) // lives as long as the open file
 	return &spool{f: f, small: map[string][]*tetherpb.FileOp{}, files: map[string]fileRead{},
-		entries: map[string]*indexEntry{}, hashAt: map[string]extent{}}, nil
+		entries: map[string]*indexEntry{}, hashAt: map[string]extent{}, lazy: map[string]fs.FileInfo{}}, nil
 }
 
 func (s *spool) close() { _ = s.f.Close() }
@@ -117,6 +149,7 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 		delete(s.files, rel)
 		delete(s.entries, rel)
 		delete(s.hashAt, rel)
+		delete(s.lazy, rel)
 		if fi, ok := p.dirs[rel]; ok {
 			if err := sendDir(root, s.collect(rel), rel, fi, warn); err != nil {
 				return err
@@ -141,6 +174,12 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 			uid, gid := ownerOf(fi)
 			s.small[rel] = []*tetherpb.FileOp{{Kind: tetherpb.FileOp_KIND_FIFO, Path: []byte(rel),
 				Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid}}
+		case 0:
+			if s.streamed(fi) {
+				s.lazy[rel] = fi
+				continue
+			}
+			fallthrough
 		default:
 			start := s.end
 			var base *indexEntry
@@ -176,7 +215,8 @@ func (s *spool) putHashes(rel string, e *indexEntry) error {
 	return nil
 }
 
-// collect returns a sendFunc keeping the ops of rel in memory.
+// collect returns a sendFunc keeping the ops of rel in memory (only for
+// ops that own their buffers: directories and symlinks).
 func (s *spool) collect(rel string) sendFunc {
 	return func(m *tetherpb.StreamRequest) error {
 		s.small[rel] = append(s.small[rel], m.GetOp())
@@ -184,10 +224,13 @@ func (s *spool) collect(rel string) sendFunc {
 	}
 }
 
-// item is one part of a batch: an op, or a range of the spool file.
+// item is one part of a batch: an op, a range of the spool file, or a
+// file read from the volume while it is sent (lazy, as planned).
 type item struct {
 	op     *tetherpb.FileOp
 	off, n int64
+	rel    string      // lazy: the file's path
+	lazy   fs.FileInfo // lazy: the file as planned
 }
 
 // items orders the batch: renames (in the order found), deletes, then directories shallow to deep, then
@@ -221,6 +264,10 @@ func (s *spool) items(p *plan) []item {
 		for _, op := range s.small[rel] {
 			out = append(out, item{op: op})
 		}
+		if fi, ok := s.lazy[rel]; ok {
+			out = append(out, item{rel: rel, lazy: fi})
+			continue
+		}
 		fr, ok := s.files[rel]
 		if !ok {
 			continue
@@ -251,15 +298,24 @@ type cutBatch struct {
 	delta []item
 	// bytes and deltaBytes are the encoded sizes of items and delta.
 	bytes, deltaBytes int64
+	// gen is the volume's event count the cut stands for: a sender that
+	// streamed lazy files checks that it did not move (see streamed).
+	gen uint64
+	// broken is set when the volume changed while a sender streamed the
+	// batch's lazy files: no replica can take it any more.
+	broken atomic.Bool
 }
 
 // itemBytes returns the encoded size of a batch's items.
 func itemBytes(items []item) int64 {
 	var n int64
 	for _, it := range items {
-		if it.op != nil {
+		switch {
+		case it.op != nil:
 			n += int64(proto.Size(it.op))
-		} else {
+		case it.lazy != nil:
+			n += it.lazy.Size()
+		default:
 			n += it.n
 		}
 	}
@@ -268,21 +324,39 @@ func itemBytes(items []item) int64 {
 
 // send streams the batch and its Commit: the whole tree, or (full false on
 // a full cut with a delta view) only what changed since the previous cut.
-func (b *cutBatch) send(send sendFunc, full bool) error {
+// Lazy files are read from the volume while they are sent (as deltas
+// against the replica's copy where sums has its block hashes); a barrier
+// then checks that the volume did not change since the cut, else the batch
+// is broken and send fails with errStreamChanged before the Commit.
+func (b *cutBatch) send(ctx context.Context, p *Primary, send sendFunc, full bool, sums map[string]*tetherpb.FileSums) error {
 	items := b.items
 	if b.full && !full && b.delta != nil {
 		items = b.delta
 	} else {
 		full = b.full
 	}
+	var st *streamed
 	for _, it := range items {
-		if it.op != nil {
+		switch {
+		case it.op != nil:
 			if err := sendOp(send, it.op); err != nil {
 				return err
 			}
-			continue
+		case it.lazy != nil:
+			if st == nil {
+				st = &streamed{entries: map[string]*indexEntry{}}
+			}
+			if err := st.sendFile(p, b, send, it, sums[it.rel]); err != nil {
+				return err
+			}
+		default:
+			if err := b.sendRange(send, it.off, it.n); err != nil {
+				return err
+			}
 		}
-		if err := b.sendRange(send, it.off, it.n); err != nil {
+	}
+	if st != nil {
+		if err := st.check(ctx, p, b); err != nil {
 			return err
 		}
 	}

@@ -1,0 +1,166 @@
+package replication
+
+import (
+	"bytes"
+	"crypto/rand"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tether-io/tether/internal/testutil"
+)
+
+// streamSmall makes every file of 64 KiB or more a streamed one.
+const streamSmall = 64 << 10
+
+// TestStreamedFileRewrittenWhileSentIsNotCommitted rewrites a large file
+// in place after the first chunk of its stream was sent: the rest of the
+// stream reads the new contents, so what the replica staged is torn. The
+// barrier after the stream sees the write; the batch must never be
+// acknowledged, and the replica ends with the new contents whole (from a
+// spooled full cut).
+func TestStreamedFileRewrittenWhileSentIsNotCommitted(t *testing.T) {
+	c := newTestCluster(t)
+	const size = 3 << 20
+	must(t, os.WriteFile(c.path("big"), bytes.Repeat([]byte{'a'}, size), 0o644))
+	c.write("small.txt", "x")
+	c.startReplica("r1")
+	var once sync.Once
+	var brokenSeq atomic.Uint64
+	c.prep = func(p *Primary) {
+		p.streamMin = streamSmall
+		p.onStreamChunk = func(seq uint64) {
+			once.Do(func() {
+				brokenSeq.Store(seq)
+				f, err := os.OpenFile(c.path("big"), os.O_WRONLY, 0)
+				if err == nil {
+					_, err = f.WriteAt(bytes.Repeat([]byte{'b'}, size), 0)
+					if cerr := f.Close(); err == nil {
+						err = cerr
+					}
+				}
+				if err != nil {
+					t.Errorf("rewrite the file being streamed: %v", err)
+				}
+			})
+		}
+	}
+	var mu sync.Mutex
+	var acked []uint64
+	p := c.startPrimaryWith(func(cfg *PrimaryConfig) {
+		cfg.OnAck = func(_ string, a Ack) {
+			mu.Lock()
+			acked = append(acked, a.Seq)
+			mu.Unlock()
+		}
+	}, 1, "r1")
+	c.waitSynced("r1")
+	got, err := os.ReadFile(filepath.Join(c.replicaPaths("r1").Data, "big"))
+	must(t, err)
+	if !bytes.Equal(got, bytes.Repeat([]byte{'b'}, size)) {
+		t.Fatal("the replica's copy is not the rewritten file")
+	}
+	if brokenSeq.Load() == 0 {
+		t.Fatal("the large file was not streamed")
+	}
+	if n := p.brokenStreams.Load(); n != 1 {
+		t.Fatalf("broken streams: %d, want 1", n)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if slices.Contains(acked, brokenSeq.Load()) {
+		t.Fatalf("the replica acknowledged batch %d, whose streamed file changed while sent", brokenSeq.Load())
+	}
+	if st := p.Status(); st.FileConsistentOnlyCuts != 0 {
+		t.Fatalf("file-consistent-only cuts: %d", st.FileConsistentOnlyCuts)
+	}
+}
+
+// TestStreamedFullCutFansOutAndIndexes streams a large file to two
+// replicas, then changes 4 KiB of it: the change travels as a delta, so
+// the index holds the hashes of what was streamed.
+func TestStreamedFullCutFansOutAndIndexes(t *testing.T) {
+	c := newTestCluster(t)
+	data := make([]byte, 3<<20)
+	_, _ = rand.Read(data)
+	must(t, os.WriteFile(c.path("big"), data, 0o644))
+	c.write("small.txt", "x")
+	c.startReplica("r1")
+	c.startReplica("r2")
+	var chunks atomic.Int64
+	c.prep = func(p *Primary) {
+		p.streamMin = streamSmall
+		p.onStreamChunk = func(uint64) { chunks.Add(1) }
+	}
+	p := c.startPrimary(1, "r1", "r2")
+	c.waitSynced("r1", "r2")
+	if chunks.Load() == 0 {
+		t.Fatal("the large file was not streamed")
+	}
+	if n := p.brokenStreams.Load(); n != 0 {
+		t.Fatalf("broken streams: %d", n)
+	}
+	c.wire.Store(0)
+	f, err := os.OpenFile(c.path("big"), os.O_WRONLY, 0)
+	must(t, err)
+	_, err = f.WriteAt(bytes.Repeat([]byte{'z'}, 4096), 1<<20+100)
+	must(t, err)
+	must(t, f.Close())
+	c.waitSynced("r1", "r2")
+	if w := c.wire.Load(); w > 512<<10 {
+		t.Fatalf("a 4 KiB change of a streamed file cost %d bytes on the wire: not sent as a delta", w)
+	}
+}
+
+// TestReplicaStoppedWhileStreamingKeepsPreviousCut stops a replica in the
+// middle of a streamed full cut: its volume stays at the previous cut (no
+// commit), and once restarted it takes the new one.
+func TestReplicaStoppedWhileStreamingKeepsPreviousCut(t *testing.T) {
+	c := newTestCluster(t)
+	c.write("a.txt", "v1")
+	c.startReplica("r1")
+	p1 := c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+	p1.Stop()
+	before, err := Manifest(c.replicaPaths("r1").Data)
+	must(t, err)
+
+	data := make([]byte, 3<<20)
+	_, _ = rand.Read(data)
+	must(t, os.WriteFile(c.path("big"), data, 0o644))
+	c.write("a.txt", "v2")
+	var once sync.Once
+	stopped := make(chan struct{})
+	c.prep = func(p *Primary) {
+		p.streamMin = streamSmall
+		p.onStreamChunk = func(uint64) {
+			once.Do(func() {
+				c.stopReplica("r1")
+				close(stopped)
+			})
+		}
+	}
+	c.startPrimary(2, "r1")
+	testutil.Eventually(t, 15*time.Second, "the replica stopped mid-stream", func() bool {
+		select {
+		case <-stopped:
+			return true
+		default:
+			return false
+		}
+	})
+	after, err := Manifest(c.replicaPaths("r1").Data)
+	must(t, err)
+	if d := DiffManifests(before, after); len(d) > 0 {
+		t.Fatalf("a replica stopped mid-stream is not at its previous cut: %v", d)
+	}
+	if _, err := os.Stat(filepath.Join(c.replicaPaths("r1").State, commitFile)); !os.IsNotExist(err) {
+		t.Fatalf("a batch was committed mid-stream (commit record: %v)", err)
+	}
+	c.startReplica("r1")
+	c.waitSynced("r1")
+}
