@@ -119,8 +119,9 @@ func inoOf(fi fs.FileInfo) uint64 {
 // (as the index recorded it) into one RENAME: a file, or a directory with
 // everything below it, of which only what changed since the previous cut
 // is sent again. A source must be gone and a target new (not in the
-// index), so the renames of a cut do not depend on one another; anything
-// less clear travels as delete and re-send. Targets are looked for among
+// index); a rename found in a later round of the cut may take its source
+// from below one found earlier, and names it where that one moved it (see
+// renameOp); anything less clear travels as delete and re-send. Targets are looked for among
 // the entries just planned, including those read with a new directory
 // (an entry moved into it before its watch was set has no event).
 func (p *plan) detectRenames(root *os.Root) error {
