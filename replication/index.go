@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -69,6 +70,20 @@ func indexEntryOf(fi fs.FileInfo, readAt time.Time) *indexEntry {
 	return e
 }
 
+// statOnly is the readNano of an entry that describes a file's stat but no
+// reading of it: a file a full cut streams (its sender reads it after the
+// cut, and the barrier after the stream vouches that it did not change
+// since). Such an entry is never racy for a rescan and never proves the file
+// unchanged; it has no hashes, so no delta builds on it.
+const statOnly = math.MaxInt64
+
+// statOnlyEntry is the stat-only entry of fi.
+func statOnlyEntry(fi fs.FileInfo) *indexEntry {
+	e := indexEntryOf(fi, time.Unix(0, 0))
+	e.readNano = statOnly
+	return e
+}
+
 // racyWindow is how close to its reading a change may be and not show in
 // an entry's times (the kernel's coarse clock ticks up to 10 ms apart).
 const racyWindow = 20 * time.Millisecond
@@ -77,7 +92,7 @@ const racyWindow = 20 * time.Millisecond
 // when read: same inode, type, size, times, mode and owner, and its last
 // change well before the reading.
 func (e *indexEntry) unchanged(cur *indexEntry) bool {
-	return e.kind == cur.kind && e.ino == cur.ino && e.dev == cur.dev && e.size == cur.size &&
+	return e.readNano != statOnly && e.kind == cur.kind && e.ino == cur.ino && e.dev == cur.dev && e.size == cur.size &&
 		e.mtime == cur.mtime && e.ctime == cur.ctime && e.mode == cur.mode && e.uid == cur.uid && e.gid == cur.gid &&
 		e.nlink == cur.nlink && e.ctime < e.readNano-int64(racyWindow)
 }
@@ -248,7 +263,7 @@ func (x *index) differences(snap map[string]statKey, mark func(rel string)) erro
 			cur, ok := snap[rel]
 			if !ok || cur.ino != e.ino || cur.size != e.size || cur.mtime != e.mtime || cur.ctim != e.ctime ||
 				cur.mode&syscall.S_IFMT != kindBits[e.kind] ||
-				(e.kind == kindFile && e.ctime >= e.readNano-int64(racyWindow)) {
+				(e.kind == kindFile && e.readNano != statOnly && e.ctime >= e.readNano-int64(racyWindow)) {
 				mark(rel)
 			}
 			return nil
@@ -299,6 +314,11 @@ type indexUpdate struct {
 	renames []renameOp
 	deletes []string
 	puts    map[string]*indexEntry // nil value: forget the path (its reading was incomplete)
+	// fills complete stat-only entries (statOnly: a full cut's streamed
+	// files) with what their streaming read; an entry that is no longer
+	// the same stat-only one (a later cut read or removed the file) is left
+	// alone.
+	fills map[string]*indexEntry
 }
 
 // apply commits an update in one transaction.
@@ -330,6 +350,19 @@ func (x *index) apply(u *indexUpdate) error {
 				err = b.Put([]byte(rel), e.encode())
 			}
 			if err != nil {
+				return err
+			}
+		}
+		for rel, e := range u.fills {
+			v := b.Get([]byte(rel))
+			if v == nil {
+				continue
+			}
+			old, err := decodeEntry(v)
+			if err != nil || old.readNano != statOnly || old.ino != e.ino || old.size != e.size || old.mtime != e.mtime || old.ctime != e.ctime {
+				continue
+			}
+			if err := b.Put([]byte(rel), e.encode()); err != nil {
 				return err
 			}
 		}

@@ -111,6 +111,14 @@ func (s *spool) indexUpdate(p *plan, reset bool) (*indexUpdate, error) {
 			u.puts[rel] = e
 		}
 	}
+	// A lazy file's entry is its stat alone until its sender streams it
+	// (see streamed.check): a rescan then takes it as carried, and a delta
+	// cannot build on it (no hashes: the file goes whole).
+	for rel, fi := range s.lazy {
+		if _, ok := p.others[rel]; ok {
+			u.puts[rel] = statOnlyEntry(fi)
+		}
+	}
 	return u, nil
 }
 

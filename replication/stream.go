@@ -57,9 +57,9 @@ func (st *streamed) sendFile(p *Primary, b *cutBatch, send sendFunc, it item, su
 
 // check takes a barrier after the lazy files were sent: the batch holds the
 // cut only if the volume's event count is still the cut's. It then puts
-// the entries of the files streamed into the index, unless a later cut was
-// taken meanwhile (that cut's reading is newer; a file missing from the
-// index is sent whole next time, which costs bytes, not correctness).
+// the entries of the files streamed into the index in place of the cut's
+// stat-only ones, unless a later cut replaced those meanwhile (its reading
+// is newer).
 func (st *streamed) check(ctx context.Context, p *Primary, b *cutBatch) error {
 	gen, _, err := p.barrier(ctx)
 	if err != nil {
@@ -71,10 +71,7 @@ func (st *streamed) check(ctx context.Context, p *Primary, b *cutBatch) error {
 	}
 	p.cutMu.Lock()
 	defer p.cutMu.Unlock()
-	if p.seq.Load() != b.seq {
-		return nil
-	}
-	if err := p.idx.apply(&indexUpdate{puts: st.entries}); err != nil {
+	if err := p.idx.apply(&indexUpdate{fills: st.entries}); err != nil {
 		return fmt.Errorf("record streamed files in the block index: %w", err)
 	}
 	return nil

@@ -164,3 +164,57 @@ func TestReplicaStoppedWhileStreamingKeepsPreviousCut(t *testing.T) {
 	c.startReplica("r1")
 	c.waitSynced("r1")
 }
+
+// TestRescansDuringStreamLeaveItAlone holds a streamed full cut after its
+// first chunk while rescans run: they take the streamed file as carried
+// (its stat-only index entry) instead of marking it (which would break the
+// stream and send the file again); once the stream ends the entry gets the
+// hashes streamed, and a later change goes as a delta.
+func TestRescansDuringStreamLeaveItAlone(t *testing.T) {
+	c := newTestCluster(t)
+	data := make([]byte, 3<<20)
+	_, _ = rand.Read(data)
+	must(t, os.WriteFile(c.path("big"), data, 0o644))
+	c.startReplica("r1")
+	held, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	c.prep = func(p *Primary) {
+		p.streamMin = streamSmall
+		p.onStreamChunk = func(uint64) {
+			once.Do(func() {
+				close(held)
+				<-release
+			})
+		}
+	}
+	c.wire.Store(0)
+	p := c.startPrimaryWith(func(cfg *PrimaryConfig) { cfg.RescanInterval = 50 * time.Millisecond }, 1, "r1")
+	select {
+	case <-held:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the large file was not streamed")
+	}
+	rescans := p.w.rescans.Load()
+	testutil.Eventually(t, 10*time.Second, "rescans while the stream is held", func() bool {
+		return p.w.rescans.Load() > rescans+2
+	})
+	close(release)
+	c.waitSynced("r1")
+	if n := p.brokenStreams.Load(); n != 0 {
+		t.Fatalf("%d broken streams: a rescan took the streamed file as changed", n)
+	}
+	if n := c.wire.Load(); n > 4<<20 {
+		t.Fatalf("%d bytes sent for a 3 MiB volume: the streamed file was sent again", n)
+	}
+	e, err := p.idx.get("big")
+	must(t, err)
+	if e == nil || int64(len(e.hashes)) != blockCount(e.size, blockSize)*hashLen {
+		t.Fatalf("index entry of the streamed file: %+v, want its block hashes", e)
+	}
+	c.wire.Store(0)
+	writeAt(t, c.path("big"), 1<<20, []byte("a small change"))
+	c.waitSynced("r1")
+	if n := c.wire.Load(); n > 512<<10 {
+		t.Fatalf("a small change of the streamed file sent %d bytes: not a delta", n)
+	}
+}

@@ -36,6 +36,8 @@ type watcher struct {
 	// scan saw already) still reaches the replicas.
 	idx *index
 
+	rescans atomic.Uint64 // rescans done (tests wait on it)
+
 	dirs map[string]uint64  // watched directories, with the inode watched
 	snap map[string]statKey // the tree as the last scan saw it
 
@@ -435,6 +437,7 @@ func (w *watcher) scanDir(dir string, snap map[string]statKey, limit *error) err
 
 // rescanNow compares the tree with the last scan and marks what differs.
 func (w *watcher) rescanNow() {
+	defer w.rescans.Add(1)
 	snap, err := w.scan(false)
 	if err != nil {
 		w.log.Error("rescan of the volume failed", "err", err)
