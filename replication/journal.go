@@ -229,7 +229,25 @@ func (j journal) clear() error {
 			return fmt.Errorf("clear journal: %w", err)
 		}
 	}
-	return resetDir(j.stage())
+	return emptyDir(j.stage())
+}
+
+// emptyDir removes what dir holds (usually nothing: a batch's staged files
+// were placed by rename), keeping dir.
+func emptyDir(dir string) error {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return os.MkdirAll(dir, 0o700)
+	}
+	if err != nil {
+		return fmt.Errorf("clear staging directory: %w", err)
+	}
+	for _, e := range entries {
+		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+			return fmt.Errorf("clear staging directory: %w", err)
+		}
+	}
+	return nil
 }
 
 // recover finishes a committed journal (re-applying it: applying is

@@ -50,7 +50,7 @@ type PrimaryConfig struct {
 	// must not block long.
 	OnAck  func(node string, ack Ack)
 	Logger *slog.Logger
-	// Debounce is how long changes gather before a cut; default 2ms.
+	// Debounce is how long changes gather before a cut; default 1ms.
 	Debounce time.Duration
 	// RetainBytes bounds the bytes of the cuts kept only for replicas that
 	// are disconnected (so that they resume where they stopped); past it
@@ -194,7 +194,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 		return nil, fmt.Errorf("replication primary for volume %s: no Dial function", cfg.Volume)
 	}
 	if cfg.Debounce <= 0 {
-		cfg.Debounce = 2 * time.Millisecond
+		cfg.Debounce = time.Millisecond
 	}
 	if cfg.RetainBytes <= 0 {
 		cfg.RetainBytes = defaultRetainBytes
