@@ -425,6 +425,17 @@ type applier struct {
 	// replay is set when the batch may have been applied in part before
 	// (recovery): a staged file that is gone was placed then.
 	replay bool
+	// written, if set, receives the stat of each file the batch wrote,
+	// taken as soon as it is in place (for the base cache: a stat taken
+	// later could include someone else's write).
+	written map[string]*indexEntry
+}
+
+// noteWritten records the stat of the file just written at rel.
+func (a *applier) noteWritten(rel string) {
+	if fi, ok, err := lstatReal(a.root, rel); err == nil && ok && fi.Mode().IsRegular() {
+		a.written[rel] = indexEntryOf(fi, fi.ModTime())
+	}
 }
 
 // applyOps applies a batch's ops, from index start on, to the volume
@@ -435,8 +446,8 @@ type applier struct {
 // depends on what it finds, so the ops before it are made durable and
 // mark(i) records that a replay starts at the rename, and mark(i+1) after
 // it is durable.
-func applyOps(root *os.Root, ops []applyOp, full bool, start int, replay bool, warn *onceLogger, mark func(int) error, fail failpoint) error {
-	a := &applier{root: root, verified: map[string]struct{}{}, dirMeta: map[string]applyOp{}, warn: warn, replay: replay}
+func applyOps(root *os.Root, ops []applyOp, full bool, start int, replay bool, warn *onceLogger, mark func(int) error, fail failpoint, written map[string]*indexEntry) error {
+	a := &applier{root: root, verified: map[string]struct{}{}, dirMeta: map[string]applyOp{}, warn: warn, replay: replay, written: written}
 	defer func() {
 		if a.stage != nil {
 			_ = a.stage.Close()
@@ -510,10 +521,16 @@ func (a *applier) apply(op applyOp) error {
 	case tetherpb.FileOp_KIND_MKDIR:
 		return a.ensureDir(op.path)
 	case tetherpb.FileOp_KIND_FILE:
+		var err error
 		if op.delta != nil {
-			return a.patchFile(op)
+			err = a.patchFile(op)
+		} else {
+			err = a.placeFile(op)
 		}
-		return a.placeFile(op)
+		if err == nil && a.written != nil {
+			a.noteWritten(op.path)
+		}
+		return err
 	case tetherpb.FileOp_KIND_SYMLINK:
 		return a.placeSymlink(op)
 	case tetherpb.FileOp_KIND_RENAME:

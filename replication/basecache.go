@@ -3,7 +3,6 @@ package replication
 import (
 	"bytes"
 	"io/fs"
-	"os"
 
 	"github.com/tether-io/tether/proto/tetherpb"
 )
@@ -63,17 +62,18 @@ func (c *baseCache) reset() {
 	}
 }
 
-// record updates the cache after a batch of ops was applied to the volume
-// at data: the files written with a digest are remembered as they are now,
+// record updates the cache after a batch of ops was applied: the files
+// written with a digest are remembered with the stat they had as soon as
+// they were in place (written; a stat taken after the whole batch could
+// include someone else's write, which would then pass for the digest),
 // what else the batch touched is forgotten.
-func (c *baseCache) record(data string, ops []applyOp) {
+func (c *baseCache) record(ops []applyOp, written map[string]*indexEntry) {
 	if c == nil {
 		return
 	}
 	if len(c.m) > maxCachedBases {
 		clear(c.m)
 	}
-	var root *os.Root
 	for _, op := range ops {
 		delete(c.m, op.path)
 		if op.kind == tetherpb.FileOp_KIND_RENAME || op.kind == tetherpb.FileOp_KIND_HARDLINK {
@@ -82,19 +82,7 @@ func (c *baseCache) record(data string, ops []applyOp) {
 		if op.kind != tetherpb.FileOp_KIND_FILE || op.digest == nil {
 			continue
 		}
-		if root == nil {
-			r, err := os.OpenRoot(data)
-			if err != nil {
-				return // nothing cached: bases are hashed
-			}
-			root = r
-			defer root.Close()
-		}
-		fi, ok, err := lstatReal(root, op.path)
-		if err != nil || !ok || !fi.Mode().IsRegular() {
-			continue
-		}
-		if st := indexEntryOf(fi, fi.ModTime()); st.nlink == 1 {
+		if st, ok := written[op.path]; ok && st.nlink == 1 {
 			c.m[op.path] = cachedBase{stat: *st, digest: *op.digest}
 		}
 	}

@@ -5,10 +5,13 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/zeebo/blake3"
 
+	"github.com/tether-io/tether/internal/testutil"
 	"github.com/tether-io/tether/proto/tetherpb"
 )
 
@@ -30,7 +33,8 @@ func TestBaseCacheTrustedOnlyWithItsStat(t *testing.T) {
 		t.Fatalf("without a cache: %v, want a base mismatch", err)
 	}
 	cache := newBaseCache()
-	cache.record(dir, []applyOp{{kind: tetherpb.FileOp_KIND_FILE, path: "f", digest: &fileDigest{blockSize: blockSize, sum: stand}}})
+	cache.record([]applyOp{{kind: tetherpb.FileOp_KIND_FILE, path: "f", digest: &fileDigest{blockSize: blockSize, sum: stand}}},
+		map[string]*indexEntry{"f": indexEntryOf(fi, fi.ModTime())})
 	if err := checkBase(root, "f", d, cache); err != nil {
 		t.Fatalf("with the digest cached: %v, want it trusted", err)
 	}
@@ -44,7 +48,7 @@ func TestBaseCacheTrustedOnlyWithItsStat(t *testing.T) {
 	if err := checkBase(root, "f", d, cache); !errors.Is(err, errBaseMismatch) {
 		t.Fatalf("after a write: %v, want the base hashed and the mismatch found", err)
 	}
-	cache.record(dir, []applyOp{{kind: tetherpb.FileOp_KIND_DELETE, path: "f"}})
+	cache.record([]applyOp{{kind: tetherpb.FileOp_KIND_DELETE, path: "f"}}, nil)
 	if len(cache.m) != 0 {
 		t.Fatalf("a deleted path stays cached: %v", cache.m)
 	}
@@ -103,4 +107,57 @@ func TestHashFileSkipsHoles(t *testing.T) {
 	if !bytes.Equal(got, want) {
 		t.Fatal("hashes of the data extents differ from those of the whole file")
 	}
+}
+
+// TestBaseCacheStatFromPlacement writes into the replica's copy behind
+// tether's back right after the batch placed it, before the batch is done
+// (a failpoint at "applied"), restoring its size and mtime: the stat the
+// cache keeps is the one taken at placement, so the write shows and the
+// next delta is refused (a full resync repairs the copy) instead of being
+// patched into a file that is not its base.
+func TestBaseCacheStatFromPlacement(t *testing.T) {
+	c := newTestCluster(t)
+	r := c.startReplica("r1")
+	must(t, os.WriteFile(c.path("f"), randomBytes(1<<20), 0o644))
+	rf := filepath.Join(c.replicaPaths("r1").Data, "f")
+	var once sync.Once
+	r.srv.setFailpoint(func(step string) error {
+		if step != "applied" {
+			return nil
+		}
+		once.Do(func() {
+			fi, err := os.Stat(rf)
+			if err != nil {
+				t.Errorf("stat the copy: %v", err)
+				return
+			}
+			// Past the coarse clock's tick of tether's own write, so the
+			// write's ctime differs on any kernel.
+			testutil.Eventually(t, 5*time.Second, "the clock ticks past the placement", func() bool {
+				probe := filepath.Join(t.TempDir(), "probe")
+				if err := os.WriteFile(probe, nil, 0o600); err != nil {
+					return false
+				}
+				pi, err := os.Stat(probe)
+				return err == nil && statCtime(pi) > statCtime(fi)
+			})
+			writeAt(t, rf, 700<<10, []byte("diverged"))
+			must(t, os.Chtimes(rf, fi.ModTime(), fi.ModTime()))
+		})
+		return nil
+	})
+	p := c.startPrimary(1, "r1")
+	testutil.Eventually(t, 10*time.Second, "the initial sync applied", func() bool {
+		_, seq, _, err := r.srv.Position(testVolume)
+		return err == nil && seq != 0
+	})
+	writeAt(t, c.path("f"), 10, []byte("changed on the primary"))
+	c.waitSynced("r1")
+	if n := fullSentTo(p, "r1"); n != 2 {
+		t.Fatalf("full batches sent = %d, want 2 (the initial one, then one after the refused delta)", n)
+	}
+}
+
+func statCtime(fi os.FileInfo) int64 {
+	return indexEntryOf(fi, fi.ModTime()).ctime
 }

@@ -114,6 +114,9 @@ type journal struct {
 	warn  *onceLogger
 	fail  failpoint
 	bases *baseCache // may be nil
+	// written, if set, receives the stat of every file a batch wrote, as
+	// soon as it was in place (see applier.written).
+	written map[string]*indexEntry
 }
 
 func (j journal) stage() string { return filepath.Join(j.paths.State, stageDir) }
@@ -187,7 +190,7 @@ func (j journal) finish(rec journalRecord, replay bool) error {
 		return fmt.Errorf("open volume data directory: %w", err)
 	}
 	defer root.Close()
-	if err := applyOps(root, ops, rec.Full, start, replay, j.warn, j.markProgress, j.fail); err != nil {
+	if err := applyOps(root, ops, rec.Full, start, replay, j.warn, j.markProgress, j.fail, j.written); err != nil {
 		return fmt.Errorf("apply batch %d: %w", rec.Seq, err)
 	}
 	if err := j.fail.at("applied"); err != nil {

@@ -424,12 +424,12 @@ func (c *inboundSession) commit(b *batch, cm *tetherpb.Commit) error {
 	}
 	pos := position{Epoch: c.me.epoch, Seq: cm.GetSeq(), Cut: cutTime(cm.GetCutUnixNano())}
 	j := c.s.journal(c.paths)
-	j.bases = c.v.bases
+	j.bases, j.written = c.v.bases, map[string]*indexEntry{}
 	if err := j.commit(b, pos, cm.GetFull()); err != nil {
 		c.v.bases.reset() // part of it may be applied: trust nothing
 		return batchStatus(fmt.Errorf("apply batch %d: %w", cm.GetSeq(), err))
 	}
-	c.v.bases.record(c.paths.Data, b.ops)
+	c.v.bases.record(b.ops, j.written)
 	c.pos = pos
 	c.log.Debug("batch applied", "seq", pos.Seq, "full", cm.GetFull(), "ops", len(b.ops), "took", time.Since(start))
 	return nil
