@@ -367,18 +367,12 @@ func BenchmarkSmallWriteLag(b *testing.B) {
 func BenchmarkDeltaLargeFile(b *testing.B) {
 	mib := envInt("TETHER_BENCH_LARGE_MIB", 1024)
 	bp := newBenchPair(b)
-	path := filepath.Join(bp.primary.Data, "large")
-	f, err := os.Create(path)
+	writeLargeFile(b, bp.primary.Data, mib)
+	f, err := os.OpenFile(filepath.Join(bp.primary.Data, "large"), os.O_WRONLY, 0)
 	if err != nil {
 		b.Fatal(err)
 	}
 	chunk := make([]byte, 1<<20)
-	for m := 0; m < mib; m++ {
-		_, _ = rand.Read(chunk)
-		if _, err := f.Write(chunk); err != nil {
-			b.Fatal(err)
-		}
-	}
 	bp.start()
 	bp.waitAck(10 * time.Minute)
 	var took time.Duration
