@@ -145,14 +145,24 @@ type batch struct {
 	fileDirs map[string]struct{}
 	open     *incoming
 	nfiles   int
-	dec      *zstd.Decoder // decompresses chunks (made on first use)
+	// token names the staged files of this batch (token-1, token-2, ...):
+	// a new one for every batch, so that a replay of the previous batch
+	// can never take this one's staged files for its own.
+	token string
+	dec   *zstd.Decoder // decompresses chunks (made on first use)
 	// journaled is set once a journal refers to the staged files: they are
 	// the journal's to remove then.
 	journaled bool
 }
 
 func newBatch(stage string) *batch {
-	return &batch{stage: stage, nondir: map[string]struct{}{}, files: map[string]struct{}{}, fileDirs: map[string]struct{}{}}
+	return &batch{stage: stage, nondir: map[string]struct{}{}, files: map[string]struct{}{}, fileDirs: map[string]struct{}{},
+		token: rand.Text()}
+}
+
+// stagedName is the name of the batch's nth staged file.
+func (b *batch) stagedName(n int) string {
+	return filepath.Join(b.stage, b.token+"-"+strconv.Itoa(n))
 }
 
 // metaOf returns the owner, mode and mtime of an op.
@@ -295,7 +305,7 @@ func (b *batch) addFileChunk(op *tetherpb.FileOp) error {
 			return err
 		}
 		b.nfiles++
-		staged := filepath.Join(b.stage, strconv.Itoa(b.nfiles))
+		staged := b.stagedName(b.nfiles)
 		f, err := os.OpenFile(staged, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 		if err != nil {
 			return fmt.Errorf("stage file contents: %w", err)
@@ -384,10 +394,10 @@ func (b *batch) discard() {
 	}
 	if !b.journaled {
 		for i := 1; i <= b.nfiles; i++ {
-			_ = os.Remove(filepath.Join(b.stage, strconv.Itoa(i)))
+			_ = os.Remove(b.stagedName(i))
 		}
 	}
-	b.ops, b.nfiles, b.journaled = nil, 0, false
+	b.ops, b.nfiles, b.journaled, b.token = nil, 0, false, rand.Text()
 	clear(b.nondir)
 	clear(b.files)
 	clear(b.fileDirs)
@@ -472,10 +482,9 @@ func applyOps(root *os.Root, ops []applyOp, full bool, start int, replay bool, w
 			return err
 		}
 	}
-	if err := a.finishDirs(); err != nil {
-		return err
-	}
-	return a.sync()
+	// Not synced: the journal replays the batch until the next batch's
+	// syncfs has made this application durable.
+	return a.finishDirs()
 }
 
 // applyMarked applies op number i, bracketing a RENAME with progress marks.

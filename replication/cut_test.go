@@ -94,7 +94,7 @@ func TestCutsAreCrashConsistent(t *testing.T) {
 			var violations []string
 			var checked atomic.Int64
 			r.srv.setFailpoint(func(step string) error {
-				if step == "positioned" { // after a batch is applied and durable, before its ack
+				if step == "applied" { // after a batch is committed and applied, before its ack
 					if _, _, err := checkLockstep(c.replicaPaths("r1").Data); err != nil {
 						mu.Lock()
 						violations = append(violations, err.Error())

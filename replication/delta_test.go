@@ -311,7 +311,7 @@ func TestDeltaJournalCrashAtEveryStep(t *testing.T) {
 		}
 		m, err := Manifest(paths.Data)
 		must(t, err)
-		pos, err := readPosition(paths.State)
+		pos, err := durablePosition(paths.State)
 		must(t, err)
 		switch {
 		case len(DiffManifests(m, oldCut)) == 0 && pos.Seq == 1:

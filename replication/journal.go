@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -20,15 +21,27 @@ import (
 	"github.com/tether-io/tether/proto/tetherpb"
 )
 
-// Files of the redo journal in Paths.State.
+// Files of the redo journal in Paths.State. Two slots alternate, by the
+// parity of a batch's generation (see DESIGN.md, "Applying on the
+// replica"): journal.N holds a batch's operations, commit.N its commit
+// record; the valid record of the highest generation names the last
+// committed batch, which is the replica's durable position.
 const (
-	journalFile  = "journal"  // the batch's operations, referring to staged files
-	commitFile   = "commit"   // commit record: "seq sha256(journal)"
-	progressFile = "progress" // ops before this index are durable (written around renames)
+	journalPrefix = "journal." // + slot: the batch's operations, referring to staged files
+	commitPrefix  = "commit."  // + slot: commit record (commitRecord), one sector, rewritten in place
+	progressFile  = "progress" // "next gen": ops of batch gen before next are durable (written around renames)
 )
 
-// commitTemp is the commit record before the rename that commits a batch.
-const commitTemp = "commit.tmp"
+// Files an earlier version kept, recovered once and removed.
+const (
+	legacyJournalFile = "journal" // the batch's operations
+	legacyCommitFile  = "commit"  // "seq sha256(journal)", renamed into place
+	legacyCommitTemp  = "commit.tmp"
+)
+
+// commitSize is the size of a commit record file: one sector, written in
+// place (no allocation, so fdatasync has no metadata to journal).
+const commitSize = 512
 
 // failpoint is called at each step of committing a batch; a non-nil error
 // stops the commit there, as a crash would. Tests use it; nil in production.
@@ -45,6 +58,7 @@ func (f failpoint) at(step string) error {
 // validated operations, with staged contents named relative to the stage
 // directory. gob keeps non-UTF-8 names intact.
 type journalRecord struct {
+	Gen        uint64 // the batch's generation; 0 in an earlier version's journal
 	Epoch, Seq uint64
 	CutNano    int64
 	Full       bool
@@ -117,14 +131,168 @@ type journal struct {
 	// written, if set, receives the stat of every file a batch wrote, as
 	// soon as it was in place (see applier.written).
 	written map[string]*indexEntry
+	// state is what this process knows of the journal (nil: nothing, so
+	// recover replays the last committed batch).
+	state *journalState
+}
+
+// journalState is what a process knows of a volume's journal beyond what
+// its files say.
+type journalState struct {
+	applied uint64 // generation of the last batch this process applied whole
+	synced  bool   // and whether that application was made durable since
 }
 
 func (j journal) stage() string { return filepath.Join(j.paths.State, stageDir) }
 
-// commit makes a received batch durable in the journal, applies it in
-// place, makes that durable, records pos, and clears the journal. A crash
-// (or error) at any step leaves the volume at the previous cut (journal not
-// committed) or lets recover finish the new one (journal committed).
+// commitRecord is the content of a commit slot: the batch's generation,
+// position and full flag, and the checksum of its journal.
+type commitRecord struct {
+	gen  uint64
+	pos  position
+	full bool
+	sum  [sha256.Size]byte
+}
+
+const commitMagic = "tether-commit-1"
+
+// slotOf is the slot (0 or 1) of a generation.
+func slotOf(gen uint64) string { return strconv.FormatUint(gen%2, 10) }
+
+// encode gives the sector a record is written as: one line with its own
+// CRC, padded with zeros. A torn write fails the CRC.
+func (r commitRecord) encode() []byte {
+	line := fmt.Sprintf("%s %d %d %d %d %t %x", commitMagic, r.gen, r.pos.Epoch, r.pos.Seq, cutNano(r.pos.Cut), r.full, r.sum)
+	line = fmt.Sprintf("%s %08x\n", line, crc32.ChecksumIEEE([]byte(line)))
+	buf := make([]byte, commitSize)
+	copy(buf, line)
+	return buf
+}
+
+// decodeCommitRecord parses a commit slot; ok is false for anything but a
+// whole record (zeros, a torn write, garbage).
+func decodeCommitRecord(b []byte) (r commitRecord, ok bool) {
+	end := bytes.IndexByte(b, '\n')
+	if end < 0 {
+		return r, false
+	}
+	line := string(b[:end])
+	cut := strings.LastIndexByte(line, ' ')
+	if cut < 0 || line[cut+1:] != fmt.Sprintf("%08x", crc32.ChecksumIEEE([]byte(line[:cut]))) {
+		return r, false
+	}
+	f := strings.Fields(line[:cut])
+	if len(f) != 7 || f[0] != commitMagic {
+		return r, false
+	}
+	var nums [4]uint64
+	for i := range nums {
+		n, err := strconv.ParseUint(f[1+i], 10, 64)
+		if err != nil {
+			return r, false
+		}
+		nums[i] = n
+	}
+	full, err := strconv.ParseBool(f[5])
+	sum, herr := hex.DecodeString(f[6])
+	if err != nil || herr != nil || len(sum) != sha256.Size {
+		return r, false
+	}
+	r = commitRecord{gen: nums[0], pos: position{Epoch: nums[1], Seq: nums[2], Cut: cutTime(int64(nums[3]))}, full: full}
+	copy(r.sum[:], sum)
+	return r, true
+}
+
+// newer reports whether a follows b in the order batches are accepted.
+func (a position) newer(b position) bool {
+	return a.Epoch > b.Epoch || (a.Epoch == b.Epoch && a.Seq > b.Seq)
+}
+
+// readCommits returns the valid records of both slots.
+func readCommits(dir string) ([]commitRecord, error) {
+	var out []commitRecord
+	for _, slot := range []string{"0", "1"} {
+		b, err := os.ReadFile(filepath.Join(dir, commitPrefix+slot))
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read journal commit record: %w", err)
+		}
+		if r, ok := decodeCommitRecord(b); ok && slotOf(r.gen) == slot {
+			out = append(out, r)
+		}
+	}
+	return out, nil
+}
+
+// lastCommit returns the record of the last committed batch: the valid
+// record of the highest generation, unless the position file (written
+// when a journal is retired) already holds its batch.
+func lastCommit(dir string) (rec commitRecord, ok bool, err error) {
+	recs, err := readCommits(dir)
+	if err != nil {
+		return rec, false, err
+	}
+	for _, r := range recs {
+		if !ok || r.gen > rec.gen {
+			rec, ok = r, true
+		}
+	}
+	if !ok {
+		return rec, false, nil
+	}
+	retired, err := readPosition(dir)
+	if err != nil {
+		return rec, false, err
+	}
+	return rec, rec.pos.newer(retired), nil
+}
+
+// durablePosition is the last batch durable on a replica: the last
+// committed one, or the one the position file records.
+func durablePosition(dir string) (position, error) {
+	rec, ok, err := lastCommit(dir)
+	if err != nil || ok {
+		return rec.pos, err
+	}
+	return readPosition(dir)
+}
+
+// writeCommit writes rec into its slot, in place, and makes it durable.
+func writeCommit(dir string, rec commitRecord) error {
+	name := filepath.Join(dir, commitPrefix+slotOf(rec.gen))
+	f, err := os.OpenFile(name, os.O_WRONLY, 0)
+	created := false
+	if errors.Is(err, fs.ErrNotExist) {
+		f, err = os.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		created = true
+	}
+	if err != nil {
+		return fmt.Errorf("write journal commit record: %w", err)
+	}
+	_, err = f.WriteAt(rec.encode(), 0)
+	if err == nil {
+		err = unix.Fdatasync(int(f.Fd()))
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil && created {
+		err = syncDir(dir)
+	}
+	if err != nil {
+		return fmt.Errorf("write journal commit record: %w", err)
+	}
+	return nil
+}
+
+// commit makes a received batch durable in the journal and applies it in
+// place. The batch is committed once its record is in its slot: a crash
+// before leaves the volume at the previous cut (recover replays that
+// batch, harmlessly), a crash after lets recover finish the new one. Its
+// application is made durable by the next batch's syncfs, before that
+// batch's record replaces this one as the last committed.
 func (j journal) commit(b *batch, pos position, full bool) error {
 	if err := j.fail.at("staged"); err != nil {
 		return err
@@ -132,7 +300,15 @@ func (j journal) commit(b *batch, pos position, full bool) error {
 	if err := verifyBases(j.paths.Data, b.ops, full, j.bases); err != nil {
 		return err
 	}
-	rec := journalRecord{Epoch: pos.Epoch, Seq: pos.Seq, CutNano: cutNano(pos.Cut), Full: full}
+	recs, err := readCommits(j.paths.State)
+	if err != nil {
+		return err
+	}
+	gen := uint64(1)
+	for _, r := range recs {
+		gen = max(gen, r.gen+1)
+	}
+	rec := journalRecord{Gen: gen, Epoch: pos.Epoch, Seq: pos.Seq, CutNano: cutNano(pos.Cut), Full: full}
 	for _, op := range b.ops {
 		rec.Ops = append(rec.Ops, toJournal(op))
 	}
@@ -140,39 +316,54 @@ func (j journal) commit(b *batch, pos position, full bool) error {
 	if err := gob.NewEncoder(&buf).Encode(rec); err != nil {
 		return fmt.Errorf("encode journal: %w", err)
 	}
-	if err := os.WriteFile(filepath.Join(j.paths.State, journalFile), buf.Bytes(), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(j.paths.State, journalPrefix+slotOf(gen)), buf.Bytes(), 0o600); err != nil {
 		return fmt.Errorf("write journal: %w", err)
 	}
 	b.journaled = true // the staged files now belong to the journal
-	sum := sha256.Sum256(buf.Bytes())
-	record := fmt.Sprintf("%d %s\n", pos.Seq, hex.EncodeToString(sum[:]))
-	if err := os.WriteFile(filepath.Join(j.paths.State, commitTemp), []byte(record), 0o600); err != nil {
-		return fmt.Errorf("write journal commit record: %w", err)
+	// One syncfs makes the staged contents and the journal durable (the
+	// stage is inside the state directory), and with them the previous
+	// batch's application when the volume's data is on the same file
+	// system (else a syncfs of its own): the previous batch never needs
+	// replaying once this one's record is written.
+	if same, err := sameFS(j.paths.Data, j.paths.State); err != nil {
+		return err
+	} else if !same {
+		if err := syncFS(j.paths.Data); err != nil {
+			return fmt.Errorf("make the previous batch's application durable: %w", err)
+		}
 	}
-	// One syncfs makes the staged contents, the journal and the commit
-	// record durable (the stage is inside the state directory); then the
-	// rename of the record commits the batch.
 	if err := syncFS(j.paths.State); err != nil {
 		return fmt.Errorf("make staged contents and journal durable: %w", err)
 	}
 	if err := j.fail.at("journaled"); err != nil {
 		return err
 	}
-	if err := os.Rename(filepath.Join(j.paths.State, commitTemp), filepath.Join(j.paths.State, commitFile)); err != nil {
-		return fmt.Errorf("write journal commit record: %w", err)
-	}
-	if err := syncDir(j.paths.State); err != nil {
-		return fmt.Errorf("write journal commit record: %w", err)
+	if err := writeCommit(j.paths.State, commitRecord{gen: gen, pos: pos, full: full, sum: sha256.Sum256(buf.Bytes())}); err != nil {
+		return err
 	}
 	if err := j.fail.at("committed"); err != nil {
 		return err
 	}
-	return j.finish(rec, false)
+	// The staged files earlier batches left (a delta's data, a copy across
+	// file systems) are no longer needed: their application is durable.
+	if err := dropStaged(j.stage(), b.token); err != nil {
+		return err
+	}
+	if j.state != nil {
+		j.state.applied = 0
+	}
+	if err := j.apply(rec, false); err != nil {
+		return err
+	}
+	if j.state != nil {
+		*j.state = journalState{applied: gen}
+	}
+	return nil
 }
 
-// finish applies a committed journal (again, after a crash, when replay is
-// set), records its position and clears it.
-func (j journal) finish(rec journalRecord, replay bool) error {
+// apply applies a committed journal (again, after a crash, when replay is
+// set), from where its progress record says a replay starts.
+func (j journal) apply(rec journalRecord, replay bool) error {
 	ops := make([]applyOp, 0, len(rec.Ops))
 	for _, o := range rec.Ops {
 		op, err := fromJournal(o, j.stage())
@@ -181,136 +372,237 @@ func (j journal) finish(rec journalRecord, replay bool) error {
 		}
 		ops = append(ops, op)
 	}
-	start, err := readProgress(j.paths.State)
-	if err != nil {
-		return err
+	start := 0
+	if replay {
+		var err error
+		if start, err = readProgress(j.paths.State, rec.Gen); err != nil {
+			return err
+		}
 	}
 	root, err := os.OpenRoot(j.paths.Data)
 	if err != nil {
 		return fmt.Errorf("open volume data directory: %w", err)
 	}
 	defer root.Close()
-	if err := applyOps(root, ops, rec.Full, start, replay, j.warn, j.markProgress, j.fail, j.written); err != nil {
+	mark := func(next int) error { return j.markProgress(rec.Gen, next) }
+	if err := applyOps(root, ops, rec.Full, start, replay, j.warn, mark, j.fail, j.written); err != nil {
 		return fmt.Errorf("apply batch %d: %w", rec.Seq, err)
 	}
-	if err := j.fail.at("applied"); err != nil {
-		return err
-	}
-	// The position's rename becomes durable with the commit record's
-	// removal (one directory fsync in clear). A crash before then leaves
-	// the journal to replay (which writes the position again) or, if only
-	// the removal reached the disk, the previous position: the primary then
-	// sends this batch again, and applying it over itself is harmless.
-	pos := position{Epoch: rec.Epoch, Seq: rec.Seq, Cut: cutTime(rec.CutNano)}
-	if err := writeFileSynced(j.paths.State, positionFile, positionLine(pos)); err != nil {
-		return err
-	}
-	if err := j.fail.at("positioned"); err != nil {
-		return err
-	}
-	return j.clear()
+	return j.fail.at("applied")
 }
 
-// markProgress durably records that the ops before next are durable.
-func (j journal) markProgress(next int) error {
-	return writeFileDurable(j.paths.State, progressFile, strconv.Itoa(next)+"\n")
+// markProgress durably records that the ops of batch gen before next are
+// durable.
+func (j journal) markProgress(gen uint64, next int) error {
+	return writeFileDurable(j.paths.State, progressFile, fmt.Sprintf("%d %d\n", next, gen))
 }
 
-// clear marks the journal applied: the commit record goes first (durably,
-// together with the new position's rename, so that a later batch's staged
-// files can never be taken for this one's), then the journal and the staged
-// files.
-func (j journal) clear() error {
-	if err := os.Remove(filepath.Join(j.paths.State, commitFile)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("clear journal: %w", err)
-	}
-	if err := syncDir(j.paths.State); err != nil {
-		return err
-	}
-	for _, f := range []string{journalFile, progressFile} {
-		if err := os.Remove(filepath.Join(j.paths.State, f)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return fmt.Errorf("clear journal: %w", err)
-		}
-	}
-	return emptyDir(j.stage())
-}
-
-// emptyDir removes what dir holds (usually nothing: a batch's staged files
-// were placed by rename), keeping dir.
-func emptyDir(dir string) error {
-	entries, err := os.ReadDir(dir)
+// readProgress returns the op index a replay of batch gen starts at (0
+// when no progress of that batch is recorded).
+func readProgress(dir string, gen uint64) (int, error) {
+	b, err := os.ReadFile(filepath.Join(dir, progressFile))
 	if errors.Is(err, fs.ErrNotExist) {
-		return os.MkdirAll(dir, 0o700)
+		return 0, nil
 	}
+	if err != nil {
+		return 0, fmt.Errorf("read journal progress: %w", err)
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 1 && gen == 0 {
+		f = append(f, "0") // an earlier version's record
+	}
+	if len(f) != 2 || f[1] != strconv.FormatUint(gen, 10) {
+		return 0, nil // another batch's
+	}
+	next, err := strconv.Atoi(f[0])
+	if err != nil || next < 0 {
+		return 0, fmt.Errorf("journal progress record %q is corrupt", b)
+	}
+	return next, nil
+}
+
+// dropStaged removes from the stage what batches other than the one
+// named token left.
+func dropStaged(dir, token string) error {
+	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return fmt.Errorf("clear staging directory: %w", err)
 	}
 	for _, e := range entries {
-		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
-			return fmt.Errorf("clear staging directory: %w", err)
+		if !strings.HasPrefix(e.Name(), token+"-") {
+			if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+				return fmt.Errorf("clear staging directory: %w", err)
+			}
 		}
 	}
 	return nil
 }
 
-// recover finishes a committed journal (re-applying it: applying is
-// idempotent) or drops an uncommitted one. It reports whether it finished
-// a batch.
+// recover brings the volume to its last committed batch after a restart:
+// it replays that batch (its application may not all have reached the
+// disk; applying is idempotent) and makes it durable. When this process
+// applied it itself, only the sync is left. It reports whether it
+// replayed a batch.
 func (j journal) recover(log *slog.Logger) (bool, error) {
-	rec, ok, err := j.load()
+	if done, err := j.recoverLegacy(log); err != nil || done {
+		return done, err
+	}
+	last, ok, err := lastCommit(j.paths.State)
 	if err != nil {
 		return false, err
 	}
 	if !ok {
-		for _, f := range []string{journalFile, progressFile, applyingFile, commitTemp} {
+		for _, f := range []string{journalPrefix + "0", journalPrefix + "1", progressFile, applyingFile} {
 			_ = os.Remove(filepath.Join(j.paths.State, f))
 		}
 		return false, nil
 	}
-	log.Warn("finishing a batch that was committed to the journal but not completely applied", "seq", rec.Seq)
+	if j.state != nil && j.state.applied == last.gen {
+		if !j.state.synced {
+			if err := syncFS(j.paths.Data); err != nil {
+				return false, fmt.Errorf("make the last batch's application durable: %w", err)
+			}
+			j.state.synced = true
+		}
+		return false, nil
+	}
+	rec, err := j.load(last)
+	if err != nil {
+		return false, err
+	}
+	log.Info("replaying the last committed batch: its application may not all have reached the disk before a restart", "seq", rec.Seq)
+	if err := j.replay(rec); err != nil {
+		return false, err
+	}
+	if j.state != nil {
+		*j.state = journalState{applied: last.gen, synced: true}
+	}
+	return true, nil
+}
+
+// replay applies rec again over a partial or complete application and
+// makes the result durable.
+func (j journal) replay(rec journalRecord) error {
 	root, err := os.OpenRoot(j.paths.Data)
 	if err != nil {
-		return false, fmt.Errorf("open volume data directory: %w", err)
+		return fmt.Errorf("open volume data directory: %w", err)
 	}
 	err = removeTemps(root, rootPath)
 	_ = root.Close()
 	if err != nil {
-		return false, fmt.Errorf("remove temporary files of an interrupted batch: %w", err)
+		return fmt.Errorf("remove temporary files of an interrupted batch: %w", err)
 	}
-	return true, j.finish(rec, true)
+	if err := j.apply(rec, true); err != nil {
+		return err
+	}
+	if err := syncFS(j.paths.Data); err != nil {
+		return fmt.Errorf("make the replayed batch durable: %w", err)
+	}
+	return nil
 }
 
-// load reads a committed journal; ok is false when there is none.
-func (j journal) load() (rec journalRecord, ok bool, err error) {
-	c, err := os.ReadFile(filepath.Join(j.paths.State, commitFile))
+// retire is called before this node serves the volume as its primary: the
+// last committed batch is finished and durable, its position goes to the
+// position file, and the journal is removed, so that no later restart
+// replays a replicated batch over what this node writes.
+func (j journal) retire(log *slog.Logger) error {
+	if _, err := j.recover(log); err != nil {
+		return err
+	}
+	last, ok, err := lastCommit(j.paths.State)
+	if err != nil {
+		return err
+	}
+	if ok {
+		if err := writeFileDurable(j.paths.State, positionFile, positionLine(last.pos)); err != nil {
+			return err
+		}
+	}
+	for _, f := range []string{commitPrefix + "0", commitPrefix + "1", journalPrefix + "0", journalPrefix + "1", progressFile} {
+		if err := os.Remove(filepath.Join(j.paths.State, f)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("retire the replica's journal: %w", err)
+		}
+	}
+	if j.state != nil {
+		*j.state = journalState{}
+	}
+	return syncDir(j.paths.State)
+}
+
+// load reads the journal a commit record names and checks it against the
+// record.
+func (j journal) load(last commitRecord) (rec journalRecord, err error) {
+	data, err := os.ReadFile(filepath.Join(j.paths.State, journalPrefix+slotOf(last.gen)))
+	if err != nil {
+		return rec, fmt.Errorf("read committed journal: %w", err)
+	}
+	if sha256.Sum256(data) != last.sum {
+		return rec, fmt.Errorf("the committed journal in %s does not match its commit record: the replica's disk is corrupt; remove the volume's copy on this node to resync it", j.paths.State)
+	}
+	if err := gob.NewDecoder(bytes.NewReader(data)).Decode(&rec); err != nil {
+		return rec, fmt.Errorf("decode committed journal: %w", err)
+	}
+	if rec.Gen != last.gen {
+		return rec, fmt.Errorf("the committed journal in %s is of batch generation %d, its commit record of %d: the replica's disk is corrupt; remove the volume's copy on this node to resync it", j.paths.State, rec.Gen, last.gen)
+	}
+	return rec, nil
+}
+
+// recoverLegacy finishes a journal an earlier version committed (one
+// journal file, committed by renaming its record into place), records its
+// position and removes it.
+func (j journal) recoverLegacy(log *slog.Logger) (bool, error) {
+	state := j.paths.State
+	c, err := os.ReadFile(filepath.Join(state, legacyCommitFile))
 	if errors.Is(err, fs.ErrNotExist) {
-		return rec, false, nil
+		for _, f := range []string{legacyJournalFile, legacyCommitTemp} {
+			_ = os.Remove(filepath.Join(state, f))
+		}
+		return false, nil
 	}
 	if err != nil {
-		return rec, false, fmt.Errorf("read journal commit record: %w", err)
+		return false, fmt.Errorf("read journal commit record: %w", err)
 	}
 	fields := strings.Fields(string(c))
-	data, err := os.ReadFile(filepath.Join(j.paths.State, journalFile))
+	data, err := os.ReadFile(filepath.Join(state, legacyJournalFile))
 	if err != nil {
-		return rec, false, fmt.Errorf("read committed journal: %w", err)
+		return false, fmt.Errorf("read committed journal: %w", err)
 	}
 	sum := sha256.Sum256(data)
 	if len(fields) != 2 || fields[1] != hex.EncodeToString(sum[:]) {
-		return rec, false, fmt.Errorf("the committed journal in %s does not match its commit record: the replica's disk is corrupt; remove the volume's copy on this node to resync it", j.paths.State)
+		return false, fmt.Errorf("the committed journal in %s does not match its commit record: the replica's disk is corrupt; remove the volume's copy on this node to resync it", state)
 	}
+	var rec journalRecord
 	if err := gob.NewDecoder(bytes.NewReader(data)).Decode(&rec); err != nil {
-		return rec, false, fmt.Errorf("decode committed journal: %w", err)
+		return false, fmt.Errorf("decode committed journal: %w", err)
 	}
-	return rec, true, nil
+	rec.Gen = 0
+	log.Warn("finishing a batch that an earlier version committed to its journal but did not completely apply", "seq", rec.Seq)
+	if err := j.replay(rec); err != nil {
+		return false, err
+	}
+	pos := position{Epoch: rec.Epoch, Seq: rec.Seq, Cut: cutTime(rec.CutNano)}
+	if err := writeFileDurable(state, positionFile, positionLine(pos)); err != nil {
+		return false, err
+	}
+	for _, f := range []string{legacyCommitFile, legacyJournalFile, progressFile} {
+		if err := os.Remove(filepath.Join(state, f)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return false, fmt.Errorf("clear journal: %w", err)
+		}
+	}
+	return true, syncDir(state)
 }
 
-// readProgress returns the op index a replay starts at (0 when none).
-func readProgress(dir string) (int, error) {
-	fields, err := readFields(filepath.Join(dir, progressFile), 1)
-	if err != nil || fields == nil {
-		return 0, err
+// sameFS reports whether two directories are on one file system.
+func sameFS(a, b string) (bool, error) {
+	var sa, sb unix.Stat_t
+	if err := unix.Stat(a, &sa); err != nil {
+		return false, fmt.Errorf("stat %s: %w", a, err)
 	}
-	return int(fields[0]), nil
+	if err := unix.Stat(b, &sb); err != nil {
+		return false, fmt.Errorf("stat %s: %w", b, err)
+	}
+	return sa.Dev == sb.Dev, nil
 }
 
 // syncFS flushes the whole file system holding dir (syncfs(2)): one call

@@ -1,11 +1,14 @@
 package replication
 
 import (
+	"bytes"
 	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -112,7 +115,7 @@ func TestJournalCrashAtEveryStep(t *testing.T) {
 			}
 			got, err := Manifest(paths.Data)
 			must(t, err)
-			pos, err := readPosition(paths.State)
+			pos, err := durablePosition(paths.State)
 			must(t, err)
 			switch {
 			case len(DiffManifests(got, oldCut)) == 0 && pos.Seq == 1:
@@ -169,8 +172,180 @@ func TestServerFinishesJournal(t *testing.T) {
 		if _, seq, _, err := r.srv.Position(testVolume); err != nil || seq == 0 {
 			t.Fatalf("position = %d, %v", seq, err)
 		}
-		if _, err := os.Stat(filepath.Join(c.replicaPaths("r1").State, commitFile)); !errors.Is(err, os.ErrNotExist) {
-			t.Fatalf("commit record still there: %v", err)
+		if viaFence {
+			// Serving the volume retires the journal: its batch is in the
+			// position file, and no restart replays it.
+			state := c.replicaPaths("r1").State
+			if _, ok, err := lastCommit(state); err != nil || ok {
+				t.Fatalf("a committed batch is still in the journal after Fence (%v)", err)
+			}
+			if pos, err := readPosition(state); err != nil || pos.Seq != 1 {
+				t.Fatalf("position file after Fence = %v, %v; want seq 1", pos, err)
+			}
 		}
+	}
+}
+
+// TestCommitRecord round-trips commit records and checks that anything but
+// a whole record (zeros, a torn write, a flipped bit, another slot's
+// generation) reads as no record.
+func TestCommitRecord(t *testing.T) {
+	rec := commitRecord{gen: 7, pos: position{Epoch: 3, Seq: 41, Cut: time.Unix(0, 1700000000123456789)}, full: true}
+	rec.sum[0], rec.sum[31] = 0xab, 0x01
+	enc := rec.encode()
+	if len(enc) != commitSize {
+		t.Fatalf("record is %d bytes, want %d", len(enc), commitSize)
+	}
+	got, ok := decodeCommitRecord(enc)
+	if !ok || got.gen != rec.gen || got.pos != rec.pos || got.full != rec.full || got.sum != rec.sum {
+		t.Fatalf("decoded %+v (%v), want %+v", got, ok, rec)
+	}
+	line := bytes.IndexByte(enc, '\n')
+	flipped := bytes.Clone(enc)
+	flipped[len(commitMagic)+1] ^= 1
+	other := rec
+	other.gen = 8
+	cases := map[string][]byte{
+		"zeros":        make([]byte, commitSize),
+		"torn":         append(bytes.Clone(enc[:line/2]), make([]byte, commitSize-line/2)...),
+		"no newline":   bytes.Clone(enc[:line]),
+		"flipped bit":  flipped,
+		"garbage":      []byte("tether-commit-1 x y z\n"),
+		"other magic":  bytes.Replace(enc, []byte(commitMagic), []byte("tether-commit-9"), 1),
+		"empty":        nil,
+		"only the crc": []byte(" 00000000\n"),
+	}
+	for name, b := range cases {
+		if r, ok := decodeCommitRecord(b); ok {
+			t.Errorf("%s: decoded as %+v", name, r)
+		}
+	}
+	// A record is valid only in its own slot.
+	dir := t.TempDir()
+	must(t, os.WriteFile(filepath.Join(dir, commitPrefix+"0"), enc, 0o600)) // gen 7 belongs in slot 1
+	must(t, os.WriteFile(filepath.Join(dir, commitPrefix+"1"), other.encode(), 0o600))
+	if recs, err := readCommits(dir); err != nil || len(recs) != 0 {
+		t.Fatalf("records in the wrong slots read as %+v, %v", recs, err)
+	}
+}
+
+// TestTornCommitRecordKeepsPreviousCut: a crash while the commit record of
+// a batch is written (it is torn) leaves the previous batch the last
+// committed one: the replica recovers to the previous cut.
+func TestTornCommitRecordKeepsPreviousCut(t *testing.T) {
+	first, second := cutOps()
+	paths := replicaDirs(t)
+	j := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t))}
+	must(t, commitOps(t, j, 1, true, first))
+	oldCut, err := Manifest(paths.Data)
+	must(t, err)
+	j.fail = crashAt("journaled")
+	if err := commitOps(t, j, 2, false, second); !errors.Is(err, errCrash) {
+		t.Fatalf("commit returned %v, want the injected crash", err)
+	}
+	// The record of generation 2 reached the disk half written.
+	whole := commitRecord{gen: 2, pos: position{Epoch: 1, Seq: 2}}.encode()
+	torn := append(whole[:20:20], make([]byte, commitSize-20)...)
+	must(t, os.WriteFile(filepath.Join(paths.State, commitPrefix+slotOf(2)), torn, 0o600))
+	j.fail = nil
+	if _, err := j.recover(testutil.Logger(t)); err != nil {
+		t.Fatal(err)
+	}
+	got, err := Manifest(paths.Data)
+	must(t, err)
+	if d := DiffManifests(got, oldCut); len(d) > 0 {
+		t.Fatalf("replica is not at the previous cut: %q", d)
+	}
+	if pos, err := durablePosition(paths.State); err != nil || pos.Seq != 1 {
+		t.Fatalf("position = %v, %v; want seq 1", pos, err)
+	}
+	must(t, commitOps(t, j, 2, false, second))
+	if pos, err := durablePosition(paths.State); err != nil || pos.Seq != 2 {
+		t.Fatalf("position after the batch is sent again = %v, %v; want seq 2", pos, err)
+	}
+}
+
+// TestRetiredJournalIsNeverReplayed: once a replica serves the volume
+// (Fence retires its journal), nothing a later restart does replays the
+// last replicated batch over what the node wrote as primary.
+func TestRetiredJournalIsNeverReplayed(t *testing.T) {
+	first, _ := cutOps()
+	paths := replicaDirs(t)
+	var st journalState
+	j := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t)), state: &st}
+	must(t, commitOps(t, j, 1, true, first))
+	must(t, j.retire(testutil.Logger(t)))
+	for _, f := range []string{commitPrefix + "0", commitPrefix + "1", journalPrefix + "0", journalPrefix + "1"} {
+		if _, err := os.Stat(filepath.Join(paths.State, f)); !errors.Is(err, fs.ErrNotExist) {
+			t.Fatalf("%s is still there after retire (%v)", f, err)
+		}
+	}
+	// As primary, the node rewrites and removes files the batch wrote.
+	must(t, os.WriteFile(filepath.Join(paths.Data, "d/a"), []byte("written as primary"), 0o644))
+	must(t, os.RemoveAll(filepath.Join(paths.Data, "gone")))
+	before, err := Manifest(paths.Data)
+	must(t, err)
+	// A restart: a new process knows nothing of the journal.
+	fresh := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t))}
+	if replayed, err := fresh.recover(testutil.Logger(t)); err != nil || replayed {
+		t.Fatalf("recover after retire: replayed %v, %v", replayed, err)
+	}
+	after, err := Manifest(paths.Data)
+	must(t, err)
+	if d := DiffManifests(before, after); len(d) > 0 {
+		t.Fatalf("a restart changed what the node wrote as primary: %q", d)
+	}
+	if pos, err := durablePosition(paths.State); err != nil || pos.Seq != 1 {
+		t.Fatalf("position after retire = %v, %v; want seq 1", pos, err)
+	}
+	// A crash between the position file and the removal of the records
+	// leaves records that the position file already holds: not replayed.
+	must(t, writeCommit(paths.State, commitRecord{gen: 5, pos: position{Epoch: 1, Seq: 1}}))
+	if _, ok, err := lastCommit(paths.State); err != nil || ok {
+		t.Fatalf("a record the position file holds counts as committed (%v)", err)
+	}
+}
+
+// TestStagedFilesOutliveTheirBatchUntilTheNextCommits: the staged data a
+// batch keeps after its application (a delta's blocks) stays until the
+// next batch is committed (a replay may need it), and goes then.
+func TestStagedFilesOutliveTheirBatchUntilTheNextCommits(t *testing.T) {
+	src := t.TempDir()
+	must(t, os.WriteFile(filepath.Join(src, "f"), randomBytes(300<<10), 0o644))
+	ops1, e1 := deltaOps(t, src, "f", nil)
+	writeAt(t, filepath.Join(src, "f"), 70<<10, []byte("x"))
+	ops2, _ := deltaOps(t, src, "f", e1)
+	paths := replicaDirs(t)
+	var st journalState
+	j := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t)), state: &st}
+	must(t, commitOps(t, j, 1, true, append([]*tetherpb.FileOp{mkdirOp(".", 0o755, 1)}, ops1...)))
+	must(t, commitOps(t, j, 2, false, ops2))
+	stage := func() []string {
+		entries, err := os.ReadDir(j.stage())
+		must(t, err)
+		var names []string
+		for _, e := range entries {
+			names = append(names, e.Name())
+		}
+		return names
+	}
+	if s := stage(); len(s) != 1 {
+		t.Fatalf("after the delta batch the stage holds %q, want its staged data", s)
+	}
+	// A restart replays the delta batch from its staged data.
+	fresh := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t))}
+	if replayed, err := fresh.recover(testutil.Logger(t)); err != nil || !replayed {
+		t.Fatalf("recover: replayed %v, %v", replayed, err)
+	}
+	must(t, commitOps(t, j, 3, false, []*tetherpb.FileOp{fileOp("g", "new")}))
+	if s := stage(); len(s) != 0 {
+		t.Fatalf("after the next batch committed the stage still holds %q", s)
+	}
+	want, err := os.ReadFile(filepath.Join(src, "f"))
+	must(t, err)
+	got, err := os.ReadFile(filepath.Join(paths.Data, "f"))
+	must(t, err)
+	if !bytes.Equal(got, want) {
+		t.Fatal("the patched file differs from the primary's")
 	}
 }

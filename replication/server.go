@@ -66,6 +66,8 @@ type replicaVolume struct {
 	mu     sync.Mutex
 	active *inbound
 	bases  *baseCache
+	// journal is what this process knows of the volume's journal.
+	journal journalState
 }
 
 // inbound is one primary's stream into a replica.
@@ -148,8 +150,9 @@ func (s *Server) FencePaths(volume string, paths Paths, epoch uint64) error {
 	if err != nil {
 		return fmt.Errorf("fence volume %s: %w", volume, err)
 	}
-	// A committed batch is finished before this node may serve the volume.
-	if _, err := s.journal(paths).recover(s.log.With("volume", volume)); err != nil {
+	// The last replicated batch is finished and durable, and the journal
+	// retired, before this node may serve the volume.
+	if err := s.journal(v, paths).retire(s.log.With("volume", volume)); err != nil {
 		return fmt.Errorf("fence volume %s: finish the last replicated batch: %w", volume, err)
 	}
 	if epoch > newest {
@@ -179,7 +182,7 @@ func (s *Server) Position(volume string) (epoch, seq uint64, cut time.Time, err 
 	if err != nil {
 		return 0, 0, time.Time{}, fmt.Errorf("position of volume %s: %w", volume, err)
 	}
-	pos, err := readPosition(paths.State)
+	pos, err := durablePosition(paths.State)
 	if err != nil {
 		return 0, 0, time.Time{}, fmt.Errorf("position of volume %s: %w", volume, err)
 	}
@@ -299,7 +302,7 @@ func (s *Server) serve(ctx context.Context, cancel context.CancelCauseFunc, stre
 	if err := s.recoverJournal(v, paths, log); err != nil {
 		return status.Error(codes.Internal, err.Error())
 	}
-	pos, err := readPosition(paths.State)
+	pos, err := durablePosition(paths.State)
 	if err != nil {
 		return status.Error(codes.Internal, err.Error())
 	}
@@ -423,7 +426,7 @@ func (c *inboundSession) commit(b *batch, cm *tetherpb.Commit) error {
 		return status.Errorf(codes.Internal, "quarantine before the first batch of epoch %d: %v", c.me.epoch, err)
 	}
 	pos := position{Epoch: c.me.epoch, Seq: cm.GetSeq(), Cut: cutTime(cm.GetCutUnixNano())}
-	j := c.s.journal(c.paths)
+	j := c.s.journal(c.v, c.paths)
 	j.bases, j.written = c.v.bases, map[string]*indexEntry{}
 	if err := j.commit(b, pos, cm.GetFull()); err != nil {
 		c.v.bases.reset() // part of it may be applied: trust nothing
@@ -435,18 +438,18 @@ func (c *inboundSession) commit(b *batch, cm *tetherpb.Commit) error {
 	return nil
 }
 
-// journal returns the redo journal of a volume on this replica.
-func (s *Server) journal(paths Paths) journal {
+// journal returns the redo journal of a volume on this replica (v.mu held).
+func (s *Server) journal(v *replicaVolume, paths Paths) journal {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return journal{paths: paths, warn: s.warn, fail: s.fail}
+	return journal{paths: paths, warn: s.warn, fail: s.fail, state: &v.journal}
 }
 
 // recoverJournal finishes or drops the journal a crash left.
 func (s *Server) recoverJournal(v *replicaVolume, paths Paths, log *slog.Logger) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	_, err := s.journal(paths).recover(log)
+	_, err := s.journal(v, paths).recover(log)
 	return err
 }
 
