@@ -2,7 +2,10 @@ package replication
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/gob"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -347,5 +350,48 @@ func TestStagedFilesOutliveTheirBatchUntilTheNextCommits(t *testing.T) {
 	must(t, err)
 	if !bytes.Equal(got, want) {
 		t.Fatal("the patched file differs from the primary's")
+	}
+}
+
+// TestLegacyJournalFinished: a journal an earlier version committed (one
+// journal file, a "seq sha256" record renamed into place) is finished
+// once, its position recorded, and its files removed.
+func TestLegacyJournalFinished(t *testing.T) {
+	first, _ := cutOps()
+	paths := replicaDirs(t)
+	b := newBatch(filepath.Join(paths.State, stageDir))
+	for _, op := range first {
+		must(t, b.add(op))
+	}
+	rec := journalRecord{Epoch: 1, Seq: 9, CutNano: 77, Full: true}
+	for _, op := range b.ops {
+		rec.Ops = append(rec.Ops, toJournal(op))
+	}
+	var buf bytes.Buffer
+	must(t, gob.NewEncoder(&buf).Encode(rec))
+	must(t, os.WriteFile(filepath.Join(paths.State, legacyJournalFile), buf.Bytes(), 0o600))
+	sum := sha256.Sum256(buf.Bytes())
+	must(t, os.WriteFile(filepath.Join(paths.State, legacyCommitFile), []byte(fmt.Sprintf("9 %x\n", sum)), 0o600))
+	must(t, os.WriteFile(filepath.Join(paths.State, progressFile), []byte("0\n"), 0o600))
+
+	j := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t))}
+	if done, err := j.recover(testutil.Logger(t)); err != nil || !done {
+		t.Fatalf("recover: finished %v, %v", done, err)
+	}
+	if got, err := os.ReadFile(filepath.Join(paths.Data, "d/a")); err != nil || string(got) != "a1" {
+		t.Fatalf("d/a = %q, %v", got, err)
+	}
+	if pos, err := durablePosition(paths.State); err != nil || pos.Epoch != 1 || pos.Seq != 9 {
+		t.Fatalf("position = %v, %v; want epoch 1 seq 9", pos, err)
+	}
+	for _, f := range []string{legacyJournalFile, legacyCommitFile, progressFile} {
+		if _, err := os.Stat(filepath.Join(paths.State, f)); !errors.Is(err, fs.ErrNotExist) {
+			t.Fatalf("%s left after recovery (%v)", f, err)
+		}
+	}
+	// The next batch goes through the new journal.
+	must(t, commitOps(t, j, 10, false, []*tetherpb.FileOp{fileOp("after", "x")}))
+	if pos, err := durablePosition(paths.State); err != nil || pos.Seq != 10 {
+		t.Fatalf("position = %v, %v; want seq 10", pos, err)
 	}
 }
