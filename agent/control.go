@@ -192,7 +192,7 @@ func (a *Agent) liveStatus(ctx context.Context, v cluster.Volume) *tetherpb.Volu
 	if err != nil {
 		return &tetherpb.VolumeStatus{Name: v.Name, Epoch: v.Epoch, Error: "primary " + v.Primary + " did not answer: " + status.Convert(err).Message()}
 	}
-	return &tetherpb.VolumeStatus{Name: v.Name, Epoch: resp.Epoch, Seq: resp.Seq, Replicas: resp.Replicas, Cuts: resp.Cuts, FileConsistentOnlyCuts: resp.FileConsistentOnlyCuts, WatchLimit: resp.WatchLimit}
+	return &tetherpb.VolumeStatus{Name: v.Name, Epoch: resp.Epoch, Seq: resp.Seq, Replicas: resp.Replicas, Cuts: resp.Cuts, FileConsistentOnlyCuts: resp.FileConsistentOnlyCuts, WatchLimit: resp.WatchLimit, CutError: resp.CutError}
 }
 
 func (a *Agent) localVolumeStatus(name string) *tetherpb.VolumeStatus {
@@ -200,7 +200,7 @@ func (a *Agent) localVolumeStatus(name string) *tetherpb.VolumeStatus {
 	if !ok {
 		return &tetherpb.VolumeStatus{Name: name, Error: "replication is not running yet on this node"}
 	}
-	return &tetherpb.VolumeStatus{Name: name, Epoch: st.Epoch, Seq: st.Seq, Replicas: replicaStatusPB(st), Cuts: st.Cuts, FileConsistentOnlyCuts: st.FileConsistentOnlyCuts, WatchLimit: st.WatchLimit}
+	return &tetherpb.VolumeStatus{Name: name, Epoch: st.Epoch, Seq: st.Seq, Replicas: replicaStatusPB(st), Cuts: st.Cuts, FileConsistentOnlyCuts: st.FileConsistentOnlyCuts, WatchLimit: st.WatchLimit, CutError: st.CutError}
 }
 
 func replicaStatusPB(st replication.PrimaryStatus) []*tetherpb.ReplicaStatus {

@@ -18,6 +18,7 @@ type metrics struct {
 	fencings prometheus.Counter
 
 	lag, lagBytes, pendingCuts, connected, acked, epoch, primary, leaseHeld, isLeader, members *prometheus.Desc
+	cutFailing                                                                                 *prometheus.Desc
 	recreated, missingImage, containerProblems                                                 *prometheus.Desc
 }
 
@@ -46,6 +47,8 @@ func newMetrics(a *Agent) *metrics {
 			"The volume's epoch in this node's catalog.", []string{"volume"}, nil),
 		primary: prometheus.NewDesc("tether_volume_primary",
 			"1 when this node serves the volume as primary.", []string{"volume"}, nil),
+		cutFailing: prometheus.NewDesc("tether_volume_cut_failing",
+			"1 when this node serves the volume as primary and its last cut failed (tether volume inspect says why).", []string{"volume"}, nil),
 		leaseHeld: prometheus.NewDesc("tether_lease_held",
 			"1 when this node holds a primary lease.", nil, nil),
 		isLeader: prometheus.NewDesc("tether_raft_leader",
@@ -70,7 +73,7 @@ func (m *metrics) handler() http.Handler {
 
 // Describe implements prometheus.Collector.
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{m.lag, m.lagBytes, m.pendingCuts, m.connected, m.acked, m.epoch, m.primary, m.leaseHeld, m.isLeader, m.members, m.recreated, m.missingImage, m.containerProblems} {
+	for _, d := range []*prometheus.Desc{m.lag, m.lagBytes, m.pendingCuts, m.connected, m.acked, m.epoch, m.primary, m.cutFailing, m.leaseHeld, m.isLeader, m.members, m.recreated, m.missingImage, m.containerProblems} {
 		ch <- d
 	}
 }
@@ -88,6 +91,9 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		gauge(m.epoch, float64(v.Epoch), v.Name)
 		st, serving := a.primaryStatus(v.Name)
 		gauge(m.primary, b2f(serving), v.Name)
+		if serving {
+			gauge(m.cutFailing, b2f(st.CutError != ""), v.Name)
+		}
 		for _, r := range st.Replicas {
 			gauge(m.lag, r.Lag.Seconds(), v.Name, r.Node)
 			gauge(m.lagBytes, float64(r.LagBytes), v.Name, r.Node)

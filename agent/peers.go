@@ -178,5 +178,5 @@ func (s *peerServer) PrimaryStatus(_ context.Context, req *tetherpb.PrimaryStatu
 		return nil, status.Errorf(codes.NotFound, "node %s is not serving volume %q as primary", s.a.cfg.NodeName, req.Volume)
 	}
 	return &tetherpb.PrimaryStatusResponse{Epoch: st.Epoch, Seq: st.Seq, Replicas: replicaStatusPB(st),
-		DockerMounts: uint32(s.a.mountsHere(req.Volume)), Cuts: st.Cuts, FileConsistentOnlyCuts: st.FileConsistentOnlyCuts, WatchLimit: st.WatchLimit}, nil
+		DockerMounts: uint32(s.a.mountsHere(req.Volume)), Cuts: st.Cuts, FileConsistentOnlyCuts: st.FileConsistentOnlyCuts, WatchLimit: st.WatchLimit, CutError: st.CutError}, nil
 }

@@ -2,12 +2,14 @@ package replication
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -46,6 +48,9 @@ func (p *Primary) cutLoop(ctx context.Context) {
 				return
 			}
 			// The changes taken are lost to this cut: send the whole tree.
+			err = cutError(err, filepath.Join(p.cfg.Paths.State, spoolDir))
+			msg := err.Error()
+			p.cutErr.Store(&msg)
 			p.log.Error("taking a cut of the volume failed; retrying with the whole tree", "err", err)
 			p.cuttingFull.Store(false)
 			p.ch.requireFull()
@@ -54,10 +59,20 @@ func (p *Primary) cutLoop(ctx context.Context) {
 			}
 			continue
 		}
+		p.cutErr.Store(nil)
 		p.publish(b)
 		p.cuttingFull.Store(false)
 		p.acked() // trims what no replica needs
 	}
+}
+
+// cutError words a failed cut for the operator: running out of space in
+// the spool says what the spool needs.
+func cutError(err error, spool string) error {
+	if errors.Is(err, syscall.ENOSPC) {
+		return fmt.Errorf("%w: a cut is read into %s before it is sent; a full cut needs as much free space there as the volume's files under 16 MiB hold (the whole volume when its large files changed while they were streamed): free space on that file system", err, spool)
+	}
+	return err
 }
 
 // sleepCtx waits d or until ctx ends; it reports whether ctx is still live.

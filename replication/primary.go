@@ -99,6 +99,10 @@ type PrimaryStatus struct {
 	// the inotify watch limit (and how to raise it): their changes are
 	// found by a rescan every few seconds instead.
 	WatchLimit string
+	// CutError, when not empty, says why the last cut could not be taken
+	// (it is retried with the whole tree every second); empty once a cut
+	// succeeds.
+	CutError string
 }
 
 // ReplicaState is the replication state of one replica.
@@ -155,6 +159,7 @@ type Primary struct {
 	fullCuts     atomic.Uint64
 	cuttingFull  atomic.Bool // a full cut is being read
 	fileOnlyCuts atomic.Uint64
+	cutErr       atomic.Pointer[string] // why the last cut failed; nil after a success
 
 	// cutMu is held while a cut is taken (planned against the index, read,
 	// its changes put into the index) and while a sender puts the entries
@@ -352,6 +357,9 @@ func (p *Primary) Status() PrimaryStatus {
 	p.bmu.Unlock()
 	if w != nil {
 		st.WatchLimit = w.watchLimitErr()
+	}
+	if e := p.cutErr.Load(); e != nil {
+		st.CutError = *e
 	}
 	now := time.Now()
 	for _, s := range senders {

@@ -1,6 +1,8 @@
 package replication
 
 import (
+	"errors"
+	"fmt"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -290,5 +292,42 @@ func TestLagCountsCutInProgress(t *testing.T) {
 	s.next = 2 // the replica acknowledged cut 1
 	if lag := s.state(now).Lag; lag != 0 {
 		t.Fatalf("lag after the replica acknowledged the only cut = %s, want 0", lag)
+	}
+}
+
+// TestCutErrorReported: a cut that cannot be taken (here the spool
+// directory cannot be made) shows in the primary's status until a cut
+// succeeds again, and the replica then converges.
+func TestCutErrorReported(t *testing.T) {
+	c := newTestCluster(t)
+	c.write("a", "1")
+	c.startReplica("r1")
+	p := c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+	spool := filepath.Join(p.cfg.Paths.State, spoolDir)
+	must(t, os.RemoveAll(spool))
+	must(t, os.WriteFile(spool, nil, 0o600)) // not a directory: the spool cannot be made
+	c.write("a", "2")
+	testutil.Eventually(t, 10*time.Second, "the failing cut in the status", func() bool {
+		return strings.Contains(p.Status().CutError, "spool")
+	})
+	must(t, os.Remove(spool))
+	testutil.Eventually(t, 10*time.Second, "the cut error cleared", func() bool {
+		return p.Status().CutError == ""
+	})
+	c.waitSynced("r1")
+}
+
+// TestCutErrorWording: running out of space in the spool tells the
+// operator where, and what a cut needs there.
+func TestCutErrorWording(t *testing.T) {
+	err := cutError(fmt.Errorf("write spool: %w", syscall.ENOSPC), "/var/lib/tether/volumes/v/state/spool")
+	if !errors.Is(err, syscall.ENOSPC) || !strings.Contains(err.Error(), "/var/lib/tether/volumes/v/state/spool") ||
+		!strings.Contains(err.Error(), "free space") {
+		t.Fatalf("cutError = %v", err)
+	}
+	other := errors.New("read a: input/output error")
+	if got := cutError(other, "/x"); got != other {
+		t.Fatalf("cutError changed an unrelated error: %v", got)
 	}
 }

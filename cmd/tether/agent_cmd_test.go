@@ -57,19 +57,20 @@ func TestParseBytes(t *testing.T) {
 
 func TestPrintReplicaTable(t *testing.T) {
 	var out bytes.Buffer
-	st := &tetherpb.VolumeStatus{WatchLimit: "inotify watch limit reached", Replicas: []*tetherpb.ReplicaStatus{{
+	st := &tetherpb.VolumeStatus{WatchLimit: "inotify watch limit reached", CutError: "write spool: no space left on device", Replicas: []*tetherpb.ReplicaStatus{{
 		Node: "h2", Connected: true, AckedSeq: 7, AckedCutUnixNano: time.Date(2026, 12, 7, 10, 0, 0, 0, time.UTC).UnixNano(),
 		LagMs: 1500, LagBytes: 123456, PendingCuts: 3,
 	}}}
 	if err := printReplicaTable(&out, st); err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"LAST DURABLE CUT", "LAG BYTES", "PENDING CUTS", "2026-12-07T10:00:00Z", "1.5s", "123456", "WATCH LIMIT: inotify watch limit reached"} {
+	for _, want := range []string{"LAST DURABLE CUT", "LAG BYTES", "PENDING CUTS", "2026-12-07T10:00:00Z", "1.5s", "123456", "WATCH LIMIT: inotify watch limit reached",
+		"CUT FAILING: write spool: no space left on device"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("replica table lacks %q:\n%s", want, out.String())
 		}
 	}
-	if fields := strings.Fields(strings.Split(out.String(), "\n")[2]); len(fields) < 7 || fields[5] != "123456" || fields[6] != "3" {
+	if fields := strings.Fields(strings.Split(out.String(), "\n")[3]); len(fields) < 7 || fields[5] != "123456" || fields[6] != "3" {
 		t.Errorf("replica row %q: want lag bytes 123456 and 3 pending cuts in columns 6 and 7", fields)
 	}
 }

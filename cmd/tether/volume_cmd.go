@@ -164,6 +164,9 @@ func printReplicaTable(out io.Writer, st *tetherpb.VolumeStatus) error {
 	if st.WatchLimit != "" {
 		fmt.Fprintf(out, "  WATCH LIMIT: %s\n", st.WatchLimit)
 	}
+	if st.CutError != "" {
+		fmt.Fprintf(out, "  CUT FAILING: %s\n", st.CutError)
+	}
 	w := table(out)
 	fmt.Fprintln(w, "  REPLICA\tCONNECTED\tACKED BATCH\tLAST DURABLE CUT\tLAG\tLAG BYTES\tPENDING CUTS\tERROR")
 	for _, r := range st.Replicas {

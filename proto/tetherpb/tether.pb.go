@@ -1181,7 +1181,10 @@ type PrimaryStatusResponse struct {
 	FileConsistentOnlyCuts uint64 `protobuf:"varint,6,opt,name=file_consistent_only_cuts,json=fileConsistentOnlyCuts,proto3" json:"file_consistent_only_cuts,omitempty"`
 	// Not empty when directories go unwatched for the inotify watch limit
 	// (rescans find their changes); says how to raise the limit.
-	WatchLimit    string `protobuf:"bytes,7,opt,name=watch_limit,json=watchLimit,proto3" json:"watch_limit,omitempty"`
+	WatchLimit string `protobuf:"bytes,7,opt,name=watch_limit,json=watchLimit,proto3" json:"watch_limit,omitempty"`
+	// Not empty when the last cut of the volume failed (it is retried with
+	// the whole tree): why, worded for the operator.
+	CutError      string `protobuf:"bytes,8,opt,name=cut_error,json=cutError,proto3" json:"cut_error,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1261,6 +1264,13 @@ func (x *PrimaryStatusResponse) GetFileConsistentOnlyCuts() uint64 {
 func (x *PrimaryStatusResponse) GetWatchLimit() string {
 	if x != nil {
 		return x.WatchLimit
+	}
+	return ""
+}
+
+func (x *PrimaryStatusResponse) GetCutError() string {
+	if x != nil {
+		return x.CutError
 	}
 	return ""
 }
@@ -2978,7 +2988,9 @@ type VolumeStatus struct {
 	Cuts                   uint64 `protobuf:"varint,6,opt,name=cuts,proto3" json:"cuts,omitempty"`
 	FileConsistentOnlyCuts uint64 `protobuf:"varint,7,opt,name=file_consistent_only_cuts,json=fileConsistentOnlyCuts,proto3" json:"file_consistent_only_cuts,omitempty"`
 	// See PrimaryStatusResponse.watch_limit.
-	WatchLimit    string `protobuf:"bytes,8,opt,name=watch_limit,json=watchLimit,proto3" json:"watch_limit,omitempty"`
+	WatchLimit string `protobuf:"bytes,8,opt,name=watch_limit,json=watchLimit,proto3" json:"watch_limit,omitempty"`
+	// See PrimaryStatusResponse.cut_error.
+	CutError      string `protobuf:"bytes,9,opt,name=cut_error,json=cutError,proto3" json:"cut_error,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -3065,6 +3077,13 @@ func (x *VolumeStatus) GetFileConsistentOnlyCuts() uint64 {
 func (x *VolumeStatus) GetWatchLimit() string {
 	if x != nil {
 		return x.WatchLimit
+	}
+	return ""
+}
+
+func (x *VolumeStatus) GetCutError() string {
+	if x != nil {
+		return x.CutError
 	}
 	return ""
 }
@@ -3416,7 +3435,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x05index\x18\x01 \x01(\x04R\x05index\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\".\n" +
 	"\x14PrimaryStatusRequest\x12\x16\n" +
-	"\x06volume\x18\x01 \x01(\tR\x06volume\"\x8a\x02\n" +
+	"\x06volume\x18\x01 \x01(\tR\x06volume\"\xa7\x02\n" +
 	"\x15PrimaryStatusResponse\x124\n" +
 	"\breplicas\x18\x01 \x03(\v2\x18.tether.v1.ReplicaStatusR\breplicas\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
@@ -3425,7 +3444,8 @@ const file_tether_proto_rawDesc = "" +
 	"\x04cuts\x18\x05 \x01(\x04R\x04cuts\x129\n" +
 	"\x19file_consistent_only_cuts\x18\x06 \x01(\x04R\x16fileConsistentOnlyCuts\x12\x1f\n" +
 	"\vwatch_limit\x18\a \x01(\tR\n" +
-	"watchLimit\"\xfa\x01\n" +
+	"watchLimit\x12\x1b\n" +
+	"\tcut_error\x18\b \x01(\tR\bcutError\"\xfa\x01\n" +
 	"\rReplicaStatus\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1c\n" +
 	"\tconnected\x18\x02 \x01(\bR\tconnected\x12\x1b\n" +
@@ -3575,7 +3595,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x04R\x03seq\x12\"\n" +
-	"\rcut_unix_nano\x18\x04 \x01(\x03R\vcutUnixNano\"\x86\x02\n" +
+	"\rcut_unix_nano\x18\x04 \x01(\x03R\vcutUnixNano\"\xa3\x02\n" +
 	"\fVolumeStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12\x10\n" +
@@ -3585,7 +3605,8 @@ const file_tether_proto_rawDesc = "" +
 	"\x04cuts\x18\x06 \x01(\x04R\x04cuts\x129\n" +
 	"\x19file_consistent_only_cuts\x18\a \x01(\x04R\x16fileConsistentOnlyCuts\x12\x1f\n" +
 	"\vwatch_limit\x18\b \x01(\tR\n" +
-	"watchLimit\")\n" +
+	"watchLimit\x12\x1b\n" +
+	"\tcut_error\x18\t \x01(\tR\bcutError\")\n" +
 	"\x13VolumeRemoveRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"A\n" +
 	"\x14VolumeRemoveResponse\x12)\n" +
