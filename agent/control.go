@@ -210,6 +210,7 @@ func replicaStatusPB(st replication.PrimaryStatus) []*tetherpb.ReplicaStatus {
 			Node: r.Node, Connected: r.Connected, AckedSeq: r.AckedSeq,
 			LagMs: r.Lag.Milliseconds(), Error: r.Err,
 			LagBytes: r.LagBytes, PendingCuts: uint32(r.PendingCuts),
+			FullSyncDoneBytes: r.FullSyncDone, FullSyncTotalBytes: r.FullSyncTotal,
 		}
 		if !r.AckedCut.IsZero() {
 			rs.AckedCutUnixNano = r.AckedCut.UnixNano()

@@ -56,6 +56,7 @@ func TestHTTPEndpoints(t *testing.T) {
 			`tether_replica_lag_bytes{replica="n3",volume="vol1"} 0`,
 			`tether_replica_pending_cuts{replica="n3",volume="vol1"} 0`,
 			`tether_volume_cut_failing{volume="vol1"} 0`,
+			`tether_replica_full_sync_remaining_bytes{replica="n3",volume="vol1"} 0`,
 			`tether_lease_held 1`,
 			`tether_members{health="alive"} 3`,
 		} {

@@ -18,7 +18,7 @@ type metrics struct {
 	fencings prometheus.Counter
 
 	lag, lagBytes, pendingCuts, connected, acked, epoch, primary, leaseHeld, isLeader, members *prometheus.Desc
-	cutFailing                                                                                 *prometheus.Desc
+	cutFailing, fullSyncLeft                                                                   *prometheus.Desc
 	recreated, missingImage, containerProblems                                                 *prometheus.Desc
 }
 
@@ -39,6 +39,8 @@ func newMetrics(a *Agent) *metrics {
 		pendingCuts: prometheus.NewDesc("tether_replica_pending_cuts",
 			"Cuts taken and not yet durable on the replica (the first is in flight while it is connected).",
 			[]string{"volume", "replica"}, nil),
+		fullSyncLeft: prometheus.NewDesc("tether_replica_full_sync_remaining_bytes",
+			"While the replica is sent the whole tree: encoded bytes of it not yet sent (0 otherwise).", []string{"volume", "replica"}, nil),
 		connected: prometheus.NewDesc("tether_replica_connected",
 			"1 when the primary's stream to the replica is up.", []string{"volume", "replica"}, nil),
 		acked: prometheus.NewDesc("tether_replica_acked_batch",
@@ -73,7 +75,7 @@ func (m *metrics) handler() http.Handler {
 
 // Describe implements prometheus.Collector.
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{m.lag, m.lagBytes, m.pendingCuts, m.connected, m.acked, m.epoch, m.primary, m.cutFailing, m.leaseHeld, m.isLeader, m.members, m.recreated, m.missingImage, m.containerProblems} {
+	for _, d := range []*prometheus.Desc{m.lag, m.lagBytes, m.pendingCuts, m.connected, m.acked, m.epoch, m.primary, m.cutFailing, m.fullSyncLeft, m.leaseHeld, m.isLeader, m.members, m.recreated, m.missingImage, m.containerProblems} {
 		ch <- d
 	}
 }
@@ -98,6 +100,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 			gauge(m.lag, r.Lag.Seconds(), v.Name, r.Node)
 			gauge(m.lagBytes, float64(r.LagBytes), v.Name, r.Node)
 			gauge(m.pendingCuts, float64(r.PendingCuts), v.Name, r.Node)
+			gauge(m.fullSyncLeft, float64(max(0, r.FullSyncTotal-r.FullSyncDone)), v.Name, r.Node)
 			gauge(m.connected, b2f(r.Connected), v.Name, r.Node)
 			gauge(m.acked, float64(r.AckedSeq), v.Name, r.Node)
 		}

@@ -121,7 +121,11 @@ type ReplicaState struct {
 	// a cut count in Lag only.
 	LagBytes    int64
 	PendingCuts int
-	Err         string
+	// FullSyncDone and FullSyncTotal tell, while the replica is sent the
+	// whole tree, how much of it is sent (encoded bytes; streamed files
+	// count their size). FullSyncTotal is 0 otherwise.
+	FullSyncDone, FullSyncTotal int64
+	Err                         string
 }
 
 // Primary watches a volume, takes consistent cuts of its changes, and

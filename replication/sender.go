@@ -42,6 +42,9 @@ type sender struct {
 	fullSent  int  // full batches sent (tests)
 	refused   bool // the replica refused a batch: it needs the whole tree, every file whole
 	refusals  int  // batches the replica refused (tests)
+	// syncDone and syncTotal: progress of the whole tree being sent (see
+	// ReplicaState.FullSyncDone); syncTotal is 0 when none is.
+	syncDone, syncTotal int64
 }
 
 func newSender(p *Primary, node string, cancel context.CancelFunc) *sender {
@@ -73,7 +76,8 @@ func (s *sender) connectedNext() (uint64, bool) {
 // state reports the sender's view of its replica.
 func (s *sender) state(now time.Time) ReplicaState {
 	s.mu.Lock()
-	st := ReplicaState{Node: s.node, Connected: s.connected, AckedSeq: s.acked.Seq, AckedCut: s.acked.Cut, Err: s.err}
+	st := ReplicaState{Node: s.node, Connected: s.connected, AckedSeq: s.acked.Seq, AckedCut: s.acked.Cut, Err: s.err,
+		FullSyncDone: s.syncDone, FullSyncTotal: s.syncTotal}
 	next, after, full := s.next, s.fullAfter, time.Time{}
 	if next == 0 {
 		full = s.fullSince
@@ -133,6 +137,7 @@ func (s *sender) disconnected(err error, stopping bool) {
 		s.lastSeen = time.Now()
 	}
 	s.connected = false
+	s.syncDone, s.syncTotal = 0, 0
 	if err != nil && !stopping {
 		s.err = err.Error()
 	}
@@ -187,6 +192,14 @@ func (s *sender) needFullLocked() {
 		s.fullAfter = s.p.latestSeq()
 	}
 	s.next = 0
+}
+
+// syncProgress records how much of the whole tree is sent (total 0: none
+// is being sent).
+func (s *sender) syncProgress(done, total int64) {
+	s.mu.Lock()
+	s.syncDone, s.syncTotal = done, total
+	s.mu.Unlock()
 }
 
 // ackedBatch records a durable cut.
@@ -302,14 +315,22 @@ func (s *sender) nextBatch(ctx context.Context, in *ackReader) (b *cutBatch, ful
 func (s *sender) stream(ctx context.Context, client tetherpb.ReplicationClient, stream tetherpb.Replication_StreamClient, in *ackReader) error {
 	throttledSend := throttled(ctx, s.p.cfg.Limiter, stream.Send)
 	for {
+		s.syncProgress(0, 0)
 		b, full, err := s.nextBatch(ctx, in)
 		if err != nil {
 			return err
 		}
+		var progress func(int64)
 		if b.full && (full || b.delta == nil) {
 			s.mu.Lock()
 			s.fullSent++
 			s.mu.Unlock()
+			total, done := itemBytes(b.items), int64(0)
+			s.syncProgress(0, total)
+			progress = func(n int64) {
+				done += n
+				s.syncProgress(done, total)
+			}
 		}
 		s.mu.Lock()
 		refused := s.refused
@@ -323,7 +344,7 @@ func (s *sender) stream(ctx context.Context, client tetherpb.ReplicationClient, 
 				send = filter.send
 			}
 		}
-		err = b.send(ctx, s.p, send, full, sums)
+		err = b.send(ctx, s.p, send, full, sums, progress)
 		if filter != nil {
 			filter.close()
 		}

@@ -318,16 +318,20 @@ type cutBatch struct {
 func itemBytes(items []item) int64 {
 	var n int64
 	for _, it := range items {
-		switch {
-		case it.op != nil:
-			n += int64(proto.Size(it.op))
-		case it.lazy != nil:
-			n += it.lazy.Size()
-		default:
-			n += it.n
-		}
+		n += it.bytes()
 	}
 	return n
+}
+
+// bytes is the encoded size of an item (a streamed file counts its size).
+func (it item) bytes() int64 {
+	switch {
+	case it.op != nil:
+		return int64(proto.Size(it.op))
+	case it.lazy != nil:
+		return it.lazy.Size()
+	}
+	return it.n
 }
 
 // send streams the batch and its Commit: the whole tree, or (full false on
@@ -336,7 +340,10 @@ func itemBytes(items []item) int64 {
 // against the replica's copy where sums has its block hashes); a barrier
 // then checks that the volume did not change since the cut, else the batch
 // is broken and send fails with errStreamChanged before the Commit.
-func (b *cutBatch) send(ctx context.Context, p *Primary, send sendFunc, full bool, sums map[string]*tetherpb.FileSums) error {
+//
+// progress, if not nil, is told the encoded size of each item once sent
+// (see itemBytes).
+func (b *cutBatch) send(ctx context.Context, p *Primary, send sendFunc, full bool, sums map[string]*tetherpb.FileSums, progress func(int64)) error {
 	items := b.items
 	if b.full && !full && b.delta != nil {
 		items = b.delta
@@ -361,6 +368,9 @@ func (b *cutBatch) send(ctx context.Context, p *Primary, send sendFunc, full boo
 			if err := b.sendRange(send, it.off, it.n); err != nil {
 				return err
 			}
+		}
+		if progress != nil {
+			progress(it.bytes())
 		}
 	}
 	if st != nil {

@@ -220,3 +220,45 @@ func TestRescansDuringStreamLeaveItAlone(t *testing.T) {
 		t.Fatalf("a small change of the streamed file sent %d bytes: not a delta", n)
 	}
 }
+
+// TestFullSyncProgress holds a full sync after a first streamed file:
+// the replica's state shows how much of the tree is sent, of how much,
+// and shows nothing once the replica holds the cut.
+func TestFullSyncProgress(t *testing.T) {
+	c := newTestCluster(t)
+	for _, name := range []string{"a", "b", "c", "d"} {
+		must(t, os.WriteFile(c.path(name), randomBytes(256<<10), 0o644))
+	}
+	c.write("small", "x")
+	held, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	c.prep = func(p *Primary) {
+		p.streamMin = streamSmall
+		p.onStreamChunk = func(uint64) {
+			// Hold the stream once a first streamed file is counted.
+			if r := p.Status().Replicas; len(r) == 1 && r[0].FullSyncDone >= 256<<10 {
+				once.Do(func() {
+					close(held)
+					<-release
+				})
+			}
+		}
+	}
+	c.startReplica("r1")
+	p := c.startPrimary(1, "r1")
+	select {
+	case <-held:
+	case <-time.After(15 * time.Second):
+		t.Fatalf("the full sync never showed a first streamed file sent: %+v", p.Status().Replicas)
+	}
+	st := p.Status().Replicas[0]
+	close(release)
+	if st.FullSyncTotal < 4*256<<10 || st.FullSyncDone < 256<<10 || st.FullSyncDone >= st.FullSyncTotal {
+		t.Fatalf("mid-way through the full sync: done %d of %d, want at least one 256 KiB file of more than 1 MiB", st.FullSyncDone, st.FullSyncTotal)
+	}
+	c.waitSynced("r1")
+	testutil.Eventually(t, 10*time.Second, "no full sync shown once the replica holds the cut", func() bool {
+		st := p.Status().Replicas[0]
+		return st.FullSyncTotal == 0 && st.FullSyncDone == 0
+	})
+}

@@ -55,22 +55,39 @@ func TestParseBytes(t *testing.T) {
 	}
 }
 
+func TestFmtSize(t *testing.T) {
+	for n, want := range map[int64]string{0: "0B", 1023: "1023B", 1024: "1.0KiB", 1536: "1.5KiB", 5 << 20: "5.0MiB", 3 << 40: "3.0TiB"} {
+		if got := fmtSize(n); got != want {
+			t.Errorf("fmtSize(%d) = %q, want %q", n, got, want)
+		}
+	}
+	if got := fullSync(5, 0); got != "-" {
+		t.Errorf("fullSync with no total = %q", got)
+	}
+	if got := fullSync(10, 5); got != "100% of 5B" {
+		t.Errorf("fullSync past its total = %q", got)
+	}
+}
+
 func TestPrintReplicaTable(t *testing.T) {
 	var out bytes.Buffer
 	st := &tetherpb.VolumeStatus{WatchLimit: "inotify watch limit reached", CutError: "write spool: no space left on device", Replicas: []*tetherpb.ReplicaStatus{{
 		Node: "h2", Connected: true, AckedSeq: 7, AckedCutUnixNano: time.Date(2026, 12, 7, 10, 0, 0, 0, time.UTC).UnixNano(),
-		LagMs: 1500, LagBytes: 123456, PendingCuts: 3,
-	}}}
+		LagMs: 1500, LagBytes: 123456, PendingCuts: 3, FullSyncDoneBytes: 3 << 29, FullSyncTotalBytes: 4 << 30,
+	}, {Node: "h3"}}}
 	if err := printReplicaTable(&out, st); err != nil {
 		t.Fatal(err)
 	}
 	for _, want := range []string{"LAST DURABLE CUT", "LAG BYTES", "PENDING CUTS", "2026-12-07T10:00:00Z", "1.5s", "123456", "WATCH LIMIT: inotify watch limit reached",
-		"CUT FAILING: write spool: no space left on device"} {
+		"CUT FAILING: write spool: no space left on device", "37% of 4.0GiB"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("replica table lacks %q:\n%s", want, out.String())
 		}
 	}
 	if fields := strings.Fields(strings.Split(out.String(), "\n")[3]); len(fields) < 7 || fields[5] != "123456" || fields[6] != "3" {
 		t.Errorf("replica row %q: want lag bytes 123456 and 3 pending cuts in columns 6 and 7", fields)
+	}
+	if fields := strings.Fields(strings.Split(out.String(), "\n")[4]); len(fields) < 8 || fields[7] != "-" {
+		t.Errorf("row of a replica not being sent the whole tree %q: want - under FULL SYNC", fields)
 	}
 }

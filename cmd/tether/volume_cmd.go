@@ -168,14 +168,15 @@ func printReplicaTable(out io.Writer, st *tetherpb.VolumeStatus) error {
 		fmt.Fprintf(out, "  CUT FAILING: %s\n", st.CutError)
 	}
 	w := table(out)
-	fmt.Fprintln(w, "  REPLICA\tCONNECTED\tACKED BATCH\tLAST DURABLE CUT\tLAG\tLAG BYTES\tPENDING CUTS\tERROR")
+	fmt.Fprintln(w, "  REPLICA\tCONNECTED\tACKED BATCH\tLAST DURABLE CUT\tLAG\tLAG BYTES\tPENDING CUTS\tFULL SYNC\tERROR")
 	for _, r := range st.Replicas {
 		cut := "-"
 		if r.AckedCutUnixNano != 0 {
 			cut = fmtTime(r.AckedCutUnixNano)
 		}
-		fmt.Fprintf(w, "  %s\t%v\t%d\t%s\t%s\t%d\t%d\t%s\n", r.Node, r.Connected, r.AckedSeq, cut,
-			(time.Duration(r.LagMs) * time.Millisecond).String(), r.LagBytes, r.PendingCuts, r.Error)
+		fmt.Fprintf(w, "  %s\t%v\t%d\t%s\t%s\t%d\t%d\t%s\t%s\n", r.Node, r.Connected, r.AckedSeq, cut,
+			(time.Duration(r.LagMs) * time.Millisecond).String(), r.LagBytes, r.PendingCuts,
+			fullSync(r.FullSyncDoneBytes, r.FullSyncTotalBytes), r.Error)
 	}
 	return w.Flush()
 }
@@ -314,4 +315,28 @@ match the placement: a new copy is filled before the old one is dropped.`,
 	cmd.Flags().BoolVar(&clearPlacement, "clear-placement", false, "remove the placement constraint")
 	cmd.Flags().BoolVar(&freeze, "freeze", false, "pause the volume's containers briefly when a point-in-time cut needs it (--freeze=false to stop)")
 	return cmd
+}
+
+// fullSync shows the progress of a whole tree being sent to a replica:
+// "-" when none is, else e.g. "37% of 1.2GiB".
+func fullSync(done, total int64) string {
+	if total <= 0 {
+		return "-"
+	}
+	pct := min(100, max(0, done*100/total))
+	return fmt.Sprintf("%d%% of %s", pct, fmtSize(total))
+}
+
+// fmtSize writes a byte count with a binary unit, one decimal.
+func fmtSize(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%dB", n)
+	}
+	v, i := float64(n)/unit, 0
+	for v >= unit && i < 4 {
+		v /= unit
+		i++
+	}
+	return fmt.Sprintf("%.1f%s", v, []string{"KiB", "MiB", "GiB", "TiB", "PiB"}[i])
 }

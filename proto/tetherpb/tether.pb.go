@@ -1288,9 +1288,14 @@ type ReplicaStatus struct {
 	// Encoded bytes of the cuts taken and not yet durable on this replica.
 	LagBytes int64 `protobuf:"varint,7,opt,name=lag_bytes,json=lagBytes,proto3" json:"lag_bytes,omitempty"`
 	// Number of those cuts; the first is in flight while it is connected.
-	PendingCuts   uint32 `protobuf:"varint,8,opt,name=pending_cuts,json=pendingCuts,proto3" json:"pending_cuts,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	PendingCuts uint32 `protobuf:"varint,8,opt,name=pending_cuts,json=pendingCuts,proto3" json:"pending_cuts,omitempty"`
+	// While the replica receives the whole tree (it is new, diverged or too
+	// far behind): how much of the batch is sent, of how much (encoded
+	// bytes; files streamed from the volume count their size). 0 otherwise.
+	FullSyncDoneBytes  int64 `protobuf:"varint,9,opt,name=full_sync_done_bytes,json=fullSyncDoneBytes,proto3" json:"full_sync_done_bytes,omitempty"`
+	FullSyncTotalBytes int64 `protobuf:"varint,10,opt,name=full_sync_total_bytes,json=fullSyncTotalBytes,proto3" json:"full_sync_total_bytes,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *ReplicaStatus) Reset() {
@@ -1375,6 +1380,20 @@ func (x *ReplicaStatus) GetLagBytes() int64 {
 func (x *ReplicaStatus) GetPendingCuts() uint32 {
 	if x != nil {
 		return x.PendingCuts
+	}
+	return 0
+}
+
+func (x *ReplicaStatus) GetFullSyncDoneBytes() int64 {
+	if x != nil {
+		return x.FullSyncDoneBytes
+	}
+	return 0
+}
+
+func (x *ReplicaStatus) GetFullSyncTotalBytes() int64 {
+	if x != nil {
+		return x.FullSyncTotalBytes
 	}
 	return 0
 }
@@ -3445,7 +3464,7 @@ const file_tether_proto_rawDesc = "" +
 	"\x19file_consistent_only_cuts\x18\x06 \x01(\x04R\x16fileConsistentOnlyCuts\x12\x1f\n" +
 	"\vwatch_limit\x18\a \x01(\tR\n" +
 	"watchLimit\x12\x1b\n" +
-	"\tcut_error\x18\b \x01(\tR\bcutError\"\xfa\x01\n" +
+	"\tcut_error\x18\b \x01(\tR\bcutError\"\xde\x02\n" +
 	"\rReplicaStatus\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\x12\x1c\n" +
 	"\tconnected\x18\x02 \x01(\bR\tconnected\x12\x1b\n" +
@@ -3454,7 +3473,10 @@ const file_tether_proto_rawDesc = "" +
 	"\x06lag_ms\x18\x05 \x01(\x03R\x05lagMs\x12\x14\n" +
 	"\x05error\x18\x06 \x01(\tR\x05error\x12\x1b\n" +
 	"\tlag_bytes\x18\a \x01(\x03R\blagBytes\x12!\n" +
-	"\fpending_cuts\x18\b \x01(\rR\vpendingCuts\"\xe1\x02\n" +
+	"\fpending_cuts\x18\b \x01(\rR\vpendingCuts\x12/\n" +
+	"\x14full_sync_done_bytes\x18\t \x01(\x03R\x11fullSyncDoneBytes\x121\n" +
+	"\x15full_sync_total_bytes\x18\n" +
+	" \x01(\x03R\x12fullSyncTotalBytes\"\xe1\x02\n" +
 	"\x13VolumeUpdateRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1f\n" +
 	"\breplicas\x18\x02 \x01(\rH\x00R\breplicas\x88\x01\x01\x12!\n" +
