@@ -60,7 +60,7 @@ func TestPausePrimary(t *testing.T) {
 	old := tp.host(tp.leaderOf(t, tp.host("h1")))
 	v := createAndFillOn(t, tp, old)
 	fi, paused := tp.inject("pause", old, "primary, leader", old, func() {
-		mustDocker(t, "pause", old.container)
+		pause(t, []*host{old})
 	})
 	nv, fo := tp.measureFailover(t, "pause", paused, v, tp.host(v.ReplicaNodes[0]))
 	tp.rec.failover(fo)
@@ -69,7 +69,7 @@ func TestPausePrimary(t *testing.T) {
 	if l := tp.leaderOf(t, survivors[0]); l == old.name {
 		t.Fatalf("%s still names the paused %s as leader after the failover", survivors[0].name, l)
 	}
-	mustDocker(t, "unpause", old.container)
+	unpause(t, old)
 	tp.rec.healed(fi)
 	np := tp.host(nv.Primary)
 	tp.servesAsReplica(t, old)

@@ -13,6 +13,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -110,6 +111,32 @@ type host struct {
 	// volume driver (dockerd uses the Mountpoint as a host path).
 	inDir string
 	ip    string
+	// gate is held shared by every docker exec into the container and
+	// exclusively around docker pause and unpause: an exec whose runc init
+	// joins the container's cgroup while it freezes is frozen with it, and
+	// dockerd then never unpauses the container.
+	gate sync.RWMutex
+}
+
+// pause freezes the containers of hosts (and others, e.g. their workloads)
+// with one docker pause, with no exec into the hosts in flight.
+func pause(t testing.TB, hosts []*host, others ...string) {
+	t.Helper()
+	args := []string{"pause"}
+	for _, h := range hosts {
+		h.gate.Lock()
+		defer h.gate.Unlock()
+		args = append(args, h.container)
+	}
+	mustDocker(t, append(args, others...)...)
+}
+
+// unpause thaws a host's container (see host.gate).
+func unpause(t testing.TB, h *host) {
+	t.Helper()
+	h.gate.Lock()
+	defer h.gate.Unlock()
+	mustDocker(t, "unpause", h.container)
 }
 
 // hostOption adjusts a host before its container starts: it may set
@@ -214,7 +241,9 @@ func ctlCtx(ctx context.Context, h *host, into proto.Message, args ...string) er
 	if len(args) > 1 && args[0] == "volume" && !slices.Contains([]string{"inspect", "ls"}, args[1]) {
 		timeout = "20s" // catalog writes may wait for a leader right after the cluster forms
 	}
+	h.gate.RLock()
 	out, err := dockerCtx(ctx, append([]string{"exec", h.container, "/bin/tether", "--json", "--timeout", timeout, "--data-dir", h.inDir}, args...)...)
+	h.gate.RUnlock()
 	if err != nil {
 		return err
 	}
@@ -227,6 +256,8 @@ func ctlCtx(ctx context.Context, h *host, into proto.Message, args ...string) er
 // sh runs a shell command inside h's container, as a workload would.
 func (tp *topo) sh(h *host, script string) {
 	tp.t.Helper()
+	h.gate.RLock()
+	defer h.gate.RUnlock()
 	mustDocker(tp.t, "exec", h.container, "/bin/busybox", "sh", "-c", script)
 }
 

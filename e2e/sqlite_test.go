@@ -198,6 +198,10 @@ func sqliteFailover(t *testing.T, faultType, journal string) {
 	// and its workload together.
 	lagAsked := time.Now()
 	fi, killed := tp.inject(faultType, primary, "primary", primary, func() {
+		if faultType == "pause" {
+			pause(t, []*host{primary}, work)
+			return
+		}
 		mustDocker(t, faultType, work, primary.container)
 	})
 	var lag map[string]int64
@@ -224,7 +228,7 @@ func sqliteFailover(t *testing.T, faultType, journal string) {
 	if faultType == "pause" {
 		tp.rec.finding(t, "nothing in tether stops a frozen host's containers from writing to its fenced copy when it thaws; the test kills the workload while frozen (the volume driver's job)")
 		mustDocker(t, "kill", work)
-		mustDocker(t, "unpause", primary.container)
+		unpause(t, primary)
 		tp.rec.healed(fi)
 		tp.servesAsReplica(t, primary)
 		up = tp.hosts
