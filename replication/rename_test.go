@@ -131,6 +131,57 @@ func TestRenameFoundInALaterRound(t *testing.T) {
 	}
 }
 
+// TestReplacedDirectoryStaysReplaced takes the cut of `mv d e; mkdir d;
+// mv e d/e` in two rounds, split where the watcher's events split it when
+// TestRenameScenarios failed: the first round takes d (created: its
+// subtree) and e, and reads the new d whole, which plans d's DELETE; the
+// second takes d again without its subtree (moving e into it changed its
+// mtime), d/e (moved in) and e (moved away). The second round must keep
+// d's DELETE: without it the replica, and the index, kept the old d/x and
+// d/x/i beside d/e/x/i, and no event was left to repair it.
+func TestReplacedDirectoryStaysReplaced(t *testing.T) {
+	dir, state := t.TempDir(), t.TempDir()
+	must(t, os.MkdirAll(filepath.Join(dir, "d/x"), 0o755))
+	must(t, os.WriteFile(filepath.Join(dir, "d/x/i"), []byte("i"), 0o644))
+	root, err := os.OpenRoot(dir)
+	must(t, err)
+	defer root.Close()
+	idx, err := openIndex(state)
+	must(t, err)
+	defer idx.close()
+	warn := newOnceLogger(testutil.Logger(t))
+	cut := func(p *plan, reset bool) {
+		t.Helper()
+		sp, err := newSpool(filepath.Join(state, "spool"))
+		must(t, err)
+		defer sp.close()
+		must(t, sp.read(root, p, warn))
+		u, err := sp.indexUpdate(p, reset)
+		must(t, err)
+		must(t, idx.apply(u))
+	}
+	full, err := fullPlan(root)
+	must(t, err)
+	cut(full, true)
+
+	must(t, os.Rename(filepath.Join(dir, "d"), filepath.Join(dir, "e")))
+	must(t, os.Mkdir(filepath.Join(dir, "d"), 0o755))
+	p, err := dirtyPlan(root, map[string]bool{".": false, "d": true, "e": true}, idx)
+	must(t, err)
+	must(t, os.Rename(filepath.Join(dir, "e"), filepath.Join(dir, "d/e")))
+	must(t, p.update(root, map[string]bool{".": false, "d": false, "d/e": true, "e": false}))
+
+	if _, ok := p.deletes["d"]; !ok {
+		t.Errorf("the cut does not delete the old d (deletes %v, renames %v)", p.deletes, p.renames)
+	}
+	cut(p, false)
+	var paths []string
+	must(t, idx.under(rootPath, func(rel string, _ *indexEntry) { paths = append(paths, rel) }))
+	if want := []string{"d", "d/e", "d/e/x", "d/e/x/i"}; !slices.Equal(paths, want) {
+		t.Fatalf("index holds %q, want %q", paths, want)
+	}
+}
+
 // TestWatchFollowsReplacedDirectories renames a directory over an empty one
 // and makes a new directory where a moved one was, then writes inside
 // both: the writes reach the replica by their events alone (no rescan
