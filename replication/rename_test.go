@@ -131,6 +131,209 @@ func TestRenameFoundInALaterRound(t *testing.T) {
 	}
 }
 
+// cutBench is a tree with its block index, for tests that take cuts by
+// driving plans directly (the tree as the primary's cuts read it).
+type cutBench struct {
+	t     *testing.T
+	dir   string
+	state string
+	root  *os.Root
+	idx   *index
+	warn  *onceLogger
+}
+
+// newCutBench makes d/x/i and takes the full cut of it.
+func newCutBench(t *testing.T) *cutBench {
+	t.Helper()
+	b := &cutBench{t: t, dir: t.TempDir(), state: t.TempDir(), warn: newOnceLogger(testutil.Logger(t))}
+	must(t, os.MkdirAll(filepath.Join(b.dir, "d/x"), 0o755))
+	must(t, os.WriteFile(filepath.Join(b.dir, "d/x/i"), []byte("i"), 0o644))
+	var err error
+	b.root, err = os.OpenRoot(b.dir)
+	must(t, err)
+	t.Cleanup(func() { b.root.Close() })
+	b.idx, err = openIndex(b.state)
+	must(t, err)
+	t.Cleanup(b.idx.close)
+	full, err := fullPlan(b.root)
+	must(t, err)
+	b.cut(full, true)
+	return b
+}
+
+// cut reads plan p and applies it to the index, as takeCut does.
+func (b *cutBench) cut(p *plan, reset bool) {
+	b.t.Helper()
+	sp, err := newSpool(filepath.Join(b.state, "spool"))
+	must(b.t, err)
+	defer sp.close()
+	must(b.t, sp.read(b.root, p, b.warn))
+	u, err := sp.indexUpdate(p, reset)
+	must(b.t, err)
+	must(b.t, b.idx.apply(u))
+}
+
+// indexed returns the paths the index holds.
+func (b *cutBench) indexed() []string {
+	b.t.Helper()
+	var paths []string
+	must(b.t, b.idx.under(rootPath, func(rel string, _ *indexEntry) { paths = append(paths, rel) }))
+	return paths
+}
+
+// movedBelowItsNewName is `mv d e; mkdir d; mv e d/e` step by step.
+func (b *cutBench) movedBelowItsNewName(step int) {
+	b.t.Helper()
+	switch step {
+	case 0:
+		must(b.t, os.Rename(filepath.Join(b.dir, "d"), filepath.Join(b.dir, "e")))
+	case 1:
+		must(b.t, os.Mkdir(filepath.Join(b.dir, "d"), 0o755))
+	case 2:
+		must(b.t, os.Rename(filepath.Join(b.dir, "e"), filepath.Join(b.dir, "d/e")))
+	}
+}
+
+// TestReplacedDirectoryStaysReplaced takes the cut of `mv d e; mkdir d;
+// mv e d/e` in two rounds, split where the watcher's events split it when
+// TestRenameScenarios failed: the first round takes d (created: its
+// subtree) and e, and reads the new d whole, which plans d's DELETE; the
+// second takes d again without its subtree (moving e into it changed its
+// mtime), d/e (moved in) and e (moved away). The second round must keep
+// d's DELETE: without it the replica, and the index, kept the old d/x and
+// d/x/i beside d/e/x/i, and no event was left to repair it.
+func TestReplacedDirectoryStaysReplaced(t *testing.T) {
+	b := newCutBench(t)
+	b.movedBelowItsNewName(0)
+	b.movedBelowItsNewName(1)
+	p, err := dirtyPlan(b.root, map[string]bool{".": false, "d": true, "e": true}, b.idx)
+	must(t, err)
+	b.movedBelowItsNewName(2)
+	must(t, p.update(b.root, map[string]bool{".": false, "d": false, "d/e": true, "e": false}))
+
+	if _, ok := p.deletes["d"]; !ok {
+		t.Errorf("the cut does not delete the old d (deletes %v, renames %v)", p.deletes, p.renames)
+	}
+	b.cut(p, false)
+	if got, want := b.indexed(), []string{"d", "d/e", "d/e/x", "d/e/x/i"}; !slices.Equal(got, want) {
+		t.Fatalf("index holds %q, want %q", got, want)
+	}
+}
+
+// TestMovedBelowItsNewNameEverySplit feeds the watcher's dirty paths for
+// `mv d e; mkdir d; mv e d/e` to the cuts in every way they can arrive:
+// the watcher handles MOVED_TO e while e is there (the subtree of e) or
+// after it moved on, and CREATE d before the last rename (d is watched in
+// time to report MOVED_TO d/e) or after; the events are taken in every
+// split into rounds and cuts (a cut ends only where no event was left
+// behind), each round reading the tree in any state at least as new as its
+// events. Every way ends with the index (what the replicas hold) equal to
+// the tree.
+func TestMovedBelowItsNewNameEverySplit(t *testing.T) {
+	type event struct {
+		dirty map[string]bool
+		state int // the steps done when the watcher handles it
+	}
+	const steps = 3
+	want := []string{"d", "d/e", "d/e/x", "d/e/x/i"}
+	type split struct {
+		ends   []int  // each round takes the events up to its end
+		states []int  // the steps done when each round reads the tree
+		newCut []bool // the round starts a new cut
+	}
+	// splits calls fn with every split of events.
+	splits := func(events []event, fn func(split)) {
+		n := len(events)
+		for mask := range 1 << (n - 1) {
+			var ends []int
+			for i := range n - 1 {
+				if mask&(1<<i) != 0 {
+					ends = append(ends, i+1)
+				}
+			}
+			ends = append(ends, n)
+			var walk func(s split)
+			walk = func(s split) {
+				r := len(s.states)
+				if r == len(ends) {
+					if s.states[r-1] == steps {
+						fn(s)
+					}
+					return
+				}
+				least := 0
+				if r > 0 {
+					least = s.states[r-1]
+				}
+				for _, e := range events[:ends[r]] {
+					least = max(least, e.state)
+				}
+				for st := least; st <= steps; st++ {
+					for _, cut := range []bool{false, true} {
+						if cut && (r == 0 || slices.ContainsFunc(events[ends[r-1]:], func(e event) bool { return e.state <= s.states[r-1] })) {
+							continue // the previous round's barrier saw an event it had not taken
+						}
+						walk(split{ends: ends, states: append(slices.Clone(s.states), st), newCut: append(slices.Clone(s.newCut), cut)})
+					}
+				}
+			}
+			walk(split{ends: ends})
+		}
+	}
+	tried := 0
+	for movedTo := 1; movedTo <= steps; movedTo++ {
+		for created := max(movedTo, 2); created <= steps; created++ {
+			events := []event{
+				{map[string]bool{".": false, "d": false}, 1},                 // MOVED_FROM d
+				{map[string]bool{".": false, "e": movedTo < steps}, movedTo}, // MOVED_TO e
+				{map[string]bool{".": false, "d": true}, created},            // CREATE d
+				{map[string]bool{".": false, "e": false}, steps},             // MOVED_FROM e
+			}
+			if created < steps {
+				events = append(events, event{map[string]bool{"d": false, "d/e": true}, steps}) // MOVED_TO d/e
+			}
+			splits(events, func(s split) {
+				tried++
+				name := fmt.Sprintf("MOVED_TO_e_after_%d/CREATE_d_after_%d/rounds_to_%v/reading_after_%v/new_cut_%v",
+					movedTo, created, s.ends, s.states, s.newCut)
+				t.Run(name, func(t *testing.T) {
+					b := newCutBench(t)
+					var p *plan
+					done, from := 0, 0
+					for r, end := range s.ends {
+						for ; done < s.states[r]; done++ {
+							b.movedBelowItsNewName(done)
+						}
+						dirty := map[string]bool{}
+						for _, e := range events[from:end] {
+							for rel, sub := range e.dirty {
+								dirty[rel] = dirty[rel] || sub
+							}
+						}
+						from = end
+						if s.newCut[r] {
+							b.cut(p, false)
+							p = nil
+						}
+						var err error
+						if p == nil {
+							p, err = dirtyPlan(b.root, dirty, b.idx)
+						} else {
+							err = p.update(b.root, dirty)
+						}
+						must(t, err)
+					}
+					b.cut(p, false)
+					if got := b.indexed(); !slices.Equal(got, want) {
+						t.Errorf("index holds %q, want %q", got, want)
+					}
+				})
+			})
+		}
+	}
+	t.Logf("%d splits", tried)
+}
+
 // TestWatchFollowsReplacedDirectories renames a directory over an empty one
 // and makes a new directory where a moved one was, then writes inside
 // both: the writes reach the replica by their events alone (no rescan

@@ -101,6 +101,15 @@ func dirtyPlan(root *os.Root, dirty map[string]bool, idx *index) (*plan, error) 
 
 // update re-plans the dirty paths (marking them fresh), as a later round of
 // a cut does for the paths that changed while the previous round was read.
+//
+// A directory an earlier round replaced (its DELETE planned: it was sent
+// with its subtree, or it was gone) stays replaced when a later round
+// re-plans it alone: what the replicas hold below it is still the previous
+// cut's, and only the DELETE removes it. What that round read below it
+// stays planned, and what changed there since is dirty in its own right.
+// (mv d e; mkdir d; mv e d/e: the first round sends the new d whole, the
+// second re-plans d for the mtime that moving e into it changed; dropping
+// the DELETE left the old d's entries on the replica beside d/e.)
 func (p *plan) update(root *os.Root, dirty map[string]bool) error {
 	for rel, subtree := range dirty {
 		p.touched[rel] = true
@@ -108,6 +117,7 @@ func (p *plan) update(root *os.Root, dirty map[string]bool) error {
 		if err != nil {
 			return err
 		}
+		_, replaced := p.deletes[rel]
 		p.forget(rel, !ok || !fi.IsDir() || subtree)
 		switch {
 		case !ok || !replicated(fi):
@@ -119,11 +129,14 @@ func (p *plan) update(root *os.Root, dirty map[string]bool) error {
 			}
 		case fi.IsDir():
 			p.put(p.dirs, rel, fi)
-			if subtree && rel != rootPath {
+			switch {
+			case subtree && rel != rootPath:
 				p.del(rel)
 				if err := p.collect(root, rel); err != nil {
 					return err
 				}
+			case replaced:
+				p.del(rel)
 			}
 		default:
 			p.put(p.others, rel, fi)
