@@ -78,14 +78,18 @@ func newInotify() (*inotify, error) {
 }
 
 // add watches directory path (again: on the inode it holds now).
+//
+// The lock is held across the system call: the reader must not meet an
+// event of the new watch before byWd names it (it would drop it as one of
+// a removed watch).
 func (n *inotify) add(path string) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
 	wd, err := unix.InotifyAddWatch(n.fd, path, watchMask)
 	if err != nil {
 		return &os.PathError{Op: "inotify_add_watch", Path: path, Err: err}
 	}
 	w := int32(wd)
-	n.mu.Lock()
-	defer n.mu.Unlock()
 	if old, ok := n.byWd[w]; ok && old != path {
 		delete(n.byPath, old) // the inode moved here
 	}
