@@ -344,9 +344,17 @@ func (x *index) apply(u *indexUpdate) error {
 			}
 		}
 		for rel, e := range u.puts {
-			if e == nil {
+			switch {
+			case e == nil:
 				err = b.Delete([]byte(rel))
-			} else {
+			case e.kind != kindDir && rel != rootPath:
+				// What a directory held here is gone with it (a cut may
+				// carry a file where a directory was without its DELETE:
+				// the replica's placing removes the directory).
+				if err = deleteTree(b, rel); err == nil {
+					err = b.Put([]byte(rel), e.encode())
+				}
+			default:
 				err = b.Put([]byte(rel), e.encode())
 			}
 			if err != nil {

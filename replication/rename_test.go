@@ -394,6 +394,27 @@ func TestIndexDifferences(t *testing.T) {
 	}
 }
 
+// TestIndexFileReplacesDirectory: a file put where the index holds a
+// directory takes the directory's entries away with it (a cut can carry
+// the file without a DELETE of the directory: placing it removes the
+// directory on the replica).
+func TestIndexFileReplacesDirectory(t *testing.T) {
+	idx, err := openIndex(t.TempDir())
+	must(t, err)
+	defer idx.close()
+	must(t, idx.apply(&indexUpdate{puts: map[string]*indexEntry{
+		"d": {kind: kindDir}, "d/x": {kind: kindDir}, "d/x/i": {kind: kindFile}, "d2": {kind: kindFile}, "e": {kind: kindDir}, "e/f": {kind: kindFile},
+	}}))
+	must(t, idx.apply(&indexUpdate{puts: map[string]*indexEntry{"d": {kind: kindFile, size: 1}, "e": {kind: kindDir, size: 2}}}))
+	for rel, want := range map[string]bool{"d": true, "d/x": false, "d/x/i": false, "d2": true, "e": true, "e/f": true} {
+		e, err := idx.get(rel)
+		must(t, err)
+		if (e != nil) != want {
+			t.Errorf("index entry %q present = %v, want %v", rel, e != nil, want)
+		}
+	}
+}
+
 // TestRescanComparesWithIndex makes the index forget a file the tree and
 // the previous scan both hold (as a lost event would leave it): the next
 // rescan marks it, a cut reads it again, and the index holds it again.
