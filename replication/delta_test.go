@@ -324,15 +324,24 @@ func TestDeltaJournalCrashAtEveryStep(t *testing.T) {
 	t.Logf("%d crash points checked", len(steps))
 }
 
+// oneBlockDelta writes a 300 KiB file f in a new source directory and
+// returns the ops of its first cut (whole) and of a second one after a
+// byte of its second block changed (a delta).
+func oneBlockDelta(t *testing.T) (src string, first, second []*tetherpb.FileOp) {
+	t.Helper()
+	src = t.TempDir()
+	must(t, os.WriteFile(filepath.Join(src, "f"), randomBytes(300<<10), 0o644))
+	first, e1 := deltaOps(t, src, "f", nil)
+	writeAt(t, filepath.Join(src, "f"), 70<<10, []byte("x"))
+	second, _ = deltaOps(t, src, "f", e1)
+	return src, first, second
+}
+
 // TestDeltaRefusals checks the replica's validation of deltas: a full batch
 // may not carry one, blocks must be in order and cover the data, and the
 // base must be there.
 func TestDeltaRefusals(t *testing.T) {
-	src := t.TempDir()
-	must(t, os.WriteFile(filepath.Join(src, "f"), randomBytes(300<<10), 0o644))
-	ops1, e1 := deltaOps(t, src, "f", nil)
-	writeAt(t, filepath.Join(src, "f"), 70<<10, []byte("x"))
-	ops2, _ := deltaOps(t, src, "f", e1)
+	src, ops1, ops2 := oneBlockDelta(t)
 	last := ops2[len(ops2)-1]
 	if got := last.GetDelta().GetBlocks(); len(got) != 1 || got[0] != 1 {
 		t.Fatalf("blocks = %v, want [1]", got)

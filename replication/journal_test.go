@@ -313,11 +313,7 @@ func TestRetiredJournalIsNeverReplayed(t *testing.T) {
 // batch keeps after its application (a delta's blocks) stays until the
 // next batch is committed (a replay may need it), and goes then.
 func TestStagedFilesOutliveTheirBatchUntilTheNextCommits(t *testing.T) {
-	src := t.TempDir()
-	must(t, os.WriteFile(filepath.Join(src, "f"), randomBytes(300<<10), 0o644))
-	ops1, e1 := deltaOps(t, src, "f", nil)
-	writeAt(t, filepath.Join(src, "f"), 70<<10, []byte("x"))
-	ops2, _ := deltaOps(t, src, "f", e1)
+	src, ops1, ops2 := oneBlockDelta(t)
 	paths := replicaDirs(t)
 	var st journalState
 	j := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t)), state: &st}
