@@ -10,6 +10,7 @@ import (
 
 	"github.com/tether-io/tether/internal/tlsutil"
 	"github.com/tether-io/tether/proto/tetherpb"
+	"github.com/tether-io/tether/replication"
 )
 
 // Security settings (Config.GossipKeys, Config.TLS): see DESIGN.md,
@@ -76,10 +77,11 @@ func (a *Agent) secureMux() error {
 
 // grpcServerOptions are the RPC server's options: mutual TLS when on.
 func (a *Agent) grpcServerOptions() []grpc.ServerOption {
+	opts := replication.ServerOptions()
 	if a.tls == nil {
-		return nil
+		return opts
 	}
-	return []grpc.ServerOption{grpc.Creds(credentials.NewTLS(a.tls.ServerConfig("h2")))}
+	return append(opts, grpc.Creds(credentials.NewTLS(a.tls.ServerConfig("h2"))))
 }
 
 // peerCredentials are what this agent dials other agents with.

@@ -8,6 +8,7 @@ import (
 	"os"
 	"slices"
 	"syscall"
+	"unsafe"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/zeebo/blake3"
@@ -53,6 +54,29 @@ type chunker struct {
 	buf  []byte
 	off  int64 // offset of buf
 	end  int64 // end of the data sent so far
+	// pool, when set, lends buf (*bufp's array) to the stream's codec with
+	// each chunk sent uncompressed (see chunkPool).
+	pool *chunkPool
+	bufp *[]byte
+}
+
+// newChunker returns a chunker of file rel; release it after its last
+// flush.
+func newChunker(send sendFunc, rel string, enc *zstd.Encoder, pool *chunkPool) *chunker {
+	c := &chunker{send: send, rel: rel, enc: enc, pool: pool}
+	if pool != nil {
+		c.bufp = pool.Get(chunkSize)
+		c.buf = (*c.bufp)[:0]
+	}
+	return c
+}
+
+// release returns the chunker's buffer to its pool.
+func (c *chunker) release() {
+	if c.bufp != nil {
+		c.pool.Put(c.bufp)
+		c.bufp, c.buf = nil, nil
+	}
 }
 
 func (c *chunker) add(off int64, data []byte) error {
@@ -70,7 +94,9 @@ func (c *chunker) add(off int64, data []byte) error {
 
 // flush sends the gathered data as one chunk. Its buffer is reused for the
 // next chunk once send returns: every sendFunc is done with a message then
-// (gRPC's Send has encoded it, the spool has written it).
+// (gRPC's Send has encoded it, the spool has written it), unless the
+// stream's codec took the buffer lent with it (gRPC then returns it to the
+// pool once written, and the chunker takes another).
 func (c *chunker) flush() error {
 	if len(c.buf) == 0 {
 		return nil
@@ -83,8 +109,18 @@ func (c *chunker) flush() error {
 		}
 	}
 	c.end = c.off + int64(len(c.buf))
+	lent := c.bufp != nil && !op.Zstd && unsafe.SliceData(c.buf) == unsafe.SliceData(*c.bufp)
+	if lent {
+		c.pool.lend(c.bufp)
+	}
+	err := sendOp(c.send, op)
+	if lent && !c.pool.reclaim(c.bufp) {
+		c.bufp = c.pool.Get(chunkSize)
+		c.buf = (*c.bufp)[:0]
+		return err
+	}
 	c.buf = c.buf[:0]
-	return sendOp(c.send, op)
+	return err
 }
 
 // compressSample is how much of a chunk is compressed first to tell

@@ -1,0 +1,238 @@
+package replication
+
+import (
+	"bytes"
+	"os"
+	"testing"
+	"unsafe"
+
+	"github.com/klauspost/compress/zstd"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/tether-io/tether/proto/tetherpb"
+)
+
+// codecMessages are messages of every shape the stream carries: chunks
+// empty, small and large, compressed or not, with every other field set.
+func codecMessages() map[string]proto.Message {
+	full := func(data []byte, z bool) *tetherpb.StreamRequest {
+		return &tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Op{Op: &tetherpb.FileOp{
+			Kind: tetherpb.FileOp_KIND_FILE, Path: []byte("dir/f"), Data: data, Offset: 8 << 20, More: true,
+			Mode: 0o644, MtimeUnixNano: 1234567890, Uid: 1000, Gid: 1000, Size: 1 << 30, Zstd: z,
+			Xattrs: []*tetherpb.Xattr{{Name: []byte("user.a"), Value: []byte("v")}},
+			Delta:  &tetherpb.Delta{BaseSize: 7, BaseDigest: bytes.Repeat([]byte{1}, 32), BlockSize: blockSize, Blocks: []uint64{1, 5}},
+			Digest: bytes.Repeat([]byte{2}, 32), DigestBlockSize: blockSize,
+		}}}
+	}
+	enc, _ := zstd.NewWriter(nil)
+	defer enc.Close()
+	zdata := enc.EncodeAll(bytes.Repeat([]byte("tether "), 200<<10), nil)
+	return map[string]proto.Message{
+		"empty op":           &tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Op{Op: &tetherpb.FileOp{}}},
+		"no data":            full(nil, false),
+		"small data":         full(randomBytes(100), false),
+		"just below bigData": full(randomBytes(bigData-1), false),
+		"bigData":            full(randomBytes(bigData), false),
+		"chunk":              full(randomBytes(chunkSize), false),
+		"largest chunk":      full(randomBytes(maxChunkData), false),
+		"compressed chunk":   full(zdata, true),
+		"odd-sized chunk":    full(randomBytes(chunkSize+12345), false),
+		"hello":              &tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Hello{Hello: &tetherpb.Hello{Volume: "v", Epoch: 3}}},
+		"commit":             &tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Commit{Commit: &tetherpb.Commit{Seq: 9, Full: true}}},
+		"ack":                &tetherpb.StreamAck{Epoch: 2, Seq: 5},
+	}
+}
+
+// frames splits b into buffers of n bytes, as HTTP/2 frames hand a
+// message to the codec.
+func frames(b []byte, n int) mem.BufferSlice {
+	var s mem.BufferSlice
+	for len(b) > 0 {
+		k := min(n, len(b))
+		s = append(s, mem.SliceBuffer(b[:k]))
+		b = b[k:]
+	}
+	return s
+}
+
+// TestCodecRoundTrip: what the codec writes is protobuf (the default codec
+// reads it back equal) and it reads back what it and the default codec
+// write, whatever the framing; large data arrives aligned for O_DIRECT.
+func TestCodecRoundTrip(t *testing.T) {
+	c := wireCodec{}
+	for name, m := range codecMessages() {
+		t.Run(name, func(t *testing.T) {
+			out, err := c.Marshal(m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			wire := out.Materialize()
+			out.Free()
+			std, err := proto.Marshal(m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(wire) != len(std) {
+				t.Fatalf("encoded size %d, protobuf's %d", len(wire), len(std))
+			}
+			back := m.ProtoReflect().New().Interface()
+			if err := proto.Unmarshal(wire, back); err != nil {
+				t.Fatalf("protobuf cannot read the codec's encoding: %v", err)
+			}
+			if !proto.Equal(back, m) {
+				t.Fatal("protobuf reads the codec's encoding as another message")
+			}
+			for _, enc := range [][]byte{wire, std} {
+				for _, n := range []int{1, 7, 16 << 10, len(enc) + 1} {
+					got := m.ProtoReflect().New().Interface()
+					if err := c.Unmarshal(frames(enc, n), got); err != nil {
+						t.Fatalf("frames of %d: %v", n, err)
+					}
+					if !proto.Equal(got, m) {
+						t.Fatalf("frames of %d: decoded another message", n)
+					}
+					if r, ok := got.(*tetherpb.StreamRequest); ok && len(r.GetOp().GetData()) >= bigData && !isAligned(r.GetOp().GetData()) {
+						t.Fatalf("frames of %d: large data not aligned for O_DIRECT", n)
+					}
+				}
+			}
+		})
+	}
+}
+
+// TestCodecOtherShapes: a large StreamRequest the fast path does not take
+// (fields repeated, which protobuf merges; a data field twice) decodes as
+// protobuf decodes it, and a truncated one fails.
+func TestCodecOtherShapes(t *testing.T) {
+	c := wireCodec{}
+	a := &tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Op{Op: &tetherpb.FileOp{Path: []byte("a"), Data: randomBytes(bigData), Offset: 1}}}
+	b := &tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Op{Op: &tetherpb.FileOp{Path: []byte("b"), Data: randomBytes(bigData + 1), More: true}}}
+	ab, _ := proto.Marshal(a)
+	bb, _ := proto.Marshal(b)
+	twoOps := append(append([]byte{}, ab...), bb...)
+	// One op with its data field twice: the last one wins.
+	op := protowire.AppendTag(nil, fieldFileOpData, protowire.BytesType)
+	op = protowire.AppendBytes(op, randomBytes(bigData))
+	op = protowire.AppendTag(op, fieldFileOpData, protowire.BytesType)
+	op = protowire.AppendBytes(op, randomBytes(bigData+3))
+	twoData := protowire.AppendTag(nil, fieldStreamRequestOp, protowire.BytesType)
+	twoData = protowire.AppendBytes(twoData, op)
+	for name, enc := range map[string][]byte{"two ops": twoOps, "two data fields": twoData} {
+		want := &tetherpb.StreamRequest{}
+		if err := proto.Unmarshal(enc, want); err != nil {
+			t.Fatal(err)
+		}
+		got := &tetherpb.StreamRequest{}
+		if err := c.Unmarshal(frames(enc, 1000), got); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if !proto.Equal(got, want) {
+			t.Fatalf("%s: decoded otherwise than protobuf", name)
+		}
+	}
+	for _, cut := range []int{1, len(ab) / 2, len(ab) - 1} {
+		if err := c.Unmarshal(frames(ab[:cut], 1000), &tetherpb.StreamRequest{}); err == nil && cut >= bigData {
+			t.Fatalf("a message truncated to %d of %d bytes decoded", cut, len(ab))
+		}
+	}
+}
+
+// TestCodecTakesLentBuffers: a chunk lent by the chunker goes to gRPC
+// without a copy and back to the pool when gRPC frees it; data not lent
+// (or taken back) is copied.
+func TestCodecTakesLentBuffers(t *testing.T) {
+	p := newChunkPool()
+	c := wireCodec{loans: p}
+	bp := p.Get(chunkSize)
+	copy(*bp, randomBytes(chunkSize))
+	m := &tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Op{Op: &tetherpb.FileOp{Data: *bp}}}
+
+	p.lend(bp)
+	out, err := c.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(out) != 2 || unsafe.SliceData(out[1].ReadOnlyData()) != unsafe.SliceData(*bp) {
+		t.Fatal("the lent buffer was not sent as it is")
+	}
+	if p.reclaim(bp) {
+		t.Fatal("reclaim says the codec did not take the buffer it took")
+	}
+	if !bytes.Equal(out.Materialize()[len(out[0].ReadOnlyData()):], m.GetOp().GetData()) {
+		t.Fatal("wrong data")
+	}
+	out.Free()
+	if got := p.Get(chunkSize); got != bp {
+		t.Fatal("the buffer gRPC freed did not go back to the pool")
+	}
+
+	p.lend(bp)
+	if !p.reclaim(bp) {
+		t.Fatal("reclaim of a buffer the codec did not take")
+	}
+	out, err = c.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if unsafe.SliceData(out[1].ReadOnlyData()) == unsafe.SliceData(*bp) {
+		t.Fatal("a buffer taken back was sent without a copy")
+	}
+	out.Free()
+}
+
+// TestChunkerWithLendingCodec sends a file through a chunker whose chunks
+// the codec takes, keeping every encoded message unsent until the end (as
+// gRPC may, after Send returns): the chunker must never write into a
+// buffer it lent, so every message still holds its own data.
+func TestChunkerWithLendingCodec(t *testing.T) {
+	p := newChunkPool()
+	c := wireCodec{loans: p}
+	data := randomBytes(5*chunkSize + 777)
+	var held []mem.BufferSlice
+	send := func(m *tetherpb.StreamRequest) error {
+		out, err := c.Marshal(m)
+		held = append(held, out)
+		return err
+	}
+	ch := newChunker(send, "f", nil, p)
+	for off := 0; off < len(data); off += blockSize {
+		if err := ch.add(int64(off), data[off:min(off+blockSize, len(data))]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := ch.flush(); err != nil {
+		t.Fatal(err)
+	}
+	ch.release()
+	var got []byte
+	for _, out := range held {
+		m := &tetherpb.StreamRequest{}
+		if err := c.Unmarshal(out, m); err != nil {
+			t.Fatal(err)
+		}
+		if int(m.GetOp().GetOffset()) != len(got) {
+			t.Fatalf("chunk at %d, expected %d", m.GetOp().GetOffset(), len(got))
+		}
+		got = append(got, m.GetOp().GetData()...)
+		out.Free()
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("the chunks do not hold the file's data")
+	}
+}
+
+// TestStreamedSyncWithDefaultServerCodec: a replica whose gRPC server uses
+// the default codec (an agent without ServerOptions) receives a streamed
+// file from a primary using the replication codec.
+func TestStreamedSyncWithDefaultServerCodec(t *testing.T) {
+	c := newTestCluster(t)
+	c.plainServer = true
+	must(t, os.WriteFile(c.path("big"), randomBytes(3<<20+5), 0o644))
+	c.write("small.txt", "x")
+	c.startReplica("r1")
+	c.prep = func(p *Primary) { p.streamMin = streamSmall }
+	c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+}
