@@ -10,7 +10,6 @@ import (
 
 	"github.com/tether-io/tether/internal/tlsutil"
 	"github.com/tether-io/tether/proto/tetherpb"
-	"github.com/tether-io/tether/replication"
 )
 
 // Security settings (Config.GossipKeys, Config.TLS): see DESIGN.md,
@@ -77,7 +76,7 @@ func (a *Agent) secureMux() error {
 
 // grpcServerOptions are the RPC server's options: mutual TLS when on.
 func (a *Agent) grpcServerOptions() []grpc.ServerOption {
-	opts := replication.ServerOptions()
+	opts := a.repl.ServerOptions()
 	if a.tls == nil {
 		return opts
 	}

@@ -44,17 +44,19 @@ const bigData = 32 << 10
 // loans (may be nil) are the buffers a primary's chunker lends.
 type wireCodec struct {
 	loans *chunkPool
+	recv  *recvPool
 }
 
 // Name is the default codec's: the content type stays application/grpc+proto,
 // so either side may use the default codec instead.
 func (wireCodec) Name() string { return "proto" }
 
-// ServerOptions are the gRPC server options of a node that serves
-// replication streams (Server.Register): the replication codec for every
-// message (other services' messages are plain protobuf to it).
-func ServerOptions() []grpc.ServerOption {
-	return []grpc.ServerOption{grpc.ForceServerCodecV2(wireCodec{})}
+// ServerOptions are the options of the gRPC server s is registered on
+// (Register): the replication codec for every message (other services'
+// messages are plain protobuf to it), receiving chunk data into s's
+// buffers.
+func (s *Server) ServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{grpc.ForceServerCodecV2(wireCodec{recv: s.recv})}
 }
 
 // Marshal encodes v; a StreamRequest carrying a large FILE chunk is encoded
@@ -110,7 +112,7 @@ func (c wireCodec) Unmarshal(data mem.BufferSlice, v any) error {
 		return fmt.Errorf("replication codec: cannot unmarshal into %T: not a protobuf message", v)
 	}
 	if r, ok := m.(*tetherpb.StreamRequest); ok && data.Len() >= bigData {
-		done, err := unmarshalChunk(data, r)
+		done, err := unmarshalChunk(data, r, c.recv)
 		if done || err != nil {
 			return err
 		}
@@ -131,7 +133,7 @@ var errNotChunk = errors.New("not a single op with one data field")
 // op's data field once into an aligned buffer and decoding the rest of the
 // op with protobuf. done is false when the message has another shape (a
 // repeated field, groups...): the caller then decodes it the generic way.
-func unmarshalChunk(data mem.BufferSlice, r *tetherpb.StreamRequest) (done bool, err error) {
+func unmarshalChunk(data mem.BufferSlice, r *tetherpb.StreamRequest, pool *recvPool) (done bool, err error) {
 	rd := data.Reader()
 	defer rd.Close()
 	num, typ, err := readTag(rd)
@@ -153,8 +155,9 @@ func unmarshalChunk(data mem.BufferSlice, r *tetherpb.StreamRequest) (done bool,
 			if err != nil || n > uint64(rd.Remaining()) || body != nil {
 				return false, nil
 			}
-			body = alignedBuf(int(n))
+			body = pool.get(int(n))
 			if _, err := io.ReadFull(rd, body); err != nil {
+				pool.put(body)
 				return false, nil
 			}
 			continue
@@ -238,12 +241,58 @@ func alignedBuf(n int) []byte {
 	if k := int(uintptr(unsafe.Pointer(unsafe.SliceData(b))) & (directAlign - 1)); k != 0 {
 		b = b[directAlign-k:]
 	}
-	return b[:n:n]
+	return b[:n]
 }
 
 // isAligned reports whether b starts at a directAlign boundary.
 func isAligned(b []byte) bool {
 	return uintptr(unsafe.Pointer(unsafe.SliceData(b)))&(directAlign-1) == 0
+}
+
+// recvPool holds the aligned buffers a replica's codec receives chunk data
+// into. The stream's receiver gives a message's data back when the handler
+// asks for the next message, the batch having staged it (batch.add keeps
+// no FileOp data). Whatever is not given back is garbage collected. A nil
+// *recvPool allocates every buffer.
+type recvPool struct {
+	mu   sync.Mutex
+	free [][]byte
+}
+
+// recvPoolKeep is the most free buffers a recvPool keeps.
+const recvPoolKeep = 4
+
+// get returns n bytes aligned for O_DIRECT; their contents are not
+// cleared.
+func (p *recvPool) get(n int) []byte {
+	if n < bigData {
+		return make([]byte, n)
+	}
+	if p != nil {
+		p.mu.Lock()
+		for k := len(p.free) - 1; k >= 0; k-- {
+			if b := p.free[k]; cap(b) >= n {
+				p.free = append(p.free[:k], p.free[k+1:]...)
+				p.mu.Unlock()
+				return b[:n]
+			}
+		}
+		p.mu.Unlock()
+	}
+	return alignedBuf(max(n, chunkSize))[:n]
+}
+
+// put gives back a buffer get returned (its owner is done with it); other
+// buffers are dropped.
+func (p *recvPool) put(b []byte) {
+	if p == nil || cap(b) < bigData || !isAligned(b) {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if len(p.free) < recvPoolKeep {
+		p.free = append(p.free, b[:0])
+	}
 }
 
 // chunkPool holds the buffers a primary's chunker fills with FILE chunks,

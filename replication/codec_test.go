@@ -2,6 +2,8 @@ package replication
 
 import (
 	"bytes"
+	"context"
+	"io"
 	"os"
 	"testing"
 	"unsafe"
@@ -235,4 +237,69 @@ func TestStreamedSyncWithDefaultServerCodec(t *testing.T) {
 	c.prep = func(p *Primary) { p.streamMin = streamSmall }
 	c.startPrimary(1, "r1")
 	c.waitSynced("r1")
+}
+
+// TestRecvPool: buffers given back are handed out again (aligned, as
+// large as asked); small or foreign buffers are not kept.
+func TestRecvPool(t *testing.T) {
+	p := &recvPool{}
+	b := p.get(chunkSize)
+	if len(b) != chunkSize || !isAligned(b) {
+		t.Fatalf("get: %d bytes, aligned %v", len(b), isAligned(b))
+	}
+	p.put(b)
+	if c := p.get(chunkSize - 5); unsafe.SliceData(c) != unsafe.SliceData(b) || len(c) != chunkSize-5 {
+		t.Fatal("a buffer given back was not reused")
+	}
+	if c := p.get(2 * chunkSize); unsafe.SliceData(c) == unsafe.SliceData(b) || len(c) != 2*chunkSize || !isAligned(c) {
+		t.Fatal("a larger request got a wrong buffer")
+	}
+	p.put(make([]byte, 100))
+	p.put(alignedBuf(chunkSize)[1:])
+	if len(p.free) != 0 {
+		t.Fatalf("kept %d small or unaligned buffers", len(p.free))
+	}
+	for range 2 * recvPoolKeep {
+		p.put(alignedBuf(chunkSize))
+	}
+	if len(p.free) != recvPoolKeep {
+		t.Fatalf("kept %d buffers, at most %d", len(p.free), recvPoolKeep)
+	}
+}
+
+// TestReceiverGivesBackDataAfterUse: the receiver gives a message's data
+// back to the pool only when the handler asks for the next message (the
+// handler stages a chunk between the two), and only once.
+func TestReceiverGivesBackDataAfterUse(t *testing.T) {
+	p := &recvPool{}
+	r := &receiver{ctx: context.Background(), msgs: make(chan *tetherpb.StreamRequest, 3), errc: make(chan error, 1), pool: p}
+	chunk := func() *tetherpb.StreamRequest {
+		return &tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Op{Op: &tetherpb.FileOp{Data: p.get(chunkSize)}}}
+	}
+	m1, m2 := chunk(), chunk()
+	r.msgs <- m1
+	r.msgs <- m2
+	r.msgs <- &tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Commit{Commit: &tetherpb.Commit{}}}
+	if got, err := r.next(); err != nil || got != m1 {
+		t.Fatal(got, err)
+	}
+	if len(p.free) != 0 {
+		t.Fatal("the data of the message being handled was given back")
+	}
+	if got, err := r.next(); err != nil || got != m2 {
+		t.Fatal(got, err)
+	}
+	if len(p.free) != 1 || unsafe.SliceData(p.free[0]) != unsafe.SliceData(m1.GetOp().GetData()) {
+		t.Fatal("the data of the previous message was not given back")
+	}
+	if _, err := r.next(); err != nil {
+		t.Fatal(err)
+	}
+	if len(p.free) != 2 {
+		t.Fatalf("%d buffers given back, want 2", len(p.free))
+	}
+	r.errc <- io.EOF
+	if _, err := r.next(); err != io.EOF || len(p.free) != 2 {
+		t.Fatalf("after a commit: %v, %d buffers given back", err, len(p.free))
+	}
 }

@@ -93,7 +93,7 @@ func (c *testCluster) startReplica(name string) *replicaNode {
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	opts := ServerOptions()
+	opts := srv.ServerOptions()
 	if c.plainServer {
 		opts = nil
 	}
