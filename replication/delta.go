@@ -11,8 +11,8 @@ import (
 	"unsafe"
 
 	"github.com/klauspost/compress/zstd"
-	"github.com/zeebo/blake3"
 	"golang.org/x/sys/unix"
+	"lukechampine.com/blake3"
 
 	"github.com/tether-io/tether/proto/tetherpb"
 )
