@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"io"
 	"os"
+	"slices"
 	"testing"
 	"unsafe"
 
@@ -325,5 +326,93 @@ func TestBlockHashIsBLAKE3(t *testing.T) {
 		if got := blake3.Sum256(b); hex.EncodeToString(got[:]) != want {
 			t.Errorf("BLAKE3 of %d bytes: %x, want %s", n, got, want)
 		}
+	}
+}
+
+// TestReadBlocksSendsWhatChanged reads a file of data blocks, a hole, a
+// block half hole and a short last block: whole (every data byte sent, no
+// hole), then as a delta against the first reading after two blocks
+// changed (only those sent), each time through a chunker lending its
+// buffers to a codec whose encoded messages are kept until the end.
+func TestReadBlocksSendsWhatChanged(t *testing.T) {
+	path := t.TempDir() + "/f"
+	f, err := os.Create(path)
+	must(t, err)
+	defer f.Close()
+	size := int64(6*blockSize + 1000)
+	write := func(off int64, n int) {
+		t.Helper()
+		_, err := f.WriteAt(randomBytes(n), off)
+		must(t, err)
+	}
+	write(0, 3*blockSize)              // blocks 0-2
+	write(4*blockSize, blockSize/2)    // block 4: half data, half hole; block 3: hole
+	write(5*blockSize, blockSize+1000) // block 5 and the short block 6
+	must(t, f.Truncate(size))
+
+	read := func(base *indexEntry) (blockRead, map[int64][]byte) {
+		t.Helper()
+		p := newChunkPool()
+		c := wireCodec{loans: p}
+		var held []mem.BufferSlice
+		send := func(m *tetherpb.StreamRequest) error {
+			out, err := c.Marshal(m)
+			held = append(held, out)
+			return err
+		}
+		exts, err := dataExtents(f, size)
+		must(t, err)
+		ch := newChunker(send, "f", nil, p)
+		r, err := readBlocks(f, size, exts, base, ch)
+		must(t, err)
+		ch.release()
+		sent := map[int64][]byte{}
+		for _, out := range held {
+			m := &tetherpb.StreamRequest{}
+			must(t, c.Unmarshal(out, m))
+			out.Free()
+			sent[int64(m.GetOp().GetOffset())] = m.GetOp().GetData()
+		}
+		for i := int64(0); i*blockSize < size; i++ {
+			blk := make([]byte, min(blockSize, size-i*blockSize))
+			_, err := f.ReadAt(blk, i*blockSize)
+			must(t, err)
+			if h := blake3.Sum256(blk); !bytes.Equal(r.hashes[i*hashLen:(i+1)*hashLen], h[:]) {
+				t.Fatalf("hash of block %d is not its contents'", i)
+			}
+		}
+		for off, data := range sent {
+			want := make([]byte, len(data))
+			_, err := f.ReadAt(want, off)
+			must(t, err)
+			if !bytes.Equal(data, want) {
+				t.Fatalf("chunk at %d does not hold the file's bytes", off)
+			}
+		}
+		return r, sent
+	}
+	total := func(sent map[int64][]byte) (n int) {
+		for _, d := range sent {
+			n += len(d)
+		}
+		return n
+	}
+
+	r, sent := read(nil)
+	if want := 3*blockSize + blockSize/2 + blockSize + 1000; total(sent) != want {
+		t.Fatalf("sent %d bytes of a whole reading, want the %d data bytes", total(sent), want)
+	}
+	if len(r.changed) != 7 {
+		t.Fatalf("changed %v, want every block", r.changed)
+	}
+	exts, err := dataExtents(f, size)
+	must(t, err)
+	base := &indexEntry{kind: kindFile, size: size, hashes: r.hashes, exts: exts}
+
+	write(blockSize+10, 100)
+	write(5*blockSize, 1)
+	r, sent = read(base)
+	if !slices.Equal(r.changed, []uint64{1, 5}) || total(sent) != 2*blockSize {
+		t.Fatalf("delta: changed %v, %d bytes sent; want blocks [1 5], %d bytes", r.changed, total(sent), 2*blockSize)
 	}
 }

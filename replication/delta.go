@@ -92,6 +92,31 @@ func (c *chunker) add(off int64, data []byte) error {
 	return nil
 }
 
+// reserve returns room for the n bytes of the file at off after the data
+// gathered, sending that data first if off does not follow it or the n
+// bytes would not fit in the chunk. The caller reads the bytes into the
+// room and keeps them with commit if they are to be sent.
+func (c *chunker) reserve(off int64, n int) ([]byte, error) {
+	if len(c.buf) > 0 && (c.off+int64(len(c.buf)) != off || len(c.buf)+n > chunkSize) {
+		if err := c.flush(); err != nil {
+			return nil, err
+		}
+	}
+	c.buf = slices.Grow(c.buf, n)
+	return c.buf[len(c.buf) : len(c.buf)+n], nil
+}
+
+// commit adds the n bytes at off read into the room reserve returned.
+func (c *chunker) commit(off int64, n int) {
+	if n == 0 {
+		return
+	}
+	if len(c.buf) == 0 {
+		c.off = off
+	}
+	c.buf = c.buf[:len(c.buf)+n]
+}
+
 // flush sends the gathered data as one chunk. Its buffer is reused for the
 // next chunk once send returns: every sendFunc is done with a message then
 // (gRPC's Send has encoded it, the spool has written it), unless the
@@ -173,9 +198,27 @@ func readBlocks(f *os.File, size int64, exts []extent, base *indexEntry, ch *chu
 		}
 		blk := buf[:be-bs]
 		var h [hashLen]byte
-		if len(ranges) == 0 && be-bs == blockSize {
+		// A block all data is read straight into the chunk being gathered
+		// (and kept there if it is sent): no copy.
+		direct := len(ranges) == 1 && ranges[0] == extent{bs, be - bs}
+		switch {
+		case direct:
+			var err error
+			if blk, err = ch.reserve(bs, int(be-bs)); err != nil {
+				return r, err
+			}
+			n, err := f.ReadAt(blk, bs)
+			if err != nil && !errors.Is(err, io.EOF) {
+				return r, err
+			}
+			if int64(n) < be-bs { // the file shrank; its event brings it again
+				clear(blk[n:])
+				ranges, r.short = []extent{{bs, int64(n)}}, true
+			}
+			h = blake3.Sum256(blk)
+		case len(ranges) == 0 && be-bs == blockSize:
 			h = zeroBlockHash
-		} else {
+		default:
 			clear(blk)
 			for j, rg := range ranges {
 				n, err := f.ReadAt(blk[rg.off-bs:rg.off-bs+rg.n], rg.off)
@@ -195,8 +238,11 @@ func readBlocks(f *os.File, size int64, exts []extent, base *indexEntry, ch *chu
 			continue
 		}
 		r.changed = append(r.changed, uint64(i))
+		if direct {
+			ch.commit(bs, int(ranges[0].n))
+		}
 		for _, rg := range ranges {
-			if rg.n > 0 {
+			if rg.n > 0 && !direct {
 				if err := ch.add(rg.off, blk[rg.off-bs:rg.off-bs+rg.n]); err != nil {
 					return r, err
 				}
