@@ -187,7 +187,7 @@ func clip(exts []extent, ei *int, bs, be int64) []extent {
 // The file is read once.
 func readBlocks(f *os.File, size int64, exts []extent, base *indexEntry, ch *chunker) (blockRead, error) {
 	var r blockRead
-	buf := make([]byte, blockSize)
+	var buf []byte // blocks with holes are read here: allocated at the first one (the hash makes it escape)
 	ei, bi := 0, 0
 	for i := int64(0); i*blockSize < size; i++ {
 		bs, be := i*blockSize, min((i+1)*blockSize, size)
@@ -196,7 +196,7 @@ func readBlocks(f *os.File, size int64, exts []extent, base *indexEntry, ch *chu
 		if base != nil {
 			baseRanges = clip(base.exts, &bi, bs, be)
 		}
-		blk := buf[:be-bs]
+		var blk []byte
 		var h [hashLen]byte
 		// A block all data is read straight into the chunk being gathered
 		// (and kept there if it is sent): no copy.
@@ -219,6 +219,10 @@ func readBlocks(f *os.File, size int64, exts []extent, base *indexEntry, ch *chu
 		case len(ranges) == 0 && be-bs == blockSize:
 			h = zeroBlockHash
 		default:
+			if buf == nil {
+				buf = make([]byte, blockSize)
+			}
+			blk = buf[:be-bs]
 			clear(blk)
 			for j, rg := range ranges {
 				n, err := f.ReadAt(blk[rg.off-bs:rg.off-bs+rg.n], rg.off)
