@@ -11,6 +11,7 @@ import (
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/tether-io/tether/proto/tetherpb"
 )
@@ -79,10 +80,19 @@ func (c wireCodec) Marshal(v any) (mem.BufferSlice, error) {
 // marshalChunk encodes StreamRequest{op: op} with op's data last, the data
 // as a separate buffer: lent by the chunker (no copy), else a copy.
 func (c wireCodec) marshalChunk(op *tetherpb.FileOp) (mem.BufferSlice, error) {
-	data := op.Data
-	op.Data = nil
-	hdr, err := proto.Marshal(op)
-	op.Data = data
+	data := op.GetData()
+	// The op without its data, sharing the rest (op itself is left alone: a
+	// message may be sent on several streams at once).
+	rest := &tetherpb.FileOp{}
+	dst := rest.ProtoReflect()
+	op.ProtoReflect().Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+		if fd.Number() != fieldFileOpData {
+			dst.Set(fd, v)
+		}
+		return true
+	})
+	dst.SetUnknown(op.ProtoReflect().GetUnknown())
+	hdr, err := proto.Marshal(rest)
 	if err != nil {
 		return nil, fmt.Errorf("replication codec: %w", err)
 	}

@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"encoding/hex"
+	"errors"
 	"io"
 	"os"
 	"runtime"
 	"slices"
+	"sync"
 	"testing"
 	"unsafe"
 
@@ -443,5 +445,46 @@ func TestReadBlocksSmallFileAllocates(t *testing.T) {
 	runtime.ReadMemStats(&after)
 	if per := (after.TotalAlloc - before.TotalAlloc) / runs; per > 32<<10 {
 		t.Fatalf("reading a 4 KiB file allocated %d bytes", per)
+	}
+}
+
+// TestCodecMarshalLeavesMessageAlone: marshalling a chunk does not change
+// the message (one may be sent on several streams at once: run with
+// -race), and keeps its unknown fields.
+func TestCodecMarshalLeavesMessageAlone(t *testing.T) {
+	c := wireCodec{}
+	op := &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte("f"), Data: randomBytes(chunkSize), More: true}
+	unknown := protowire.AppendTag(nil, 99, protowire.VarintType)
+	op.ProtoReflect().SetUnknown(protowire.AppendVarint(unknown, 7))
+	m := &tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Op{Op: op}}
+	data := op.GetData()
+	var wg sync.WaitGroup
+	errs := make(chan error, 4)
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			out, err := c.Marshal(m)
+			if err != nil {
+				errs <- err
+				return
+			}
+			got := &tetherpb.StreamRequest{}
+			if err := proto.Unmarshal(out.Materialize(), got); err != nil {
+				errs <- err
+				return
+			}
+			if !proto.Equal(got, m) {
+				errs <- errors.New("the encoding decodes as another message")
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if unsafe.SliceData(op.GetData()) != unsafe.SliceData(data) || len(op.GetData()) != chunkSize {
+		t.Fatal("marshalling changed the message's data")
 	}
 }
