@@ -76,10 +76,11 @@ func (a *Agent) secureMux() error {
 
 // grpcServerOptions are the RPC server's options: mutual TLS when on.
 func (a *Agent) grpcServerOptions() []grpc.ServerOption {
+	opts := a.repl.ServerOptions()
 	if a.tls == nil {
-		return nil
+		return opts
 	}
-	return []grpc.ServerOption{grpc.Creds(credentials.NewTLS(a.tls.ServerConfig("h2")))}
+	return append(opts, grpc.Creds(credentials.NewTLS(a.tls.ServerConfig("h2"))))
 }
 
 // peerCredentials are what this agent dials other agents with.

@@ -78,15 +78,18 @@ func (in *incoming) writeAt(data []byte, off int64) error {
 		}
 	}
 	if n := len(data) &^ (directAlign - 1); in.direct != nil && off%directAlign == 0 && n > 0 {
-		if cap(in.buf) < n+directAlign {
-			in.buf = make([]byte, n+directAlign)
+		buf := data[:n] // aligned already when the stream's codec received it
+		if !isAligned(buf) {
+			if cap(in.buf) < n+directAlign {
+				in.buf = make([]byte, n+directAlign)
+			}
+			buf = in.buf
+			if k := int(uintptr(unsafe.Pointer(unsafe.SliceData(buf))) & (directAlign - 1)); k != 0 {
+				buf = buf[directAlign-k:]
+			}
+			buf = buf[:n]
+			copy(buf, data)
 		}
-		buf := in.buf
-		if k := int(uintptr(unsafe.Pointer(unsafe.SliceData(buf))) & (directAlign - 1)); k != 0 {
-			buf = buf[directAlign-k:]
-		}
-		buf = buf[:n]
-		copy(buf, data)
 		_, err := in.direct.WriteAt(buf, off)
 		switch {
 		case err == nil:

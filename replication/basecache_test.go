@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/zeebo/blake3"
+	"lukechampine.com/blake3"
 
 	"github.com/tether-io/tether/internal/testutil"
 	"github.com/tether-io/tether/proto/tetherpb"

@@ -67,7 +67,7 @@ func (bp *benchPair) startLimited(lim Limiter) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	gs := grpc.NewServer()
+	gs := grpc.NewServer(srv.ServerOptions()...)
 	srv.Register(gs)
 	done := make(chan struct{})
 	go func() { defer close(done); _ = gs.Serve(lis) }()

@@ -8,10 +8,11 @@ import (
 	"os"
 	"slices"
 	"syscall"
+	"unsafe"
 
 	"github.com/klauspost/compress/zstd"
-	"github.com/zeebo/blake3"
 	"golang.org/x/sys/unix"
+	"lukechampine.com/blake3"
 
 	"github.com/tether-io/tether/proto/tetherpb"
 )
@@ -53,6 +54,29 @@ type chunker struct {
 	buf  []byte
 	off  int64 // offset of buf
 	end  int64 // end of the data sent so far
+	// pool, when set, lends buf (*bufp's array) to the stream's codec with
+	// each chunk sent uncompressed (see chunkPool).
+	pool *chunkPool
+	bufp *[]byte
+}
+
+// newChunker returns a chunker of file rel; release it after its last
+// flush.
+func newChunker(send sendFunc, rel string, enc *zstd.Encoder, pool *chunkPool) *chunker {
+	c := &chunker{send: send, rel: rel, enc: enc, pool: pool}
+	if pool != nil {
+		c.bufp = pool.Get(chunkSize)
+		c.buf = (*c.bufp)[:0]
+	}
+	return c
+}
+
+// release returns the chunker's buffer to its pool.
+func (c *chunker) release() {
+	if c.bufp != nil {
+		c.pool.Put(c.bufp)
+		c.bufp, c.buf = nil, nil
+	}
 }
 
 func (c *chunker) add(off int64, data []byte) error {
@@ -68,9 +92,36 @@ func (c *chunker) add(off int64, data []byte) error {
 	return nil
 }
 
+// reserve returns room for the n bytes of the file at off after the data
+// gathered, sending that data first if off does not follow it or the n
+// bytes would not fit in the chunk. The caller reads the bytes into the
+// room and keeps them with commit if they are to be sent.
+func (c *chunker) reserve(off int64, n int) ([]byte, error) {
+	if len(c.buf) > 0 && (c.off+int64(len(c.buf)) != off || len(c.buf)+n > chunkSize) {
+		if err := c.flush(); err != nil {
+			return nil, err
+		}
+	}
+	c.buf = slices.Grow(c.buf, n)
+	return c.buf[len(c.buf) : len(c.buf)+n], nil
+}
+
+// commit adds the n bytes at off read into the room reserve returned.
+func (c *chunker) commit(off int64, n int) {
+	if n == 0 {
+		return
+	}
+	if len(c.buf) == 0 {
+		c.off = off
+	}
+	c.buf = c.buf[:len(c.buf)+n]
+}
+
 // flush sends the gathered data as one chunk. Its buffer is reused for the
 // next chunk once send returns: every sendFunc is done with a message then
-// (gRPC's Send has encoded it, the spool has written it).
+// (gRPC's Send has encoded it, the spool has written it), unless the
+// stream's codec took the buffer lent with it (gRPC then returns it to the
+// pool once written, and the chunker takes another).
 func (c *chunker) flush() error {
 	if len(c.buf) == 0 {
 		return nil
@@ -83,8 +134,18 @@ func (c *chunker) flush() error {
 		}
 	}
 	c.end = c.off + int64(len(c.buf))
+	lent := c.bufp != nil && !op.Zstd && unsafe.SliceData(c.buf) == unsafe.SliceData(*c.bufp)
+	if lent {
+		c.pool.lend(c.bufp)
+	}
+	err := sendOp(c.send, op)
+	if lent && !c.pool.reclaim(c.bufp) {
+		c.bufp = c.pool.Get(chunkSize)
+		c.buf = (*c.bufp)[:0]
+		return err
+	}
 	c.buf = c.buf[:0]
-	return sendOp(c.send, op)
+	return err
 }
 
 // compressSample is how much of a chunk is compressed first to tell
@@ -126,7 +187,7 @@ func clip(exts []extent, ei *int, bs, be int64) []extent {
 // The file is read once.
 func readBlocks(f *os.File, size int64, exts []extent, base *indexEntry, ch *chunker) (blockRead, error) {
 	var r blockRead
-	buf := make([]byte, blockSize)
+	var buf []byte // blocks with holes are read here: allocated at the first one (the hash makes it escape)
 	ei, bi := 0, 0
 	for i := int64(0); i*blockSize < size; i++ {
 		bs, be := i*blockSize, min((i+1)*blockSize, size)
@@ -135,11 +196,33 @@ func readBlocks(f *os.File, size int64, exts []extent, base *indexEntry, ch *chu
 		if base != nil {
 			baseRanges = clip(base.exts, &bi, bs, be)
 		}
-		blk := buf[:be-bs]
+		var blk []byte
 		var h [hashLen]byte
-		if len(ranges) == 0 && be-bs == blockSize {
+		// A block all data is read straight into the chunk being gathered
+		// (and kept there if it is sent): no copy.
+		direct := len(ranges) == 1 && ranges[0] == extent{bs, be - bs}
+		switch {
+		case direct:
+			var err error
+			if blk, err = ch.reserve(bs, int(be-bs)); err != nil {
+				return r, err
+			}
+			n, err := f.ReadAt(blk, bs)
+			if err != nil && !errors.Is(err, io.EOF) {
+				return r, err
+			}
+			if int64(n) < be-bs { // the file shrank; its event brings it again
+				clear(blk[n:])
+				ranges, r.short = []extent{{bs, int64(n)}}, true
+			}
+			h = blake3.Sum256(blk)
+		case len(ranges) == 0 && be-bs == blockSize:
 			h = zeroBlockHash
-		} else {
+		default:
+			if buf == nil {
+				buf = make([]byte, blockSize)
+			}
+			blk = buf[:be-bs]
 			clear(blk)
 			for j, rg := range ranges {
 				n, err := f.ReadAt(blk[rg.off-bs:rg.off-bs+rg.n], rg.off)
@@ -159,8 +242,11 @@ func readBlocks(f *os.File, size int64, exts []extent, base *indexEntry, ch *chu
 			continue
 		}
 		r.changed = append(r.changed, uint64(i))
+		if direct {
+			ch.commit(bs, int(ranges[0].n))
+		}
 		for _, rg := range ranges {
-			if rg.n > 0 {
+			if rg.n > 0 && !direct {
 				if err := ch.add(rg.off, blk[rg.off-bs:rg.off-bs+rg.n]); err != nil {
 					return r, err
 				}

@@ -42,6 +42,9 @@ type testCluster struct {
 	wire     atomic.Int64 // bytes of the messages primaries sent (see countStream)
 	// prep, if set, adjusts each Primary before it starts.
 	prep func(*Primary)
+	// plainServer starts replicas on gRPC servers without ServerOptions
+	// (the default codec and flow control).
+	plainServer bool
 }
 
 func newTestCluster(t *testing.T) *testCluster {
@@ -90,7 +93,11 @@ func (c *testCluster) startReplica(name string) *replicaNode {
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	gs := grpc.NewServer()
+	opts := srv.ServerOptions()
+	if c.plainServer {
+		opts = nil
+	}
+	gs := grpc.NewServer(opts...)
 	srv.Register(gs)
 	r := &replicaNode{paths: paths, srv: srv, gs: gs, addr: lis.Addr().String(), done: make(chan struct{})}
 	go func() {

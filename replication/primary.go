@@ -148,6 +148,7 @@ type Primary struct {
 	w        *watcher
 	idx      *index        // the block index of the last cut
 	enc      *zstd.Encoder // compresses file chunks in cuts
+	chunks   *chunkPool    // buffers of streamed chunks, lent to the senders' codec
 	wg       sync.WaitGroup
 
 	// watchLimits returns the inotify watch limit and the watches in use
@@ -228,7 +229,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 		log = slog.Default()
 	}
 	log = log.With("component", "replication-primary", "volume", cfg.Volume, "epoch", cfg.Epoch)
-	p := &Primary{cfg: cfg, log: log, warn: newOnceLogger(log), ch: newChanges(),
+	p := &Primary{cfg: cfg, log: log, warn: newOnceLogger(log), ch: newChanges(), chunks: newChunkPool(),
 		barrierDir: filepath.Join(filepath.Clean(cfg.Paths.State), barrierDir),
 		replicas:   slices.Clone(cfg.Replicas), senders: map[string]*sender{}, changed: make(chan struct{}),
 		watchLimits: inotifyWatches, streamMin: defaultStreamMin}

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -240,7 +241,7 @@ func (s *sender) session(ctx context.Context) (progressed bool, err error) {
 
 // open opens the stream, says Hello and records the replica's answer.
 func (s *sender) open(ctx context.Context, client tetherpb.ReplicationClient) (tetherpb.Replication_StreamClient, error) {
-	stream, err := client.Stream(ctx)
+	stream, err := client.Stream(ctx, grpc.ForceCodecV2(wireCodec{loans: s.p.chunks}))
 	if err != nil {
 		return nil, fmt.Errorf("open replication stream to %s: %w", s.node, err)
 	}

@@ -47,6 +47,7 @@ type Server struct {
 	closed  bool
 	volumes map[string]*replicaVolume
 	wg      sync.WaitGroup
+	recv    *recvPool // buffers the codec receives chunk data into (ServerOptions)
 
 	fail failpoint // tests only (setFailpoint): stops a commit at a step, as a crash would
 	// sumsHook, in tests only, is called before BlockSums hashes each path.
@@ -100,7 +101,7 @@ func NewServer(cfg ServerConfig) *Server {
 	ctx, cancel := context.WithCancel(context.Background())
 	log = log.With("component", "replication-server")
 	return &Server{cfg: cfg, log: log, warn: newOnceLogger(log), ctx: ctx, cancel: cancel,
-		volumes: map[string]*replicaVolume{}}
+		volumes: map[string]*replicaVolume{}, recv: &recvPool{}}
 }
 
 // Register adds the Replication service to g.
@@ -211,7 +212,7 @@ func (s *Server) Stream(stream tetherpb.Replication_StreamServer) error {
 	stop := context.AfterFunc(s.ctx, func() { cancel(errServerClosing) })
 	defer stop()
 
-	in := &receiver{ctx: ctx, msgs: make(chan *tetherpb.StreamRequest), errc: make(chan error, 1)}
+	in := &receiver{ctx: ctx, msgs: make(chan *tetherpb.StreamRequest), errc: make(chan error, 1), pool: s.recv}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
@@ -234,6 +235,10 @@ type receiver struct {
 	ctx  context.Context
 	msgs chan *tetherpb.StreamRequest
 	errc chan error
+	// pool takes back the data of the message next returned last once the
+	// handler asks for the following one: the batch has staged it then.
+	pool *recvPool
+	held []byte
 }
 
 func (r *receiver) run(stream tetherpb.Replication_StreamServer) {
@@ -253,8 +258,11 @@ func (r *receiver) run(stream tetherpb.Replication_StreamServer) {
 
 // next returns the next message, or why there is none.
 func (r *receiver) next() (*tetherpb.StreamRequest, error) {
+	r.pool.put(r.held)
+	r.held = nil
 	select {
 	case m := <-r.msgs:
+		r.held = m.GetOp().GetData()
 		return m, nil
 	case err := <-r.errc:
 		return nil, err

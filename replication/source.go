@@ -386,6 +386,7 @@ func sendSymlink(root *os.Root, send sendFunc, rel string, fi fs.FileInfo) error
 type fileOpts struct {
 	base *indexEntry
 	enc  *zstd.Encoder
+	pool *chunkPool // lends the chunks to the stream's codec (nil: none)
 }
 
 // sendFile streams a regular file: the data extents of its blocks that
@@ -425,8 +426,9 @@ func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo, war
 	}
 	entry = indexEntryOf(fi, readAt)
 	base := deltaBase(o.base, entry)
-	ch := &chunker{send: send, rel: rel, enc: o.enc}
+	ch := newChunker(send, rel, o.enc, o.pool)
 	r, err := readBlocks(f, size, exts, base, ch)
+	ch.release()
 	if err != nil {
 		return key, 0, nil, false, fmt.Errorf("read %q: %w", rel, err)
 	}

@@ -42,7 +42,7 @@ func (st *streamed) sendFile(p *Primary, b *cutBatch, send sendFunc, it item, su
 		}
 	}
 	_, nlink, entry, sent, err := sendFile(p.root, send, it.rel, it.lazy, p.warn,
-		fileOpts{base: sumsBase(sums, it.lazy), enc: b.sp.enc})
+		fileOpts{base: sumsBase(sums, it.lazy), enc: b.sp.enc, pool: p.chunks})
 	if err != nil {
 		return err
 	}
