@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tether-io/tether/cluster"
+	"github.com/tether-io/tether/replication"
 	"github.com/tether-io/tether/volumedriver"
 )
 
@@ -347,6 +348,21 @@ func (a *Agent) memberHealth() map[string]string {
 	return h
 }
 
+// replicaLag is a replica's line in docker volume inspect's lag.
+func replicaLag(r replication.ReplicaState) string {
+	switch {
+	case r.Err != "":
+		return "error: " + r.Err
+	case !r.Connected:
+		return "disconnected"
+	}
+	s := r.Lag.Round(time.Millisecond).String()
+	if fs := replication.FullSyncText(r.FullSyncDone, r.FullSyncTotal); fs != "" {
+		s += " (full sync " + fs + ")"
+	}
+	return s
+}
+
 // driverVolume is what Docker sees of v: the data directory as Mountpoint
 // on the primary, and tether's state in Status (docker volume inspect).
 func (a *Agent) driverVolume(v cluster.Volume) volumedriver.Volume {
@@ -356,16 +372,12 @@ func (a *Agent) driverVolume(v cluster.Volume) volumedriver.Volume {
 		if st, ok := a.primaryStatus(v.Name); ok {
 			lag := map[string]string{}
 			for _, r := range st.Replicas {
-				switch {
-				case r.Err != "":
-					lag[r.Node] = "error: " + r.Err
-				case !r.Connected:
-					lag[r.Node] = "disconnected"
-				default:
-					lag[r.Node] = r.Lag.Round(time.Millisecond).String()
-				}
+				lag[r.Node] = replicaLag(r)
 			}
 			out.Status["lag"] = lag
+			if st.CutError != "" {
+				out.Status["cutFailing"] = st.CutError
+			}
 		} else {
 			out.Status["lag"] = "replication is starting on this host"
 		}

@@ -19,6 +19,7 @@ import (
 	"github.com/tether-io/tether/cluster"
 	"github.com/tether-io/tether/internal/testutil"
 	"github.com/tether-io/tether/proto/tetherpb"
+	"github.com/tether-io/tether/replication"
 )
 
 // dockerClient speaks to an agent's volume driver as dockerd does.
@@ -395,6 +396,22 @@ func TestDriverName(t *testing.T) {
 		c := Config{NodeName: "n", DriverSocket: "/run/docker/plugins/tether.sock", DriverName: name}
 		if err := c.Validate(); (err == nil) != ok || (err != nil && !strings.Contains(err.Error(), "--driver-name")) {
 			t.Errorf("driver name %q: %v", name, err)
+		}
+	}
+}
+
+func TestReplicaLag(t *testing.T) {
+	for _, c := range []struct {
+		r    replication.ReplicaState
+		want string
+	}{
+		{replication.ReplicaState{Connected: true, Lag: 1234567 * time.Microsecond}, "1.235s"},
+		{replication.ReplicaState{Connected: true, Lag: 2 * time.Second, FullSyncDone: 1 << 30, FullSyncTotal: 4 << 30}, "2s (full sync 25% of 4.0 GiB)"},
+		{replication.ReplicaState{Connected: false, Lag: time.Second}, "disconnected"},
+		{replication.ReplicaState{Connected: true, Err: "no space left on device"}, "error: no space left on device"},
+	} {
+		if got := replicaLag(c.r); got != c.want {
+			t.Errorf("replicaLag(%+v) = %q, want %q", c.r, got, c.want)
 		}
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/dustin/go-humanize"
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/tether-io/tether/proto/tetherpb"
@@ -103,6 +104,15 @@ type PrimaryStatus struct {
 	// (it is retried with the whole tree every second); empty once a cut
 	// succeeds.
 	CutError string
+}
+
+// FullSyncText shows the progress of a whole tree being sent to a replica,
+// e.g. "37% of 4.0 GiB"; "" when none is (total 0).
+func FullSyncText(done, total int64) string {
+	if total <= 0 {
+		return ""
+	}
+	return fmt.Sprintf("%d%% of %s", min(100, max(0, done*100/total)), humanize.IBytes(uint64(total)))
 }
 
 // ReplicaState is the replication state of one replica.

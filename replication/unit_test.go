@@ -331,3 +331,17 @@ func TestCutErrorWording(t *testing.T) {
 		t.Fatalf("cutError changed an unrelated error: %v", got)
 	}
 }
+
+func TestFullSyncText(t *testing.T) {
+	for _, c := range []struct {
+		done, total int64
+		want        string
+	}{
+		{0, 0, ""}, {5, 0, ""}, {0, 1 << 30, "0% of 1.0 GiB"}, {3 << 29, 4 << 30, "37% of 4.0 GiB"},
+		{10, 5, "100% of 5 B"}, {-1, 100, "0% of 100 B"},
+	} {
+		if got := FullSyncText(c.done, c.total); got != c.want {
+			t.Errorf("FullSyncText(%d, %d) = %q, want %q", c.done, c.total, got, c.want)
+		}
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tether-io/tether/proto/tetherpb"
+	"github.com/tether-io/tether/replication"
 )
 
 func newVolumeCmd(g *globals) *cobra.Command {
@@ -318,25 +319,10 @@ match the placement: a new copy is filled before the old one is dropped.`,
 }
 
 // fullSync shows the progress of a whole tree being sent to a replica:
-// "-" when none is, else e.g. "37% of 1.2GiB".
+// "-" when none is.
 func fullSync(done, total int64) string {
-	if total <= 0 {
-		return "-"
+	if t := replication.FullSyncText(done, total); t != "" {
+		return t
 	}
-	pct := min(100, max(0, done*100/total))
-	return fmt.Sprintf("%d%% of %s", pct, fmtSize(total))
-}
-
-// fmtSize writes a byte count with a binary unit, one decimal.
-func fmtSize(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%dB", n)
-	}
-	v, i := float64(n)/unit, 0
-	for v >= unit && i < 4 {
-		v /= unit
-		i++
-	}
-	return fmt.Sprintf("%.1f%s", v, []string{"KiB", "MiB", "GiB", "TiB", "PiB"}[i])
+	return "-"
 }
