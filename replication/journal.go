@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -300,6 +301,13 @@ func (j journal) commit(b *batch, pos position, full bool) error {
 	if err := verifyBases(j.paths.Data, b.ops, full, j.bases); err != nil {
 		return err
 	}
+	same, err := sameFS(j.paths.Data, j.paths.State)
+	if err != nil {
+		return err
+	}
+	if err := checkSpace(j.paths.Data, inPlaceBytes(b.ops, same)); err != nil {
+		return err
+	}
 	recs, err := readCommits(j.paths.State)
 	if err != nil {
 		return err
@@ -325,9 +333,7 @@ func (j journal) commit(b *batch, pos position, full bool) error {
 	// batch's application when the volume's data is on the same file
 	// system (else a syncfs of its own): the previous batch never needs
 	// replaying once this one's record is written.
-	if same, err := sameFS(j.paths.Data, j.paths.State); err != nil {
-		return err
-	} else if !same {
+	if !same {
 		if err := syncFS(j.paths.Data); err != nil {
 			return fmt.Errorf("make the previous batch's application durable: %w", err)
 		}
@@ -591,6 +597,52 @@ func (j journal) recoverLegacy(log *slog.Logger) (bool, error) {
 		}
 	}
 	return true, syncDir(state)
+}
+
+// inPlaceBytes is what applying ops writes into the volume beyond moving
+// staged files into place: the data of deltas (patched in place) and, when
+// the stage is on another file system (same false), of every file (copied
+// next to its target).
+func inPlaceBytes(ops []applyOp, same bool) int64 {
+	var n int64
+	for _, op := range ops {
+		if op.kind != tetherpb.FileOp_KIND_FILE || (op.delta == nil && same) {
+			continue
+		}
+		for _, e := range op.extents {
+			n += e.n
+		}
+	}
+	return n
+}
+
+// spaceSlack is free space a batch leaves on the volume beyond its data
+// (file system metadata).
+const spaceSlack = 1 << 20
+
+// checkSpace refuses a batch whose in-place writes need more than the
+// volume's free space: refused before its commit, it leaves the replica at
+// its previous cut, where running out of space while applying it would
+// leave files half written until there is room to finish.
+func checkSpace(dataDir string, need int64) error {
+	if need == 0 {
+		return nil
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(dataDir, &st); err != nil {
+		return fmt.Errorf("free space of the volume: %w", err)
+	}
+	return enoughSpace(need, int64(st.Bavail)*st.Bsize)
+}
+
+// enoughSpace says whether a batch writing need bytes in place fits in
+// avail free bytes.
+func enoughSpace(need, avail int64) error {
+	if need+spaceSlack > avail {
+		return fmt.Errorf("%w: applying the batch writes %d bytes into the replica's volume and %d bytes are free there; the replica stays at its previous cut until there is room",
+			syscall.ENOSPC, need, avail)
+	}
+	return nil
 }
 
 // sameFS reports whether two directories are on one file system.

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -389,5 +390,34 @@ func TestLegacyJournalFinished(t *testing.T) {
 	must(t, commitOps(t, j, 10, false, []*tetherpb.FileOp{fileOp("after", "x")}))
 	if pos, err := durablePosition(paths.State); err != nil || pos.Seq != 10 {
 		t.Fatalf("position = %v, %v; want seq 10", pos, err)
+	}
+}
+
+// TestSpaceForInPlaceWrites: a batch whose in-place writes (deltas; every
+// file when the stage is on another file system) do not fit in the free
+// space is refused with ENOSPC before its commit.
+func TestSpaceForInPlaceWrites(t *testing.T) {
+	ops := []applyOp{
+		{kind: tetherpb.FileOp_KIND_FILE, extents: []extent{{0, 100}, {200, 50}}},
+		{kind: tetherpb.FileOp_KIND_FILE, extents: []extent{{0, 4096}}, delta: &deltaOp{blockSize: 4096, blocks: []uint64{0}}},
+		{kind: tetherpb.FileOp_KIND_MKDIR},
+	}
+	if got := inPlaceBytes(ops, true); got != 4096 {
+		t.Fatalf("in place, stage on the volume's file system: %d bytes, want 4096 (the delta)", got)
+	}
+	if got := inPlaceBytes(ops, false); got != 4096+150 {
+		t.Fatalf("in place, stage elsewhere: %d bytes, want %d (copies too)", got, 4096+150)
+	}
+	if err := enoughSpace(4096, 4096+spaceSlack); err != nil {
+		t.Fatalf("room enough: %v", err)
+	}
+	if err := enoughSpace(4096, 4095+spaceSlack); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("no room: %v, want ENOSPC", err)
+	}
+	if err := checkSpace(t.TempDir(), 1<<62); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("checkSpace of an impossible batch: %v, want ENOSPC", err)
+	}
+	if err := checkSpace(t.TempDir(), 0); err != nil {
+		t.Fatalf("checkSpace with nothing written in place: %v", err)
 	}
 }
