@@ -257,7 +257,14 @@ func (p *plan) collect(root *os.Root, dir string) error {
 }
 
 // addParents adds the parent directory of every entry, so that the
-// replica sets its mtime (which changed with the entry) after the batch.
+// replica sets its mtime (which changed with the entry) after the batch;
+// and, when that parent is new to the replicas (not in the index, or
+// below a path the batch replaces), its own parent, and so on up: every
+// directory the replica makes for the batch is one the batch describes,
+// and the index records. (A parent planned alone, its creation's event
+// not yet taken, was made by the replica with its ancestors, which the
+// index did not hold: a rescan, which compares the tree with the index,
+// never removed them when they went.)
 func (p *plan) addParents(root *os.Root) error {
 	var rels []string
 	for _, m := range []map[string]fs.FileInfo{p.dirs, p.others} {
@@ -269,22 +276,43 @@ func (p *plan) addParents(root *os.Root) error {
 		rels = append(rels, rel)
 	}
 	for _, rel := range rels {
-		if rel == rootPath {
-			continue
-		}
-		d := parentOf(rel)
-		if _, ok := p.dirs[d]; ok {
-			continue
-		}
-		fi, ok, err := lstatReal(root, d)
-		if err != nil {
-			return err
-		}
-		if ok && fi.IsDir() {
+		for d := rel; d != rootPath; {
+			d = parentOf(d)
+			if _, ok := p.dirs[d]; ok {
+				break
+			}
+			fi, ok, err := lstatReal(root, d)
+			if err != nil {
+				return err
+			}
+			if !ok || !fi.IsDir() {
+				break
+			}
 			p.put(p.dirs, d, fi)
+			held, err := p.held(d)
+			if err != nil {
+				return err
+			}
+			if held {
+				break
+			}
 		}
 	}
 	return nil
+}
+
+// held reports whether the replicas hold directory rel as the previous
+// cut left it (not replaced by this batch).
+func (p *plan) held(rel string) (bool, error) {
+	if p.idx == nil || p.replacedBelow(rel) {
+		return false, nil
+	}
+	o, ok := p.origin(rel)
+	if !ok {
+		return false, nil
+	}
+	e, err := p.idx.get(o)
+	return e != nil && e.kind == kindDir, err
 }
 
 // dropConflicts removes entries lying below a file or symlink of the plan

@@ -1,0 +1,461 @@
+package replication
+
+import (
+	"context"
+	"fmt"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/tether-io/tether/internal/testutil"
+	"github.com/tether-io/tether/proto/tetherpb"
+)
+
+// cutModel drives the cut code by hand against a real tree and a real
+// replica, with the watcher's events and the cut loop's rounds split at
+// random: the events of each change reach the dirty set late or early, a
+// round takes whatever has arrived and reads the tree as it is then, and a
+// cut ends either consistent (every event taken) or file-consistent only
+// (events left for the next cut, as after MaxRounds under load). Inode
+// numbers are reused as ext4 reuses them: a removed file or directory may
+// come back as a new one at another path (held aside, outside the volume).
+type cutModel struct {
+	t       *testing.T
+	rng     *rand.Rand
+	dir     string
+	stash   string
+	stashed []string // held-aside inodes, to come back as new entries
+	root    *os.Root
+	idx     *index
+	warn    *onceLogger
+	state   string
+	replica string
+	stream  *rawStream
+	dirs    bool // rename directories too
+
+	queue     [][]modelMark // events not yet delivered
+	unwatched map[string]bool
+	dirty     map[string]bool
+	pl        *plan
+	sp        *spool
+	seq       uint64
+	trace     []string
+	n         int
+}
+
+// modelMark is what an event marks: rel, and whether it was a creation
+// (its subtree is read when rel is a directory on delivery, as the watcher
+// does).
+type modelMark struct {
+	rel    string
+	create bool
+}
+
+var modelNames = []string{"a", "b", "c", "a/x", "a/y", "b/x", "b/y", "a/x/p", "a/x/q", "b/y/p", "c/q"}
+
+func newCutModel(t *testing.T, seed uint64, dirs bool) *cutModel {
+	c := newTestCluster(t)
+	c.startReplica("r1")
+	m := &cutModel{t: t, rng: rand.New(rand.NewPCG(seed, 11)), dir: c.primaryData, stash: t.TempDir(), state: t.TempDir(),
+		warn: newOnceLogger(testutil.Logger(t)), replica: c.replicaPaths("r1").Data, dirs: dirs, dirty: map[string]bool{}, unwatched: map[string]bool{}}
+	var err error
+	m.root, err = os.OpenRoot(m.dir)
+	must(t, err)
+	t.Cleanup(func() { m.root.Close() })
+	m.idx, err = openIndex(m.state)
+	must(t, err)
+	t.Cleanup(m.idx.close)
+	m.stream, err = openRaw(t, c, "r1", 1)
+	must(t, err)
+	for range 12 {
+		m.change()
+	}
+	m.queue, m.unwatched = nil, map[string]bool{}
+	full, err := fullPlan(m.root)
+	must(t, err)
+	m.startCut()
+	must(t, m.sp.read(m.root, full, m.warn))
+	m.pl = full
+	m.endCut(true)
+	return m
+}
+
+func (m *cutModel) path(rel string) string { return filepath.Join(m.dir, rel) }
+
+func (m *cutModel) logf(format string, args ...any) {
+	m.trace = append(m.trace, fmt.Sprintf(format, args...))
+}
+
+// event queues the marks of one inotify event about rel: rel itself and
+// its directory (whose mtime changed).
+//
+// A directory has no watch until the event of its creation is delivered
+// (the watcher adds it then, and reads the subtree): events in it before
+// that are lost, as inotify loses them.
+func (m *cutModel) event(rel string, create bool) {
+	for d := parentOf(rel); ; d = parentOf(d) {
+		if m.unwatched[d] {
+			return
+		}
+		if d == rootPath {
+			break
+		}
+	}
+	m.queue = append(m.queue, []modelMark{{rel, create}, {parentOf(rel), false}})
+	if fi, err := os.Lstat(m.path(rel)); create && err == nil && fi.IsDir() {
+		m.unwatched[rel] = true
+	}
+}
+
+func (m *cutModel) pick() string { return modelNames[m.rng.IntN(len(modelNames))] }
+
+// change makes one random change to the tree and queues its events.
+func (m *cutModel) change() {
+	m.n++
+	rel := m.pick()
+	if !m.plain(rel) {
+		return // the model changes nothing through a symlink
+	}
+	if m.rng.IntN(3) > 0 {
+		m.parents(rel)
+	}
+	fi, err := os.Lstat(m.path(rel))
+	exists := err == nil
+	switch m.rng.IntN(9) {
+	case 0, 1: // write a file, new or over the old one
+		if exists && !fi.Mode().IsRegular() {
+			return
+		}
+		data := []byte(strconv.Itoa(m.n) + strings.Repeat("z", m.rng.IntN(3)*40000))
+		if !exists && len(m.stashed) > 0 && m.rng.IntN(2) == 0 {
+			if ok := m.reuse(rel, false, data); ok {
+				m.logf("create %s (reused inode)", rel)
+				m.event(rel, true)
+			}
+			return
+		}
+		if os.WriteFile(m.path(rel), data, 0o644) == nil {
+			m.logf("write %s", rel)
+			m.event(rel, !exists)
+		}
+	case 2: // write in place
+		if exists && fi.Mode().IsRegular() {
+			f, err := os.OpenFile(m.path(rel), os.O_WRONLY, 0)
+			must(m.t, err)
+			_, err = f.WriteAt([]byte("in place "+strconv.Itoa(m.n)), int64(m.rng.IntN(50000)))
+			must(m.t, err)
+			must(m.t, f.Close())
+			m.logf("write in place %s", rel)
+			m.event(rel, false)
+		}
+	case 3: // mkdir
+		if exists {
+			return
+		}
+		if len(m.stashed) > 0 && m.rng.IntN(2) == 0 {
+			if m.reuse(rel, true, nil) {
+				m.logf("mkdir %s (reused inode)", rel)
+				m.event(rel, true)
+			}
+			return
+		}
+		if os.Mkdir(m.path(rel), 0o755) == nil {
+			m.logf("mkdir %s", rel)
+			m.event(rel, true)
+		}
+	case 4: // rm -rf
+		if exists {
+			m.logf("rm -rf %s", rel)
+			m.remove(rel)
+		}
+	case 5, 6: // rename
+		to := m.pick()
+		if !exists || (fi.IsDir() && !m.dirs) || !m.plain(to) {
+			return
+		}
+		if os.Rename(m.path(rel), m.path(to)) == nil {
+			m.logf("mv %s %s", rel, to)
+			m.event(rel, false)
+			m.event(to, true)
+		}
+	case 8: // symlink
+		if !exists && os.Symlink(m.pick(), m.path(rel)) == nil {
+			m.logf("ln -s %s", rel)
+			m.event(rel, true)
+		}
+	case 7: // chmod
+		if exists && fi.Mode().Type() != fs.ModeSymlink {
+			must(m.t, os.Chmod(m.path(rel), fs.FileMode(0o700|m.rng.IntN(0o100))))
+			m.logf("chmod %s", rel)
+			m.event(rel, false)
+		}
+	}
+}
+
+// plain reports whether no ancestor of rel is a symlink (or another
+// non-directory), so that a change of rel happens at rel.
+func (m *cutModel) plain(rel string) bool {
+	for _, d := range ancestorsOf(rel) {
+		if fi, err := os.Lstat(m.path(d)); err == nil && !fi.IsDir() {
+			return false
+		}
+	}
+	return true
+}
+
+// parents makes the missing directories above rel, as mkdir -p does.
+func (m *cutModel) parents(rel string) {
+	for _, d := range ancestorsOf(rel) {
+		if d == rootPath {
+			continue
+		}
+		if _, err := os.Lstat(m.path(d)); err == nil {
+			continue
+		}
+		if len(m.stashed) > 0 && m.rng.IntN(2) == 0 && m.reuse(d, true, nil) {
+			m.logf("mkdir %s (reused inode)", d)
+		} else if os.Mkdir(m.path(d), 0o755) == nil {
+			m.logf("mkdir %s", d)
+		} else {
+			return
+		}
+		m.event(d, true)
+	}
+}
+
+// reuse brings a held-aside inode back at rel, as a new file holding data
+// or a new (empty) directory; it reports whether one of that kind was
+// there to take.
+func (m *cutModel) reuse(rel string, dir bool, data []byte) bool {
+	for i, s := range m.stashed {
+		fi, err := os.Lstat(s)
+		must(m.t, err)
+		if fi.IsDir() != dir {
+			continue
+		}
+		if !dir {
+			must(m.t, os.WriteFile(s, data, 0o644))
+		}
+		if os.Rename(s, m.path(rel)) != nil {
+			return false
+		}
+		m.stashed = slices.Delete(m.stashed, i, i+1)
+		return true
+	}
+	return false
+}
+
+// remove is rm -rf rel: its entries go deepest first, each with its
+// event; some are held aside instead of freed, to come back as new ones.
+func (m *cutModel) remove(rel string) {
+	fi, err := os.Lstat(m.path(rel))
+	must(m.t, err)
+	if fi.IsDir() {
+		entries, err := os.ReadDir(m.path(rel))
+		must(m.t, err)
+		for _, e := range entries {
+			m.remove(joinRel(rel, e.Name()))
+		}
+	}
+	if m.rng.IntN(2) == 0 && (fi.IsDir() || fi.Mode().IsRegular()) {
+		s := filepath.Join(m.stash, strconv.Itoa(m.n)+"-"+strconv.Itoa(len(m.stashed))+"-"+strconv.Itoa(m.rng.IntN(1e9)))
+		must(m.t, os.Rename(m.path(rel), s))
+		m.stashed = append(m.stashed, s)
+	} else {
+		must(m.t, os.Remove(m.path(rel)))
+	}
+	m.event(rel, false)
+}
+
+// deliver hands the first n queued events to the dirty set, as the
+// watcher does: a created directory is dirty with its subtree.
+func (m *cutModel) deliver(n int) {
+	n = min(n, len(m.queue))
+	for _, ev := range m.queue[:n] {
+		for _, mk := range ev {
+			sub := false
+			if mk.create {
+				delete(m.unwatched, mk.rel)
+			}
+			if mk.create && mk.rel != rootPath {
+				if fi, err := os.Lstat(m.path(mk.rel)); err == nil && fi.IsDir() {
+					sub = true
+				}
+			}
+			m.dirty[mk.rel] = m.dirty[mk.rel] || sub
+		}
+	}
+	m.queue = m.queue[n:]
+}
+
+func (m *cutModel) startCut() {
+	sp, err := newSpool(filepath.Join(m.state, "spool"))
+	must(m.t, err)
+	m.sp = sp
+	m.pl = nil
+}
+
+// round takes the dirty set into the cut's plan and reads it, as a round
+// of takeCut does.
+func (m *cutModel) round() {
+	if m.sp == nil {
+		m.startCut()
+	}
+	dirty := m.dirty
+	m.dirty = map[string]bool{}
+	keys := make([]string, 0, len(dirty))
+	for k, v := range dirty {
+		keys = append(keys, k+map[bool]string{true: "/**"}[v])
+	}
+	slices.Sort(keys)
+	m.logf("round takes %v", keys)
+	var err error
+	if m.pl == nil {
+		m.pl, err = dirtyPlan(m.root, dirty, m.idx)
+	} else {
+		err = m.pl.update(m.root, dirty)
+	}
+	must(m.t, err)
+	must(m.t, m.sp.read(m.root, m.pl, m.warn))
+}
+
+// endCut sends the cut to the replica and applies it to the index; the
+// replica must take it.
+func (m *cutModel) endCut(full bool) {
+	m.t.Helper()
+	m.seq++
+	b := &cutBatch{seq: m.seq, full: full, sp: m.sp, items: m.sp.items(m.pl)}
+	var ops []string
+	for _, r := range m.pl.renames {
+		ops = append(ops, "RENAME "+r.from+" "+r.to)
+	}
+	for d := range m.pl.deletes {
+		ops = append(ops, "DELETE "+d)
+	}
+	for d := range m.pl.dirs {
+		ops = append(ops, "MKDIR "+d)
+	}
+	for d := range m.pl.others {
+		ops = append(ops, "PUT "+d)
+	}
+	slices.Sort(ops)
+	m.logf("cut %d (full %v, %d events left): %v", m.seq, full, len(m.queue)+len(m.dirty), ops)
+	u, err := m.sp.indexUpdate(m.pl, full)
+	must(m.t, err)
+	must(m.t, m.idx.apply(u))
+	send := func(r *tetherpb.StreamRequest) error { return m.stream.stream.Send(r) }
+	if err := b.send(context.Background(), nil, send, full, nil, nil); err != nil {
+		m.fail("send cut %d: %v", m.seq, err)
+	}
+	ack, err := m.stream.stream.Recv()
+	if err != nil {
+		m.fail("the replica refused cut %d: %v", m.seq, err)
+	}
+	if ack.GetSeq() != m.seq {
+		m.fail("the replica acknowledged %d, want %d", ack.GetSeq(), m.seq)
+	}
+	m.sp.close()
+	m.sp, m.pl = nil, nil
+	// The index is what the replicas hold: the same paths, after every
+	// cut (a path only the replica holds is never repaired by a rescan,
+	// which compares the tree with the index).
+	rep, err := Manifest(m.replica)
+	must(m.t, err)
+	var held []string
+	for rel := range rep {
+		if rel != rootPath {
+			held = append(held, rel)
+		}
+	}
+	slices.Sort(held)
+	if got := m.indexed(); !slices.Equal(held, got) {
+		m.fail("after cut %d the replica holds %q, the index %q", m.seq, held, got)
+	}
+}
+
+// indexed returns the paths the index holds, sorted, without the root.
+func (m *cutModel) indexed() []string {
+	var got []string
+	must(m.t, m.idx.under(rootPath, func(rel string, _ *indexEntry) {
+		if rel != rootPath {
+			got = append(got, rel)
+		}
+	}))
+	slices.Sort(got)
+	return got
+}
+
+func (m *cutModel) fail(format string, args ...any) {
+	m.t.Helper()
+	m.t.Fatalf("%s\nafter:\n  %s", fmt.Sprintf(format, args...), strings.Join(m.trace, "\n  "))
+}
+
+// settle delivers every event and takes consistent cuts until none is
+// left, then checks that the replica and the index hold the tree.
+func (m *cutModel) settle() {
+	m.t.Helper()
+	m.deliver(len(m.queue))
+	if m.sp != nil || len(m.dirty) > 0 {
+		m.round()
+		m.endCut(false)
+	}
+	if err := SameTree(m.dir, m.replica); err != nil {
+		m.fail("%v", err)
+	}
+	var want []string
+	must(m.t, walkTree(m.root, rootPath, func(rel string, _ fs.FileInfo) { want = append(want, rel) }))
+	slices.Sort(want)
+	if got := m.indexed(); !slices.Equal(want, got) {
+		m.fail("the index holds %q, the tree %q", got, want)
+	}
+}
+
+// run makes steps random moves: a change, a delivery of events, a round,
+// or the end of a cut (file-consistent only when events are left).
+func (m *cutModel) run(steps int) {
+	for range steps {
+		switch k := m.rng.IntN(10); {
+		case k < 4:
+			m.change()
+		case k < 6:
+			m.deliver(1 + m.rng.IntN(3))
+		case k < 8:
+			if len(m.dirty) > 0 || m.sp != nil {
+				m.round()
+			}
+		default:
+			if m.sp != nil && (len(m.queue)+len(m.dirty) == 0 || m.rng.IntN(3) == 0) {
+				m.endCut(false)
+			}
+		}
+	}
+	m.settle()
+}
+
+// TestCutModel runs the cut code under random splits of events into
+// rounds and cuts, with inode numbers reused; the replica must take every
+// cut and end equal to the tree, and the index must agree.
+func TestCutModel(t *testing.T) {
+	seeds := 200
+	if testing.Short() {
+		seeds = 40
+	}
+	if n, err := strconv.Atoi(os.Getenv("TETHER_MODEL_SEEDS")); err == nil {
+		seeds = n // a longer search: TETHER_MODEL_SEEDS=20000
+	}
+	for _, dirs := range []bool{false, true} {
+		for seed := range uint64(seeds) {
+			t.Run(fmt.Sprintf("dirs=%v/seed=%d", dirs, seed), func(t *testing.T) {
+				m := newCutModel(t, seed, dirs)
+				for range 4 {
+					m.run(60)
+				}
+			})
+		}
+	}
+}
