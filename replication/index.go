@@ -361,6 +361,41 @@ func (x *index) apply(u *indexUpdate) error {
 				return err
 			}
 		}
+		// A replica makes the missing directories above every path it
+		// writes (and above a rename's target): the index holds them, so a
+		// rescan compares them with the tree. One made for an entry planned
+		// without its new parent (see plan.addParents), or whose own
+		// reading found it changed, is held as a placeholder that matches
+		// no directory: the next rescan sends it, or deletes it.
+		made := map[string]bool{}
+		placeholder := (&indexEntry{kind: kindDir}).encode()
+		holdAncestors := func(rel string) error {
+			for _, a := range ancestorsOf(rel) {
+				if made[a] {
+					continue
+				}
+				made[a] = true
+				if b.Get([]byte(a)) == nil {
+					if err := b.Put([]byte(a), placeholder); err != nil {
+						return err
+					}
+				}
+			}
+			return nil
+		}
+		for _, r := range u.renames {
+			if err := holdAncestors(r.to); err != nil {
+				return err
+			}
+		}
+		for rel, e := range u.puts {
+			if e == nil {
+				continue
+			}
+			if err := holdAncestors(rel); err != nil {
+				return err
+			}
+		}
 		for rel, e := range u.fills {
 			v := b.Get([]byte(rel))
 			if v == nil {

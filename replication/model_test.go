@@ -40,6 +40,7 @@ type cutModel struct {
 
 	queue     [][]modelMark // events not yet delivered
 	unwatched map[string]bool
+	quiet     bool // no change while a round reads (settling)
 	dirty     map[string]bool
 	pl        *plan
 	sp        *spool
@@ -321,7 +322,31 @@ func (m *cutModel) round() {
 		err = m.pl.update(m.root, dirty)
 	}
 	must(m.t, err)
+	// The tree keeps changing while the round reads what it planned.
+	for !m.quiet && m.rng.IntN(4) == 0 {
+		m.change()
+	}
 	must(m.t, m.sp.read(m.root, m.pl, m.warn))
+}
+
+// rescan marks what the tree and the index disagree on, as the periodic
+// rescan does (its marks reach the dirty set at once).
+func (m *cutModel) rescan() {
+	snap := map[string]statKey{}
+	fi, err := m.root.Lstat(rootPath)
+	must(m.t, err)
+	snap[rootPath] = keyOf(fi)
+	must(m.t, walkTree(m.root, rootPath, func(rel string, fi fs.FileInfo) { snap[rel] = keyOf(fi) }))
+	var marked []string
+	must(m.t, m.idx.differences(snap, func(rel string) {
+		marked = append(marked, rel)
+		m.dirty[rel] = m.dirty[rel] || false
+		if rel != rootPath {
+			m.dirty[parentOf(rel)] = m.dirty[parentOf(rel)] || false
+		}
+	}))
+	slices.Sort(marked)
+	m.logf("rescan marks %v", marked)
 }
 
 // endCut sends the cut to the replica and applies it to the index; the
@@ -399,6 +424,8 @@ func (m *cutModel) fail(format string, args ...any) {
 // left, then checks that the replica and the index hold the tree.
 func (m *cutModel) settle() {
 	m.t.Helper()
+	m.quiet = true
+	defer func() { m.quiet = false }()
 	m.deliver(len(m.queue))
 	if m.sp != nil || len(m.dirty) > 0 {
 		m.round()
@@ -419,12 +446,14 @@ func (m *cutModel) settle() {
 // or the end of a cut (file-consistent only when events are left).
 func (m *cutModel) run(steps int) {
 	for range steps {
-		switch k := m.rng.IntN(10); {
-		case k < 4:
-			m.change()
-		case k < 6:
-			m.deliver(1 + m.rng.IntN(3))
+		switch k := m.rng.IntN(20); {
+		case k == 0:
+			m.rescan()
 		case k < 8:
+			m.change()
+		case k < 12:
+			m.deliver(1 + m.rng.IntN(3))
+		case k < 16:
 			if len(m.dirty) > 0 || m.sp != nil {
 				m.round()
 			}

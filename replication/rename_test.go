@@ -432,3 +432,54 @@ func TestRescanComparesWithIndex(t *testing.T) {
 	})
 	c.waitSynced("r1")
 }
+
+// TestIndexHoldsTheDirectoriesAReplicaMakes puts entries (and renames to
+// a target) whose parents the update does not carry: a replica makes those
+// directories, so the index holds them too, as placeholders a rescan
+// always marks (to send or delete them); a real entry replaces one.
+func TestIndexHoldsTheDirectoriesAReplicaMakes(t *testing.T) {
+	idx, err := openIndex(t.TempDir())
+	must(t, err)
+	defer idx.close()
+	must(t, idx.apply(&indexUpdate{puts: map[string]*indexEntry{"s": {kind: kindFile, readNano: statOnly}}}))
+	must(t, idx.apply(&indexUpdate{
+		puts:    map[string]*indexEntry{"a/b/f": {kind: kindFile, ino: 7, readNano: statOnly}, "a/c": {kind: kindDir, ino: 8}},
+		renames: []renameOp{{src: "s", from: "s", to: "m/n/s"}},
+	}))
+	for _, rel := range []string{"a", "a/b", "m", "m/n"} {
+		e, err := idx.get(rel)
+		must(t, err)
+		if e == nil || e.kind != kindDir {
+			t.Fatalf("index entry %q = %+v, want a directory", rel, e)
+		}
+	}
+	snap := map[string]statKey{}
+	for rel, ino := range map[string]uint64{"a": 1, "a/b": 2, "a/b/f": 7, "a/c": 8, "m": 3, "m/n": 4, "m/n/s": 0} {
+		e, err := idx.get(rel)
+		must(t, err)
+		if e == nil {
+			t.Fatalf("index has no entry %q", rel)
+		}
+		mode := uint32(syscall.S_IFDIR)
+		if e.kind == kindFile {
+			mode = syscall.S_IFREG
+		}
+		if ino == 0 {
+			ino = e.ino
+		}
+		snap[rel] = statKey{mode: mode, ino: ino, size: e.size, mtime: e.mtime, ctim: e.ctime}
+	}
+	marked := func() []string {
+		var got []string
+		must(t, idx.differences(snap, func(rel string) { got = append(got, rel) }))
+		slices.Sort(got)
+		return slices.Compact(got)
+	}
+	if got, want := marked(), []string{"a", "a/b", "m", "m/n"}; !slices.Equal(got, want) {
+		t.Fatalf("a rescan marks %q, want the placeholders %q", got, want)
+	}
+	must(t, idx.apply(&indexUpdate{puts: map[string]*indexEntry{"a": {kind: kindDir, ino: 1}}}))
+	if got, want := marked(), []string{"a/b", "m", "m/n"}; !slices.Equal(got, want) {
+		t.Fatalf("after a real entry for a, a rescan marks %q, want %q", got, want)
+	}
+}

@@ -178,6 +178,9 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 		switch fi.Mode().Type() {
 		case fs.ModeSymlink:
 			err = sendSymlink(root, s.collect(rel), rel, fi)
+			if len(s.small[rel]) == 0 {
+				delete(s.entries, rel) // gone since planned: not sent, not held
+			}
 		case fs.ModeNamedPipe:
 			uid, gid := ownerOf(fi)
 			s.small[rel] = []*tetherpb.FileOp{{Kind: tetherpb.FileOp_KIND_FIFO, Path: []byte(rel),
