@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/tether-io/tether/internal/testutil"
@@ -127,7 +128,7 @@ func (m *cutModel) change() {
 	}
 	fi, err := os.Lstat(m.path(rel))
 	exists := err == nil
-	switch m.rng.IntN(9) {
+	switch m.rng.IntN(10) {
 	case 0, 1: // write a file, new or over the old one
 		if exists && !fi.Mode().IsRegular() {
 			return
@@ -188,6 +189,13 @@ func (m *cutModel) change() {
 		if !exists && os.Symlink(m.pick(), m.path(rel)) == nil {
 			m.logf("ln -s %s", rel)
 			m.event(rel, true)
+		}
+	case 9: // hard link (an event for the new name only: the old name's
+		// link count changes without an event in its directory)
+		to := m.pick()
+		if exists && fi.Mode().IsRegular() && m.plain(to) && os.Link(m.path(rel), m.path(to)) == nil {
+			m.logf("ln %s %s", rel, to)
+			m.event(to, true)
 		}
 	case 7: // chmod
 		if exists && fi.Mode().Type() != fs.ModeSymlink {
@@ -263,7 +271,8 @@ func (m *cutModel) remove(rel string) {
 			m.remove(joinRel(rel, e.Name()))
 		}
 	}
-	if m.rng.IntN(2) == 0 && (fi.IsDir() || fi.Mode().IsRegular()) {
+	single := fi.IsDir() || (fi.Mode().IsRegular() && fi.Sys().(*syscall.Stat_t).Nlink == 1)
+	if m.rng.IntN(2) == 0 && single {
 		s := filepath.Join(m.stash, strconv.Itoa(m.n)+"-"+strconv.Itoa(len(m.stashed))+"-"+strconv.Itoa(m.rng.IntN(1e9)))
 		must(m.t, os.Rename(m.path(rel), s))
 		m.stashed = append(m.stashed, s)
@@ -428,6 +437,13 @@ func (m *cutModel) settle() {
 	defer func() { m.quiet = false }()
 	m.deliver(len(m.queue))
 	if m.sp != nil || len(m.dirty) > 0 {
+		m.round()
+		m.endCut(false)
+	}
+	// What no event told (a hard-linked file changed through a name
+	// removed since) the periodic rescan finds.
+	m.rescan()
+	if len(m.dirty) > 0 {
 		m.round()
 		m.endCut(false)
 	}

@@ -145,11 +145,16 @@ func (p *plan) update(root *os.Root, dirty map[string]bool) error {
 	if err := p.detectRenames(root); err != nil {
 		return err
 	}
+	// The other names of a hard-linked file first: their directories'
+	// mtimes change with them too.
+	if err := p.completeLinks(root); err != nil {
+		return err
+	}
 	if err := p.addParents(root); err != nil {
 		return err
 	}
 	p.dropConflicts()
-	return p.completeLinks(root)
+	return nil
 }
 
 // replicated reports whether an entry's type is carried: directories,

@@ -38,7 +38,8 @@ type spool struct {
 	// stream says whether read may leave files lazy.
 	lazy      map[string]fs.FileInfo
 	stream    bool
-	streamMin int64 // the smallest file streamed
+	streamMin int64  // the smallest file streamed
+	reads     uint64 // files read so far (fileRead.seq)
 }
 
 // defaultStreamMin is the smallest file a full cut streams from the volume
@@ -70,6 +71,7 @@ type fileRead struct {
 	off, n int64
 	key    inodeKey
 	nlink  uint64
+	seq    uint64 // order of the reading in the cut
 }
 
 func newSpool(dir string) (*spool, error) {
@@ -93,14 +95,19 @@ func (s *spool) indexUpdate(p *plan, reset bool) (*indexUpdate, error) {
 	for rel := range p.deletes {
 		u.deletes = append(u.deletes, rel)
 	}
+	carriers := s.carriers(p)
 	for _, m := range []map[string]fs.FileInfo{p.dirs, p.others} {
 		for rel := range m {
-			e, ok := s.entries[rel]
+			src := rel
+			if fr, ok := s.files[rel]; ok && fr.nlink > 1 {
+				src = carriers[fr.key] // the names of one inode hold what it carries
+			}
+			e, ok := s.entries[src]
 			if !ok {
 				continue
 			}
 			if e != nil && e.kind == kindFile {
-				h, err := s.hashesOf(rel)
+				h, err := s.hashesOf(src)
 				if err != nil {
 					return nil, err
 				}
@@ -199,7 +206,8 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 			}
 			key, nlink, entry, sent, ferr := sendFile(root, s.write, rel, fi, warn, fileOpts{base: base, enc: s.enc})
 			if sent {
-				s.files[rel] = fileRead{off: start, n: s.end - start, key: key, nlink: nlink}
+				s.reads++
+				s.files[rel] = fileRead{off: start, n: s.end - start, key: key, nlink: nlink, seq: s.reads}
 				s.entries[rel] = entry
 				if entry != nil && ferr == nil {
 					ferr = s.putHashes(rel, entry)
@@ -270,7 +278,8 @@ func (s *spool) items(p *plan) []item {
 		others = append(others, rel)
 	}
 	slices.Sort(others)
-	links := map[inodeKey]string{}
+	carriers := s.carriers(p)
+	var links []item
 	for _, rel := range others {
 		for _, op := range s.small[rel] {
 			out = append(out, item{op: op})
@@ -284,13 +293,32 @@ func (s *spool) items(p *plan) []item {
 			continue
 		}
 		if fr.nlink > 1 {
-			if to, ok := links[fr.key]; ok {
-				out = append(out, item{op: &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_HARDLINK, Path: []byte(rel), HardlinkTo: []byte(to)}})
+			if to := carriers[fr.key]; to != rel {
+				links = append(links, item{op: &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_HARDLINK, Path: []byte(rel), HardlinkTo: []byte(to)}})
 				continue
 			}
-			links[fr.key] = rel
 		}
 		out = append(out, item{off: fr.off, n: fr.n})
+	}
+	return append(out, links...)
+}
+
+// carriers returns, for each hard-linked inode of the plan, the name whose
+// reading the batch carries: the last read. The names share one inode, so
+// the newest reading is what every name holds; one read in an earlier
+// round (a write through another name since) would carry stale contents
+// or metadata to all of them.
+func (s *spool) carriers(p *plan) map[inodeKey]string {
+	out := map[inodeKey]string{}
+	seq := map[inodeKey]uint64{}
+	for rel := range p.others {
+		fr, ok := s.files[rel]
+		if !ok || fr.nlink <= 1 {
+			continue
+		}
+		if fr.seq > seq[fr.key] {
+			out[fr.key], seq[fr.key] = rel, fr.seq
+		}
 	}
 	return out
 }
