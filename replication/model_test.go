@@ -61,6 +61,16 @@ type modelMark struct {
 var modelNames = []string{"a", "b", "c", "a/x", "a/y", "b/x", "b/y", "a/x/p", "a/x/q", "b/y/p", "c/q"}
 
 func newCutModel(t *testing.T, seed uint64, dirs bool) *cutModel {
+	return newCutModelWith(t, seed, dirs, func(m *cutModel) {
+		for range 12 {
+			m.change()
+		}
+	})
+}
+
+// newCutModelWith makes the primary's first tree with setup and takes the
+// full cut of it.
+func newCutModelWith(t *testing.T, seed uint64, dirs bool, setup func(m *cutModel)) *cutModel {
 	c := newTestCluster(t)
 	c.startReplica("r1")
 	m := &cutModel{t: t, rng: rand.New(rand.NewPCG(seed, 11)), dir: c.primaryData, stash: t.TempDir(), state: t.TempDir(),
@@ -74,9 +84,7 @@ func newCutModel(t *testing.T, seed uint64, dirs bool) *cutModel {
 	t.Cleanup(m.idx.close)
 	m.stream, err = openRaw(t, c, "r1", 1)
 	must(t, err)
-	for range 12 {
-		m.change()
-	}
+	setup(m)
 	m.queue, m.unwatched = nil, map[string]bool{}
 	full, err := fullPlan(m.root)
 	must(t, err)
@@ -502,5 +510,32 @@ func TestCutModel(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestHardLinkCarriedByItsNewestReading reads both names of a hard-linked
+// file in one round, then one of them again after a write through it: the
+// batch must carry that newest reading for both names (it carried the
+// first name's, stale, to both).
+func TestHardLinkCarriedByItsNewestReading(t *testing.T) {
+	m := newCutModelWith(t, 0, false, func(m *cutModel) {
+		must(t, os.MkdirAll(m.path("c"), 0o755))
+		must(t, os.MkdirAll(m.path("a"), 0o755))
+		must(t, os.WriteFile(m.path("c/q"), []byte("first"), 0o644))
+		must(t, os.Link(m.path("c/q"), m.path("a/q")))
+	})
+	must(t, os.Chmod(m.path("a/q"), 0o600))
+	m.event("a/q", false)
+	m.event("c/q", false)
+	m.deliver(2)
+	m.round()
+	must(t, os.WriteFile(m.path("c/q"), []byte("second, longer"), 0o644))
+	must(t, os.Chmod(m.path("c/q"), 0o640))
+	m.event("c/q", false)
+	m.deliver(1)
+	m.round()
+	m.endCut(false)
+	if err := SameTree(m.dir, m.replica); err != nil {
+		t.Fatal(err)
 	}
 }
