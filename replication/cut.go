@@ -223,20 +223,31 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 	b.bytes = itemBytes(b.items)
 	if c.full {
 		p.fullCuts.Add(1)
-		if !c.lost {
+		if offersDelta(c.lost, consistent) {
 			// Replicas that follow get only what changed since the last cut.
-			b.delta = c.sp.items(deltaOf(c.pl, c.dirty))
+			b.delta = c.sp.items(deltaOf(c.pl, c.dirty, c.sp.carried))
 			b.deltaBytes = itemBytes(b.delta)
 		}
 	}
 	return b, nil
 }
 
+// offersDelta reports whether a full cut gives the replicas at the previous
+// cut only what changed since (its delta view). Not when events were lost
+// (the dirty paths are incomplete), nor when the cut is file-consistent
+// only: it left events for the next cut, and the entries they name may
+// differ from what the full cut read, which the index (rewritten by the
+// full cut) then records; such replicas take the full cut whole.
+func offersDelta(lost, consistent bool) bool { return !lost && consistent }
+
 // deltaOf is the part of a full plan that a replica at the previous cut
 // needs: the dirty paths (with the subtrees of those sent whole), DELETEs
 // for dirty paths the tree no longer has, and every name of a hard-linked
-// file among them.
-func deltaOf(full *plan, dirty map[string]bool) *plan {
+// file among them, with their directories (whose mtimes they change). An
+// entry the full cut planned but does not carry (carried is false: gone
+// or replaced before it was read) is deleted too: the index forgets it
+// with the full cut, so the replica must not keep its old version.
+func deltaOf(full *plan, dirty map[string]bool, carried func(rel string) bool) *plan {
 	d := newPlan()
 	for rel, sub := range dirty {
 		if fi, ok := full.dirs[rel]; ok {
@@ -270,6 +281,24 @@ func deltaOf(full *plan, dirty map[string]bool) *plan {
 	for r, fi := range full.others {
 		if k, _ := inodeOf(fi); fi.Mode().IsRegular() && linked[k] {
 			d.others[r] = fi
+		}
+	}
+	for _, m := range []map[string]fs.FileInfo{d.dirs, d.others} {
+		for rel := range m {
+			if rel != rootPath && !carried(rel) {
+				delete(m, rel)
+				d.del(rel)
+			}
+		}
+	}
+	for _, m := range []map[string]fs.FileInfo{d.others, d.dirs} {
+		for rel := range m {
+			if rel == rootPath {
+				continue
+			}
+			if fi, ok := full.dirs[parentOf(rel)]; ok {
+				d.dirs[parentOf(rel)] = fi
+			}
 		}
 	}
 	return d

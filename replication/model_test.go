@@ -37,7 +37,13 @@ type cutModel struct {
 	state   string
 	replica string
 	stream  *rawStream
-	dirs    bool // rename directories too
+	// r2 takes only the full cuts, as a replica that needs the whole tree
+	// does, while the replica above takes their delta view.
+	replica2 string
+	stream2  *rawStream
+	full     bool            // the cut being taken is full
+	cutDirty map[string]bool // every dirty path the cut took
+	dirs     bool            // rename directories too
 
 	queue     [][]modelMark // events not yet delivered
 	unwatched map[string]bool
@@ -73,8 +79,10 @@ func newCutModel(t *testing.T, seed uint64, dirs bool) *cutModel {
 func newCutModelWith(t *testing.T, seed uint64, dirs bool, setup func(m *cutModel)) *cutModel {
 	c := newTestCluster(t)
 	c.startReplica("r1")
+	c.startReplica("r2")
 	m := &cutModel{t: t, rng: rand.New(rand.NewPCG(seed, 11)), dir: c.primaryData, stash: t.TempDir(), state: t.TempDir(),
-		warn: newOnceLogger(testutil.Logger(t)), replica: c.replicaPaths("r1").Data, dirs: dirs, dirty: map[string]bool{}, unwatched: map[string]bool{}}
+		warn: newOnceLogger(testutil.Logger(t)), replica: c.replicaPaths("r1").Data, replica2: c.replicaPaths("r2").Data,
+		dirs: dirs, dirty: map[string]bool{}, unwatched: map[string]bool{}}
 	var err error
 	m.root, err = os.OpenRoot(m.dir)
 	must(t, err)
@@ -84,14 +92,16 @@ func newCutModelWith(t *testing.T, seed uint64, dirs bool, setup func(m *cutMode
 	t.Cleanup(m.idx.close)
 	m.stream, err = openRaw(t, c, "r1", 1)
 	must(t, err)
+	m.stream2, err = openRaw(t, c, "r2", 1)
+	must(t, err)
 	setup(m)
 	m.queue, m.unwatched = nil, map[string]bool{}
 	full, err := fullPlan(m.root)
 	must(t, err)
 	m.startCut()
 	must(t, m.sp.read(m.root, full, m.warn))
-	m.pl = full
-	m.endCut(true)
+	m.pl, m.full = full, true
+	m.endCut()
 	return m
 }
 
@@ -316,6 +326,8 @@ func (m *cutModel) startCut() {
 	must(m.t, err)
 	m.sp = sp
 	m.pl = nil
+	m.full = false
+	m.cutDirty = map[string]bool{}
 }
 
 // round takes the dirty set into the cut's plan and reads it, as a round
@@ -332,10 +344,20 @@ func (m *cutModel) round() {
 	}
 	slices.Sort(keys)
 	m.logf("round takes %v", keys)
+	for rel, sub := range dirty {
+		m.cutDirty[rel] = m.cutDirty[rel] || sub
+	}
 	var err error
-	if m.pl == nil {
+	switch {
+	case m.pl == nil && !m.quiet && m.rng.IntN(8) == 0:
+		// A replica needs the whole tree: a full cut, whose delta view the
+		// replicas that follow take.
+		m.logf("full cut for a replica")
+		m.full = true
+		m.pl, err = fullPlan(m.root)
+	case m.pl == nil:
 		m.pl, err = dirtyPlan(m.root, dirty, m.idx)
-	} else {
+	default:
 		err = m.pl.update(m.root, dirty)
 	}
 	must(m.t, err)
@@ -368,10 +390,14 @@ func (m *cutModel) rescan() {
 
 // endCut sends the cut to the replica and applies it to the index; the
 // replica must take it.
-func (m *cutModel) endCut(full bool) {
+func (m *cutModel) endCut() {
 	m.t.Helper()
 	m.seq++
+	full := m.full
 	b := &cutBatch{seq: m.seq, full: full, sp: m.sp, items: m.sp.items(m.pl)}
+	if full && m.seq > 1 && offersDelta(false, len(m.queue)+len(m.dirty) == 0) {
+		b.delta = m.sp.items(deltaOf(m.pl, m.cutDirty, m.sp.carried))
+	}
 	var ops []string
 	for _, r := range m.pl.renames {
 		ops = append(ops, "RENAME "+r.from+" "+r.to)
@@ -390,23 +416,32 @@ func (m *cutModel) endCut(full bool) {
 	u, err := m.sp.indexUpdate(m.pl, full)
 	must(m.t, err)
 	must(m.t, m.idx.apply(u))
-	send := func(r *tetherpb.StreamRequest) error { return m.stream.stream.Send(r) }
-	if err := b.send(context.Background(), nil, send, full, nil, nil); err != nil {
-		m.fail("send cut %d: %v", m.seq, err)
-	}
-	ack, err := m.stream.stream.Recv()
-	if err != nil {
-		m.fail("the replica refused cut %d: %v", m.seq, err)
-	}
-	if ack.GetSeq() != m.seq {
-		m.fail("the replica acknowledged %d, want %d", ack.GetSeq(), m.seq)
+	m.sendCut(b, "r1", m.stream, m.replica, b.delta == nil)
+	if full {
+		m.sendCut(b, "r2", m.stream2, m.replica2, true)
 	}
 	m.sp.close()
 	m.sp, m.pl = nil, nil
-	// The index is what the replicas hold: the same paths, after every
-	// cut (a path only the replica holds is never repaired by a rescan,
-	// which compares the tree with the index).
-	rep, err := Manifest(m.replica)
+}
+
+// sendCut sends batch b to a replica (whole, or its delta view when the
+// replica follows), which must take it; then the replica holds the paths
+// the index holds (a path only the replica holds is never repaired by a
+// rescan, which compares the tree with the index).
+func (m *cutModel) sendCut(b *cutBatch, name string, stream *rawStream, data string, whole bool) {
+	m.t.Helper()
+	send := func(r *tetherpb.StreamRequest) error { return stream.stream.Send(r) }
+	if err := b.send(context.Background(), nil, send, whole, nil, nil); err != nil {
+		m.fail("send cut %d to %s: %v", b.seq, name, err)
+	}
+	ack, err := stream.stream.Recv()
+	if err != nil {
+		m.fail("%s refused cut %d: %v", name, b.seq, err)
+	}
+	if ack.GetSeq() != b.seq {
+		m.fail("%s acknowledged %d, want %d", name, ack.GetSeq(), b.seq)
+	}
+	rep, err := Manifest(data)
 	must(m.t, err)
 	var held []string
 	for rel := range rep {
@@ -416,7 +451,7 @@ func (m *cutModel) endCut(full bool) {
 	}
 	slices.Sort(held)
 	if got := m.indexed(); !slices.Equal(held, got) {
-		m.fail("after cut %d the replica holds %q, the index %q", m.seq, held, got)
+		m.fail("after cut %d %s holds %q, the index %q", b.seq, name, held, got)
 	}
 }
 
@@ -446,14 +481,14 @@ func (m *cutModel) settle() {
 	m.deliver(len(m.queue))
 	if m.sp != nil || len(m.dirty) > 0 {
 		m.round()
-		m.endCut(false)
+		m.endCut()
 	}
 	// What no event told (a hard-linked file changed through a name
 	// removed since) the periodic rescan finds.
 	m.rescan()
 	if len(m.dirty) > 0 {
 		m.round()
-		m.endCut(false)
+		m.endCut()
 	}
 	if err := SameTree(m.dir, m.replica); err != nil {
 		m.fail("%v", err)
@@ -483,7 +518,7 @@ func (m *cutModel) run(steps int) {
 			}
 		default:
 			if m.sp != nil && (len(m.queue)+len(m.dirty) == 0 || m.rng.IntN(3) == 0) {
-				m.endCut(false)
+				m.endCut()
 			}
 		}
 	}
@@ -534,7 +569,7 @@ func TestHardLinkCarriedByItsNewestReading(t *testing.T) {
 	m.event("c/q", false)
 	m.deliver(1)
 	m.round()
-	m.endCut(false)
+	m.endCut()
 	if err := SameTree(m.dir, m.replica); err != nil {
 		t.Fatal(err)
 	}

@@ -223,6 +223,13 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 	return nil
 }
 
+// carried reports whether the cut read rel (it goes in the batch).
+func (s *spool) carried(rel string) bool {
+	_, file := s.files[rel]
+	_, lazy := s.lazy[rel]
+	return file || lazy || len(s.small[rel]) > 0
+}
+
 // putHashes moves a file's block hashes from its entry to the spool file.
 func (s *spool) putHashes(rel string, e *indexEntry) error {
 	if _, err := s.f.WriteAt(e.hashes, s.end); err != nil {
