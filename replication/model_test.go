@@ -574,3 +574,30 @@ func TestHardLinkCarriedByItsNewestReading(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestNewParentsTravelWithTheirEntry plans a file whose directory and that
+// directory's parent are new, their own events not taken yet (a
+// file-consistent cut): the batch describes both directories, so the
+// replica holds them as the primary does (not as the bare directories it
+// makes for a path, mode 0700), and the index holds them.
+func TestNewParentsTravelWithTheirEntry(t *testing.T) {
+	m := newCutModelWith(t, 0, false, func(*cutModel) {})
+	must(t, os.MkdirAll(m.path("b/y"), 0o755))
+	must(t, os.Chmod(m.path("b"), 0o751))
+	must(t, os.WriteFile(m.path("b/y/p"), []byte("p"), 0o644))
+	m.dirty["b/y/p"] = false
+	m.round()
+	m.endCut()
+	for _, rel := range []string{"b", "b/y"} {
+		want, err := os.Lstat(m.path(rel))
+		must(t, err)
+		got, err := os.Lstat(filepath.Join(m.replica, rel))
+		must(t, err)
+		if got.Mode() != want.Mode() {
+			t.Errorf("the replica's %s has mode %v, want %v", rel, got.Mode(), want.Mode())
+		}
+		if e, err := m.idx.get(rel); err != nil || e == nil || e.ino != inoOf(want) {
+			t.Errorf("the index holds %s as %+v (%v), want the primary's directory", rel, e, err)
+		}
+	}
+}
