@@ -54,12 +54,12 @@ type cutModel struct {
 	// name that is removed since has no event for the others, until the
 	// next rescan (settle clears it).
 	linkedSince bool
-	dirty     map[string]bool
-	pl        *plan
-	sp        *spool
-	seq       uint64
-	trace     []string
-	n         int
+	dirty       map[string]bool
+	pl          *plan
+	sp          *spool
+	seq         uint64
+	trace       []string
+	n           int
 }
 
 // modelMark is what an event marks: rel, and whether it was a creation
