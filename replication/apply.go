@@ -156,6 +156,10 @@ type batch struct {
 	// journaled is set once a journal refers to the staged files: they are
 	// the journal's to remove then.
 	journaled bool
+	// segments holds the index of the first op of each later cut the batch
+	// was continued with, and contSeq the last of those cuts (0: none).
+	segments []int
+	contSeq  uint64
 }
 
 func newBatch(stage string) *batch {
@@ -380,6 +384,28 @@ func (b *batch) addFileChunk(op *tetherpb.FileOp) error {
 	return nil
 }
 
+// cont continues the batch with the ops of cut seq, which apply after
+// those received so far (see Continue in the protocol): a segment of its
+// own, for the checks of its bases and for the replay of the journal.
+func (b *batch) cont(seq uint64) error {
+	if b.open != nil {
+		return fmt.Errorf("%w: continued with cut %d while file %q is incomplete", errBadBatch, seq, b.open.path)
+	}
+	if seq == 0 || seq <= b.contSeq {
+		return fmt.Errorf("%w: continued with cut %d after cut %d", errBadBatch, seq, b.contSeq)
+	}
+	if len(b.segments) >= maxSegments {
+		return fmt.Errorf("%w: continued over more than %d cuts", errBadBatch, maxSegments)
+	}
+	b.segments = append(b.segments, len(b.ops))
+	b.contSeq = seq
+	return nil
+}
+
+// maxSegments bounds the cuts one batch is continued over (a primary stops
+// continuing long before: it continues to the first cut after its stream).
+const maxSegments = 4096
+
 // complete returns an error when the batch cannot be committed yet.
 func (b *batch) complete() error {
 	if b.open != nil {
@@ -401,6 +427,7 @@ func (b *batch) discard() {
 		}
 	}
 	b.ops, b.nfiles, b.journaled, b.token = nil, 0, false, rand.Text()
+	b.segments, b.contSeq = nil, 0
 	clear(b.nondir)
 	clear(b.files)
 	clear(b.fileDirs)
@@ -451,43 +478,89 @@ func (a *applier) noteWritten(rel string) {
 	}
 }
 
-// applyOps applies a batch's ops, from index start on, to the volume
-// rooted at root and makes the result durable. A full batch first removes
-// everything it does not name (when starting from the beginning). Every op
-// but RENAME sets its path to a state given by the batch alone, so a batch
-// can be applied again over a partial application of itself; a RENAME
-// depends on what it finds, so the ops before it are made durable and
-// mark(i) records that a replay starts at the rename, and mark(i+1) after
-// it is durable.
-func applyOps(root *os.Root, ops []applyOp, full bool, start int, replay bool, warn *onceLogger, mark func(int) error, fail failpoint, written map[string]*indexEntry) error {
-	a := &applier{root: root, verified: map[string]struct{}{}, dirMeta: map[string]applyOp{}, warn: warn, replay: replay, written: written}
+// progress is where the application of a batch stands: the next op to
+// apply, and the segment it belongs to (a batch continued over later cuts
+// has one segment per cut; see batch.cont).
+type progress struct {
+	next, seg int
+}
+
+// applyOps applies a batch's ops, from p on, to the volume rooted at root.
+// A full batch first removes everything its first segment does not name
+// (when starting from the beginning). Every op but RENAME sets its path to
+// a state given by its segment alone, so a segment can be applied again
+// over a partial application of itself; a RENAME depends on what it finds,
+// so the ops before it are made durable and mark records that a replay
+// starts at the rename, and another mark after it that the replay starts
+// after it. segs holds the index of the first op of every segment after
+// the first: before a segment starts, the previous one (its directories'
+// metadata included) is made durable and marked done, so that a replay
+// never applies an earlier segment again over a later one's changes.
+func applyOps(root *os.Root, ops []applyOp, segs []int, full bool, from progress, replay bool, warn *onceLogger, mark func(progress) error, fail failpoint, written map[string]*indexEntry) error {
+	ends := append(slices.Clone(segs), len(ops))
+	if from.seg < 0 || from.seg >= len(ends) || from.next < segStart(ends, from.seg) || from.next > ends[from.seg] {
+		return fmt.Errorf("journal progress (op %d of segment %d) lies outside the batch's %d ops in %d segments", from.next, from.seg, len(ops), len(ends))
+	}
+	a := &applier{root: root, warn: warn, replay: replay, written: written}
 	defer func() {
 		if a.stage != nil {
 			_ = a.stage.Close()
 		}
 	}()
-	for _, op := range ops {
-		if op.kind == tetherpb.FileOp_KIND_MKDIR {
-			a.dirMeta[op.path] = op
+	for k := from.seg; k < len(ends); k++ {
+		lo, hi := segStart(ends, k), ends[k]
+		start := lo
+		if k == from.seg {
+			start = from.next
+		} else {
+			// Segment k-1 is applied: durable before this one changes it.
+			if err := a.sync(); err != nil {
+				return err
+			}
+			if err := mark(progress{next: lo, seg: k}); err != nil {
+				return err
+			}
+			if err := fail.at("segment " + strconv.Itoa(k)); err != nil {
+				return err
+			}
 		}
-	}
-	if full && start == 0 {
-		if err := a.prune(rootPath, namedOf(ops)); err != nil {
-			return fmt.Errorf("remove what the primary no longer has: %w", err)
+		a.verified, a.dirMeta = map[string]struct{}{}, map[string]applyOp{}
+		for _, op := range ops[lo:hi] {
+			if op.kind == tetherpb.FileOp_KIND_MKDIR {
+				a.dirMeta[op.path] = op
+			}
 		}
-	}
-	for i := start; i < len(ops); i++ {
-		op := ops[i]
-		if err := a.applyMarked(op, i, mark, fail); err != nil {
-			return fmt.Errorf("%s %q: %w", op.kind, op.path, err)
+		if full && k == 0 && start == 0 {
+			if err := a.prune(rootPath, namedOf(ops[:hi])); err != nil {
+				return fmt.Errorf("remove what the primary no longer has: %w", err)
+			}
 		}
-		if err := fail.at("op " + strconv.Itoa(i)); err != nil {
+		segMark := func(next int) error { return mark(progress{next: next, seg: k}) }
+		for i := start; i < hi; i++ {
+			op := ops[i]
+			if err := a.applyMarked(op, i, segMark, fail); err != nil {
+				return fmt.Errorf("%s %q: %w", op.kind, op.path, err)
+			}
+			if err := fail.at("op " + strconv.Itoa(i)); err != nil {
+				return err
+			}
+		}
+		if err := a.finishDirs(); err != nil {
 			return err
 		}
 	}
 	// Not synced: the journal replays the batch until the next batch's
 	// syncfs has made this application durable.
-	return a.finishDirs()
+	return nil
+}
+
+// segStart returns the index of the first op of segment k, given the end
+// of every segment.
+func segStart(ends []int, k int) int {
+	if k == 0 {
+		return 0
+	}
+	return ends[k-1]
 }
 
 // applyMarked applies op number i, bracketing a RENAME with progress marks.

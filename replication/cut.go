@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -180,7 +181,7 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 		if err != nil {
 			return nil, err
 		}
-		if gen == c.gen {
+		if gen == c.gen && len(c.sp.torn) == 0 {
 			consistent, at = true, t
 			break
 		}
@@ -190,6 +191,9 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 		if err := c.take(); err != nil {
 			return nil, err
 		}
+		if err := c.rereadTorn(); err != nil {
+			return nil, err
+		}
 	}
 	if !consistent {
 		var err error
@@ -197,6 +201,20 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 		if err != nil {
 			return nil, err
 		}
+	}
+	// A file-consistent cut still holds every file whole: read again what
+	// came up short (a file truncated at every reading ships as read, and
+	// its event brings it again in the next cut).
+	for try := 0; !consistent && len(c.sp.torn) > 0 && try < tornRetries; try++ {
+		if err := c.rereadTorn(); err != nil {
+			return nil, err
+		}
+		if err := c.sp.read(p.root, c.pl, p.warn); err != nil {
+			return nil, err
+		}
+	}
+	if n := len(c.sp.torn); n > 0 {
+		p.log.Warn("files kept shrinking while the cut read them; this batch holds them as last read, the next cut sends them again", "files", n)
 	}
 	if !consistent && len(c.sp.lazy) > 0 {
 		// Its senders could not check a stream against the cut.
@@ -230,6 +248,18 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 		}
 	}
 	return b, nil
+}
+
+// tornRetries bounds the extra readings of files that came up short in a
+// cut that did not converge.
+const tornRetries = 3
+
+// rereadTorn plans again the files whose last reading came up short.
+func (c *cutRound) rereadTorn() error {
+	if len(c.sp.torn) == 0 {
+		return nil
+	}
+	return c.pl.update(c.p.root, maps.Clone(c.sp.torn))
 }
 
 // offersDelta reports whether a full cut gives the replicas at the previous
@@ -350,6 +380,9 @@ func (c *cutRound) frozenRound(ctx context.Context) (bool, time.Time, error) {
 	if err := c.take(); err != nil {
 		return false, time.Time{}, err
 	}
+	if err := c.rereadTorn(); err != nil {
+		return false, time.Time{}, err
+	}
 	if err := c.sp.read(c.p.root, c.pl, c.p.warn); err != nil {
 		return false, time.Time{}, err
 	}
@@ -357,7 +390,7 @@ func (c *cutRound) frozenRound(ctx context.Context) (bool, time.Time, error) {
 	if err != nil {
 		return false, time.Time{}, err
 	}
-	return gen == c.gen, at, nil
+	return gen == c.gen && len(c.sp.torn) == 0, at, nil
 }
 
 // barrier creates a fresh sentinel in the barrier directory (watched by the

@@ -361,35 +361,42 @@ func newBaseResolver(ops []applyOp) *baseResolver {
 	return r
 }
 
-// replaced reports whether an op (not a rename) with an index in (lo, hi)
+// lastHit returns the index of the last op (not a rename) in (lo, hi) that
 // replaces p or removes it: any op at p, or one at an ancestor of p that is
-// not a MKDIR.
-func (r *baseResolver) replaced(p string, lo, hi int) bool {
-	hit := func(q string, mkdirKeeps bool) bool {
+// not a MKDIR; -1 when there is none.
+func (r *baseResolver) lastHit(p string, lo, hi int) int {
+	last := -1
+	hit := func(q string, mkdirKeeps bool) {
 		idx := r.at[q]
-		k, _ := slices.BinarySearch(idx, lo+1)
-		for ; k < len(idx) && idx[k] < hi; k++ {
+		k, _ := slices.BinarySearch(idx, hi)
+		for k--; k >= 0 && idx[k] > lo && idx[k] > last; k-- {
 			if !mkdirKeeps || r.ops[idx[k]].kind != tetherpb.FileOp_KIND_MKDIR {
-				return true
+				last = idx[k]
+				return
 			}
 		}
-		return false
 	}
-	if hit(p, false) {
-		return true
-	}
+	hit(p, false)
 	for _, a := range ancestorsOf(p) {
-		if hit(a, true) {
-			return true
-		}
+		hit(a, true)
 	}
-	return false
+	return last
 }
 
-// path returns the path that p (a path once ops[:i] are applied) had
-// before the batch, following the batch's renames back; ok is false when
-// an op before i replaces or removes what p holds.
-func (r *baseResolver) path(i int, p string) (string, bool) {
+// originKind says where what a path holds at an op comes from.
+type originKind int
+
+const (
+	fromBefore originKind = iota // the path as it was before the batch
+	setBy                        // the op at the origin's index set or removed it
+	movedAway                    // the rename at the origin's index moved it away
+)
+
+// origin follows p (a path once ops[:i] are applied) back through the
+// batch's renames to where what it holds comes from: the path it had before
+// the batch, or the op of the batch that last set (or removed) it, or the
+// rename that moved it away (at is that op's index, or -1).
+func (r *baseResolver) origin(i int, p string) (q string, at int, how originKind) {
 	hi := i
 	k, _ := slices.BinarySearch(r.renames, i)
 	for k--; k >= 0; k-- {
@@ -399,22 +406,43 @@ func (r *baseResolver) path(i int, p string) (string, bool) {
 		if !inTo && !inFrom {
 			continue
 		}
-		if !inTo || r.replaced(p, j, hi) {
-			return "", false // moved away, or replaced after the rename
+		if w := r.lastHit(p, j, hi); w >= 0 {
+			return p, w, setBy // replaced after the rename
+		}
+		if !inTo {
+			return p, j, movedAway
 		}
 		p, hi = o.path+p[len(o.to):], j
 	}
-	if r.replaced(p, -1, hi) {
+	if w := r.lastHit(p, -1, hi); w >= 0 {
+		return p, w, setBy
+	}
+	return p, -1, fromBefore
+}
+
+// path returns the path that p (a path once ops[:i] are applied) had
+// before the batch, following the batch's renames back; ok is false when
+// an op before i replaces or removes what p holds.
+func (r *baseResolver) path(i int, p string) (string, bool) {
+	q, _, how := r.origin(i, p)
+	if how != fromBefore {
 		return "", false
 	}
-	return p, true
+	return q, true
 }
 
 // verifyBases checks, before a batch is journaled, that the replica holds
 // what the batch builds on: the source of every rename, and the base of
 // every delta (size, mtime and block digest). A mismatch refuses the batch
 // (errBaseMismatch); the primary then sends the whole tree.
-func verifyBases(data string, ops []applyOp, full bool, cache *baseCache) error {
+//
+// A batch continued over later cuts (segs: the first op of each) builds
+// each segment on what the earlier ones leave: an op of a later segment may
+// build on a path an earlier segment wrote (checked against that op: a
+// delta's base against the file it wrote, by size, mtime and digest), never
+// on one its own segment replaced (that is a malformed cut). A full batch
+// keeps only what its first segment names.
+func verifyBases(data string, ops []applyOp, segs []int, full bool, cache *baseCache) error {
 	var root *os.Root
 	var res *baseResolver
 	defer func() {
@@ -433,23 +461,41 @@ func verifyBases(data string, ops []applyOp, full bool, cache *baseCache) error 
 		}
 		return nil
 	}
+	seg := 0
 	for i, op := range ops {
+		for seg < len(segs) && i >= segs[seg] {
+			seg++
+		}
 		isDelta := op.kind == tetherpb.FileOp_KIND_FILE && op.delta != nil
 		if !isDelta && op.kind != tetherpb.FileOp_KIND_RENAME {
 			continue
 		}
-		if full && !isDelta {
+		if full && !isDelta && seg == 0 {
 			return fmt.Errorf("%w: a full batch carries a rename of %q", errBadBatch, op.path)
-		}
-		if err := open(); err != nil {
-			return err
 		}
 		if res == nil {
 			res = newBaseResolver(ops)
 		}
-		p, ok := res.path(i, op.path)
-		if !ok {
-			return fmt.Errorf("%w: %s of %q builds on a path an earlier op of the batch replaced", errBadBatch, op.kind, op.path)
+		lo := 0
+		if seg > 0 {
+			lo = segs[seg-1]
+		}
+		p, at, how := res.origin(i, op.path)
+		switch {
+		case at >= lo:
+			return fmt.Errorf("%w: %s of %q builds on a path an earlier op of its cut replaced", errBadBatch, op.kind, op.path)
+		case how == movedAway:
+			return fmt.Errorf("%w: %s of %q builds on %q, which an earlier cut of the batch moved away", errBaseMismatch, op.kind, op.path, p)
+		case how == setBy:
+			if err := checkBaseOp(ops[at], p, op, isDelta); err != nil {
+				return err
+			}
+			continue
+		case full && seg > 0:
+			return fmt.Errorf("%w: %s of %q builds on %q, which the full batch does not keep", errBaseMismatch, op.kind, op.path, p)
+		}
+		if err := open(); err != nil {
+			return err
 		}
 		if !isDelta {
 			if ok, err := existsReal(root, p); err != nil || !ok {
@@ -460,6 +506,24 @@ func verifyBases(data string, ops []applyOp, full bool, cache *baseCache) error 
 		if err := checkBase(root, p, op.delta, cache); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// checkBaseOp checks that w, the op of an earlier segment that last set or
+// removed p, leaves what op (a later segment's rename from p, or delta of
+// p) builds on.
+func checkBaseOp(w applyOp, p string, op applyOp, isDelta bool) error {
+	if w.path != p || w.kind == tetherpb.FileOp_KIND_DELETE {
+		return fmt.Errorf("%w: %s of %q builds on %q, which an earlier cut of the batch removed", errBaseMismatch, op.kind, op.path, p)
+	}
+	if !isDelta {
+		return nil
+	}
+	d := op.delta
+	if w.kind != tetherpb.FileOp_KIND_FILE || w.digest == nil || w.size != d.baseSize || w.mtime.UnixNano() != d.baseMtime ||
+		w.digest.blockSize != d.blockSize || !bytes.Equal(w.digest.sum, d.digest) {
+		return fmt.Errorf("%w: the delta of %q does not build on what an earlier cut of the batch wrote there", errBaseMismatch, op.path)
 	}
 	return nil
 }

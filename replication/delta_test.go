@@ -571,8 +571,36 @@ func naiveBasePath(ops []applyOp, i int, p string) (string, bool) {
 	return p, true
 }
 
-// TestBaseResolver compares baseResolver.path with the naive walk on random
-// batches over a few paths.
+// naiveOrigin is the specification of baseResolver.origin: walk the batch
+// back from op i to the op that last set p, the rename that moved it away,
+// or the start.
+func naiveOrigin(ops []applyOp, i int, p string) (string, int, originKind) {
+	for j := i - 1; j >= 0; j-- {
+		o := ops[j]
+		switch o.kind {
+		case tetherpb.FileOp_KIND_RENAME:
+			if isUnder(p, o.to) {
+				p = o.path + p[len(o.to):]
+				continue
+			}
+			if isUnder(p, o.path) {
+				return p, j, movedAway
+			}
+		case tetherpb.FileOp_KIND_MKDIR:
+			if p == o.path {
+				return p, j, setBy
+			}
+		default:
+			if isUnder(p, o.path) {
+				return p, j, setBy
+			}
+		}
+	}
+	return p, -1, fromBefore
+}
+
+// TestBaseResolver compares baseResolver.path and origin with the naive
+// walks on random batches over a few paths.
 func TestBaseResolver(t *testing.T) {
 	paths := []string{"a", "b", "a/b", "a/c", "b/a", "a/b/c", "c", "b/a/c"}
 	kinds := []tetherpb.FileOp_Kind{tetherpb.FileOp_KIND_RENAME, tetherpb.FileOp_KIND_RENAME, tetherpb.FileOp_KIND_DELETE,
@@ -591,6 +619,11 @@ func TestBaseResolver(t *testing.T) {
 				gp, gok := r.path(i, p)
 				if wp != gp || wok != gok {
 					t.Fatalf("ops %+v, op %d, path %q: got %q %v, want %q %v", ops, i, p, gp, gok, wp, wok)
+				}
+				wq, wat, whow := naiveOrigin(ops, i, p)
+				gq, gat, ghow := r.origin(i, p)
+				if wq != gq || wat != gat || whow != ghow {
+					t.Fatalf("ops %+v, op %d, path %q: origin %q %d %d, want %q %d %d", ops, i, p, gq, gat, ghow, wq, wat, whow)
 				}
 			}
 		}

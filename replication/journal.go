@@ -64,6 +64,9 @@ type journalRecord struct {
 	CutNano    int64
 	Full       bool
 	Ops        []journalOp
+	// Segments holds the index of the first op of each cut the batch was
+	// continued with (none: one cut; see batch.cont).
+	Segments []int
 }
 
 type journalOp struct {
@@ -298,7 +301,7 @@ func (j journal) commit(b *batch, pos position, full bool) error {
 	if err := j.fail.at("staged"); err != nil {
 		return err
 	}
-	if err := verifyBases(j.paths.Data, b.ops, full, j.bases); err != nil {
+	if err := verifyBases(j.paths.Data, b.ops, b.segments, full, j.bases); err != nil {
 		return err
 	}
 	same, err := sameFS(j.paths.Data, j.paths.State)
@@ -316,7 +319,7 @@ func (j journal) commit(b *batch, pos position, full bool) error {
 	for _, r := range recs {
 		gen = max(gen, r.gen+1)
 	}
-	rec := journalRecord{Gen: gen, Epoch: pos.Epoch, Seq: pos.Seq, CutNano: cutNano(pos.Cut), Full: full}
+	rec := journalRecord{Gen: gen, Epoch: pos.Epoch, Seq: pos.Seq, CutNano: cutNano(pos.Cut), Full: full, Segments: b.segments}
 	for _, op := range b.ops {
 		rec.Ops = append(rec.Ops, toJournal(op))
 	}
@@ -378,10 +381,10 @@ func (j journal) apply(rec journalRecord, replay bool) error {
 		}
 		ops = append(ops, op)
 	}
-	start := 0
+	var from progress
 	if replay {
 		var err error
-		if start, err = readProgress(j.paths.State, rec.Gen); err != nil {
+		if from, err = readProgress(j.paths.State, rec.Gen); err != nil {
 			return err
 		}
 	}
@@ -390,41 +393,45 @@ func (j journal) apply(rec journalRecord, replay bool) error {
 		return fmt.Errorf("open volume data directory: %w", err)
 	}
 	defer root.Close()
-	mark := func(next int) error { return j.markProgress(rec.Gen, next) }
-	if err := applyOps(root, ops, rec.Full, start, replay, j.warn, mark, j.fail, j.written); err != nil {
+	mark := func(at progress) error { return j.markProgress(rec.Gen, at) }
+	if err := applyOps(root, ops, rec.Segments, rec.Full, from, replay, j.warn, mark, j.fail, j.written); err != nil {
 		return fmt.Errorf("apply batch %d: %w", rec.Seq, err)
 	}
 	return j.fail.at("applied")
 }
 
-// markProgress durably records that the ops of batch gen before next are
-// durable.
-func (j journal) markProgress(gen uint64, next int) error {
-	return writeFileDurable(j.paths.State, progressFile, fmt.Sprintf("%d %d\n", next, gen))
+// markProgress durably records that the ops of batch gen before at are
+// durable (at.next, in segment at.seg).
+func (j journal) markProgress(gen uint64, at progress) error {
+	return writeFileDurable(j.paths.State, progressFile, fmt.Sprintf("%d %d %d\n", at.next, gen, at.seg))
 }
 
-// readProgress returns the op index a replay of batch gen starts at (0
+// readProgress returns where a replay of batch gen starts (the first op
 // when no progress of that batch is recorded).
-func readProgress(dir string, gen uint64) (int, error) {
+func readProgress(dir string, gen uint64) (progress, error) {
 	b, err := os.ReadFile(filepath.Join(dir, progressFile))
 	if errors.Is(err, fs.ErrNotExist) {
-		return 0, nil
+		return progress{}, nil
 	}
 	if err != nil {
-		return 0, fmt.Errorf("read journal progress: %w", err)
+		return progress{}, fmt.Errorf("read journal progress: %w", err)
 	}
 	f := strings.Fields(string(b))
 	if len(f) == 1 && gen == 0 {
 		f = append(f, "0") // an earlier version's record
 	}
-	if len(f) != 2 || f[1] != strconv.FormatUint(gen, 10) {
-		return 0, nil // another batch's
+	if len(f) == 2 {
+		f = append(f, "0") // before batches had segments
+	}
+	if len(f) != 3 || f[1] != strconv.FormatUint(gen, 10) {
+		return progress{}, nil // another batch's
 	}
 	next, err := strconv.Atoi(f[0])
-	if err != nil || next < 0 {
-		return 0, fmt.Errorf("journal progress record %q is corrupt", b)
+	seg, serr := strconv.Atoi(f[2])
+	if err != nil || serr != nil || next < 0 || seg < 0 {
+		return progress{}, fmt.Errorf("journal progress record %q is corrupt", b)
 	}
-	return next, nil
+	return progress{next: next, seg: seg}, nil
 }
 
 // dropStaged removes from the stage what batches other than the one

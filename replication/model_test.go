@@ -450,7 +450,11 @@ func (m *cutModel) endCut() {
 func (m *cutModel) sendCut(b *cutBatch, name string, stream *rawStream, data string, whole bool) {
 	m.t.Helper()
 	send := func(r *tetherpb.StreamRequest) error { return stream.stream.Send(r) }
-	if err := b.send(context.Background(), nil, send, whole, nil, nil); err != nil {
+	full, err := b.send(context.Background(), nil, send, whole, nil, nil)
+	if err == nil {
+		err = b.commit(send, full)
+	}
+	if err != nil {
 		m.fail("send cut %d to %s: %v", b.seq, name, err)
 	}
 	ack, err := stream.stream.Recv()

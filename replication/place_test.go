@@ -53,10 +53,10 @@ func TestFilesPlacedByRename(t *testing.T) {
 	root, err := os.OpenRoot(paths.Data)
 	must(t, err)
 	defer root.Close()
-	if err := applyOps(root, b.ops, false, 0, false, j.warn, func(int) error { return nil }, nil, nil); !errors.Is(err, fs.ErrNotExist) {
+	if err := applyOps(root, b.ops, nil, false, progress{}, false, j.warn, func(progress) error { return nil }, nil, nil); !errors.Is(err, fs.ErrNotExist) {
 		t.Fatalf("applying a batch whose staged file is gone, not as a replay: %v, want a missing-contents error", err)
 	}
-	must(t, applyOps(root, b.ops, false, 0, true, j.warn, func(int) error { return nil }, nil, nil))
+	must(t, applyOps(root, b.ops, nil, false, progress{}, true, j.warn, func(progress) error { return nil }, nil, nil))
 	if got, err := os.ReadFile(target); err != nil || string(got) != "contents" {
 		t.Fatalf("after a replay d/a = %q, %v", got, err)
 	}

@@ -183,8 +183,11 @@ type Primary struct {
 	// noStream makes the next full cut spool its large files: a stream of
 	// them broke because the volume changed meanwhile.
 	noStream      atomic.Bool
-	brokenStreams atomic.Uint64 // batches whose streamed files changed while sent
-	streamMin     int64         // smallest file a full cut streams (tests lower it)
+	brokenStreams atomic.Uint64 // batches whose streamed files changed while sent, not continued
+	// continuedStreams counts batches whose streamed files changed while
+	// sent, continued with the cuts that carry those changes.
+	continuedStreams atomic.Uint64
+	streamMin        int64 // smallest file a full cut streams (tests lower it)
 	// onStreamChunk, if set, runs after a sender sent a message of a
 	// streamed file of batch seq (tests change the volume or stop the
 	// replica there).

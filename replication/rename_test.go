@@ -120,7 +120,7 @@ func TestRenameFoundInALaterRound(t *testing.T) {
 	if want := []string{"a>e", "e/b>f"}; !slices.Equal(got, want) {
 		t.Fatalf("renames = %q, want %q", got, want)
 	}
-	if err := verifyBases(replica, ops, false, nil); err != nil {
+	if err := verifyBases(replica, ops, nil, false, nil); err != nil {
 		t.Fatalf("the replica refuses the renames: %v", err)
 	}
 	cut(p, false)

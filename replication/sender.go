@@ -43,6 +43,10 @@ type sender struct {
 	fullSent  int  // full batches sent (tests)
 	refused   bool // the replica refused a batch: it needs the whole tree, every file whole
 	refusals  int  // batches the replica refused (tests)
+	// continues is set when the replica takes batches continued over later
+	// cuts (its first ack says so).
+	continues bool
+	continued bool // the batch being sent was continued (a refusal of it is no divergence)
 	// syncDone and syncTotal: progress of the whole tree being sent (see
 	// ReplicaState.FullSyncDone); syncTotal is 0 when none is.
 	syncDone, syncTotal int64
@@ -111,11 +115,24 @@ func (s *sender) run(ctx context.Context) {
 			// InvalidArgument: it refused the batch. Either way the next
 			// batch is the whole tree, every file whole (no deltas, no
 			// renames: nothing that depends on what the replica holds).
-			s.log.Warn("the replica refused a batch; sending it the whole tree", "err", err)
 			s.mu.Lock()
-			s.refused = true
+			continued := s.continued
 			s.refusals++
+			if continued {
+				// A continued batch builds on what its streamed files
+				// read, which another sender's index update can
+				// contradict: no divergence, but the next full cut is
+				// read into the spool, to be committed whole.
+				s.p.noStream.Store(true)
+			} else {
+				s.refused = true
+			}
 			s.mu.Unlock()
+			if continued {
+				s.log.Warn("the replica refused a continued batch; sending it a new full cut", "err", err)
+			} else {
+				s.log.Warn("the replica refused a batch; sending it the whole tree", "err", err)
+			}
 		}
 		if status.Code(err) == codes.FailedPrecondition {
 			wait = retryStale
@@ -154,6 +171,7 @@ func (s *sender) connectedAt(a *tetherpb.StreamAck) {
 	next := s.p.resumeFrom(a.GetEpoch(), a.GetSeq())
 	s.mu.Lock()
 	s.connected, s.err, s.lastSeen = true, "", time.Now()
+	s.continues = a.GetContinues()
 	if a.GetEpoch() == epoch {
 		s.acked = Ack{Epoch: epoch, Seq: a.GetSeq(), Cut: cutTime(a.GetCutUnixNano())}
 	}
@@ -280,6 +298,45 @@ func (r *ackReader) run(ctx context.Context, stream tetherpb.Replication_StreamC
 	}
 }
 
+// continueBatch extends batch b, whose streamed files changed while they
+// were read (the volume's event count was stale by the barrier after the
+// stream), with the cuts that follow it, up to the first that carries every
+// change counted by then: each cut's ops after a Continue, so that the
+// replica commits the torn copy and what repairs it as one batch, in the
+// state of the last cut (DESIGN.md, "Streamed files"). It returns that cut,
+// or an error wrapping errStreamChanged when a cut it needs is no longer
+// kept or is a full one (the replica then gets a new full cut).
+func (s *sender) continueBatch(ctx context.Context, b *cutBatch, stale uint64, send sendFunc, in *ackReader) (*cutBatch, error) {
+	last := b
+	for last.gen < stale {
+		seq := last.seq + 1
+		next, changed, err := s.p.batchFor(seq, 0)
+		if errors.Is(err, errCutGone) || next != nil && next.full {
+			return nil, fmt.Errorf("continue batch %d with cut %d: %w", b.seq, seq, errStreamChanged)
+		}
+		if next == nil {
+			select {
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-changed:
+			case a := <-in.acks:
+				return nil, fmt.Errorf("replica %s sent an unexpected ack for seq %d", s.node, a.GetSeq())
+			case err := <-in.errc:
+				return nil, fmt.Errorf("replica %s ended the stream: %w", s.node, err)
+			}
+			continue
+		}
+		if err := send(&tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Continue{Continue: &tetherpb.Continue{Seq: seq}}}); err != nil {
+			return nil, err
+		}
+		if _, err := next.send(ctx, s.p, send, false, nil, nil); err != nil {
+			return nil, err
+		}
+		last = next
+	}
+	return last, nil
+}
+
 // nextBatch waits for the cut this replica needs next; full reports that
 // the replica needs the whole tree.
 func (s *sender) nextBatch(ctx context.Context, in *ackReader) (b *cutBatch, full bool, err error) {
@@ -317,6 +374,9 @@ func (s *sender) stream(ctx context.Context, client tetherpb.ReplicationClient, 
 	throttledSend := throttled(ctx, s.p.cfg.Limiter, stream.Send)
 	for {
 		s.syncProgress(0, 0)
+		s.mu.Lock()
+		s.continued = false
+		s.mu.Unlock()
 		b, full, err := s.nextBatch(ctx, in)
 		if err != nil {
 			return err
@@ -345,21 +405,44 @@ func (s *sender) stream(ctx context.Context, client tetherpb.ReplicationClient, 
 				send = filter.send
 			}
 		}
-		err = b.send(ctx, s.p, send, full, sums, progress)
+		full, err = b.send(ctx, s.p, send, full, sums, progress)
 		if filter != nil {
 			filter.close()
+		}
+		last := b
+		if changed := (*streamChangedError)(nil); errors.As(err, &changed) {
+			s.mu.Lock()
+			continues := s.continues
+			s.continued = continues
+			s.mu.Unlock()
+			err = errStreamChanged
+			if continues {
+				if last, err = s.continueBatch(ctx, b, changed.gen, throttledSend, in); err == nil {
+					err = changed.st.index(s.p)
+				}
+			}
 		}
 		if errors.Is(err, errStreamChanged) {
 			// Ending the stream drops what the replica staged; the batch
 			// is broken, so the replica gets a new (spooled) full cut.
+			b.broken.Store(true)
 			s.p.noStream.Store(true)
 			s.p.brokenStreams.Add(1)
-			s.log.Info("the volume changed while a cut's large files were streamed; the replica gets a new cut", "seq", b.seq)
+			s.log.Info("the volume changed while a cut's large files were streamed; the replica gets a new cut", "seq", b.seq, "err", err)
 			return fmt.Errorf("send batch %d to %s: %w", b.seq, s.node, err)
+		}
+		if err == nil {
+			err = last.commit(throttledSend, full)
 		}
 		if err != nil && !errors.Is(err, io.EOF) {
 			return fmt.Errorf("send batch %d to %s: %w", b.seq, s.node, err)
 		} // on io.EOF the replica ended the stream; its status says why
+		if last != b {
+			s.p.continuedStreams.Add(1)
+			s.log.Info("the volume changed while a cut's large files were streamed; the batch was continued with the cuts that carry those changes",
+				"seq", b.seq, "continued_to", last.seq)
+		}
+		b = last
 		s.log.Debug("batch sent", "seq", b.seq, "full", b.full, "items", len(b.items))
 		select {
 		case <-ctx.Done():

@@ -52,6 +52,17 @@ type Server struct {
 	fail failpoint // tests only (setFailpoint): stops a commit at a step, as a crash would
 	// sumsHook, in tests only, is called before BlockSums hashes each path.
 	sumsHook func(rel string)
+	// noContinue, in tests only, makes the first ack of a stream not offer
+	// continued batches, as a replica of an earlier version.
+	noContinue bool
+}
+
+// offerContinue sets whether streams offer continued batches (tests only:
+// false acts as a replica of an earlier version).
+func (s *Server) offerContinue(on bool) {
+	s.mu.Lock()
+	s.noContinue = !on
+	s.mu.Unlock()
 }
 
 // setFailpoint installs a failpoint (tests only).
@@ -318,7 +329,11 @@ func (s *Server) serve(ctx context.Context, cancel context.CancelCauseFunc, stre
 	if err := resetDir(stage); err != nil {
 		return status.Errorf(codes.Internal, "prepare staging directory: %v", err)
 	}
-	if err := stream.Send(ackOf(pos)); err != nil {
+	first := ackOf(pos)
+	s.mu.Lock()
+	first.Continues = !s.noContinue
+	s.mu.Unlock()
+	if err := stream.Send(first); err != nil {
 		return err
 	}
 	log.Info("replication stream accepted", "position", pos.String())
@@ -337,6 +352,10 @@ func (c *inboundSession) receive(stream tetherpb.Replication_StreamServer, in *r
 		switch k := m.GetKind().(type) {
 		case *tetherpb.StreamRequest_Op:
 			if err := b.add(k.Op); err != nil {
+				return batchStatus(err)
+			}
+		case *tetherpb.StreamRequest_Continue:
+			if err := b.cont(k.Continue.GetSeq()); err != nil {
 				return batchStatus(err)
 			}
 		case *tetherpb.StreamRequest_Commit:
@@ -413,6 +432,9 @@ func (c *inboundSession) commit(b *batch, cm *tetherpb.Commit) error {
 	if err := b.complete(); err != nil {
 		return batchStatus(err)
 	}
+	if b.contSeq != 0 && cm.GetSeq() != b.contSeq {
+		return status.Errorf(codes.InvalidArgument, "batch continued to cut %d commits as cut %d", b.contSeq, cm.GetSeq())
+	}
 	if c.pos.Epoch == c.me.epoch && cm.GetSeq() <= c.pos.Seq {
 		return status.Errorf(codes.InvalidArgument, "batch seq %d does not follow the durable seq %d of epoch %d",
 			cm.GetSeq(), c.pos.Seq, c.me.epoch)
@@ -440,7 +462,13 @@ func (c *inboundSession) commit(b *batch, cm *tetherpb.Commit) error {
 		c.v.bases.reset() // part of it may be applied: trust nothing
 		return batchStatus(fmt.Errorf("apply batch %d: %w", cm.GetSeq(), err))
 	}
-	c.v.bases.record(b.ops, j.written)
+	if len(b.segments) > 0 {
+		// A path may be written by several of its segments: trust no
+		// digest recorded on the way.
+		c.v.bases.reset()
+	} else {
+		c.v.bases.record(b.ops, j.written)
+	}
 	c.pos = pos
 	c.log.Debug("batch applied", "seq", pos.Seq, "full", cm.GetFull(), "ops", len(b.ops), "took", time.Since(start))
 	return nil
@@ -476,7 +504,7 @@ func batchStatus(err error) error {
 }
 
 func ackOf(pos position) *tetherpb.StreamAck {
-	return &tetherpb.StreamAck{Epoch: pos.Epoch, Seq: pos.Seq, CutUnixNano: cutNano(pos.Cut)}
+	return &tetherpb.StreamAck{Epoch: pos.Epoch, Seq: pos.Seq, CutUnixNano: cutNano(pos.Cut), Continues: true}
 }
 
 // resetDir empties dir, creating it if needed.

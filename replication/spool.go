@@ -40,6 +40,12 @@ type spool struct {
 	stream    bool
 	streamMin int64  // the smallest file streamed
 	reads     uint64 // files read so far (fileRead.seq)
+	// torn holds the files whose last reading came up short: they shrank
+	// while read (a truncation), and that reading is no state the file
+	// had. The truncation's event can reach the watcher after a barrier
+	// created once the truncation was visible, so no barrier vouches for
+	// such a reading: the cut reads them again.
+	torn map[string]bool
 }
 
 // defaultStreamMin is the smallest file a full cut streams from the volume
@@ -84,7 +90,8 @@ func newSpool(dir string) (*spool, error) {
 	}
 	_ = os.Remove(f.Name()) // lives as long as the open file
 	return &spool{f: f, small: map[string][]*tetherpb.FileOp{}, files: map[string]fileRead{},
-		entries: map[string]*indexEntry{}, hashAt: map[string]extent{}, lazy: map[string]fs.FileInfo{}}, nil
+		entries: map[string]*indexEntry{}, hashAt: map[string]extent{}, lazy: map[string]fs.FileInfo{},
+		torn: map[string]bool{}}, nil
 }
 
 func (s *spool) close() { _ = s.f.Close() }
@@ -165,6 +172,7 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 		delete(s.entries, rel)
 		delete(s.hashAt, rel)
 		delete(s.lazy, rel)
+		delete(s.torn, rel)
 		if fi, ok := p.dirs[rel]; ok {
 			if err := sendDir(root, s.collect(rel), rel, fi, warn); err != nil {
 				return err
@@ -211,6 +219,9 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 				s.entries[rel] = entry
 				if entry != nil && ferr == nil {
 					ferr = s.putHashes(rel, entry)
+				}
+				if entry == nil {
+					s.torn[rel] = false
 				}
 			}
 			err = ferr
@@ -372,16 +383,17 @@ func (it item) bytes() int64 {
 	return it.n
 }
 
-// send streams the batch and its Commit: the whole tree, or (full false on
-// a full cut with a delta view) only what changed since the previous cut.
-// Lazy files are read from the volume while they are sent (as deltas
-// against the replica's copy where sums has its block hashes); a barrier
-// then checks that the volume did not change since the cut, else the batch
-// is broken and send fails with errStreamChanged before the Commit.
+// send streams the batch: the whole tree, or (full false on a full cut
+// with a delta view) only what changed since the previous cut; it reports
+// whether the batch went out whole. Lazy files are read from the volume
+// while they are sent (as deltas against the replica's copy where sums has
+// its block hashes); a barrier then checks that the volume did not change
+// since the cut, else send fails with a *streamChangedError (see
+// stream.go). The Commit is the caller's (commit).
 //
 // progress, if not nil, is told the encoded size of each item once sent
 // (see itemBytes).
-func (b *cutBatch) send(ctx context.Context, p *Primary, send sendFunc, full bool, sums map[string]*tetherpb.FileSums, progress func(int64)) error {
+func (b *cutBatch) send(ctx context.Context, p *Primary, send sendFunc, full bool, sums map[string]*tetherpb.FileSums, progress func(int64)) (bool, error) {
 	items := b.items
 	if b.full && !full && b.delta != nil {
 		items = b.delta
@@ -393,18 +405,18 @@ func (b *cutBatch) send(ctx context.Context, p *Primary, send sendFunc, full boo
 		switch {
 		case it.op != nil:
 			if err := sendOp(send, it.op); err != nil {
-				return err
+				return full, err
 			}
 		case it.lazy != nil:
 			if st == nil {
 				st = &streamed{entries: map[string]*indexEntry{}}
 			}
 			if err := st.sendFile(p, b, send, it, sums[it.rel]); err != nil {
-				return err
+				return full, err
 			}
 		default:
 			if err := b.sendRange(send, it.off, it.n); err != nil {
-				return err
+				return full, err
 			}
 		}
 		if progress != nil {
@@ -413,9 +425,15 @@ func (b *cutBatch) send(ctx context.Context, p *Primary, send sendFunc, full boo
 	}
 	if st != nil {
 		if err := st.check(ctx, p, b); err != nil {
-			return err
+			return full, err
 		}
 	}
+	return full, nil
+}
+
+// commit ends a batch sent as cut b (the last cut it was continued to, see
+// sender.continueBatch): the replica makes it durable as cut b.
+func (b *cutBatch) commit(send sendFunc, full bool) error {
 	return send(&tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Commit{Commit: &tetherpb.Commit{
 		Seq: b.seq, CutUnixNano: b.cut.UnixNano(), Full: full, FileConsistentOnly: b.fileOnly}}})
 }

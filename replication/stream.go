@@ -16,13 +16,28 @@ import (
 // never goes through the primary's spool. After the last item a barrier
 // tells whether any event of the volume arrived since the cut's changes
 // were taken. If none did, every file read during the stream still had its
-// state of the cut, and the Commit follows; if one did, the batch is
-// broken: the sender ends the stream before the Commit (the replica drops
-// what it staged) and the replica gets a new full cut, read into the spool.
+// state of the cut, and the Commit follows. If one did, what the replica
+// staged may be torn; the sender continues the batch with the cuts that
+// carry those changes (sender.continueBatch) and commits it as the last of
+// them. A replica that cannot take a continued batch (or a cut that is no
+// longer kept) gets the old treatment: the batch is broken, the sender
+// ends the stream before the Commit (the replica drops what it staged) and
+// the replica gets a new full cut, read into the spool.
 
 // errStreamChanged says the volume changed while a cut's large files were
 // streamed from it: the batch cannot be committed as the cut it stands for.
 var errStreamChanged = errors.New("the volume changed while the cut's large files were streamed from it; sending a new cut")
+
+// streamChangedError says that the volume changed while a batch's lazy
+// files were streamed: by the barrier after the stream its event count was
+// gen. st is what was streamed, for the index once the batch is continued.
+type streamChangedError struct {
+	gen uint64
+	st  *streamed
+}
+
+func (e *streamChangedError) Error() string { return errStreamChanged.Error() }
+func (e *streamChangedError) Unwrap() error { return errStreamChanged }
 
 // streamed is what a sender learned while streaming a batch's lazy files:
 // their index entries (with the hashes of what it sent).
@@ -56,19 +71,25 @@ func (st *streamed) sendFile(p *Primary, b *cutBatch, send sendFunc, it item, su
 }
 
 // check takes a barrier after the lazy files were sent: the batch holds the
-// cut only if the volume's event count is still the cut's. It then puts
-// the entries of the files streamed into the index in place of the cut's
-// stat-only ones, unless a later cut replaced those meanwhile (its reading
-// is newer).
+// cut only if the volume's event count is still the cut's (else a
+// *streamChangedError). It then records the files streamed in the index.
 func (st *streamed) check(ctx context.Context, p *Primary, b *cutBatch) error {
 	gen, _, err := p.barrier(ctx)
 	if err != nil {
 		return err
 	}
 	if gen != b.gen {
-		b.broken.Store(true)
-		return errStreamChanged
+		return &streamChangedError{gen: gen, st: st}
 	}
+	return st.index(p)
+}
+
+// index puts the entries of the files streamed into the index in place of
+// the cut's stat-only ones, unless a later cut replaced those meanwhile
+// (its reading is newer). After a continued batch, the entries a later
+// cut did not replace are files that did not change while they were
+// streamed: what was sent is their state.
+func (st *streamed) index(p *Primary) error {
 	p.cutMu.Lock()
 	defer p.cutMu.Unlock()
 	if err := p.idx.apply(&indexUpdate{fills: st.entries}); err != nil {

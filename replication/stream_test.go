@@ -2,10 +2,13 @@ package replication
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -17,66 +20,79 @@ import (
 // streamSmall makes every file of 64 KiB or more a streamed one.
 const streamSmall = 64 << 10
 
-// TestStreamedFileRewrittenWhileSentIsNotCommitted rewrites a large file
-// in place after the first chunk of its stream was sent: the rest of the
-// stream reads the new contents, so what the replica staged is torn. The
-// barrier after the stream sees the write; the batch must never be
-// acknowledged, and the replica ends with the new contents whole (from a
-// spooled full cut).
-func TestStreamedFileRewrittenWhileSentIsNotCommitted(t *testing.T) {
-	c := newTestCluster(t)
-	const size = 3 << 20
-	must(t, os.WriteFile(c.path("big"), bytes.Repeat([]byte{'a'}, size), 0o644))
-	c.write("small.txt", "x")
-	c.startReplica("r1")
-	var once sync.Once
-	var brokenSeq atomic.Uint64
-	c.prep = func(p *Primary) {
-		p.streamMin = streamSmall
-		p.onStreamChunk = func(seq uint64) {
-			once.Do(func() {
-				brokenSeq.Store(seq)
-				f, err := os.OpenFile(c.path("big"), os.O_WRONLY, 0)
-				if err == nil {
-					_, err = f.WriteAt(bytes.Repeat([]byte{'b'}, size), 0)
-					if cerr := f.Close(); err == nil {
-						err = cerr
-					}
+// TestStreamedFileRewrittenWhileSent rewrites a large file in place after
+// the first chunk of its stream was sent: the rest of the stream reads the
+// new contents, so what the replica staged is torn. The barrier after the
+// stream sees the write; the batch must never be acknowledged as the cut it
+// was taken as. A replica that takes continued batches gets it continued
+// with the cut that carries the rewrite (committed as that cut, no new full
+// cut); one of an earlier version gets a new full cut, spooled. Either way
+// it ends with the new contents whole.
+func TestStreamedFileRewrittenWhileSent(t *testing.T) {
+	for _, continues := range []bool{true, false} {
+		t.Run(fmt.Sprintf("replica continues %v", continues), func(t *testing.T) {
+			c := newTestCluster(t)
+			const size = 3 << 20
+			must(t, os.WriteFile(c.path("big"), bytes.Repeat([]byte{'a'}, size), 0o644))
+			c.write("small.txt", "x")
+			c.startReplica("r1").srv.offerContinue(continues)
+			var once sync.Once
+			var brokenSeq atomic.Uint64
+			c.prep = func(p *Primary) {
+				p.streamMin = streamSmall
+				p.onStreamChunk = func(seq uint64) {
+					once.Do(func() {
+						brokenSeq.Store(seq)
+						f, err := os.OpenFile(c.path("big"), os.O_WRONLY, 0)
+						if err == nil {
+							_, err = f.WriteAt(bytes.Repeat([]byte{'b'}, size), 0)
+							if cerr := f.Close(); err == nil {
+								err = cerr
+							}
+						}
+						if err != nil {
+							t.Errorf("rewrite the file being streamed: %v", err)
+						}
+					})
 				}
-				if err != nil {
-					t.Errorf("rewrite the file being streamed: %v", err)
+			}
+			var mu sync.Mutex
+			var acked []uint64
+			p := c.startPrimaryWith(func(cfg *PrimaryConfig) {
+				cfg.OnAck = func(_ string, a Ack) {
+					mu.Lock()
+					acked = append(acked, a.Seq)
+					mu.Unlock()
 				}
-			})
-		}
-	}
-	var mu sync.Mutex
-	var acked []uint64
-	p := c.startPrimaryWith(func(cfg *PrimaryConfig) {
-		cfg.OnAck = func(_ string, a Ack) {
+			}, 1, "r1")
+			c.waitSynced("r1")
+			got, err := os.ReadFile(filepath.Join(c.replicaPaths("r1").Data, "big"))
+			must(t, err)
+			if !bytes.Equal(got, bytes.Repeat([]byte{'b'}, size)) {
+				t.Fatal("the replica's copy is not the rewritten file")
+			}
+			if brokenSeq.Load() == 0 {
+				t.Fatal("the large file was not streamed")
+			}
+			wantBroken, wantContinued, wantFull := uint64(1), uint64(0), uint64(2)
+			if continues {
+				wantBroken, wantContinued, wantFull = 0, 1, 1
+			}
+			if n, m := p.brokenStreams.Load(), p.continuedStreams.Load(); n != wantBroken || m != wantContinued {
+				t.Fatalf("broken streams: %d, continued: %d; want %d and %d", n, m, wantBroken, wantContinued)
+			}
+			if n := p.fullCuts.Load(); n != wantFull {
+				t.Fatalf("full cuts taken: %d, want %d", n, wantFull)
+			}
 			mu.Lock()
-			acked = append(acked, a.Seq)
-			mu.Unlock()
-		}
-	}, 1, "r1")
-	c.waitSynced("r1")
-	got, err := os.ReadFile(filepath.Join(c.replicaPaths("r1").Data, "big"))
-	must(t, err)
-	if !bytes.Equal(got, bytes.Repeat([]byte{'b'}, size)) {
-		t.Fatal("the replica's copy is not the rewritten file")
-	}
-	if brokenSeq.Load() == 0 {
-		t.Fatal("the large file was not streamed")
-	}
-	if n := p.brokenStreams.Load(); n != 1 {
-		t.Fatalf("broken streams: %d, want 1", n)
-	}
-	mu.Lock()
-	defer mu.Unlock()
-	if slices.Contains(acked, brokenSeq.Load()) {
-		t.Fatalf("the replica acknowledged batch %d, whose streamed file changed while sent", brokenSeq.Load())
-	}
-	if st := p.Status(); st.FileConsistentOnlyCuts != 0 {
-		t.Fatalf("file-consistent-only cuts: %d", st.FileConsistentOnlyCuts)
+			defer mu.Unlock()
+			if slices.Contains(acked, brokenSeq.Load()) {
+				t.Fatalf("the replica acknowledged batch %d, whose streamed file changed while sent", brokenSeq.Load())
+			}
+			if st := p.Status(); st.FileConsistentOnlyCuts != 0 {
+				t.Fatalf("file-consistent-only cuts: %d", st.FileConsistentOnlyCuts)
+			}
+		})
 	}
 }
 
@@ -261,4 +277,162 @@ func TestFullSyncProgress(t *testing.T) {
 		st := p.Status().Replicas[0]
 		return st.FullSyncTotal == 0 && st.FullSyncDone == 0
 	})
+}
+
+// busyWriter keeps a volume busy the way a database does: for N = 1, 2, ...
+// it rewrites the large file big with bytes N (mod 251), then
+// writes N to a.txt, then to b.txt (by rename). Every state the volume
+// passes through, and so every crash-consistent copy, has b ≤ a ≤ b+1 and
+// big holding only bytes a or a+1 when a = b (its write may be in flight),
+// only bytes a when a = b+1.
+type busyWriter struct {
+	lockstep
+	size     int
+	truncate bool // rewrite big by truncating it first (os.WriteFile), not in place
+}
+
+func (w *busyWriter) run(ctx context.Context) error {
+	buf := make([]byte, w.size)
+	for n := 1; ctx.Err() == nil; n++ {
+		for i := range buf {
+			buf[i] = byte(n % 251)
+		}
+		w.mu.Lock()
+		var err error
+		if w.truncate {
+			err = os.WriteFile(filepath.Join(w.dir, "big"), buf, 0o644)
+		} else {
+			err = rewrite(filepath.Join(w.dir, "big"), buf)
+		}
+		w.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		for _, name := range []string{"a.txt", "b.txt"} {
+			w.mu.Lock()
+			err := writeAtomic(w.dir, name, n)
+			w.mu.Unlock()
+			if err != nil {
+				return err
+			}
+		}
+		w.n.Store(int64(n))
+	}
+	return nil
+}
+
+// rewrite writes data over the start of the file at path, in place.
+func rewrite(path string, data []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteAt(data, 0)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// check checks the writer's invariant on a copy of the volume.
+func (w *busyWriter) check(data string) error {
+	a, b, err := checkLockstep(data)
+	if err != nil {
+		return err
+	}
+	big, err := os.ReadFile(filepath.Join(data, "big"))
+	if err != nil {
+		return err
+	}
+	ok := func(v byte) bool { return int(v) == a%251 || a == b && int(v) == (a+1)%251 }
+	for i, v := range big {
+		if !ok(v) {
+			return fmt.Errorf("replica holds a.txt=%d b.txt=%d and byte %d of big is %d: not a state the primary ever had", a, b, i, v)
+		}
+	}
+	return nil
+}
+
+// TestBusyVolumeBatchesAreStatesItHad replicates a volume that never stops
+// changing, from its first full sync on: its large file is rewritten all the
+// time, in place or truncated first, and every batch the replica makes
+// durable must be a state the volume had. When the full sync streams the
+// large file, the stream sees it change and is continued with the cuts
+// that carry the changes (no new full cut, unless a truncation made a
+// streamed reading come up short). A truncation's event can reach the
+// watcher after a barrier taken once the file was visibly shorter, so a
+// reading that came up short is never taken as consistent
+// (truncating/spooled failed before).
+func TestBusyVolumeBatchesAreStatesItHad(t *testing.T) {
+	for _, truncate := range []bool{false, true} {
+		for _, stream := range []bool{true, false} {
+			name := fmt.Sprintf("truncate %v, stream %v", truncate, stream)
+			t.Run(name, func(t *testing.T) { testBusyVolume(t, truncate, stream) })
+		}
+	}
+}
+
+func testBusyVolume(t *testing.T, truncate, stream bool) {
+	c := newTestCluster(t)
+	w := &busyWriter{lockstep: lockstep{dir: c.primaryData}, size: 2 << 20, truncate: truncate}
+	must(t, os.WriteFile(c.path("big"), make([]byte, w.size), 0o644))
+	must(t, writeAtomic(w.dir, "a.txt", 0))
+	must(t, writeAtomic(w.dir, "b.txt", 0))
+	for i := range 20 {
+		c.write(fmt.Sprintf("small-%02d", i), strconv.Itoa(i))
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.run(ctx) }()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	testutil.Eventually(t, 10*time.Second, "the writer is running", func() bool { return w.n.Load() >= 3 })
+
+	r := c.startReplica("r1")
+	var mu sync.Mutex
+	var violations []string
+	var checked atomic.Int64
+	r.srv.setFailpoint(func(step string) error {
+		if step == "applied" { // after a batch is committed and applied, before its ack
+			if err := w.check(c.replicaPaths("r1").Data); err != nil {
+				mu.Lock()
+				violations = append(violations, fmt.Sprintf("batch %d: %v", checked.Load()+1, err))
+				mu.Unlock()
+			}
+			checked.Add(1)
+		}
+		return nil
+	})
+	if stream {
+		c.prep = func(p *Primary) { p.streamMin = streamSmall }
+	}
+	p := c.startPrimaryWith(func(cfg *PrimaryConfig) {
+		cfg.Debounce = time.Millisecond
+		cfg.Freezer = w
+	}, 1, "r1")
+	testutil.Eventually(t, 30*time.Second, "20 batches applied while the writer runs", func() bool {
+		return checked.Load() >= 20
+	})
+	cancel()
+	must(t, <-done)
+	done <- nil
+	c.waitSynced("r1")
+	mu.Lock()
+	defer mu.Unlock()
+	if len(violations) > 0 {
+		t.Fatalf("%d of %d batches were not a state of the volume, first: %s", len(violations), checked.Load(), violations[0])
+	}
+	continued, broken, full := p.continuedStreams.Load(), p.brokenStreams.Load(), p.fullCuts.Load()
+	switch {
+	case stream && !truncate && (continued == 0 || broken != 0 || full != 1):
+		t.Fatalf("continued streams: %d, broken: %d, full cuts: %d; want at least 1, 0 and 1 (the writer changes the file during every stream of it)", continued, broken, full)
+	case !stream && (continued != 0 || broken != 0):
+		t.Fatalf("continued streams: %d, broken: %d, but nothing was streamed", continued, broken)
+	}
+	if st := p.Status(); st.FileConsistentOnlyCuts != 0 {
+		t.Fatalf("%d cuts shipped file-consistent only despite the freeze hook", st.FileConsistentOnlyCuts)
+	}
+	t.Logf("%d batches checked, %d continued, %d broken; writer reached %d", checked.Load(), continued, broken, w.n.Load())
 }

@@ -100,7 +100,7 @@ func (x FileOp_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FileOp_Kind.Descriptor instead.
 func (FileOp_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{5, 0}
+	return file_tether_proto_rawDescGZIP(), []int{6, 0}
 }
 
 type BlockSumsRequest struct {
@@ -312,6 +312,7 @@ type StreamRequest struct {
 	//	*StreamRequest_Hello
 	//	*StreamRequest_Op
 	//	*StreamRequest_Commit
+	//	*StreamRequest_Continue
 	Kind          isStreamRequest_Kind `protobuf_oneof:"kind"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -381,6 +382,15 @@ func (x *StreamRequest) GetCommit() *Commit {
 	return nil
 }
 
+func (x *StreamRequest) GetContinue() *Continue {
+	if x != nil {
+		if x, ok := x.Kind.(*StreamRequest_Continue); ok {
+			return x.Continue
+		}
+	}
+	return nil
+}
+
 type isStreamRequest_Kind interface {
 	isStreamRequest_Kind()
 }
@@ -397,11 +407,69 @@ type StreamRequest_Commit struct {
 	Commit *Commit `protobuf:"bytes,3,opt,name=commit,proto3,oneof"`
 }
 
+type StreamRequest_Continue struct {
+	Continue *Continue `protobuf:"bytes,4,opt,name=continue,proto3,oneof"`
+}
+
 func (*StreamRequest_Hello) isStreamRequest_Kind() {}
 
 func (*StreamRequest_Op) isStreamRequest_Kind() {}
 
 func (*StreamRequest_Commit) isStreamRequest_Kind() {}
+
+func (*StreamRequest_Continue) isStreamRequest_Kind() {}
+
+// Continue extends the batch being sent with the ops of a later cut, seq:
+// the ops that follow apply after those before, and the Commit that ends
+// the batch names the last cut it continues to. A primary sends it when a
+// full cut's streamed files changed while they were read: the cuts that
+// carry those changes follow in the same batch, so the replica commits the
+// streamed copy and what repairs it at once (the state of the last cut),
+// never the torn copy alone. Only sent to a replica whose StreamAck set
+// continues.
+type Continue struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Seq           uint64                 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Continue) Reset() {
+	*x = Continue{}
+	mi := &file_tether_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Continue) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Continue) ProtoMessage() {}
+
+func (x *Continue) ProtoReflect() protoreflect.Message {
+	mi := &file_tether_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Continue.ProtoReflect.Descriptor instead.
+func (*Continue) Descriptor() ([]byte, []int) {
+	return file_tether_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *Continue) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
 
 type Hello struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -416,7 +484,7 @@ type Hello struct {
 
 func (x *Hello) Reset() {
 	*x = Hello{}
-	mi := &file_tether_proto_msgTypes[4]
+	mi := &file_tether_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -428,7 +496,7 @@ func (x *Hello) String() string {
 func (*Hello) ProtoMessage() {}
 
 func (x *Hello) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[4]
+	mi := &file_tether_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -441,7 +509,7 @@ func (x *Hello) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Hello.ProtoReflect.Descriptor instead.
 func (*Hello) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{4}
+	return file_tether_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Hello) GetVolume() string {
@@ -511,7 +579,7 @@ type FileOp struct {
 
 func (x *FileOp) Reset() {
 	*x = FileOp{}
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -523,7 +591,7 @@ func (x *FileOp) String() string {
 func (*FileOp) ProtoMessage() {}
 
 func (x *FileOp) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[5]
+	mi := &file_tether_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -536,7 +604,7 @@ func (x *FileOp) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FileOp.ProtoReflect.Descriptor instead.
 func (*FileOp) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{5}
+	return file_tether_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *FileOp) GetKind() FileOp_Kind {
@@ -687,7 +755,7 @@ type Delta struct {
 
 func (x *Delta) Reset() {
 	*x = Delta{}
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -699,7 +767,7 @@ func (x *Delta) String() string {
 func (*Delta) ProtoMessage() {}
 
 func (x *Delta) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[6]
+	mi := &file_tether_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -712,7 +780,7 @@ func (x *Delta) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Delta.ProtoReflect.Descriptor instead.
 func (*Delta) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{6}
+	return file_tether_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Delta) GetBaseSize() uint64 {
@@ -760,7 +828,7 @@ type Xattr struct {
 
 func (x *Xattr) Reset() {
 	*x = Xattr{}
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -772,7 +840,7 @@ func (x *Xattr) String() string {
 func (*Xattr) ProtoMessage() {}
 
 func (x *Xattr) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[7]
+	mi := &file_tether_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -785,7 +853,7 @@ func (x *Xattr) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Xattr.ProtoReflect.Descriptor instead.
 func (*Xattr) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{7}
+	return file_tether_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Xattr) GetName() []byte {
@@ -821,7 +889,7 @@ type Commit struct {
 
 func (x *Commit) Reset() {
 	*x = Commit{}
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -833,7 +901,7 @@ func (x *Commit) String() string {
 func (*Commit) ProtoMessage() {}
 
 func (x *Commit) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[8]
+	mi := &file_tether_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -846,7 +914,7 @@ func (x *Commit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Commit.ProtoReflect.Descriptor instead.
 func (*Commit) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{8}
+	return file_tether_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Commit) GetSeq() uint64 {
@@ -881,15 +949,18 @@ type StreamAck struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Epoch uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	// Last batch durable on the replica (0 when none in this epoch).
-	Seq           uint64 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
-	CutUnixNano   int64  `protobuf:"varint,3,opt,name=cut_unix_nano,json=cutUnixNano,proto3" json:"cut_unix_nano,omitempty"`
+	Seq         uint64 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
+	CutUnixNano int64  `protobuf:"varint,3,opt,name=cut_unix_nano,json=cutUnixNano,proto3" json:"cut_unix_nano,omitempty"`
+	// continues is set by a replica that accepts Continue (the first ack of
+	// a stream says it).
+	Continues     bool `protobuf:"varint,4,opt,name=continues,proto3" json:"continues,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StreamAck) Reset() {
 	*x = StreamAck{}
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -901,7 +972,7 @@ func (x *StreamAck) String() string {
 func (*StreamAck) ProtoMessage() {}
 
 func (x *StreamAck) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[9]
+	mi := &file_tether_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -914,7 +985,7 @@ func (x *StreamAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StreamAck.ProtoReflect.Descriptor instead.
 func (*StreamAck) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{9}
+	return file_tether_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *StreamAck) GetEpoch() uint64 {
@@ -938,6 +1009,13 @@ func (x *StreamAck) GetCutUnixNano() int64 {
 	return 0
 }
 
+func (x *StreamAck) GetContinues() bool {
+	if x != nil {
+		return x.Continues
+	}
+	return false
+}
+
 type RenewLeaseRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Node          string                 `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
@@ -947,7 +1025,7 @@ type RenewLeaseRequest struct {
 
 func (x *RenewLeaseRequest) Reset() {
 	*x = RenewLeaseRequest{}
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -959,7 +1037,7 @@ func (x *RenewLeaseRequest) String() string {
 func (*RenewLeaseRequest) ProtoMessage() {}
 
 func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[10]
+	mi := &file_tether_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -972,7 +1050,7 @@ func (x *RenewLeaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseRequest.ProtoReflect.Descriptor instead.
 func (*RenewLeaseRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{10}
+	return file_tether_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RenewLeaseRequest) GetNode() string {
@@ -993,7 +1071,7 @@ type RenewLeaseResponse struct {
 
 func (x *RenewLeaseResponse) Reset() {
 	*x = RenewLeaseResponse{}
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1005,7 +1083,7 @@ func (x *RenewLeaseResponse) String() string {
 func (*RenewLeaseResponse) ProtoMessage() {}
 
 func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[11]
+	mi := &file_tether_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1018,7 +1096,7 @@ func (x *RenewLeaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewLeaseResponse.ProtoReflect.Descriptor instead.
 func (*RenewLeaseResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{11}
+	return file_tether_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RenewLeaseResponse) GetIndex() uint64 {
@@ -1037,7 +1115,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1049,7 +1127,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[12]
+	mi := &file_tether_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1062,7 +1140,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{12}
+	return file_tether_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *ApplyRequest) GetCommand() []byte {
@@ -1084,7 +1162,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1096,7 +1174,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[13]
+	mi := &file_tether_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1109,7 +1187,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{13}
+	return file_tether_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ApplyResponse) GetIndex() uint64 {
@@ -1135,7 +1213,7 @@ type PrimaryStatusRequest struct {
 
 func (x *PrimaryStatusRequest) Reset() {
 	*x = PrimaryStatusRequest{}
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1147,7 +1225,7 @@ func (x *PrimaryStatusRequest) String() string {
 func (*PrimaryStatusRequest) ProtoMessage() {}
 
 func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[14]
+	mi := &file_tether_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1160,7 +1238,7 @@ func (x *PrimaryStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusRequest.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{14}
+	return file_tether_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *PrimaryStatusRequest) GetVolume() string {
@@ -1191,7 +1269,7 @@ type PrimaryStatusResponse struct {
 
 func (x *PrimaryStatusResponse) Reset() {
 	*x = PrimaryStatusResponse{}
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1203,7 +1281,7 @@ func (x *PrimaryStatusResponse) String() string {
 func (*PrimaryStatusResponse) ProtoMessage() {}
 
 func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[15]
+	mi := &file_tether_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1216,7 +1294,7 @@ func (x *PrimaryStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PrimaryStatusResponse.ProtoReflect.Descriptor instead.
 func (*PrimaryStatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{15}
+	return file_tether_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *PrimaryStatusResponse) GetReplicas() []*ReplicaStatus {
@@ -1300,7 +1378,7 @@ type ReplicaStatus struct {
 
 func (x *ReplicaStatus) Reset() {
 	*x = ReplicaStatus{}
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1312,7 +1390,7 @@ func (x *ReplicaStatus) String() string {
 func (*ReplicaStatus) ProtoMessage() {}
 
 func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[16]
+	mi := &file_tether_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1325,7 +1403,7 @@ func (x *ReplicaStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaStatus.ProtoReflect.Descriptor instead.
 func (*ReplicaStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{16}
+	return file_tether_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ReplicaStatus) GetNode() string {
@@ -1415,7 +1493,7 @@ type VolumeUpdateRequest struct {
 
 func (x *VolumeUpdateRequest) Reset() {
 	*x = VolumeUpdateRequest{}
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1427,7 +1505,7 @@ func (x *VolumeUpdateRequest) String() string {
 func (*VolumeUpdateRequest) ProtoMessage() {}
 
 func (x *VolumeUpdateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[17]
+	mi := &file_tether_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1440,7 +1518,7 @@ func (x *VolumeUpdateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUpdateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeUpdateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{17}
+	return file_tether_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *VolumeUpdateRequest) GetName() string {
@@ -1494,7 +1572,7 @@ type VolumeUpdateResponse struct {
 
 func (x *VolumeUpdateResponse) Reset() {
 	*x = VolumeUpdateResponse{}
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1506,7 +1584,7 @@ func (x *VolumeUpdateResponse) String() string {
 func (*VolumeUpdateResponse) ProtoMessage() {}
 
 func (x *VolumeUpdateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[18]
+	mi := &file_tether_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1519,7 +1597,7 @@ func (x *VolumeUpdateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUpdateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeUpdateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{18}
+	return file_tether_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *VolumeUpdateResponse) GetVolume() *Volume {
@@ -1542,7 +1620,7 @@ type VolumePromoteRequest struct {
 
 func (x *VolumePromoteRequest) Reset() {
 	*x = VolumePromoteRequest{}
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1554,7 +1632,7 @@ func (x *VolumePromoteRequest) String() string {
 func (*VolumePromoteRequest) ProtoMessage() {}
 
 func (x *VolumePromoteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[19]
+	mi := &file_tether_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1567,7 +1645,7 @@ func (x *VolumePromoteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePromoteRequest.ProtoReflect.Descriptor instead.
 func (*VolumePromoteRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{19}
+	return file_tether_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *VolumePromoteRequest) GetName() string {
@@ -1603,7 +1681,7 @@ type VolumePromoteResponse struct {
 
 func (x *VolumePromoteResponse) Reset() {
 	*x = VolumePromoteResponse{}
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1615,7 +1693,7 @@ func (x *VolumePromoteResponse) String() string {
 func (*VolumePromoteResponse) ProtoMessage() {}
 
 func (x *VolumePromoteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[20]
+	mi := &file_tether_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1628,7 +1706,7 @@ func (x *VolumePromoteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePromoteResponse.ProtoReflect.Descriptor instead.
 func (*VolumePromoteResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{20}
+	return file_tether_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *VolumePromoteResponse) GetVolume() *Volume {
@@ -1657,7 +1735,7 @@ type VolumeMoveRequest struct {
 
 func (x *VolumeMoveRequest) Reset() {
 	*x = VolumeMoveRequest{}
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1669,7 +1747,7 @@ func (x *VolumeMoveRequest) String() string {
 func (*VolumeMoveRequest) ProtoMessage() {}
 
 func (x *VolumeMoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[21]
+	mi := &file_tether_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1682,7 +1760,7 @@ func (x *VolumeMoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeMoveRequest.ProtoReflect.Descriptor instead.
 func (*VolumeMoveRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{21}
+	return file_tether_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *VolumeMoveRequest) GetName() string {
@@ -1716,7 +1794,7 @@ type VolumeMoveResponse struct {
 
 func (x *VolumeMoveResponse) Reset() {
 	*x = VolumeMoveResponse{}
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1728,7 +1806,7 @@ func (x *VolumeMoveResponse) String() string {
 func (*VolumeMoveResponse) ProtoMessage() {}
 
 func (x *VolumeMoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[22]
+	mi := &file_tether_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1741,7 +1819,7 @@ func (x *VolumeMoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeMoveResponse.ProtoReflect.Descriptor instead.
 func (*VolumeMoveResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{22}
+	return file_tether_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *VolumeMoveResponse) GetVolume() *Volume {
@@ -1766,7 +1844,7 @@ type MembersRequest struct {
 
 func (x *MembersRequest) Reset() {
 	*x = MembersRequest{}
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1778,7 +1856,7 @@ func (x *MembersRequest) String() string {
 func (*MembersRequest) ProtoMessage() {}
 
 func (x *MembersRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[23]
+	mi := &file_tether_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1791,7 +1869,7 @@ func (x *MembersRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersRequest.ProtoReflect.Descriptor instead.
 func (*MembersRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{23}
+	return file_tether_proto_rawDescGZIP(), []int{24}
 }
 
 type Member struct {
@@ -1811,7 +1889,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1823,7 +1901,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[24]
+	mi := &file_tether_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1836,7 +1914,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{24}
+	return file_tether_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *Member) GetName() string {
@@ -1897,7 +1975,7 @@ type MembersResponse struct {
 
 func (x *MembersResponse) Reset() {
 	*x = MembersResponse{}
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1909,7 +1987,7 @@ func (x *MembersResponse) String() string {
 func (*MembersResponse) ProtoMessage() {}
 
 func (x *MembersResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[25]
+	mi := &file_tether_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1922,7 +2000,7 @@ func (x *MembersResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MembersResponse.ProtoReflect.Descriptor instead.
 func (*MembersResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{25}
+	return file_tether_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *MembersResponse) GetMembers() []*Member {
@@ -1940,7 +2018,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1952,7 +2030,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[26]
+	mi := &file_tether_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1965,7 +2043,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{26}
+	return file_tether_proto_rawDescGZIP(), []int{27}
 }
 
 type StatusResponse struct {
@@ -1999,7 +2077,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2011,7 +2089,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[27]
+	mi := &file_tether_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2024,7 +2102,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{27}
+	return file_tether_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *StatusResponse) GetNode() string {
@@ -2142,7 +2220,7 @@ type ContainerProblem struct {
 
 func (x *ContainerProblem) Reset() {
 	*x = ContainerProblem{}
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2154,7 +2232,7 @@ func (x *ContainerProblem) String() string {
 func (*ContainerProblem) ProtoMessage() {}
 
 func (x *ContainerProblem) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[28]
+	mi := &file_tether_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2167,7 +2245,7 @@ func (x *ContainerProblem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ContainerProblem.ProtoReflect.Descriptor instead.
 func (*ContainerProblem) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{28}
+	return file_tether_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ContainerProblem) GetContainer() string {
@@ -2197,7 +2275,7 @@ type Quarantine struct {
 
 func (x *Quarantine) Reset() {
 	*x = Quarantine{}
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2209,7 +2287,7 @@ func (x *Quarantine) String() string {
 func (*Quarantine) ProtoMessage() {}
 
 func (x *Quarantine) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[29]
+	mi := &file_tether_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2222,7 +2300,7 @@ func (x *Quarantine) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Quarantine.ProtoReflect.Descriptor instead.
 func (*Quarantine) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{29}
+	return file_tether_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *Quarantine) GetVolume() string {
@@ -2272,7 +2350,7 @@ type FencedVolume struct {
 
 func (x *FencedVolume) Reset() {
 	*x = FencedVolume{}
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2284,7 +2362,7 @@ func (x *FencedVolume) String() string {
 func (*FencedVolume) ProtoMessage() {}
 
 func (x *FencedVolume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[30]
+	mi := &file_tether_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2297,7 +2375,7 @@ func (x *FencedVolume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FencedVolume.ProtoReflect.Descriptor instead.
 func (*FencedVolume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{30}
+	return file_tether_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *FencedVolume) GetName() string {
@@ -2340,7 +2418,7 @@ type Security struct {
 
 func (x *Security) Reset() {
 	*x = Security{}
-	mi := &file_tether_proto_msgTypes[31]
+	mi := &file_tether_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2352,7 +2430,7 @@ func (x *Security) String() string {
 func (*Security) ProtoMessage() {}
 
 func (x *Security) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[31]
+	mi := &file_tether_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2365,7 +2443,7 @@ func (x *Security) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Security.ProtoReflect.Descriptor instead.
 func (*Security) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{31}
+	return file_tether_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *Security) GetTls() bool {
@@ -2407,7 +2485,7 @@ type VolumeCreateRequest struct {
 
 func (x *VolumeCreateRequest) Reset() {
 	*x = VolumeCreateRequest{}
-	mi := &file_tether_proto_msgTypes[32]
+	mi := &file_tether_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2419,7 +2497,7 @@ func (x *VolumeCreateRequest) String() string {
 func (*VolumeCreateRequest) ProtoMessage() {}
 
 func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[32]
+	mi := &file_tether_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2432,7 +2510,7 @@ func (x *VolumeCreateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateRequest.ProtoReflect.Descriptor instead.
 func (*VolumeCreateRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{32}
+	return file_tether_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *VolumeCreateRequest) GetName() string {
@@ -2479,7 +2557,7 @@ type VolumeCreateResponse struct {
 
 func (x *VolumeCreateResponse) Reset() {
 	*x = VolumeCreateResponse{}
-	mi := &file_tether_proto_msgTypes[33]
+	mi := &file_tether_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2491,7 +2569,7 @@ func (x *VolumeCreateResponse) String() string {
 func (*VolumeCreateResponse) ProtoMessage() {}
 
 func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[33]
+	mi := &file_tether_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2504,7 +2582,7 @@ func (x *VolumeCreateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeCreateResponse.ProtoReflect.Descriptor instead.
 func (*VolumeCreateResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{33}
+	return file_tether_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *VolumeCreateResponse) GetVolume() *Volume {
@@ -2522,7 +2600,7 @@ type VolumeListRequest struct {
 
 func (x *VolumeListRequest) Reset() {
 	*x = VolumeListRequest{}
-	mi := &file_tether_proto_msgTypes[34]
+	mi := &file_tether_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2534,7 +2612,7 @@ func (x *VolumeListRequest) String() string {
 func (*VolumeListRequest) ProtoMessage() {}
 
 func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[34]
+	mi := &file_tether_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2547,7 +2625,7 @@ func (x *VolumeListRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListRequest.ProtoReflect.Descriptor instead.
 func (*VolumeListRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{34}
+	return file_tether_proto_rawDescGZIP(), []int{35}
 }
 
 type VolumeListResponse struct {
@@ -2559,7 +2637,7 @@ type VolumeListResponse struct {
 
 func (x *VolumeListResponse) Reset() {
 	*x = VolumeListResponse{}
-	mi := &file_tether_proto_msgTypes[35]
+	mi := &file_tether_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2571,7 +2649,7 @@ func (x *VolumeListResponse) String() string {
 func (*VolumeListResponse) ProtoMessage() {}
 
 func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[35]
+	mi := &file_tether_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2584,7 +2662,7 @@ func (x *VolumeListResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeListResponse.ProtoReflect.Descriptor instead.
 func (*VolumeListResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{35}
+	return file_tether_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *VolumeListResponse) GetVolumes() []*Volume {
@@ -2603,7 +2681,7 @@ type VolumeInspectRequest struct {
 
 func (x *VolumeInspectRequest) Reset() {
 	*x = VolumeInspectRequest{}
-	mi := &file_tether_proto_msgTypes[36]
+	mi := &file_tether_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2615,7 +2693,7 @@ func (x *VolumeInspectRequest) String() string {
 func (*VolumeInspectRequest) ProtoMessage() {}
 
 func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[36]
+	mi := &file_tether_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2628,7 +2706,7 @@ func (x *VolumeInspectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectRequest.ProtoReflect.Descriptor instead.
 func (*VolumeInspectRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{36}
+	return file_tether_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *VolumeInspectRequest) GetName() string {
@@ -2648,7 +2726,7 @@ type VolumeInspectResponse struct {
 
 func (x *VolumeInspectResponse) Reset() {
 	*x = VolumeInspectResponse{}
-	mi := &file_tether_proto_msgTypes[37]
+	mi := &file_tether_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2660,7 +2738,7 @@ func (x *VolumeInspectResponse) String() string {
 func (*VolumeInspectResponse) ProtoMessage() {}
 
 func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[37]
+	mi := &file_tether_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2673,7 +2751,7 @@ func (x *VolumeInspectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeInspectResponse.ProtoReflect.Descriptor instead.
 func (*VolumeInspectResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{37}
+	return file_tether_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *VolumeInspectResponse) GetVolume() *Volume {
@@ -2724,7 +2802,7 @@ type Volume struct {
 
 func (x *Volume) Reset() {
 	*x = Volume{}
-	mi := &file_tether_proto_msgTypes[38]
+	mi := &file_tether_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2736,7 +2814,7 @@ func (x *Volume) String() string {
 func (*Volume) ProtoMessage() {}
 
 func (x *Volume) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[38]
+	mi := &file_tether_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2749,7 +2827,7 @@ func (x *Volume) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Volume.ProtoReflect.Descriptor instead.
 func (*Volume) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{38}
+	return file_tether_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *Volume) GetName() string {
@@ -2876,7 +2954,7 @@ type RecordedContainer struct {
 
 func (x *RecordedContainer) Reset() {
 	*x = RecordedContainer{}
-	mi := &file_tether_proto_msgTypes[39]
+	mi := &file_tether_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2888,7 +2966,7 @@ func (x *RecordedContainer) String() string {
 func (*RecordedContainer) ProtoMessage() {}
 
 func (x *RecordedContainer) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[39]
+	mi := &file_tether_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2901,7 +2979,7 @@ func (x *RecordedContainer) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecordedContainer.ProtoReflect.Descriptor instead.
 func (*RecordedContainer) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{39}
+	return file_tether_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *RecordedContainer) GetName() string {
@@ -2937,7 +3015,7 @@ type ReplicaProgress struct {
 
 func (x *ReplicaProgress) Reset() {
 	*x = ReplicaProgress{}
-	mi := &file_tether_proto_msgTypes[40]
+	mi := &file_tether_proto_msgTypes[41]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2949,7 +3027,7 @@ func (x *ReplicaProgress) String() string {
 func (*ReplicaProgress) ProtoMessage() {}
 
 func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[40]
+	mi := &file_tether_proto_msgTypes[41]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2962,7 +3040,7 @@ func (x *ReplicaProgress) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaProgress.ProtoReflect.Descriptor instead.
 func (*ReplicaProgress) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{40}
+	return file_tether_proto_rawDescGZIP(), []int{41}
 }
 
 func (x *ReplicaProgress) GetNode() string {
@@ -3016,7 +3094,7 @@ type VolumeStatus struct {
 
 func (x *VolumeStatus) Reset() {
 	*x = VolumeStatus{}
-	mi := &file_tether_proto_msgTypes[41]
+	mi := &file_tether_proto_msgTypes[42]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3028,7 +3106,7 @@ func (x *VolumeStatus) String() string {
 func (*VolumeStatus) ProtoMessage() {}
 
 func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[41]
+	mi := &file_tether_proto_msgTypes[42]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3041,7 +3119,7 @@ func (x *VolumeStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeStatus.ProtoReflect.Descriptor instead.
 func (*VolumeStatus) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{41}
+	return file_tether_proto_rawDescGZIP(), []int{42}
 }
 
 func (x *VolumeStatus) GetName() string {
@@ -3116,7 +3194,7 @@ type VolumeRemoveRequest struct {
 
 func (x *VolumeRemoveRequest) Reset() {
 	*x = VolumeRemoveRequest{}
-	mi := &file_tether_proto_msgTypes[42]
+	mi := &file_tether_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3128,7 +3206,7 @@ func (x *VolumeRemoveRequest) String() string {
 func (*VolumeRemoveRequest) ProtoMessage() {}
 
 func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[42]
+	mi := &file_tether_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3141,7 +3219,7 @@ func (x *VolumeRemoveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveRequest.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{42}
+	return file_tether_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *VolumeRemoveRequest) GetName() string {
@@ -3160,7 +3238,7 @@ type VolumeRemoveResponse struct {
 
 func (x *VolumeRemoveResponse) Reset() {
 	*x = VolumeRemoveResponse{}
-	mi := &file_tether_proto_msgTypes[43]
+	mi := &file_tether_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3172,7 +3250,7 @@ func (x *VolumeRemoveResponse) String() string {
 func (*VolumeRemoveResponse) ProtoMessage() {}
 
 func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[43]
+	mi := &file_tether_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3185,7 +3263,7 @@ func (x *VolumeRemoveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeRemoveResponse.ProtoReflect.Descriptor instead.
 func (*VolumeRemoveResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{43}
+	return file_tether_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *VolumeRemoveResponse) GetVolume() *Volume {
@@ -3204,7 +3282,7 @@ type VolumeUndeleteRequest struct {
 
 func (x *VolumeUndeleteRequest) Reset() {
 	*x = VolumeUndeleteRequest{}
-	mi := &file_tether_proto_msgTypes[44]
+	mi := &file_tether_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3216,7 +3294,7 @@ func (x *VolumeUndeleteRequest) String() string {
 func (*VolumeUndeleteRequest) ProtoMessage() {}
 
 func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[44]
+	mi := &file_tether_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3229,7 +3307,7 @@ func (x *VolumeUndeleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteRequest.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{44}
+	return file_tether_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *VolumeUndeleteRequest) GetName() string {
@@ -3248,7 +3326,7 @@ type VolumeUndeleteResponse struct {
 
 func (x *VolumeUndeleteResponse) Reset() {
 	*x = VolumeUndeleteResponse{}
-	mi := &file_tether_proto_msgTypes[45]
+	mi := &file_tether_proto_msgTypes[46]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3260,7 +3338,7 @@ func (x *VolumeUndeleteResponse) String() string {
 func (*VolumeUndeleteResponse) ProtoMessage() {}
 
 func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[45]
+	mi := &file_tether_proto_msgTypes[46]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3273,7 +3351,7 @@ func (x *VolumeUndeleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumeUndeleteResponse.ProtoReflect.Descriptor instead.
 func (*VolumeUndeleteResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{45}
+	return file_tether_proto_rawDescGZIP(), []int{46}
 }
 
 func (x *VolumeUndeleteResponse) GetVolume() *Volume {
@@ -3292,7 +3370,7 @@ type VolumePurgeRequest struct {
 
 func (x *VolumePurgeRequest) Reset() {
 	*x = VolumePurgeRequest{}
-	mi := &file_tether_proto_msgTypes[46]
+	mi := &file_tether_proto_msgTypes[47]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3304,7 +3382,7 @@ func (x *VolumePurgeRequest) String() string {
 func (*VolumePurgeRequest) ProtoMessage() {}
 
 func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[46]
+	mi := &file_tether_proto_msgTypes[47]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3317,7 +3395,7 @@ func (x *VolumePurgeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeRequest.ProtoReflect.Descriptor instead.
 func (*VolumePurgeRequest) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{46}
+	return file_tether_proto_rawDescGZIP(), []int{47}
 }
 
 func (x *VolumePurgeRequest) GetName() string {
@@ -3335,7 +3413,7 @@ type VolumePurgeResponse struct {
 
 func (x *VolumePurgeResponse) Reset() {
 	*x = VolumePurgeResponse{}
-	mi := &file_tether_proto_msgTypes[47]
+	mi := &file_tether_proto_msgTypes[48]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3347,7 +3425,7 @@ func (x *VolumePurgeResponse) String() string {
 func (*VolumePurgeResponse) ProtoMessage() {}
 
 func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tether_proto_msgTypes[47]
+	mi := &file_tether_proto_msgTypes[48]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3360,7 +3438,7 @@ func (x *VolumePurgeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use VolumePurgeResponse.ProtoReflect.Descriptor instead.
 func (*VolumePurgeResponse) Descriptor() ([]byte, []int) {
-	return file_tether_proto_rawDescGZIP(), []int{47}
+	return file_tether_proto_rawDescGZIP(), []int{48}
 }
 
 var File_tether_proto protoreflect.FileDescriptor
@@ -3382,12 +3460,15 @@ const file_tether_proto_rawDesc = "" +
 	"\x04size\x18\x02 \x01(\x04R\x04size\x12&\n" +
 	"\x0fmtime_unix_nano\x18\x03 \x01(\x03R\rmtimeUnixNano\x12\x16\n" +
 	"\x06hashes\x18\x04 \x01(\fR\x06hashes\x12\x18\n" +
-	"\aextents\x18\x05 \x03(\x04R\aextents\"\x93\x01\n" +
+	"\aextents\x18\x05 \x03(\x04R\aextents\"\xc6\x01\n" +
 	"\rStreamRequest\x12(\n" +
 	"\x05hello\x18\x01 \x01(\v2\x10.tether.v1.HelloH\x00R\x05hello\x12#\n" +
 	"\x02op\x18\x02 \x01(\v2\x11.tether.v1.FileOpH\x00R\x02op\x12+\n" +
-	"\x06commit\x18\x03 \x01(\v2\x11.tether.v1.CommitH\x00R\x06commitB\x06\n" +
-	"\x04kind\"X\n" +
+	"\x06commit\x18\x03 \x01(\v2\x11.tether.v1.CommitH\x00R\x06commit\x121\n" +
+	"\bcontinue\x18\x04 \x01(\v2\x13.tether.v1.ContinueH\x00R\bcontinueB\x06\n" +
+	"\x04kind\"\x1c\n" +
+	"\bContinue\x12\x10\n" +
+	"\x03seq\x18\x01 \x01(\x04R\x03seq\"X\n" +
 	"\x05Hello\x12\x16\n" +
 	"\x06volume\x18\x01 \x01(\tR\x06volume\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12!\n" +
@@ -3439,11 +3520,12 @@ const file_tether_proto_rawDesc = "" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\"\n" +
 	"\rcut_unix_nano\x18\x02 \x01(\x03R\vcutUnixNano\x12\x12\n" +
 	"\x04full\x18\x03 \x01(\bR\x04full\x120\n" +
-	"\x14file_consistent_only\x18\x04 \x01(\bR\x12fileConsistentOnly\"W\n" +
+	"\x14file_consistent_only\x18\x04 \x01(\bR\x12fileConsistentOnly\"u\n" +
 	"\tStreamAck\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\"\n" +
-	"\rcut_unix_nano\x18\x03 \x01(\x03R\vcutUnixNano\"'\n" +
+	"\rcut_unix_nano\x18\x03 \x01(\x03R\vcutUnixNano\x12\x1c\n" +
+	"\tcontinues\x18\x04 \x01(\bR\tcontinues\"'\n" +
 	"\x11RenewLeaseRequest\x12\x12\n" +
 	"\x04node\x18\x01 \x01(\tR\x04node\"*\n" +
 	"\x12RenewLeaseResponse\x12\x14\n" +
@@ -3678,134 +3760,136 @@ func file_tether_proto_rawDescGZIP() []byte {
 }
 
 var file_tether_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 52)
+var file_tether_proto_msgTypes = make([]protoimpl.MessageInfo, 53)
 var file_tether_proto_goTypes = []any{
 	(FileOp_Kind)(0),               // 0: tether.v1.FileOp.Kind
 	(*BlockSumsRequest)(nil),       // 1: tether.v1.BlockSumsRequest
 	(*BlockSumsResponse)(nil),      // 2: tether.v1.BlockSumsResponse
 	(*FileSums)(nil),               // 3: tether.v1.FileSums
 	(*StreamRequest)(nil),          // 4: tether.v1.StreamRequest
-	(*Hello)(nil),                  // 5: tether.v1.Hello
-	(*FileOp)(nil),                 // 6: tether.v1.FileOp
-	(*Delta)(nil),                  // 7: tether.v1.Delta
-	(*Xattr)(nil),                  // 8: tether.v1.Xattr
-	(*Commit)(nil),                 // 9: tether.v1.Commit
-	(*StreamAck)(nil),              // 10: tether.v1.StreamAck
-	(*RenewLeaseRequest)(nil),      // 11: tether.v1.RenewLeaseRequest
-	(*RenewLeaseResponse)(nil),     // 12: tether.v1.RenewLeaseResponse
-	(*ApplyRequest)(nil),           // 13: tether.v1.ApplyRequest
-	(*ApplyResponse)(nil),          // 14: tether.v1.ApplyResponse
-	(*PrimaryStatusRequest)(nil),   // 15: tether.v1.PrimaryStatusRequest
-	(*PrimaryStatusResponse)(nil),  // 16: tether.v1.PrimaryStatusResponse
-	(*ReplicaStatus)(nil),          // 17: tether.v1.ReplicaStatus
-	(*VolumeUpdateRequest)(nil),    // 18: tether.v1.VolumeUpdateRequest
-	(*VolumeUpdateResponse)(nil),   // 19: tether.v1.VolumeUpdateResponse
-	(*VolumePromoteRequest)(nil),   // 20: tether.v1.VolumePromoteRequest
-	(*VolumePromoteResponse)(nil),  // 21: tether.v1.VolumePromoteResponse
-	(*VolumeMoveRequest)(nil),      // 22: tether.v1.VolumeMoveRequest
-	(*VolumeMoveResponse)(nil),     // 23: tether.v1.VolumeMoveResponse
-	(*MembersRequest)(nil),         // 24: tether.v1.MembersRequest
-	(*Member)(nil),                 // 25: tether.v1.Member
-	(*MembersResponse)(nil),        // 26: tether.v1.MembersResponse
-	(*StatusRequest)(nil),          // 27: tether.v1.StatusRequest
-	(*StatusResponse)(nil),         // 28: tether.v1.StatusResponse
-	(*ContainerProblem)(nil),       // 29: tether.v1.ContainerProblem
-	(*Quarantine)(nil),             // 30: tether.v1.Quarantine
-	(*FencedVolume)(nil),           // 31: tether.v1.FencedVolume
-	(*Security)(nil),               // 32: tether.v1.Security
-	(*VolumeCreateRequest)(nil),    // 33: tether.v1.VolumeCreateRequest
-	(*VolumeCreateResponse)(nil),   // 34: tether.v1.VolumeCreateResponse
-	(*VolumeListRequest)(nil),      // 35: tether.v1.VolumeListRequest
-	(*VolumeListResponse)(nil),     // 36: tether.v1.VolumeListResponse
-	(*VolumeInspectRequest)(nil),   // 37: tether.v1.VolumeInspectRequest
-	(*VolumeInspectResponse)(nil),  // 38: tether.v1.VolumeInspectResponse
-	(*Volume)(nil),                 // 39: tether.v1.Volume
-	(*RecordedContainer)(nil),      // 40: tether.v1.RecordedContainer
-	(*ReplicaProgress)(nil),        // 41: tether.v1.ReplicaProgress
-	(*VolumeStatus)(nil),           // 42: tether.v1.VolumeStatus
-	(*VolumeRemoveRequest)(nil),    // 43: tether.v1.VolumeRemoveRequest
-	(*VolumeRemoveResponse)(nil),   // 44: tether.v1.VolumeRemoveResponse
-	(*VolumeUndeleteRequest)(nil),  // 45: tether.v1.VolumeUndeleteRequest
-	(*VolumeUndeleteResponse)(nil), // 46: tether.v1.VolumeUndeleteResponse
-	(*VolumePurgeRequest)(nil),     // 47: tether.v1.VolumePurgeRequest
-	(*VolumePurgeResponse)(nil),    // 48: tether.v1.VolumePurgeResponse
-	nil,                            // 49: tether.v1.VolumeUpdateRequest.PlacementEntry
-	nil,                            // 50: tether.v1.Member.LabelsEntry
-	nil,                            // 51: tether.v1.VolumeCreateRequest.PlacementEntry
-	nil,                            // 52: tether.v1.Volume.PlacementEntry
+	(*Continue)(nil),               // 5: tether.v1.Continue
+	(*Hello)(nil),                  // 6: tether.v1.Hello
+	(*FileOp)(nil),                 // 7: tether.v1.FileOp
+	(*Delta)(nil),                  // 8: tether.v1.Delta
+	(*Xattr)(nil),                  // 9: tether.v1.Xattr
+	(*Commit)(nil),                 // 10: tether.v1.Commit
+	(*StreamAck)(nil),              // 11: tether.v1.StreamAck
+	(*RenewLeaseRequest)(nil),      // 12: tether.v1.RenewLeaseRequest
+	(*RenewLeaseResponse)(nil),     // 13: tether.v1.RenewLeaseResponse
+	(*ApplyRequest)(nil),           // 14: tether.v1.ApplyRequest
+	(*ApplyResponse)(nil),          // 15: tether.v1.ApplyResponse
+	(*PrimaryStatusRequest)(nil),   // 16: tether.v1.PrimaryStatusRequest
+	(*PrimaryStatusResponse)(nil),  // 17: tether.v1.PrimaryStatusResponse
+	(*ReplicaStatus)(nil),          // 18: tether.v1.ReplicaStatus
+	(*VolumeUpdateRequest)(nil),    // 19: tether.v1.VolumeUpdateRequest
+	(*VolumeUpdateResponse)(nil),   // 20: tether.v1.VolumeUpdateResponse
+	(*VolumePromoteRequest)(nil),   // 21: tether.v1.VolumePromoteRequest
+	(*VolumePromoteResponse)(nil),  // 22: tether.v1.VolumePromoteResponse
+	(*VolumeMoveRequest)(nil),      // 23: tether.v1.VolumeMoveRequest
+	(*VolumeMoveResponse)(nil),     // 24: tether.v1.VolumeMoveResponse
+	(*MembersRequest)(nil),         // 25: tether.v1.MembersRequest
+	(*Member)(nil),                 // 26: tether.v1.Member
+	(*MembersResponse)(nil),        // 27: tether.v1.MembersResponse
+	(*StatusRequest)(nil),          // 28: tether.v1.StatusRequest
+	(*StatusResponse)(nil),         // 29: tether.v1.StatusResponse
+	(*ContainerProblem)(nil),       // 30: tether.v1.ContainerProblem
+	(*Quarantine)(nil),             // 31: tether.v1.Quarantine
+	(*FencedVolume)(nil),           // 32: tether.v1.FencedVolume
+	(*Security)(nil),               // 33: tether.v1.Security
+	(*VolumeCreateRequest)(nil),    // 34: tether.v1.VolumeCreateRequest
+	(*VolumeCreateResponse)(nil),   // 35: tether.v1.VolumeCreateResponse
+	(*VolumeListRequest)(nil),      // 36: tether.v1.VolumeListRequest
+	(*VolumeListResponse)(nil),     // 37: tether.v1.VolumeListResponse
+	(*VolumeInspectRequest)(nil),   // 38: tether.v1.VolumeInspectRequest
+	(*VolumeInspectResponse)(nil),  // 39: tether.v1.VolumeInspectResponse
+	(*Volume)(nil),                 // 40: tether.v1.Volume
+	(*RecordedContainer)(nil),      // 41: tether.v1.RecordedContainer
+	(*ReplicaProgress)(nil),        // 42: tether.v1.ReplicaProgress
+	(*VolumeStatus)(nil),           // 43: tether.v1.VolumeStatus
+	(*VolumeRemoveRequest)(nil),    // 44: tether.v1.VolumeRemoveRequest
+	(*VolumeRemoveResponse)(nil),   // 45: tether.v1.VolumeRemoveResponse
+	(*VolumeUndeleteRequest)(nil),  // 46: tether.v1.VolumeUndeleteRequest
+	(*VolumeUndeleteResponse)(nil), // 47: tether.v1.VolumeUndeleteResponse
+	(*VolumePurgeRequest)(nil),     // 48: tether.v1.VolumePurgeRequest
+	(*VolumePurgeResponse)(nil),    // 49: tether.v1.VolumePurgeResponse
+	nil,                            // 50: tether.v1.VolumeUpdateRequest.PlacementEntry
+	nil,                            // 51: tether.v1.Member.LabelsEntry
+	nil,                            // 52: tether.v1.VolumeCreateRequest.PlacementEntry
+	nil,                            // 53: tether.v1.Volume.PlacementEntry
 }
 var file_tether_proto_depIdxs = []int32{
 	3,  // 0: tether.v1.BlockSumsResponse.files:type_name -> tether.v1.FileSums
-	5,  // 1: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
-	6,  // 2: tether.v1.StreamRequest.op:type_name -> tether.v1.FileOp
-	9,  // 3: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
-	0,  // 4: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
-	8,  // 5: tether.v1.FileOp.xattrs:type_name -> tether.v1.Xattr
-	7,  // 6: tether.v1.FileOp.delta:type_name -> tether.v1.Delta
-	17, // 7: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
-	49, // 8: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
-	39, // 9: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
-	39, // 10: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
-	39, // 11: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
-	50, // 12: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
-	25, // 13: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
-	42, // 14: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
-	31, // 15: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
-	30, // 16: tether.v1.StatusResponse.quarantined:type_name -> tether.v1.Quarantine
-	32, // 17: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
-	29, // 18: tether.v1.StatusResponse.container_problems:type_name -> tether.v1.ContainerProblem
-	51, // 19: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
-	39, // 20: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
-	39, // 21: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
-	39, // 22: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
-	42, // 23: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
-	41, // 24: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
-	52, // 25: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
-	40, // 26: tether.v1.Volume.containers:type_name -> tether.v1.RecordedContainer
-	17, // 27: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
-	39, // 28: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
-	39, // 29: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
-	4,  // 30: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
-	1,  // 31: tether.v1.Replication.BlockSums:input_type -> tether.v1.BlockSumsRequest
-	13, // 32: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
-	15, // 33: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
-	11, // 34: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
-	20, // 35: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
-	22, // 36: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
-	24, // 37: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
-	27, // 38: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
-	33, // 39: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
-	35, // 40: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
-	37, // 41: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
-	43, // 42: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
-	45, // 43: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
-	47, // 44: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
-	20, // 45: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
-	22, // 46: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
-	18, // 47: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
-	10, // 48: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
-	2,  // 49: tether.v1.Replication.BlockSums:output_type -> tether.v1.BlockSumsResponse
-	14, // 50: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
-	16, // 51: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
-	12, // 52: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
-	21, // 53: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
-	23, // 54: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
-	26, // 55: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
-	28, // 56: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
-	34, // 57: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
-	36, // 58: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
-	38, // 59: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
-	44, // 60: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
-	46, // 61: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
-	48, // 62: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
-	21, // 63: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
-	23, // 64: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
-	19, // 65: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
-	48, // [48:66] is the sub-list for method output_type
-	30, // [30:48] is the sub-list for method input_type
-	30, // [30:30] is the sub-list for extension type_name
-	30, // [30:30] is the sub-list for extension extendee
-	0,  // [0:30] is the sub-list for field type_name
+	6,  // 1: tether.v1.StreamRequest.hello:type_name -> tether.v1.Hello
+	7,  // 2: tether.v1.StreamRequest.op:type_name -> tether.v1.FileOp
+	10, // 3: tether.v1.StreamRequest.commit:type_name -> tether.v1.Commit
+	5,  // 4: tether.v1.StreamRequest.continue:type_name -> tether.v1.Continue
+	0,  // 5: tether.v1.FileOp.kind:type_name -> tether.v1.FileOp.Kind
+	9,  // 6: tether.v1.FileOp.xattrs:type_name -> tether.v1.Xattr
+	8,  // 7: tether.v1.FileOp.delta:type_name -> tether.v1.Delta
+	18, // 8: tether.v1.PrimaryStatusResponse.replicas:type_name -> tether.v1.ReplicaStatus
+	50, // 9: tether.v1.VolumeUpdateRequest.placement:type_name -> tether.v1.VolumeUpdateRequest.PlacementEntry
+	40, // 10: tether.v1.VolumeUpdateResponse.volume:type_name -> tether.v1.Volume
+	40, // 11: tether.v1.VolumePromoteResponse.volume:type_name -> tether.v1.Volume
+	40, // 12: tether.v1.VolumeMoveResponse.volume:type_name -> tether.v1.Volume
+	51, // 13: tether.v1.Member.labels:type_name -> tether.v1.Member.LabelsEntry
+	26, // 14: tether.v1.MembersResponse.members:type_name -> tether.v1.Member
+	43, // 15: tether.v1.StatusResponse.primary_of:type_name -> tether.v1.VolumeStatus
+	32, // 16: tether.v1.StatusResponse.fenced:type_name -> tether.v1.FencedVolume
+	31, // 17: tether.v1.StatusResponse.quarantined:type_name -> tether.v1.Quarantine
+	33, // 18: tether.v1.StatusResponse.security:type_name -> tether.v1.Security
+	30, // 19: tether.v1.StatusResponse.container_problems:type_name -> tether.v1.ContainerProblem
+	52, // 20: tether.v1.VolumeCreateRequest.placement:type_name -> tether.v1.VolumeCreateRequest.PlacementEntry
+	40, // 21: tether.v1.VolumeCreateResponse.volume:type_name -> tether.v1.Volume
+	40, // 22: tether.v1.VolumeListResponse.volumes:type_name -> tether.v1.Volume
+	40, // 23: tether.v1.VolumeInspectResponse.volume:type_name -> tether.v1.Volume
+	43, // 24: tether.v1.VolumeInspectResponse.status:type_name -> tether.v1.VolumeStatus
+	42, // 25: tether.v1.Volume.progress:type_name -> tether.v1.ReplicaProgress
+	53, // 26: tether.v1.Volume.placement:type_name -> tether.v1.Volume.PlacementEntry
+	41, // 27: tether.v1.Volume.containers:type_name -> tether.v1.RecordedContainer
+	18, // 28: tether.v1.VolumeStatus.replicas:type_name -> tether.v1.ReplicaStatus
+	40, // 29: tether.v1.VolumeRemoveResponse.volume:type_name -> tether.v1.Volume
+	40, // 30: tether.v1.VolumeUndeleteResponse.volume:type_name -> tether.v1.Volume
+	4,  // 31: tether.v1.Replication.Stream:input_type -> tether.v1.StreamRequest
+	1,  // 32: tether.v1.Replication.BlockSums:input_type -> tether.v1.BlockSumsRequest
+	14, // 33: tether.v1.Peer.Apply:input_type -> tether.v1.ApplyRequest
+	16, // 34: tether.v1.Peer.PrimaryStatus:input_type -> tether.v1.PrimaryStatusRequest
+	12, // 35: tether.v1.Peer.RenewLease:input_type -> tether.v1.RenewLeaseRequest
+	21, // 36: tether.v1.Peer.Promote:input_type -> tether.v1.VolumePromoteRequest
+	23, // 37: tether.v1.Peer.Move:input_type -> tether.v1.VolumeMoveRequest
+	25, // 38: tether.v1.Control.Members:input_type -> tether.v1.MembersRequest
+	28, // 39: tether.v1.Control.Status:input_type -> tether.v1.StatusRequest
+	34, // 40: tether.v1.Control.VolumeCreate:input_type -> tether.v1.VolumeCreateRequest
+	36, // 41: tether.v1.Control.VolumeList:input_type -> tether.v1.VolumeListRequest
+	38, // 42: tether.v1.Control.VolumeInspect:input_type -> tether.v1.VolumeInspectRequest
+	44, // 43: tether.v1.Control.VolumeRemove:input_type -> tether.v1.VolumeRemoveRequest
+	46, // 44: tether.v1.Control.VolumeUndelete:input_type -> tether.v1.VolumeUndeleteRequest
+	48, // 45: tether.v1.Control.VolumePurge:input_type -> tether.v1.VolumePurgeRequest
+	21, // 46: tether.v1.Control.VolumePromote:input_type -> tether.v1.VolumePromoteRequest
+	23, // 47: tether.v1.Control.VolumeMove:input_type -> tether.v1.VolumeMoveRequest
+	19, // 48: tether.v1.Control.VolumeUpdate:input_type -> tether.v1.VolumeUpdateRequest
+	11, // 49: tether.v1.Replication.Stream:output_type -> tether.v1.StreamAck
+	2,  // 50: tether.v1.Replication.BlockSums:output_type -> tether.v1.BlockSumsResponse
+	15, // 51: tether.v1.Peer.Apply:output_type -> tether.v1.ApplyResponse
+	17, // 52: tether.v1.Peer.PrimaryStatus:output_type -> tether.v1.PrimaryStatusResponse
+	13, // 53: tether.v1.Peer.RenewLease:output_type -> tether.v1.RenewLeaseResponse
+	22, // 54: tether.v1.Peer.Promote:output_type -> tether.v1.VolumePromoteResponse
+	24, // 55: tether.v1.Peer.Move:output_type -> tether.v1.VolumeMoveResponse
+	27, // 56: tether.v1.Control.Members:output_type -> tether.v1.MembersResponse
+	29, // 57: tether.v1.Control.Status:output_type -> tether.v1.StatusResponse
+	35, // 58: tether.v1.Control.VolumeCreate:output_type -> tether.v1.VolumeCreateResponse
+	37, // 59: tether.v1.Control.VolumeList:output_type -> tether.v1.VolumeListResponse
+	39, // 60: tether.v1.Control.VolumeInspect:output_type -> tether.v1.VolumeInspectResponse
+	45, // 61: tether.v1.Control.VolumeRemove:output_type -> tether.v1.VolumeRemoveResponse
+	47, // 62: tether.v1.Control.VolumeUndelete:output_type -> tether.v1.VolumeUndeleteResponse
+	49, // 63: tether.v1.Control.VolumePurge:output_type -> tether.v1.VolumePurgeResponse
+	22, // 64: tether.v1.Control.VolumePromote:output_type -> tether.v1.VolumePromoteResponse
+	24, // 65: tether.v1.Control.VolumeMove:output_type -> tether.v1.VolumeMoveResponse
+	20, // 66: tether.v1.Control.VolumeUpdate:output_type -> tether.v1.VolumeUpdateResponse
+	49, // [49:67] is the sub-list for method output_type
+	31, // [31:49] is the sub-list for method input_type
+	31, // [31:31] is the sub-list for extension type_name
+	31, // [31:31] is the sub-list for extension extendee
+	0,  // [0:31] is the sub-list for field type_name
 }
 
 func init() { file_tether_proto_init() }
@@ -3817,15 +3901,16 @@ func file_tether_proto_init() {
 		(*StreamRequest_Hello)(nil),
 		(*StreamRequest_Op)(nil),
 		(*StreamRequest_Commit)(nil),
+		(*StreamRequest_Continue)(nil),
 	}
-	file_tether_proto_msgTypes[17].OneofWrappers = []any{}
+	file_tether_proto_msgTypes[18].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tether_proto_rawDesc), len(file_tether_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   52,
+			NumMessages:   53,
 			NumExtensions: 0,
 			NumServices:   3,
 		},
