@@ -420,6 +420,22 @@ type fileOpts struct {
 	base *indexEntry
 	enc  *zstd.Encoder
 	pool *chunkPool // lends the chunks to the stream's codec (nil: none)
+	// file, if set, is the file already open (by the cut that planned it):
+	// read through it, whatever its name has become since.
+	file *os.File
+}
+
+// openPlanned opens file rel for reading, never through a symlink; nil
+// without an error when it is gone (or a symlink now).
+func openPlanned(root *os.Root, rel string) (*os.File, error) {
+	f, err := root.OpenFile(rel, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
+	if isGone(err) || errors.Is(err, syscall.ELOOP) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open %q: %w", rel, err)
+	}
+	return f, nil
 }
 
 // sendFile streams a regular file: the data extents of its blocks that
@@ -431,14 +447,13 @@ type fileOpts struct {
 // read). sent is false when the file was replaced or removed since it was
 // planned (its event brings it again).
 func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo, warn *onceLogger, o fileOpts) (key inodeKey, nlink uint64, entry *indexEntry, sent bool, err error) {
-	f, err := root.OpenFile(rel, os.O_RDONLY|syscall.O_NOFOLLOW|syscall.O_NONBLOCK, 0)
-	if isGone(err) || errors.Is(err, syscall.ELOOP) {
-		return key, 0, nil, false, nil
+	f := o.file
+	if f == nil {
+		if f, err = openPlanned(root, rel); f == nil {
+			return key, 0, nil, false, err
+		}
+		defer f.Close()
 	}
-	if err != nil {
-		return key, 0, nil, false, fmt.Errorf("open %q: %w", rel, err)
-	}
-	defer f.Close()
 	readAt := time.Now()
 	fi, err := f.Stat()
 	if err != nil {

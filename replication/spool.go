@@ -37,6 +37,10 @@ type spool struct {
 	// spool: each sender reads them while it streams them (see streamed).
 	// stream says whether read may leave files lazy.
 	lazy      map[string]fs.FileInfo
+	// held holds lazy files open, as the cut planned them (up to
+	// maxHeldLazy): a sender reads them even when they were renamed or
+	// removed since, which a later cut of a continued batch then carries.
+	held      map[string]*os.File
 	stream    bool
 	streamMin int64  // the smallest file streamed
 	reads     uint64 // files read so far (fileRead.seq)
@@ -91,10 +95,46 @@ func newSpool(dir string) (*spool, error) {
 	_ = os.Remove(f.Name()) // lives as long as the open file
 	return &spool{f: f, small: map[string][]*tetherpb.FileOp{}, files: map[string]fileRead{},
 		entries: map[string]*indexEntry{}, hashAt: map[string]extent{}, lazy: map[string]fs.FileInfo{},
-		torn: map[string]bool{}}, nil
+		held: map[string]*os.File{}, torn: map[string]bool{}}, nil
 }
 
-func (s *spool) close() { _ = s.f.Close() }
+func (s *spool) close() {
+	_ = s.f.Close()
+	for rel := range s.held {
+		s.release(rel)
+	}
+}
+
+// maxHeldLazy bounds the lazy files a cut holds open; the others are
+// opened by name when sent (a stream breaks when one of those is gone).
+const maxHeldLazy = 1024
+
+// hold opens lazy file rel, planned as fi, and keeps it open for the
+// senders. It reports false when rel is no longer fi (its event brings it
+// again).
+func (s *spool) hold(root *os.Root, rel string, fi fs.FileInfo) (bool, error) {
+	if len(s.held) >= maxHeldLazy {
+		return true, nil
+	}
+	f, err := openPlanned(root, rel)
+	if f == nil {
+		return false, err
+	}
+	if st, err := f.Stat(); err != nil || !os.SameFile(st, fi) {
+		_ = f.Close()
+		return false, err
+	}
+	s.held[rel] = f
+	return true, nil
+}
+
+// release closes the lazy file held for rel, if any.
+func (s *spool) release(rel string) {
+	if f, ok := s.held[rel]; ok {
+		_ = f.Close()
+		delete(s.held, rel)
+	}
+}
 
 // indexUpdate is what the cut of plan p changes in the index.
 func (s *spool) indexUpdate(p *plan, reset bool) (*indexUpdate, error) {
@@ -172,6 +212,7 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 		delete(s.entries, rel)
 		delete(s.hashAt, rel)
 		delete(s.lazy, rel)
+		s.release(rel)
 		delete(s.torn, rel)
 		if fi, ok := p.dirs[rel]; ok {
 			if err := sendDir(root, s.collect(rel), rel, fi, warn); err != nil {
@@ -202,7 +243,13 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 				Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid}}
 		case 0:
 			if s.streamed(fi) {
-				s.lazy[rel] = fi
+				held, err := s.hold(root, rel, fi)
+				if err != nil {
+					return err
+				}
+				if held {
+					s.lazy[rel] = fi
+				}
 				continue
 			}
 			fallthrough

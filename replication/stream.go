@@ -57,16 +57,19 @@ func (st *streamed) sendFile(p *Primary, b *cutBatch, send sendFunc, it item, su
 		}
 	}
 	_, nlink, entry, sent, err := sendFile(p.root, send, it.rel, it.lazy, p.warn,
-		fileOpts{base: sumsBase(sums, it.lazy), enc: b.sp.enc, pool: p.chunks})
+		fileOpts{base: sumsBase(sums, it.lazy), enc: b.sp.enc, pool: p.chunks, file: b.sp.held[it.rel]})
 	if err != nil {
 		return err
 	}
-	if !sent || entry == nil || nlink != 1 {
-		// Replaced, removed, shrunk or linked since the cut: not its state.
+	if !sent || entry == nil || nlink > 1 {
+		// Replaced or removed (not held open), shrunk or linked since the
+		// cut: not its state.
 		b.broken.Store(true)
 		return fmt.Errorf("stream %q: %w", it.rel, errStreamChanged)
 	}
-	st.entries[it.rel] = entry
+	if nlink == 1 {
+		st.entries[it.rel] = entry
+	} // else removed since the cut, read through the file held open: its event brings the removal
 	return nil
 }
 

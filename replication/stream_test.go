@@ -436,3 +436,36 @@ func testBusyVolume(t *testing.T, truncate, stream bool) {
 	}
 	t.Logf("%d batches checked, %d continued, %d broken; writer reached %d", checked.Load(), continued, broken, w.n.Load())
 }
+
+// TestStreamedFileRenamedOrRemovedWhileSent renames one large file and
+// removes another while the full sync streams the first (as PostgreSQL
+// recycles and removes WAL segments): the cut holds its large files open,
+// so both are still read as they were at the cut, and the batch is
+// continued with the cut that carries the rename and the removal; no new
+// full cut.
+func TestStreamedFileRenamedOrRemovedWhileSent(t *testing.T) {
+	c := newTestCluster(t)
+	for _, name := range []string{"a", "b", "c"} {
+		must(t, os.WriteFile(c.path(name), randomBytes(1<<20), 0o644))
+	}
+	c.startReplica("r1")
+	var once sync.Once
+	c.prep = func(p *Primary) {
+		p.streamMin = streamSmall
+		p.onStreamChunk = func(uint64) {
+			once.Do(func() {
+				if err := os.Rename(c.path("b"), c.path("b-recycled")); err != nil {
+					t.Errorf("rename a file being streamed: %v", err)
+				}
+				if err := os.Remove(c.path("c")); err != nil {
+					t.Errorf("remove a file being streamed: %v", err)
+				}
+			})
+		}
+	}
+	p := c.startPrimary(1, "r1")
+	c.waitSynced("r1")
+	if n, m, full := p.brokenStreams.Load(), p.continuedStreams.Load(), p.fullCuts.Load(); n != 0 || m != 1 || full != 1 {
+		t.Fatalf("broken streams: %d, continued: %d, full cuts: %d; want 0, 1 and 1", n, m, full)
+	}
+}
