@@ -402,9 +402,10 @@ func (b *batch) cont(seq uint64) error {
 	return nil
 }
 
-// maxSegments bounds the cuts one batch is continued over (a primary stops
-// continuing long before: it continues to the first cut after its stream).
-const maxSegments = 4096
+// maxSegments bounds the cuts one batch is continued over: those a primary
+// took while it streamed the batch (it paces its cuts to one a second past
+// 256 kept during a full sync, so this is about 18 hours of streaming).
+const maxSegments = 1 << 16
 
 // complete returns an error when the batch cannot be committed yet.
 func (b *batch) complete() error {

@@ -31,6 +31,7 @@ const barrierTimeout = 10 * time.Second
 // for the debounce, for room (no connected replica too far behind), then
 // takes one cut and publishes it to every sender.
 func (p *Primary) cutLoop(ctx context.Context) {
+	var last time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -43,6 +44,10 @@ func (p *Primary) cutLoop(ctx context.Context) {
 		if !sleepCtx(ctx, p.cfg.Debounce) || !p.waitRoom(ctx) {
 			return
 		}
+		if d := paceDelay(p.fullSyncing(), p.retainedCuts(), last, time.Now()); d > 0 && !sleepCtx(ctx, d) {
+			return
+		}
+		last = time.Now()
 		b, err := p.takeCut(ctx)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -67,11 +72,31 @@ func (p *Primary) cutLoop(ctx context.Context) {
 	}
 }
 
+// Pacing: while a connected replica is sent the whole tree, every cut taken
+// meanwhile is kept for it (a batch whose streamed files changed is
+// continued over them), so a long full sync of a busy volume would pile up
+// a cut every few milliseconds. Past pacedAfter kept cuts, cuts are taken
+// at most every pacedInterval until it is done: replicas that follow see
+// up to that much more lag meanwhile, in bigger cuts.
+const (
+	pacedAfter    = 256
+	pacedInterval = time.Second
+)
+
+// paceDelay is how long the cutter waits before its next cut, the last
+// taken at last (a pure function of the sender's and retention's state).
+func paceDelay(fullSyncing bool, kept int, last, now time.Time) time.Duration {
+	if !fullSyncing || kept <= pacedAfter || last.IsZero() {
+		return 0
+	}
+	return max(0, last.Add(pacedInterval).Sub(now))
+}
+
 // cutError words a failed cut for the operator: running out of space in
 // the spool says what the spool needs.
 func cutError(err error, spool string) error {
 	if errors.Is(err, syscall.ENOSPC) {
-		return fmt.Errorf("%w: a cut is read into %s before it is sent; a full cut needs as much free space there as the volume's files under 16 MiB hold (the whole volume when its large files changed while they were streamed): free space on that file system", err, spool)
+		return fmt.Errorf("%w: a cut is read into %s before it is sent; a full cut needs as much free space there as the volume's files under 16 MiB hold (the whole volume when a full cut's stream could not be continued): free space on that file system", err, spool)
 	}
 	return err
 }

@@ -670,6 +670,29 @@ func (p *Primary) waitRoom(ctx context.Context) bool {
 	}
 }
 
+// fullSyncing reports whether a connected replica is being sent (or waits
+// for) the whole tree.
+func (p *Primary) fullSyncing() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, s := range p.senders {
+		s.mu.Lock()
+		full := s.connected && s.next == 0
+		s.mu.Unlock()
+		if full {
+			return true
+		}
+	}
+	return false
+}
+
+// retainedCuts returns how many cuts are kept.
+func (p *Primary) retainedCuts() int {
+	p.bmu.Lock()
+	defer p.bmu.Unlock()
+	return len(p.batches)
+}
+
 // latestSeq returns the last cut published.
 func (p *Primary) latestSeq() uint64 {
 	p.bmu.Lock()

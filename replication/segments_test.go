@@ -234,3 +234,27 @@ func TestContinueRefusedWhenMalformed(t *testing.T) {
 		})
 	}
 }
+
+// TestPaceDelay: cuts are spaced only while a replica is sent the whole
+// tree and more than pacedAfter cuts are kept for it.
+func TestPaceDelay(t *testing.T) {
+	now := time.Unix(1000, 0)
+	for _, tc := range []struct {
+		name string
+		full bool
+		kept int
+		last time.Time
+		want time.Duration
+	}{
+		{"no full sync", false, 10000, now, 0},
+		{"few cuts kept", true, pacedAfter, now, 0},
+		{"many kept, just cut", true, pacedAfter + 1, now, pacedInterval},
+		{"many kept, cut 300ms ago", true, pacedAfter + 1, now.Add(-300 * time.Millisecond), pacedInterval - 300*time.Millisecond},
+		{"many kept, cut long ago", true, pacedAfter + 1, now.Add(-time.Hour), 0},
+		{"no cut yet", true, pacedAfter + 1, time.Time{}, 0},
+	} {
+		if got := paceDelay(tc.full, tc.kept, tc.last, now); got != tc.want {
+			t.Errorf("%s: %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}

@@ -36,7 +36,7 @@ type spool struct {
 	// lazy holds the large files of a full cut that are not read into the
 	// spool: each sender reads them while it streams them (see streamed).
 	// stream says whether read may leave files lazy.
-	lazy      map[string]fs.FileInfo
+	lazy map[string]fs.FileInfo
 	// held holds lazy files open, as the cut planned them (up to
 	// maxHeldLazy): a sender reads them even when they were renamed or
 	// removed since, which a later cut of a continued batch then carries.
