@@ -32,6 +32,8 @@ func FuzzApplyBatch(f *testing.F) {
 	first, second := cutOps()
 	f.Add(seed(first...))
 	f.Add(seed(second...))
+	// A batch continued over a second cut (an empty record is a Continue).
+	f.Add(append(append(seed(append(first[:2:2], second[2:]...)...), 0, 0), seed(continuedOps()...)...))
 	f.Add(seed(symlinkOp("d", ".."), fileOp("d/x", "escape")))
 	f.Add(seed(&tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_HARDLINK, Path: []byte("l"), HardlinkTo: []byte("../x")}))
 	// A compressed chunk, and a delta patching a file the replica lacks.
@@ -51,11 +53,19 @@ func FuzzApplyBatch(f *testing.F) {
 		must(t, resetDir(filepath.Join(paths.State, stageDir)))
 		b := newBatch(filepath.Join(paths.State, stageDir))
 		defer b.discard()
+		seq := uint64(1)
 		for len(data) >= 2 {
 			n := int(data[0])<<8 | int(data[1])
 			data = data[2:]
 			if n > len(data) {
 				return
+			}
+			if n == 0 {
+				seq++
+				if b.cont(seq) != nil {
+					return
+				}
+				continue
 			}
 			op := &tetherpb.FileOp{}
 			if proto.Unmarshal(data[:n], op) != nil {
@@ -73,7 +83,7 @@ func FuzzApplyBatch(f *testing.F) {
 			return
 		}
 		j := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t))}
-		_ = j.commit(b, position{Epoch: 1, Seq: 1}, false)
+		_ = j.commit(b, position{Epoch: 1, Seq: seq}, false)
 		entries, err := os.ReadDir(base)
 		must(t, err)
 		if len(entries) != 1 || entries[0].Name() != "v" {
