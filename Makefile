@@ -52,7 +52,7 @@ e2e: ## Multi-host tests on the real Docker Engine (hosts as containers; needs d
 	TETHER_E2E=1 $(GO) test -count=1 -timeout 25m -v ./e2e/... 2>&1 | tee e2e.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|│)|Error|_test.go'; test $${PIPESTATUS[0]} -eq 0
 
 .PHONY: bench
-bench: ## Replication benchmarks: initial sync (20,000 small files; 1 GiB file) beside rsync --fsync and the disk's fsync'd write speed, small-write lag p50/p99, 1 MiB changed in a 1 GiB file (time, wire bytes), no-change rescan of 20,000 files.
+bench: ## Replication benchmarks: initial sync (20,000 small files; 1 GiB file; 1 GiB kept busy by a writer) beside rsync --fsync and the disk's fsync'd write speed, small-write lag p50/p99, 1 MiB changed in a 1 GiB file (time, wire bytes), no-change rescan of 20,000 files.
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./replication/
 
 .PHONY: demo

@@ -37,6 +37,9 @@ type benchPair struct {
 	acks    chan Ack
 	wire    atomic.Int64 // bytes of the messages the primary sent
 	p       *Primary     // once started
+	// noContinue makes the replica act as one of an earlier version, which
+	// takes no continued batches.
+	noContinue bool
 }
 
 func newBenchPair(b *testing.B) *benchPair {
@@ -63,6 +66,7 @@ func (bp *benchPair) startLimited(lim Limiter) {
 	b := bp.b
 	quiet := slog.New(slog.DiscardHandler)
 	srv := NewServer(ServerConfig{Resolve: func(string) (Paths, error) { return bp.replica, nil }, Logger: quiet})
+	srv.offerContinue(!bp.noContinue)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
@@ -153,6 +157,96 @@ func BenchmarkInitialSyncLargeFile(b *testing.B) {
 		el := time.Since(t0)
 		b.StopTimer()
 		b.ReportMetric(float64(mib)/el.Seconds(), "MiB/s")
+	}
+}
+
+// BenchmarkInitialSyncBusyVolume: the initial sync of a volume that never
+// stops changing, as a database under load: 1 GiB (TETHER_BENCH_LARGE_MIB)
+// in four large files, and a writer that rewrites a random 64 KiB block of
+// one of them every 2 ms (32 MiB/s) all along. MiB/s is the volume's size
+// over the time to the replica's first durable batch; full-cuts counts the
+// full cuts taken (more than one: the streamed cut could not be used). The
+// "earlier replica" run is a replica that takes no continued batches, so
+// the streamed cut breaks and a spooled full cut follows, as before them.
+func BenchmarkInitialSyncBusyVolume(b *testing.B) {
+	for _, old := range []bool{false, true} {
+		name := "continued"
+		if old {
+			name = "earlier replica"
+		}
+		b.Run(name, func(b *testing.B) { benchBusySync(b, old) })
+	}
+}
+
+func benchBusySync(b *testing.B, old bool) {
+	mib := envInt("TETHER_BENCH_LARGE_MIB", 1024)
+	const files = 4
+	for i := 0; i < b.N; i++ {
+		bp := newBenchPair(b)
+		bp.noContinue = old
+		chunk := make([]byte, 1<<20)
+		for f := range files {
+			fh, err := os.Create(filepath.Join(bp.primary.Data, fmt.Sprintf("table-%d", f)))
+			if err != nil {
+				b.Fatal(err)
+			}
+			for range mib / files {
+				_, _ = rand.Read(chunk)
+				if _, err := fh.Write(chunk); err != nil {
+					b.Fatal(err)
+				}
+			}
+			if err := fh.Close(); err != nil {
+				b.Fatal(err)
+			}
+		}
+		syncData()
+		warmPages(b, b.TempDir(), mib+256)
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- busyWrites(ctx, bp.primary.Data, files, int64(mib/files)<<20) }()
+		b.ResetTimer()
+		t0 := time.Now()
+		bp.start()
+		bp.waitAck(20 * time.Minute)
+		el := time.Since(t0)
+		b.StopTimer()
+		cancel()
+		if err := <-done; err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(float64(mib)/el.Seconds(), "MiB/s")
+		b.ReportMetric(float64(bp.p.fullCuts.Load()), "full-cuts")
+	}
+}
+
+// busyWrites rewrites a random 64 KiB block of one of the files table-N
+// (each size bytes) every 2 ms until ctx ends.
+func busyWrites(ctx context.Context, dir string, files int, size int64) error {
+	t := time.NewTicker(2 * time.Millisecond)
+	defer t.Stop()
+	block := make([]byte, 64<<10)
+	for n := 0; ; n++ {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		_, _ = rand.Read(block)
+		var r [8]byte
+		_, _ = rand.Read(r[:])
+		off := int64(uint64(r[0])|uint64(r[1])<<8|uint64(r[2])<<16) % (size / int64(len(block))) * int64(len(block))
+		f, err := os.OpenFile(filepath.Join(dir, fmt.Sprintf("table-%d", n%files)), os.O_WRONLY, 0)
+		if err != nil {
+			return err
+		}
+		_, err = f.WriteAt(block, off)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return err
+		}
 	}
 }
 

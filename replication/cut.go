@@ -241,12 +241,10 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 	if n := len(c.sp.torn); n > 0 {
 		p.log.Warn("files kept shrinking while the cut read them; this batch holds them as last read, the next cut sends them again", "files", n)
 	}
-	if !consistent && len(c.sp.lazy) > 0 {
-		// Its senders could not check a stream against the cut.
-		if err := c.sp.readLazy(p.root, c.pl, p.warn); err != nil {
-			return nil, err
-		}
-	}
+	// A full cut streams its large files even when it did not converge: its
+	// senders' barrier after the stream always finds events then (those the
+	// cut left), so the batch is continued up to a cut taken after the
+	// stream, and is as consistent as that cut (DESIGN.md, "Streamed files").
 	if !consistent {
 		at = time.Now()
 		p.fileOnlyCuts.Add(1)

@@ -66,16 +66,6 @@ func (s *spool) streamed(fi fs.FileInfo) bool {
 	return n == 1
 }
 
-// readLazy reads the lazy files into the spool after all (a batch that is
-// not consistent cannot stream them: its senders could not check them).
-func (s *spool) readLazy(root *os.Root, p *plan, warn *onceLogger) error {
-	s.stream = false
-	for rel := range s.lazy {
-		p.fresh[rel] = struct{}{}
-	}
-	return s.read(root, p, warn)
-}
-
 // fileRead locates a file's encoded ops in the spool file.
 type fileRead struct {
 	off, n int64

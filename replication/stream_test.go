@@ -469,3 +469,63 @@ func TestStreamedFileRenamedOrRemovedWhileSent(t *testing.T) {
 		t.Fatalf("broken streams: %d, continued: %d, full cuts: %d; want 0, 1 and 1", n, m, full)
 	}
 }
+
+// TestFullSyncWithoutFreezerStreams makes the first full sync of a volume
+// that never goes quiet and has no freeze hook, with one round per cut: the
+// full cut does not converge, yet its large file is streamed (not read into
+// the spool) and the batch continued over the cuts taken meanwhile, each
+// file whole in every durable batch (file-consistent: big holds at most two
+// consecutive versions, as a crash in the middle of its write would leave).
+func TestFullSyncWithoutFreezerStreams(t *testing.T) {
+	c := newTestCluster(t)
+	w := &busyWriter{lockstep: lockstep{dir: c.primaryData}, size: 2 << 20}
+	must(t, os.WriteFile(c.path("big"), make([]byte, w.size), 0o644))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- w.run(ctx) }()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	testutil.Eventually(t, 10*time.Second, "the writer is running", func() bool { return w.n.Load() >= 3 })
+	r := c.startReplica("r1")
+	var mu sync.Mutex
+	var torn []string
+	var checked atomic.Int64
+	r.srv.setFailpoint(func(step string) error {
+		if step != "applied" {
+			return nil
+		}
+		big, err := os.ReadFile(filepath.Join(c.replicaPaths("r1").Data, "big"))
+		if err == nil && len(big) > 0 {
+			lo, hi := slices.Min(big), slices.Max(big)
+			if hi != lo && hi != lo+1 && !(lo == 0 && hi == 250) {
+				mu.Lock()
+				torn = append(torn, fmt.Sprintf("batch %d holds big with bytes %d to %d", checked.Load()+1, lo, hi))
+				mu.Unlock()
+			}
+		}
+		checked.Add(1)
+		return nil
+	})
+	c.prep = func(p *Primary) { p.streamMin = streamSmall }
+	p := c.startPrimaryWith(func(cfg *PrimaryConfig) {
+		cfg.Debounce = time.Millisecond
+		cfg.MaxRounds = 1
+	}, 1, "r1")
+	testutil.Eventually(t, 30*time.Second, "10 batches applied while the writer runs", func() bool {
+		return checked.Load() >= 10
+	})
+	cancel()
+	must(t, <-done)
+	done <- nil
+	c.waitSynced("r1")
+	mu.Lock()
+	defer mu.Unlock()
+	if len(torn) > 0 {
+		t.Fatalf("%d of %d batches held a torn file, first: %s", len(torn), checked.Load(), torn[0])
+	}
+	if m, n, full, fileOnly := p.continuedStreams.Load(), p.brokenStreams.Load(), p.fullCuts.Load(), p.Status().FileConsistentOnlyCuts; m == 0 || n != 0 || full != 1 || fileOnly == 0 {
+		t.Fatalf("continued streams: %d, broken: %d, full cuts: %d, file-consistent cuts: %d; want at least 1, 0, 1 and at least 1", m, n, full, fileOnly)
+	}
+}
