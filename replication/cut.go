@@ -202,6 +202,9 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 		if err := c.sp.read(p.root, c.pl, p.warn); err != nil {
 			return nil, err
 		}
+		if p.afterRound != nil {
+			p.afterRound(c.full)
+		}
 		gen, t, err := p.barrier(ctx)
 		if err != nil {
 			return nil, err
@@ -228,8 +231,9 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 		}
 	}
 	// A file-consistent cut still holds every file whole: read again what
-	// came up short (a file truncated at every reading ships as read, and
-	// its event brings it again in the next cut).
+	// came up short or changed while read; what stays torn is left out of
+	// an incremental cut (the replica keeps its previous version, and the
+	// next cut reads it again) and ships as read in a full one.
 	for try := 0; !consistent && len(c.sp.torn) > 0 && try < tornRetries; try++ {
 		if err := c.rereadTorn(); err != nil {
 			return nil, err
@@ -238,8 +242,14 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 			return nil, err
 		}
 	}
-	if n := len(c.sp.torn); n > 0 {
-		p.log.Warn("files kept shrinking while the cut read them; this batch holds them as last read, the next cut sends them again", "files", n)
+	excluded := 0
+	if len(c.sp.torn) > 0 {
+		if c.full {
+			p.log.Warn("files kept changing while the full cut read them; this batch holds them as last read, the next cut sends them again",
+				"files", len(c.sp.torn))
+		} else {
+			excluded = c.sp.exclude(p.ch)
+		}
 	}
 	// A full cut streams its large files even when it did not converge: its
 	// senders' barrier after the stream always finds events then (those the
@@ -260,7 +270,7 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 	}
 	p.cuts.Add(1)
 	b := &cutBatch{seq: p.nextSeq(), full: c.full, cut: at, fileOnly: !consistent, since: c.since,
-		sp: c.sp, items: c.sp.items(c.pl), gen: c.gen}
+		sp: c.sp, items: c.sp.items(c.pl), gen: c.gen, excluded: excluded}
 	b.bytes = itemBytes(b.items)
 	if c.full {
 		p.fullCuts.Add(1)
@@ -282,7 +292,15 @@ func (c *cutRound) rereadTorn() error {
 	if len(c.sp.torn) == 0 {
 		return nil
 	}
-	return c.pl.update(c.p.root, maps.Clone(c.sp.torn))
+	if err := c.pl.update(c.p.root, maps.Clone(c.sp.torn)); err != nil {
+		return err
+	}
+	for rel := range c.sp.torn {
+		if _, again := c.pl.fresh[rel]; !again {
+			delete(c.sp.torn, rel) // gone (or no longer a file): not read again, its reading not carried
+		}
+	}
+	return nil
 }
 
 // offersDelta reports whether a full cut gives the replicas at the previous

@@ -252,7 +252,8 @@ func deltaOps(t *testing.T, dir, rel string, base *indexEntry) ([]*tetherpb.File
 		ops = append(ops, proto.Clone(m.GetOp()).(*tetherpb.FileOp))
 		return nil
 	}
-	_, _, e, sent, err := sendFile(root, send, rel, fi, newOnceLogger(testutil.Logger(t)), fileOpts{base: base})
+	res, err := sendFile(root, send, rel, fi, newOnceLogger(testutil.Logger(t)), fileOpts{base: base})
+	e, sent := res.entry, res.sent
 	must(t, err)
 	if !sent || e == nil {
 		t.Fatal("file not read")

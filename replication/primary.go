@@ -192,6 +192,9 @@ type Primary struct {
 	// streamed file of batch seq (tests change the volume or stop the
 	// replica there).
 	onStreamChunk func(seq uint64)
+	// afterRound, if set, runs after each round of a cut read its paths,
+	// before the barrier that checks it (tests only: full tells a full cut).
+	afterRound func(full bool)
 
 	bmu      sync.Mutex
 	batches  []*cutBatch   // retained cuts, consecutive seqs, oldest first

@@ -298,6 +298,10 @@ func (r *ackReader) run(ctx context.Context, stream tetherpb.Replication_StreamC
 	}
 }
 
+// continueExtra bounds the cuts a continued batch takes past the stream
+// while the last one left out files it could not read whole.
+const continueExtra = 16
+
 // continueBatch extends batch b, whose streamed files changed while they
 // were read (the volume's event count was stale by the barrier after the
 // stream), with the cuts that follow it, up to the first that carries every
@@ -307,8 +311,18 @@ func (r *ackReader) run(ctx context.Context, stream tetherpb.Replication_StreamC
 // or an error wrapping errStreamChanged when a cut it needs is no longer
 // kept or is a full one (the replica then gets a new full cut).
 func (s *sender) continueBatch(ctx context.Context, b *cutBatch, stale uint64, send sendFunc, in *ackReader) (*cutBatch, error) {
-	last := b
-	for last.gen < stale {
+	last, extra := b, 0
+	for last.gen < stale || last.excluded > 0 {
+		if last.gen >= stale {
+			// The last cut left out a file it could not read whole, which
+			// may be one the stream read torn: the next cut reads it.
+			if extra == continueExtra {
+				s.log.Warn("the cuts that continue a streamed batch kept leaving out files that changed while read; committing it as is",
+					"seq", b.seq, "continued_to", last.seq)
+				break
+			}
+			extra++
+		}
 		seq := last.seq + 1
 		next, changed, err := s.p.batchFor(seq, 0)
 		if errors.Is(err, errCutGone) || next != nil && next.full {

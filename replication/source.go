@@ -438,48 +438,68 @@ func openPlanned(root *os.Root, rel string) (*os.File, error) {
 	return f, nil
 }
 
+// fileSent is what sendFile read: the file's inode and link count, its
+// index entry (nil when the file shrank while read), whether it was sent
+// (false when it was replaced or removed since it was planned: its event
+// brings it again), and whether it changed while read (its ctime, mtime or
+// size moved between the stat before the read and the one after: what was
+// read may hold parts of several writes).
+type fileSent struct {
+	key     inodeKey
+	nlink   uint64
+	entry   *indexEntry
+	sent    bool
+	changed bool
+}
+
+// torn reports whether the reading is no state the file had as a whole.
+func (r fileSent) torn() bool { return r.sent && (r.entry == nil || r.changed) }
+
 // sendFile streams a regular file: the data extents of its blocks that
 // differ from the base (all of them without one) in chunks, then a last op
 // with its size, metadata and, for a delta, the blocks replaced. The file
 // is opened and checked to be the one planned (not a symlink swapped in
 // since); its metadata comes from the open file, and it is read once,
-// hashing every block for the index (entry; nil when the file shrank while
-// read). sent is false when the file was replaced or removed since it was
-// planned (its event brings it again).
-func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo, warn *onceLogger, o fileOpts) (key inodeKey, nlink uint64, entry *indexEntry, sent bool, err error) {
+// hashing every block for the index.
+func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo, warn *onceLogger, o fileOpts) (res fileSent, err error) {
 	f := o.file
 	if f == nil {
 		if f, err = openPlanned(root, rel); f == nil {
-			return key, 0, nil, false, err
+			return res, err
 		}
 		defer f.Close()
 	}
 	readAt := time.Now()
 	fi, err := f.Stat()
 	if err != nil {
-		return key, 0, nil, false, fmt.Errorf("stat %q: %w", rel, err)
+		return res, fmt.Errorf("stat %q: %w", rel, err)
 	}
 	if !fi.Mode().IsRegular() || !os.SameFile(fi, planned) {
-		return key, 0, nil, false, nil
+		return res, nil
 	}
-	key, nlink = inodeOf(fi)
+	res.key, res.nlink = inodeOf(fi)
 	xs, err := xattrsOrWarn(f, rel, warn)
 	if err != nil {
-		return key, 0, nil, false, err
+		return res, err
 	}
 	size := fi.Size()
 	exts, err := dataExtents(f, size)
 	if err != nil {
-		return key, 0, nil, false, fmt.Errorf("read %q: %w", rel, err)
+		return res, fmt.Errorf("read %q: %w", rel, err)
 	}
-	entry = indexEntryOf(fi, readAt)
+	entry := indexEntryOf(fi, readAt)
 	base := deltaBase(o.base, entry)
 	ch := newChunker(send, rel, o.enc, o.pool)
 	r, err := readBlocks(f, size, exts, base, ch)
 	ch.release()
 	if err != nil {
-		return key, 0, nil, false, fmt.Errorf("read %q: %w", rel, err)
+		return res, fmt.Errorf("read %q: %w", rel, err)
 	}
+	after, err := f.Stat()
+	if err != nil {
+		return res, fmt.Errorf("stat %q: %w", rel, err)
+	}
+	res.changed = !sameStat(indexEntryOf(after, readAt), entry)
 	uid, gid := ownerOf(fi)
 	op := &tetherpb.FileOp{Kind: tetherpb.FileOp_KIND_FILE, Path: []byte(rel), Offset: uint64(ch.end),
 		Size: uint64(size), Mode: toWireMode(fi.Mode()), MtimeUnixNano: fi.ModTime().UnixNano(), Uid: uid, Gid: gid, Xattrs: xs}
@@ -493,6 +513,16 @@ func sendFile(root *os.Root, send sendFunc, rel string, planned fs.FileInfo, war
 	} else {
 		op.Digest, op.DigestBlockSize = digestOf(r.hashes), blockSize
 	}
+	res.entry = entry
 	err = sendOp(send, op)
-	return key, nlink, entry, err == nil, err
+	res.sent = err == nil
+	return res, err
+}
+
+// sameStat reports whether two stats of one file show no change between
+// them: same size, mtime and ctime (a write moves them; with the
+// multigrain timestamps of recent kernels even within one clock tick once
+// the first stat was taken).
+func sameStat(a, b *indexEntry) bool {
+	return a.size == b.size && a.mtime == b.mtime && a.ctime == b.ctime
 }

@@ -249,15 +249,15 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 			if base, err = p.baseFor(rel); err != nil {
 				return err
 			}
-			key, nlink, entry, sent, ferr := sendFile(root, s.write, rel, fi, warn, fileOpts{base: base, enc: s.enc})
-			if sent {
+			res, ferr := sendFile(root, s.write, rel, fi, warn, fileOpts{base: base, enc: s.enc})
+			if res.sent {
 				s.reads++
-				s.files[rel] = fileRead{off: start, n: s.end - start, key: key, nlink: nlink, seq: s.reads}
-				s.entries[rel] = entry
-				if entry != nil && ferr == nil {
-					ferr = s.putHashes(rel, entry)
+				s.files[rel] = fileRead{off: start, n: s.end - start, key: res.key, nlink: res.nlink, seq: s.reads}
+				s.entries[rel] = res.entry
+				if res.entry != nil && ferr == nil {
+					ferr = s.putHashes(rel, res.entry)
 				}
-				if entry == nil {
+				if res.torn() {
 					s.torn[rel] = false
 				}
 			}
@@ -269,6 +269,27 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 	}
 	clear(p.fresh)
 	return nil
+}
+
+// exclude leaves out of the cut the files whose every reading was torn
+// (single-linked ones: the names of a linked file travel together): the
+// index keeps their previous entry, which the replicas hold, and they are
+// marked dirty again for the next cut. It returns how many it left out.
+func (s *spool) exclude(ch *changes) int {
+	n := 0
+	now := time.Now()
+	for rel := range s.torn {
+		if fr, ok := s.files[rel]; !ok || fr.nlink > 1 {
+			continue
+		}
+		delete(s.files, rel)
+		delete(s.entries, rel)
+		delete(s.hashAt, rel)
+		delete(s.torn, rel)
+		ch.add(rel, false, now)
+		n++
+	}
+	return n
 }
 
 // carried reports whether the cut read rel (it goes in the batch).
@@ -395,6 +416,10 @@ type cutBatch struct {
 	// gen is the volume's event count the cut stands for: a sender that
 	// streamed lazy files checks that it did not move (see streamed).
 	gen uint64
+	// excluded counts the files left out of the cut because every reading
+	// of them was torn (see spool.exclude): a continued batch does not end
+	// with such a cut.
+	excluded int
 	// broken is set when the volume changed while a sender streamed the
 	// batch's lazy files: no replica can take it any more.
 	broken atomic.Bool

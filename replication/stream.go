@@ -56,19 +56,22 @@ func (st *streamed) sendFile(p *Primary, b *cutBatch, send sendFunc, it item, su
 			return err
 		}
 	}
-	_, nlink, entry, sent, err := sendFile(p.root, send, it.rel, it.lazy, p.warn,
+	res, err := sendFile(p.root, send, it.rel, it.lazy, p.warn,
 		fileOpts{base: sumsBase(sums, it.lazy), enc: b.sp.enc, pool: p.chunks, file: b.sp.held[it.rel]})
 	if err != nil {
 		return err
 	}
-	if !sent || entry == nil || nlink > 1 {
+	// A file that changed while it was read needs nothing more: the
+	// write's event reaches the barrier after the stream (or the write was
+	// still in flight then, which a crash would capture as well).
+	if !res.sent || res.entry == nil || res.nlink > 1 {
 		// Replaced or removed (not held open), shrunk or linked since the
 		// cut: not its state.
 		b.broken.Store(true)
 		return fmt.Errorf("stream %q: %w", it.rel, errStreamChanged)
 	}
-	if nlink == 1 {
-		st.entries[it.rel] = entry
+	if res.nlink == 1 {
+		st.entries[it.rel] = res.entry
 	} // else removed since the cut, read through the file held open: its event brings the removal
 	return nil
 }
