@@ -78,6 +78,49 @@ func checkLockstep(data string) (a, b int, err error) {
 	return a, b, nil
 }
 
+// batchAudit checks every batch a replica makes durable, after it is
+// applied and before its ack, and keeps what failed.
+type batchAudit struct {
+	mu         sync.Mutex
+	violations []string
+	checked    atomic.Int64
+}
+
+// auditBatches runs check on replica r after every batch it applies.
+func auditBatches(r *replicaNode, check func() error) *batchAudit {
+	a := &batchAudit{}
+	r.srv.setFailpoint(func(step string) error {
+		if step == "applied" {
+			if err := check(); err != nil {
+				a.mu.Lock()
+				a.violations = append(a.violations, fmt.Sprintf("batch %d: %v", a.checked.Load()+1, err))
+				a.mu.Unlock()
+			}
+			a.checked.Add(1)
+		}
+		return nil
+	})
+	return a
+}
+
+// await waits until n batches were checked.
+func (a *batchAudit) await(t *testing.T, n int64) {
+	t.Helper()
+	testutil.Eventually(t, 30*time.Second, fmt.Sprintf("%d batches applied while the writer runs", n), func() bool {
+		return a.checked.Load() >= n
+	})
+}
+
+// verify fails the test if a batch failed its check.
+func (a *batchAudit) verify(t *testing.T) {
+	t.Helper()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if len(a.violations) > 0 {
+		t.Fatalf("%d of %d batches failed their check, first: %s", len(a.violations), a.checked.Load(), a.violations[0])
+	}
+}
+
 // TestCutsAreCrashConsistent runs the lockstep writer against a primary
 // and checks the invariant on the replica after every batch it makes
 // durable, for cuts that converge by re-reading and (with a short round
@@ -90,19 +133,9 @@ func TestCutsAreCrashConsistent(t *testing.T) {
 			must(t, writeAtomic(w.dir, "a.txt", 0))
 			must(t, writeAtomic(w.dir, "b.txt", 0))
 			r := c.startReplica("r1")
-			var mu sync.Mutex
-			var violations []string
-			var checked atomic.Int64
-			r.srv.setFailpoint(func(step string) error {
-				if step == "applied" { // after a batch is committed and applied, before its ack
-					if _, _, err := checkLockstep(c.replicaPaths("r1").Data); err != nil {
-						mu.Lock()
-						violations = append(violations, err.Error())
-						mu.Unlock()
-					}
-					checked.Add(1)
-				}
-				return nil
+			audit := auditBatches(r, func() error {
+				_, _, err := checkLockstep(c.replicaPaths("r1").Data)
+				return err
 			})
 			p := c.startPrimaryWith(func(cfg *PrimaryConfig) {
 				cfg.Debounce = time.Millisecond
@@ -112,22 +145,16 @@ func TestCutsAreCrashConsistent(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			done := make(chan error, 1)
 			go func() { done <- w.run(ctx) }()
-			testutil.Eventually(t, 20*time.Second, "30 batches applied while the writer runs", func() bool {
-				return checked.Load() >= 30
-			})
+			audit.await(t, 30)
 			cancel()
 			must(t, <-done)
 			c.waitSynced("r1")
-			mu.Lock()
-			defer mu.Unlock()
-			if len(violations) > 0 {
-				t.Fatalf("%d of %d cuts were not crash-consistent, first: %s", len(violations), checked.Load(), violations[0])
-			}
+			audit.verify(t)
 			st := p.Status()
 			if st.FileConsistentOnlyCuts != 0 {
 				t.Fatalf("%d cuts shipped file-consistent only despite the freeze hook", st.FileConsistentOnlyCuts)
 			}
-			t.Logf("%d cuts checked, writer reached %d, %d cuts taken", checked.Load(), w.n.Load(), st.Cuts)
+			t.Logf("%d cuts checked, writer reached %d, %d cuts taken", audit.checked.Load(), w.n.Load(), st.Cuts)
 		})
 	}
 }

@@ -281,16 +281,8 @@ func TestDeltaJournalCrashAtEveryStep(t *testing.T) {
 	second := append([]*tetherpb.FileOp{{Kind: tetherpb.FileOp_KIND_RENAME, Path: []byte("f"), NewPath: []byte("g")},
 		mkdirOp(".", 0o755, 2)}, new2...)
 
-	var steps []string
-	clean := replicaDirs(t)
-	j := journal{paths: clean, warn: newOnceLogger(testutil.Logger(t))}
-	must(t, commitOps(t, j, 1, true, first))
-	oldCut, err := Manifest(clean.Data)
-	must(t, err)
-	j.fail = func(step string) error { steps = append(steps, step); return nil }
-	must(t, commitOps(t, j, 2, false, second))
-	newCut, err := Manifest(clean.Data)
-	must(t, err)
+	run := crashRun{first: first, seq: 2, commit: func(j journal) error { return commitOps(t, j, 2, false, second) }}
+	oldCut, newCut, steps, clean := run.clean(t)
 	got, err := os.ReadFile(filepath.Join(clean.Data, "g"))
 	must(t, err)
 	want, err := os.ReadFile(filepath.Join(src, "g"))
@@ -299,28 +291,7 @@ func TestDeltaJournalCrashAtEveryStep(t *testing.T) {
 		t.Fatal("the patched file differs from the primary's")
 	}
 	for _, step := range steps {
-		paths := replicaDirs(t)
-		j := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t))}
-		must(t, commitOps(t, j, 1, true, first))
-		j.fail = crashAt(step)
-		if err := commitOps(t, j, 2, false, second); !errors.Is(err, errCrash) {
-			t.Fatalf("step %s: commit returned %v, want the injected crash", step, err)
-		}
-		j.fail = nil
-		if _, err := j.recover(testutil.Logger(t)); err != nil {
-			t.Fatalf("step %s: recover: %v", step, err)
-		}
-		m, err := Manifest(paths.Data)
-		must(t, err)
-		pos, err := durablePosition(paths.State)
-		must(t, err)
-		switch {
-		case len(DiffManifests(m, oldCut)) == 0 && pos.Seq == 1:
-		case len(DiffManifests(m, newCut)) == 0 && pos.Seq == 2:
-		default:
-			t.Fatalf("crash at %s: replica at seq %d is neither cut:\nvs old: %q\nvs new: %q",
-				step, pos.Seq, DiffManifests(m, oldCut), DiffManifests(m, newCut))
-		}
+		run.crashAt(t, step, oldCut, newCut)
 	}
 	t.Logf("%d crash points checked", len(steps))
 }
@@ -545,31 +516,14 @@ func TestBlockSumsRefusals(t *testing.T) {
 	}
 }
 
-// naiveBasePath is the specification of baseResolver.path: walk the batch
-// back from op i.
+// naiveBasePath is the specification of baseResolver.path: the origin
+// of p, when it is the path before the batch.
 func naiveBasePath(ops []applyOp, i int, p string) (string, bool) {
-	for j := i - 1; j >= 0; j-- {
-		o := ops[j]
-		switch o.kind {
-		case tetherpb.FileOp_KIND_RENAME:
-			if isUnder(p, o.to) {
-				p = o.path + p[len(o.to):]
-				continue
-			}
-			if isUnder(p, o.path) {
-				return "", false
-			}
-		case tetherpb.FileOp_KIND_MKDIR:
-			if p == o.path {
-				return "", false
-			}
-		default:
-			if isUnder(p, o.path) {
-				return "", false
-			}
-		}
+	q, _, how := naiveOrigin(ops, i, p)
+	if how != fromBefore {
+		return "", false
 	}
-	return p, true
+	return q, true
 }
 
 // naiveOrigin is the specification of baseResolver.origin: walk the batch

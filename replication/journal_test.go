@@ -79,6 +79,69 @@ func commitOps(t *testing.T, j journal, seq uint64, full bool, ops []*tetherpb.F
 	return j.commit(b, position{Epoch: 1, Seq: seq}, full)
 }
 
+// crashRun checks a batch committed over cut first (committed whole
+// before it) by stopping its commit at every step, as a crash would.
+type crashRun struct {
+	first  []*tetherpb.FileOp
+	seq    uint64 // the position the batch commits
+	commit func(j journal) error
+}
+
+// clean commits the batch without a crash: it returns the replica's tree
+// before and after, the steps of the commit, and the replica's paths.
+func (r crashRun) clean(t *testing.T) (oldCut, newCut map[string]Entry, steps []string, paths Paths) {
+	t.Helper()
+	paths = replicaDirs(t)
+	j := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t))}
+	must(t, commitOps(t, j, 1, true, r.first))
+	oldCut, err := Manifest(paths.Data)
+	must(t, err)
+	j.fail = func(step string) error { steps = append(steps, step); return nil }
+	must(t, r.commit(j))
+	newCut, err = Manifest(paths.Data)
+	must(t, err)
+	if len(DiffManifests(oldCut, newCut)) == 0 {
+		t.Fatal("bad test setup: the batch changes nothing")
+	}
+	return oldCut, newCut, steps, paths
+}
+
+// crashAt commits the batch over cut first and crashes at step; after
+// recovery the replica must hold the old cut or the new one, with the
+// matching position, no temporary file, and take the next batch.
+func (r crashRun) crashAt(t *testing.T, step string, oldCut, newCut map[string]Entry) {
+	t.Helper()
+	paths := replicaDirs(t)
+	j := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t))}
+	must(t, commitOps(t, j, 1, true, r.first))
+	j.fail = crashAt(step)
+	if err := r.commit(j); !errors.Is(err, errCrash) {
+		t.Fatalf("step %s: commit returned %v, want the injected crash", step, err)
+	}
+	// Restart: the journal is finished or dropped.
+	j.fail = nil
+	if _, err := j.recover(testutil.Logger(t)); err != nil {
+		t.Fatalf("step %s: recover: %v", step, err)
+	}
+	got, err := Manifest(paths.Data)
+	must(t, err)
+	pos, err := durablePosition(paths.State)
+	must(t, err)
+	switch {
+	case len(DiffManifests(got, oldCut)) == 0 && pos.Seq == 1:
+	case len(DiffManifests(got, newCut)) == 0 && pos.Seq == r.seq:
+	default:
+		t.Fatalf("crash at %s: replica at seq %d is neither cut:\nvs old: %q\nvs new: %q",
+			step, pos.Seq, DiffManifests(got, oldCut), DiffManifests(got, newCut))
+	}
+	for p := range got {
+		if strings.Contains(p, tempPrefix) {
+			t.Fatalf("step %s: temporary file %q left", step, p)
+		}
+	}
+	must(t, commitOps(t, j, r.seq+1, false, []*tetherpb.FileOp{fileOp("after", "x")}))
+}
+
 // TestJournalCrashAtEveryStep stops the commit of a batch at every step (as
 // a crash would), restarts, and checks that the replica holds either the
 // previous cut or the new one, with the matching position, and no
@@ -86,57 +149,21 @@ func commitOps(t *testing.T, j journal, seq uint64, full bool, ops []*tetherpb.F
 func TestJournalCrashAtEveryStep(t *testing.T) {
 	first, second := cutOps()
 	for _, full := range []bool{false, true} {
-		ops2 := second
-		if full {
-			ops2 = append(append([]*tetherpb.FileOp{}, first[:2]...), second[2:]...)
-		}
-		// A clean run gives the two cuts and the list of steps.
-		var steps []string
-		clean := replicaDirs(t)
-		j := journal{paths: clean, warn: newOnceLogger(testutil.Logger(t))}
-		must(t, commitOps(t, j, 1, true, first))
-		oldCut, err := Manifest(clean.Data)
-		must(t, err)
-		j.fail = func(step string) error { steps = append(steps, step); return nil }
-		must(t, commitOps(t, j, 2, full, ops2))
-		newCut, err := Manifest(clean.Data)
-		must(t, err)
-		if len(DiffManifests(oldCut, newCut)) == 0 || len(steps) < len(ops2)+4 {
-			t.Fatalf("bad test setup: cuts equal or steps %q", steps)
-		}
-		for _, step := range steps {
-			paths := replicaDirs(t)
-			j := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t))}
-			must(t, commitOps(t, j, 1, true, first))
-			j.fail = crashAt(step)
-			if err := commitOps(t, j, 2, full, ops2); !errors.Is(err, errCrash) {
-				t.Fatalf("full=%v step %s: commit returned %v, want the injected crash", full, step, err)
+		t.Run(fmt.Sprintf("full %v", full), func(t *testing.T) {
+			ops2 := second
+			if full {
+				ops2 = append(append([]*tetherpb.FileOp{}, first[:2]...), second[2:]...)
 			}
-			// Restart: the journal is finished or dropped.
-			j.fail = nil
-			if _, err := j.recover(testutil.Logger(t)); err != nil {
-				t.Fatalf("full=%v step %s: recover: %v", full, step, err)
+			run := crashRun{first: first, seq: 2, commit: func(j journal) error { return commitOps(t, j, 2, full, ops2) }}
+			oldCut, newCut, steps, _ := run.clean(t)
+			if len(steps) < len(ops2)+4 {
+				t.Fatalf("bad test setup: steps %q", steps)
 			}
-			got, err := Manifest(paths.Data)
-			must(t, err)
-			pos, err := durablePosition(paths.State)
-			must(t, err)
-			switch {
-			case len(DiffManifests(got, oldCut)) == 0 && pos.Seq == 1:
-			case len(DiffManifests(got, newCut)) == 0 && pos.Seq == 2:
-			default:
-				t.Fatalf("full=%v crash at %s: replica at seq %d is neither cut:\nvs old: %q\nvs new: %q",
-					full, step, pos.Seq, DiffManifests(got, oldCut), DiffManifests(got, newCut))
+			for _, step := range steps {
+				run.crashAt(t, step, oldCut, newCut)
 			}
-			for p := range got {
-				if strings.Contains(p, tempPrefix) {
-					t.Fatalf("full=%v step %s: temporary file %q left", full, step, p)
-				}
-			}
-			// The next batch applies normally.
-			must(t, commitOps(t, j, 3, false, []*tetherpb.FileOp{fileOp("after", "x")}))
-		}
-		t.Logf("full=%v: %d crash points checked", full, len(steps))
+			t.Logf("%d crash points checked", len(steps))
+		})
 	}
 }
 

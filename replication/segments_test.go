@@ -3,15 +3,16 @@ package replication
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/tether-io/tether/internal/testutil"
 	"github.com/tether-io/tether/proto/tetherpb"
 )
 
@@ -122,63 +123,27 @@ func TestContinuedBatchCrashAtEveryStep(t *testing.T) {
 	first, second := cutOps()
 	third := continuedOps()
 	for _, full := range []bool{false, true} {
-		ops2 := second
-		if full {
-			ops2 = append(append([]*tetherpb.FileOp{}, first[:2]...), second[2:]...)
-		}
-		var steps []string
-		clean := replicaDirs(t)
-		j := journal{paths: clean, warn: newOnceLogger(testutil.Logger(t))}
-		must(t, commitOps(t, j, 1, true, first))
-		oldCut, err := Manifest(clean.Data)
-		must(t, err)
-		j.fail = func(step string) error { steps = append(steps, step); return nil }
-		must(t, commitContinued(t, j, 2, full, ops2, third))
-		newCut, err := Manifest(clean.Data)
-		must(t, err)
-		if e, ok := newCut["renamed-new/deep"]; !ok || e.Type != "file" || len(DiffManifests(oldCut, newCut)) == 0 {
-			t.Fatalf("bad test setup: the continued batch did not apply its second cut: %q", DiffManifests(oldCut, newCut))
-		}
-		if !containsStep(steps, "segment 1") {
-			t.Fatalf("no step between the segments: %q", steps)
-		}
-		for _, step := range steps {
-			paths := replicaDirs(t)
-			j := journal{paths: paths, warn: newOnceLogger(testutil.Logger(t))}
-			must(t, commitOps(t, j, 1, true, first))
-			j.fail = crashAt(step)
-			if err := commitContinued(t, j, 2, full, ops2, third); !errors.Is(err, errCrash) {
-				t.Fatalf("full=%v step %s: commit returned %v, want the injected crash", full, step, err)
+		t.Run(fmt.Sprintf("full %v", full), func(t *testing.T) {
+			ops2 := second
+			if full {
+				ops2 = append(append([]*tetherpb.FileOp{}, first[:2]...), second[2:]...)
 			}
-			j.fail = nil
-			if _, err := j.recover(testutil.Logger(t)); err != nil {
-				t.Fatalf("full=%v step %s: recover: %v", full, step, err)
+			run := crashRun{first: first, seq: 3, commit: func(j journal) error { return commitContinued(t, j, 2, full, ops2, third) }}
+			oldCut, newCut, steps, _ := run.clean(t)
+			if e, ok := newCut["renamed-new/deep"]; !ok || e.Type != "file" {
+				t.Fatalf("bad test setup: the continued batch did not apply its second cut: %q", DiffManifests(oldCut, newCut))
 			}
-			got, err := Manifest(paths.Data)
-			must(t, err)
-			pos, err := durablePosition(paths.State)
-			must(t, err)
-			switch {
-			case len(DiffManifests(got, oldCut)) == 0 && pos.Seq == 1:
-			case len(DiffManifests(got, newCut)) == 0 && pos.Seq == 3:
-			default:
-				t.Fatalf("full=%v crash at %s: replica at seq %d is neither cut:\nvs old: %q\nvs new: %q",
-					full, step, pos.Seq, DiffManifests(got, oldCut), DiffManifests(got, newCut))
+			if !slices.Contains(steps, "segment 1") {
+				t.Fatalf("no step between the segments: %q", steps)
 			}
-			must(t, commitOps(t, j, 4, false, []*tetherpb.FileOp{fileOp("after", "x")}))
-		}
-		t.Logf("full=%v: %d crash points checked", full, len(steps))
+			for _, step := range steps {
+				run.crashAt(t, step, oldCut, newCut)
+			}
+			t.Logf("%d crash points checked", len(steps))
+		})
 	}
 }
 
-func containsStep(steps []string, s string) bool {
-	for _, x := range steps {
-		if x == s {
-			return true
-		}
-	}
-	return false
-}
 
 // TestContinueRefusedWhenMalformed sends a replica continued batches it
 // must refuse, each on a real stream: a Continue inside a file, one that

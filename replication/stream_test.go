@@ -391,20 +391,7 @@ func testBusyVolume(t *testing.T, truncate, stream bool) {
 	testutil.Eventually(t, 10*time.Second, "the writer is running", func() bool { return w.n.Load() >= 3 })
 
 	r := c.startReplica("r1")
-	var mu sync.Mutex
-	var violations []string
-	var checked atomic.Int64
-	r.srv.setFailpoint(func(step string) error {
-		if step == "applied" { // after a batch is committed and applied, before its ack
-			if err := w.check(c.replicaPaths("r1").Data); err != nil {
-				mu.Lock()
-				violations = append(violations, fmt.Sprintf("batch %d: %v", checked.Load()+1, err))
-				mu.Unlock()
-			}
-			checked.Add(1)
-		}
-		return nil
-	})
+	audit := auditBatches(r, func() error { return w.check(c.replicaPaths("r1").Data) })
 	if stream {
 		c.prep = func(p *Primary) { p.streamMin = streamSmall }
 	}
@@ -412,18 +399,12 @@ func testBusyVolume(t *testing.T, truncate, stream bool) {
 		cfg.Debounce = time.Millisecond
 		cfg.Freezer = w
 	}, 1, "r1")
-	testutil.Eventually(t, 30*time.Second, "20 batches applied while the writer runs", func() bool {
-		return checked.Load() >= 20
-	})
+	audit.await(t, 20)
 	cancel()
 	must(t, <-done)
 	done <- nil
 	c.waitSynced("r1")
-	mu.Lock()
-	defer mu.Unlock()
-	if len(violations) > 0 {
-		t.Fatalf("%d of %d batches were not a state of the volume, first: %s", len(violations), checked.Load(), violations[0])
-	}
+	audit.verify(t)
 	continued, broken, full := p.continuedStreams.Load(), p.brokenStreams.Load(), p.fullCuts.Load()
 	switch {
 	case stream && !truncate && (continued == 0 || broken != 0 || full != 1):
@@ -434,7 +415,7 @@ func testBusyVolume(t *testing.T, truncate, stream bool) {
 	if st := p.Status(); st.FileConsistentOnlyCuts != 0 {
 		t.Fatalf("%d cuts shipped file-consistent only despite the freeze hook", st.FileConsistentOnlyCuts)
 	}
-	t.Logf("%d batches checked, %d continued, %d broken; writer reached %d", checked.Load(), continued, broken, w.n.Load())
+	t.Logf("%d batches checked, %d continued, %d broken; writer reached %d", audit.checked.Load(), continued, broken, w.n.Load())
 }
 
 // TestStreamedFileRenamedOrRemovedWhileSent renames one large file and
@@ -515,39 +496,24 @@ func TestFileConsistentCutsHoldFilesWhole(t *testing.T) {
 		cfg.MaxRounds = 1
 	}, 1, "r1")
 	c.waitSynced("r1")
-	var mu sync.Mutex
-	var torn []string
-	var checked atomic.Int64
-	r.srv.setFailpoint(func(step string) error {
-		if step != "applied" {
-			return nil
-		}
+	audit := auditBatches(r, func() error {
 		big, err := os.ReadFile(filepath.Join(c.replicaPaths("r1").Data, "big"))
-		if err == nil && len(big) > 0 {
-			lo, hi := slices.Min(big), slices.Max(big)
-			if hi != lo && hi != lo+1 && !(lo == 0 && hi == 250) {
-				mu.Lock()
-				torn = append(torn, fmt.Sprintf("batch %d holds big with bytes %d to %d", checked.Load()+1, lo, hi))
-				mu.Unlock()
-			}
+		if err != nil || len(big) == 0 {
+			return err
 		}
-		checked.Add(1)
+		if lo, hi := slices.Min(big), slices.Max(big); hi != lo && hi != lo+1 && (lo != 0 || hi != 250) {
+			return fmt.Errorf("big holds bytes %d to %d: torn", lo, hi)
+		}
 		return nil
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- w.run(ctx) }()
-	testutil.Eventually(t, 30*time.Second, "100 batches applied while the writer runs", func() bool {
-		return checked.Load() >= 100
-	})
+	audit.await(t, 100)
 	cancel()
 	must(t, <-done)
 	c.waitSynced("r1")
-	mu.Lock()
-	defer mu.Unlock()
-	if len(torn) > 0 {
-		t.Fatalf("%d of %d batches held a torn file, first: %s", len(torn), checked.Load(), torn[0])
-	}
+	audit.verify(t)
 	if p.Status().FileConsistentOnlyCuts == 0 {
 		t.Fatal("no cut was file-consistent only: the writer did not keep the cuts from converging")
 	}
