@@ -144,7 +144,6 @@ func TestContinuedBatchCrashAtEveryStep(t *testing.T) {
 	}
 }
 
-
 // TestContinueRefusedWhenMalformed sends a replica continued batches it
 // must refuse, each on a real stream: a Continue inside a file, one that
 // does not move forward, a Commit that names another cut than the last
