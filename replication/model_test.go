@@ -41,7 +41,16 @@ type cutModel struct {
 	// does, while the replica above takes their delta view.
 	replica2 string
 	stream2  *rawStream
-	full     bool            // the cut being taken is full
+	// r3 takes each full cut whole and continues that batch over the next
+	// few cuts (as a sender whose streamed files changed does), committing
+	// it as the last of them; then it follows like r1 until the next full
+	// cut, and must hold what r1 holds at every commit.
+	replica3 string
+	stream3  *rawStream
+	r3open   bool   // a continued batch is open on stream3
+	r3left   int    // cuts it still continues over
+	r3last   uint64 // the last cut sent into it
+	full     bool   // the cut being taken is full
 	cutDirty map[string]bool // every dirty path the cut took
 	dirs     bool            // rename directories too
 
@@ -86,9 +95,10 @@ func newCutModelWith(t *testing.T, seed uint64, dirs bool, setup func(m *cutMode
 	c := newTestCluster(t)
 	c.startReplica("r1")
 	c.startReplica("r2")
+	c.startReplica("r3")
 	m := &cutModel{t: t, rng: rand.New(rand.NewPCG(seed, 11)), dir: c.primaryData, stash: t.TempDir(), state: t.TempDir(),
 		warn: newOnceLogger(testutil.Logger(t)), replica: c.replicaPaths("r1").Data, replica2: c.replicaPaths("r2").Data,
-		dirs: dirs, dirty: map[string]bool{}, unwatched: map[string]bool{}}
+		replica3: c.replicaPaths("r3").Data, dirs: dirs, dirty: map[string]bool{}, unwatched: map[string]bool{}}
 	var err error
 	m.root, err = os.OpenRoot(m.dir)
 	must(t, err)
@@ -99,6 +109,8 @@ func newCutModelWith(t *testing.T, seed uint64, dirs bool, setup func(m *cutMode
 	m.stream, err = openRaw(t, c, "r1", 1)
 	must(t, err)
 	m.stream2, err = openRaw(t, c, "r2", 1)
+	must(t, err)
+	m.stream3, err = openRaw(t, c, "r3", 1)
 	must(t, err)
 	setup(m)
 	m.queue, m.unwatched = nil, map[string]bool{}
@@ -430,6 +442,9 @@ func (m *cutModel) endCut() {
 	// entry. (Not with hard links: a change through a name removed since
 	// has no event for the others, until a rescan.)
 	exact := len(m.queue)+len(m.dirty) == 0 && !m.changed
+	if full && m.r3open {
+		m.closeContinued() // a full cut ends a continuation, as a sender aborts it
+	}
 	m.sendCut(b, "r1", m.stream, m.replica, b.delta == nil)
 	if exact && !m.linkedSince {
 		if err := SameTree(m.dir, m.replica); err != nil {
@@ -439,6 +454,7 @@ func (m *cutModel) endCut() {
 	if full {
 		m.sendCut(b, "r2", m.stream2, m.replica2, true)
 	}
+	m.sendContinued(b)
 	m.sp.close()
 	m.sp, m.pl = nil, nil
 }
@@ -475,6 +491,60 @@ func (m *cutModel) sendCut(b *cutBatch, name string, stream *rawStream, data str
 	slices.Sort(held)
 	if got := m.indexed(); !slices.Equal(held, got) {
 		m.fail("after cut %d %s holds %q, the index %q", b.seq, name, held, got)
+	}
+}
+
+// sendContinued gives cut b to r3: a full cut opens a batch (sent whole,
+// not committed), a later cut continues it (Continue, then the cut's ops)
+// until it is committed; with none open, r3 takes the cut as r1 does.
+func (m *cutModel) sendContinued(b *cutBatch) {
+	m.t.Helper()
+	send := func(r *tetherpb.StreamRequest) error { return m.stream3.stream.Send(r) }
+	switch {
+	case b.full:
+		if _, err := b.send(context.Background(), nil, send, true, nil, nil); err != nil {
+			m.fail("send cut %d to r3: %v", b.seq, err)
+		}
+		m.r3open, m.r3left, m.r3last = true, m.rng.IntN(4), b.seq
+		m.logf("r3 opens a batch with full cut %d, to continue over %d cuts", b.seq, m.r3left)
+	case m.r3open:
+		if err := send(&tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Continue{Continue: &tetherpb.Continue{Seq: b.seq}}}); err != nil {
+			m.fail("continue r3's batch with cut %d: %v", b.seq, err)
+		}
+		if _, err := b.send(context.Background(), nil, send, false, nil, nil); err != nil {
+			m.fail("send cut %d to r3: %v", b.seq, err)
+		}
+		m.r3left--
+		m.r3last = b.seq
+	default:
+		m.sendCut(b, "r3", m.stream3, m.replica3, b.delta == nil)
+		return
+	}
+	if m.r3left <= 0 {
+		m.closeContinued()
+	}
+}
+
+// closeContinued commits r3's open batch as the last cut sent into it: r3
+// must take it and then hold exactly what r1 holds (r1 took the same cuts
+// one by one).
+func (m *cutModel) closeContinued() {
+	m.t.Helper()
+	m.r3open = false
+	if err := m.stream3.stream.Send(&tetherpb.StreamRequest{Kind: &tetherpb.StreamRequest_Commit{Commit: &tetherpb.Commit{
+		Seq: m.r3last, Full: true}}}); err != nil {
+		m.fail("commit r3's continued batch: %v", err)
+	}
+	ack, err := m.stream3.stream.Recv()
+	if err != nil {
+		m.fail("r3 refused the batch continued to cut %d: %v", m.r3last, err)
+	}
+	if ack.GetSeq() != m.r3last {
+		m.fail("r3 acknowledged %d, want %d", ack.GetSeq(), m.r3last)
+	}
+	m.logf("r3 committed the batch continued to cut %d", m.r3last)
+	if err := SameTree(m.replica, m.replica3); err != nil {
+		m.fail("after the batch continued to cut %d: %v", m.r3last, err)
 	}
 }
 
