@@ -47,10 +47,10 @@ type cutModel struct {
 	// cut, and must hold what r1 holds at every commit.
 	replica3 string
 	stream3  *rawStream
-	r3open   bool   // a continued batch is open on stream3
-	r3left   int    // cuts it still continues over
-	r3last   uint64 // the last cut sent into it
-	full     bool   // the cut being taken is full
+	r3open   bool            // a continued batch is open on stream3
+	r3left   int             // cuts it still continues over
+	r3last   uint64          // the last cut sent into it
+	full     bool            // the cut being taken is full
 	cutDirty map[string]bool // every dirty path the cut took
 	dirs     bool            // rename directories too
 
