@@ -162,8 +162,8 @@ func BenchmarkInitialSyncLargeFile(b *testing.B) {
 
 // BenchmarkInitialSyncBusyVolume: the initial sync of a volume that never
 // stops changing, as a database under load: 1 GiB (TETHER_BENCH_LARGE_MIB)
-// in four large files, and a writer that rewrites a random 64 KiB block of
-// one of them every 2 ms (32 MiB/s) all along. MiB/s is the volume's size
+// in 16 large files, and a writer that rewrites a random 64 KiB block of
+// one of the first two (the hot tables) every 2 ms (32 MiB/s) all along. MiB/s is the volume's size
 // over the time to the replica's first durable batch; full-cuts counts the
 // full cuts taken (more than one: the streamed cut could not be used). The
 // "earlier replica" run is a replica that takes no continued batches, so
@@ -180,7 +180,7 @@ func BenchmarkInitialSyncBusyVolume(b *testing.B) {
 
 func benchBusySync(b *testing.B, old bool) {
 	mib := envInt("TETHER_BENCH_LARGE_MIB", 1024)
-	const files = 4
+	const files, hot = 16, 2
 	for i := 0; i < b.N; i++ {
 		bp := newBenchPair(b)
 		bp.noContinue = old
@@ -204,7 +204,7 @@ func benchBusySync(b *testing.B, old bool) {
 		warmPages(b, b.TempDir(), mib+256)
 		ctx, cancel := context.WithCancel(context.Background())
 		done := make(chan error, 1)
-		go func() { done <- busyWrites(ctx, bp.primary.Data, files, int64(mib/files)<<20) }()
+		go func() { done <- busyWrites(ctx, bp.primary.Data, hot, int64(mib/files)<<20) }()
 		b.ResetTimer()
 		t0 := time.Now()
 		bp.start()
@@ -220,8 +220,8 @@ func benchBusySync(b *testing.B, old bool) {
 	}
 }
 
-// busyWrites rewrites a random 64 KiB block of one of the files table-N
-// (each size bytes) every 2 ms until ctx ends.
+// busyWrites rewrites a random 64 KiB block of one of the files table-N,
+// N < files (each size bytes), every 2 ms until ctx ends.
 func busyWrites(ctx context.Context, dir string, files int, size int64) error {
 	t := time.NewTicker(2 * time.Millisecond)
 	defer t.Stop()

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"maps"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -219,7 +218,7 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 		if err := c.take(); err != nil {
 			return nil, err
 		}
-		if err := c.rereadTorn(); err != nil {
+		if _, err := c.rereadTorn(0); err != nil {
 			return nil, err
 		}
 	}
@@ -230,26 +229,31 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 			return nil, err
 		}
 	}
-	// A file-consistent cut still holds every file whole: read again what
-	// came up short or changed while read; what stays torn is left out of
-	// an incremental cut (the replica keeps its previous version, and the
-	// next cut reads it again) and ships as read in a full one.
-	for try := 0; !consistent && len(c.sp.torn) > 0 && try < tornRetries; try++ {
-		if err := c.rereadTorn(); err != nil {
-			return nil, err
+	// A file-consistent cut still holds every file whole where it can: the
+	// small files that came up short or changed while read are read again;
+	// what stays torn is left out of an incremental cut (the replica keeps
+	// its previous version, the next cut reads it again) for at most
+	// maxExclusions cuts in a row, then ships as read, as in a full cut.
+	for try := 0; !consistent && try < tornRetries; try++ {
+		if picked, err := c.rereadTorn(tornRetryMax); err != nil || !picked {
+			if err != nil {
+				return nil, err
+			}
+			break
 		}
 		if err := c.sp.read(p.root, c.pl, p.warn); err != nil {
 			return nil, err
 		}
 	}
 	excluded := 0
-	if len(c.sp.torn) > 0 {
-		if c.full {
-			p.log.Warn("files kept changing while the full cut read them; this batch holds them as last read, the next cut sends them again",
-				"files", len(c.sp.torn))
-		} else {
-			excluded = c.sp.exclude(p.ch)
-		}
+	if len(c.sp.torn) > 0 && !c.full {
+		excluded = c.sp.exclude(p.ch, p.excludedRuns)
+	} else {
+		clear(p.excludedRuns)
+	}
+	if n := len(c.sp.torn); n > 0 {
+		p.log.Warn("files kept changing while the cut read them: this file-consistent batch holds them as last read, not whole; the next cut sends them again (a freeze hook makes such cuts consistent)",
+			"files", n)
 	}
 	// A full cut streams its large files even when it did not converge: its
 	// senders' barrier after the stream always finds events then (those the
@@ -271,7 +275,7 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 	p.cuts.Add(1)
 	b := &cutBatch{seq: p.nextSeq(), full: c.full, cut: at, fileOnly: !consistent, since: c.since,
 		sp: c.sp, items: c.sp.items(c.pl), gen: c.gen, excluded: excluded}
-	b.bytes = itemBytes(b.items)
+	b.bytes, b.spooled = itemBytes(b.items), spooledBytes(b.items)
 	if c.full {
 		p.fullCuts.Add(1)
 		if offersDelta(c.lost, consistent) {
@@ -283,24 +287,38 @@ func (c *cutRound) run(ctx context.Context) (*cutBatch, error) {
 	return b, nil
 }
 
-// tornRetries bounds the extra readings of files that came up short in a
-// cut that did not converge.
-const tornRetries = 3
+// Torn readings in a cut that did not converge: files up to tornRetryMax
+// are read again up to tornRetries times (a large file written all the
+// time would be torn again, at a high cost), and a file is left out of at
+// most maxExclusions incremental cuts in a row (so that a file that never
+// reads whole still reaches the replicas).
+const (
+	tornRetries   = 3
+	tornRetryMax  = 16 << 20
+	maxExclusions = 2
+)
 
-// rereadTorn plans again the files whose last reading came up short.
-func (c *cutRound) rereadTorn() error {
-	if len(c.sp.torn) == 0 {
-		return nil
-	}
-	if err := c.pl.update(c.p.root, maps.Clone(c.sp.torn)); err != nil {
-		return err
-	}
+// rereadTorn plans again the files whose last reading was torn, those of
+// at most limit bytes when limit > 0; it reports whether it picked any.
+func (c *cutRound) rereadTorn(limit int64) (bool, error) {
+	pick := map[string]bool{}
 	for rel := range c.sp.torn {
+		if fi, ok := c.pl.others[rel]; !ok || limit <= 0 || fi.Size() <= limit {
+			pick[rel] = false
+		}
+	}
+	if len(pick) == 0 {
+		return false, nil
+	}
+	if err := c.pl.update(c.p.root, pick); err != nil {
+		return false, err
+	}
+	for rel := range pick {
 		if _, again := c.pl.fresh[rel]; !again {
 			delete(c.sp.torn, rel) // gone (or no longer a file): not read again, its reading not carried
 		}
 	}
-	return nil
+	return true, nil
 }
 
 // offersDelta reports whether a full cut gives the replicas at the previous
@@ -421,7 +439,7 @@ func (c *cutRound) frozenRound(ctx context.Context) (bool, time.Time, error) {
 	if err := c.take(); err != nil {
 		return false, time.Time{}, err
 	}
-	if err := c.rereadTorn(); err != nil {
+	if _, err := c.rereadTorn(0); err != nil {
 		return false, time.Time{}, err
 	}
 	if err := c.sp.read(c.p.root, c.pl, c.p.warn); err != nil {

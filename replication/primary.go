@@ -192,6 +192,9 @@ type Primary struct {
 	// streamed file of batch seq (tests change the volume or stop the
 	// replica there).
 	onStreamChunk func(seq uint64)
+	// excludedRuns holds the files the last cut left out because every
+	// reading of them was torn, with how many cuts in a row did (cutMu).
+	excludedRuns map[string]int
 	// afterRound, if set, runs after each round of a cut read its paths,
 	// before the barrier that checks it (tests only: full tells a full cut).
 	afterRound func(full bool)
@@ -245,7 +248,7 @@ func NewPrimary(cfg PrimaryConfig) (*Primary, error) {
 		log = slog.Default()
 	}
 	log = log.With("component", "replication-primary", "volume", cfg.Volume, "epoch", cfg.Epoch)
-	p := &Primary{cfg: cfg, log: log, warn: newOnceLogger(log), ch: newChanges(), chunks: newChunkPool(),
+	p := &Primary{cfg: cfg, log: log, warn: newOnceLogger(log), ch: newChanges(), chunks: newChunkPool(), excludedRuns: map[string]int{},
 		barrierDir: filepath.Join(filepath.Clean(cfg.Paths.State), barrierDir),
 		replicas:   slices.Clone(cfg.Replicas), senders: map[string]*sender{}, changed: make(chan struct{}),
 		watchLimits: inotifyWatches, streamMin: defaultStreamMin}
@@ -550,7 +553,7 @@ func (p *Primary) acked() {
 	defer p.bmu.Unlock()
 	kept := make([]retainedCut, len(p.batches))
 	for i, b := range p.batches {
-		kept[i] = retainedCut{seq: b.seq, bytes: b.bytes, full: b.full}
+		kept[i] = retainedCut{seq: b.seq, bytes: b.spooled, full: b.full}
 	}
 	n, released := retention(kept, holds, retainLimits{bytes: p.cfg.RetainBytes, cuts: p.cfg.RetainCuts})
 	if n > 0 {
@@ -566,7 +569,7 @@ func (p *Primary) acked() {
 // retainedCut is what retention needs to know of a kept cut.
 type retainedCut struct {
 	seq   uint64
-	bytes int64
+	bytes int64 // what it holds in its spool (streamed files are not there)
 	full  bool
 }
 

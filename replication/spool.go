@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"os"
 	"slices"
 	"sync/atomic"
@@ -272,14 +273,18 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 }
 
 // exclude leaves out of the cut the files whose every reading was torn
-// (single-linked ones: the names of a linked file travel together): the
-// index keeps their previous entry, which the replicas hold, and they are
-// marked dirty again for the next cut. It returns how many it left out.
-func (s *spool) exclude(ch *changes) int {
-	n := 0
+// (single-linked ones: the names of a linked file travel together), unless
+// runs (the files left out of the cuts before, and how many in a row)
+// shows one was left out maxExclusions times already: the index keeps
+// their previous entry, which the replicas hold, and they are marked dirty
+// again for the next cut. runs is updated; it returns how many it left
+// out.
+func (s *spool) exclude(ch *changes, runs map[string]int) int {
 	now := time.Now()
+	left := map[string]int{}
 	for rel := range s.torn {
-		if fr, ok := s.files[rel]; !ok || fr.nlink > 1 {
+		fr, ok := s.files[rel]
+		if !ok || fr.nlink > 1 || runs[rel] >= maxExclusions {
 			continue
 		}
 		delete(s.files, rel)
@@ -287,9 +292,11 @@ func (s *spool) exclude(ch *changes) int {
 		delete(s.hashAt, rel)
 		delete(s.torn, rel)
 		ch.add(rel, false, now)
-		n++
+		left[rel] = runs[rel] + 1
 	}
-	return n
+	clear(runs)
+	maps.Copy(runs, left)
+	return len(left)
 }
 
 // carried reports whether the cut read rel (it goes in the batch).
@@ -411,8 +418,10 @@ type cutBatch struct {
 	// delta, for a full cut taken because a replica needed the whole tree,
 	// is what the replicas at the previous cut need (nil: they take items).
 	delta []item
-	// bytes and deltaBytes are the encoded sizes of items and delta.
-	bytes, deltaBytes int64
+	// bytes and deltaBytes are the encoded sizes of items and delta (a
+	// streamed file counts its size); spooled is what the cut holds in
+	// its spool file, which the retention budget bounds.
+	bytes, deltaBytes, spooled int64
 	// gen is the volume's event count the cut stands for: a sender that
 	// streamed lazy files checks that it did not move (see streamed).
 	gen uint64
@@ -430,6 +439,18 @@ func itemBytes(items []item) int64 {
 	var n int64
 	for _, it := range items {
 		n += it.bytes()
+	}
+	return n
+}
+
+// spooledBytes is the encoded size of the items held in the spool (not
+// the streamed files, read from the volume when sent).
+func spooledBytes(items []item) int64 {
+	var n int64
+	for _, it := range items {
+		if it.lazy == nil {
+			n += it.bytes()
+		}
 	}
 	return n
 }

@@ -518,3 +518,22 @@ func TestFileConsistentCutsHoldFilesWhole(t *testing.T) {
 		t.Fatal("no cut was file-consistent only: the writer did not keep the cuts from converging")
 	}
 }
+
+// TestStreamedFullCutKeptForAReplicaNotYetConnected takes the first full
+// cut, with a large streamed file, before the replica is reachable: the
+// cut's retention counts what it holds in its spool, not the streamed
+// file, so it stays within a retention budget smaller than that file and
+// the replica gets it when it connects (no second full cut).
+func TestStreamedFullCutKeptForAReplicaNotYetConnected(t *testing.T) {
+	c := newTestCluster(t)
+	must(t, os.WriteFile(c.path("big"), randomBytes(3<<20), 0o644))
+	c.write("small", "s")
+	c.prep = func(p *Primary) { p.streamMin = streamSmall }
+	p := c.startPrimaryWith(func(cfg *PrimaryConfig) { cfg.RetainBytes = 1 << 20 }, 1, "r1")
+	testutil.Eventually(t, 10*time.Second, "the first full cut is published", func() bool { return p.latestSeq() != 0 })
+	c.startReplica("r1")
+	c.waitSynced("r1")
+	if n := p.fullCuts.Load(); n != 1 {
+		t.Fatalf("full cuts taken: %d, want 1 (the first was dropped before the replica connected)", n)
+	}
+}
