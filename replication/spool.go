@@ -45,11 +45,11 @@ type spool struct {
 	stream    bool
 	streamMin int64  // the smallest file streamed
 	reads     uint64 // files read so far (fileRead.seq)
-	// torn holds the files whose last reading came up short: they shrank
-	// while read (a truncation), and that reading is no state the file
-	// had. The truncation's event can reach the watcher after a barrier
-	// created once the truncation was visible, so no barrier vouches for
-	// such a reading: the cut reads them again.
+	// torn holds the files whose last reading is no state the file had
+	// as a whole: it came up short (a truncation, whose event can reach the
+	// watcher after a barrier created once it was visible, so no barrier
+	// vouches for such a reading), or the file changed while it was read
+	// (its stat after the read differs). The cut reads them again.
 	torn map[string]bool
 }
 
