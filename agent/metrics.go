@@ -18,7 +18,7 @@ type metrics struct {
 	fencings prometheus.Counter
 
 	lag, lagBytes, pendingCuts, connected, acked, epoch, primary, leaseHeld, isLeader, members *prometheus.Desc
-	cutFailing, fullSyncLeft                                                                   *prometheus.Desc
+	cutFailing, fullSyncLeft, cuts, fileOnlyCuts, fullStreams                                  *prometheus.Desc
 	recreated, missingImage, containerProblems                                                 *prometheus.Desc
 }
 
@@ -51,6 +51,13 @@ func newMetrics(a *Agent) *metrics {
 			"1 when this node serves the volume as primary.", []string{"volume"}, nil),
 		cutFailing: prometheus.NewDesc("tether_volume_cut_failing",
 			"1 when this node serves the volume as primary and its last cut failed (tether volume inspect says why).", []string{"volume"}, nil),
+		cuts: prometheus.NewDesc("tether_volume_cuts_total",
+			"Cuts this node took of the volume as its primary (since it became primary).", []string{"volume"}, nil),
+		fileOnlyCuts: prometheus.NewDesc("tether_volume_file_consistent_only_cuts_total",
+			"Of those, the cuts that are not crash-consistent (the volume never went quiet and no freeze hook helped).", []string{"volume"}, nil),
+		fullStreams: prometheus.NewDesc("tether_volume_changed_full_streams_total",
+			"Full cuts whose streamed files changed while sent: continued over the cuts taken meanwhile, or spooled again (outcome).",
+			[]string{"volume", "outcome"}, nil),
 		leaseHeld: prometheus.NewDesc("tether_lease_held",
 			"1 when this node holds a primary lease.", nil, nil),
 		isLeader: prometheus.NewDesc("tether_raft_leader",
@@ -75,7 +82,7 @@ func (m *metrics) handler() http.Handler {
 
 // Describe implements prometheus.Collector.
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{m.lag, m.lagBytes, m.pendingCuts, m.connected, m.acked, m.epoch, m.primary, m.cutFailing, m.fullSyncLeft, m.leaseHeld, m.isLeader, m.members, m.recreated, m.missingImage, m.containerProblems} {
+	for _, d := range []*prometheus.Desc{m.lag, m.lagBytes, m.pendingCuts, m.connected, m.acked, m.epoch, m.primary, m.cutFailing, m.fullSyncLeft, m.cuts, m.fileOnlyCuts, m.fullStreams, m.leaseHeld, m.isLeader, m.members, m.recreated, m.missingImage, m.containerProblems} {
 		ch <- d
 	}
 }
@@ -95,6 +102,13 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		gauge(m.primary, b2f(serving), v.Name)
 		if serving {
 			gauge(m.cutFailing, b2f(st.CutError != ""), v.Name)
+			counter := func(d *prometheus.Desc, n uint64, labels ...string) {
+				ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(n), labels...)
+			}
+			counter(m.cuts, st.Cuts, v.Name)
+			counter(m.fileOnlyCuts, st.FileConsistentOnlyCuts, v.Name)
+			counter(m.fullStreams, st.StreamsContinued, v.Name, "continued")
+			counter(m.fullStreams, st.StreamsBroken, v.Name, "spooled")
 		}
 		for _, r := range st.Replicas {
 			gauge(m.lag, r.Lag.Seconds(), v.Name, r.Node)

@@ -127,6 +127,7 @@ func (p *Primary) takeCut(ctx context.Context) (*cutBatch, error) {
 	}
 	sp.enc = p.enc
 	sp.streamMin = p.streamMin
+	sp.onChunk = p.onSpoolChunk
 	c := &cutRound{p: p, sp: sp}
 	b, err := c.run(ctx)
 	if err == nil {

@@ -96,6 +96,11 @@ type PrimaryStatus struct {
 	// Cuts counts the cuts taken; FileConsistentOnlyCuts those of them that
 	// are not crash-consistent (the volume never went quiet).
 	Cuts, FileConsistentOnlyCuts uint64
+	// StreamsContinued counts the full cuts whose streamed files changed
+	// while sent and that were continued over the cuts taken meanwhile;
+	// StreamsBroken those that could not be (the replica then got a new
+	// full cut, read into the spool).
+	StreamsContinued, StreamsBroken uint64
 	// WatchLimit, when not empty, says that directories go unwatched for
 	// the inotify watch limit (and how to raise it): their changes are
 	// found by a rescan every few seconds instead.
@@ -195,6 +200,9 @@ type Primary struct {
 	// excludedRuns holds the files the last cut left out because every
 	// reading of them was torn, with how many cuts in a row did (cutMu).
 	excludedRuns map[string]int
+	// onSpoolChunk, if set, runs after each chunk of a file a cut reads
+	// into its spool, but its last (tests only).
+	onSpoolChunk func(rel string, off uint64)
 	// afterRound, if set, runs after each round of a cut read its paths,
 	// before the barrier that checks it (tests only: full tells a full cut).
 	afterRound func(full bool)
@@ -377,7 +385,8 @@ func (p *Primary) Status() PrimaryStatus {
 	}
 	p.mu.Unlock()
 	p.bmu.Lock()
-	st := PrimaryStatus{Epoch: p.cfg.Epoch, Seq: p.latest, Cuts: p.cuts.Load(), FileConsistentOnlyCuts: p.fileOnlyCuts.Load()}
+	st := PrimaryStatus{Epoch: p.cfg.Epoch, Seq: p.latest, Cuts: p.cuts.Load(), FileConsistentOnlyCuts: p.fileOnlyCuts.Load(),
+		StreamsContinued: p.continuedStreams.Load(), StreamsBroken: p.brokenStreams.Load()}
 	p.bmu.Unlock()
 	if w != nil {
 		st.WatchLimit = w.watchLimitErr()

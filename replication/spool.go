@@ -51,6 +51,10 @@ type spool struct {
 	// vouches for such a reading), or the file changed while it was read
 	// (its stat after the read differs). The cut reads them again.
 	torn map[string]bool
+	// onChunk, in tests only, runs after each chunk of a file read into
+	// the spool that is not its last, with the chunk's offset
+	// (Primary.onSpoolChunk).
+	onChunk func(rel string, off uint64)
 }
 
 // defaultStreamMin is the smallest file a full cut streams from the volume
@@ -250,7 +254,17 @@ func (s *spool) read(root *os.Root, p *plan, warn *onceLogger) error {
 			if base, err = p.baseFor(rel); err != nil {
 				return err
 			}
-			res, ferr := sendFile(root, s.write, rel, fi, warn, fileOpts{base: base, enc: s.enc})
+			send := s.write
+			if hook := s.onChunk; hook != nil {
+				send = func(m *tetherpb.StreamRequest) error {
+					err := s.write(m)
+					if m.GetOp().GetMore() {
+						hook(rel, m.GetOp().GetOffset())
+					}
+					return err
+				}
+			}
+			res, ferr := sendFile(root, send, rel, fi, warn, fileOpts{base: base, enc: s.enc})
 			if res.sent {
 				s.reads++
 				s.files[rel] = fileRead{off: start, n: s.end - start, key: res.key, nlink: res.nlink, seq: s.reads}
